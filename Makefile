@@ -1,0 +1,136 @@
+# casyncio build. Targets: all test run bench install clean (and check-deps, examples, cli).
+# MODE=release|asan|tsan|debug selects flags and the build directory (build/MODE).
+# CC=clang works as well as gcc; both build with -Wall -Wextra -Werror.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+MODE ?= release
+CC ?= cc
+ifeq ($(origin CC),default)
+CC := cc
+endif
+
+B := build/$(MODE)
+SONAME_MAJOR := 0
+VERSION := 0.1.0
+
+WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
+BASE_CFLAGS := -std=c17 -D_GNU_SOURCE -g $(WARN) -Iinclude -pthread -fvisibility=hidden
+ifeq ($(MODE),release)
+OPT := -O2
+else ifeq ($(MODE),debug)
+OPT := -O0
+else ifeq ($(MODE),asan)
+OPT := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+SAN_LDFLAGS := -fsanitize=address,undefined
+else ifeq ($(MODE),tsan)
+OPT := -O1 -fsanitize=thread
+SAN_LDFLAGS := -fsanitize=thread
+else
+$(error MODE must be release, debug, asan or tsan)
+endif
+CFLAGS_ALL := $(BASE_CFLAGS) $(OPT) $(CFLAGS)
+LIBS := -luring -pthread
+
+LIB_SRCS := $(wildcard src/*.c)
+LIB_OBJS := $(patsubst src/%.c,$(B)/obj/%.o,$(LIB_SRCS))
+CLI_SRCS := $(wildcard src/cli/*.c)
+CLI_OBJS := $(patsubst src/cli/%.c,$(B)/obj/cli/%.o,$(CLI_SRCS))
+TEST_SRCS := $(wildcard tests/test_*.c)
+TEST_BINS := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRCS))
+TEST_SUPPORT := $(B)/obj/tests/harness.o $(B)/obj/tests/custom_loop.o
+EXAMPLE_SRCS := $(wildcard examples/*.c)
+EXAMPLE_BINS := $(patsubst examples/%.c,$(B)/examples/%,$(EXAMPLE_SRCS))
+
+.PHONY: all lib cli examples tests test test-all run bench install uninstall clean check-deps
+.SECONDARY:
+
+all: lib cli examples
+
+lib: $(B)/libcasyncio.a $(B)/libcasyncio.so
+
+check-deps:
+	@sh tools/deps.sh build
+
+$(B)/obj/%.o: src/%.c include/casyncio.h $(wildcard src/*.h) | check-deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -fPIC -c $< -o $@
+
+$(B)/obj/cli/%.o: src/cli/%.c include/casyncio.h $(wildcard src/cli/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(B)/libcasyncio.a: $(LIB_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(B)/libcasyncio.so: $(LIB_OBJS)
+	$(CC) -shared -Wl,-soname,libcasyncio.so.$(SONAME_MAJOR) $(SAN_LDFLAGS) -o $@ $^ $(LIBS)
+
+ifneq ($(CLI_SRCS),)
+cli: $(B)/casyncio
+$(B)/casyncio: $(CLI_OBJS) $(B)/libcasyncio.a
+	$(CC) $(CFLAGS_ALL) -o $@ $(CLI_OBJS) $(B)/libcasyncio.a $(LIBS) -lm
+else
+cli:
+endif
+
+examples: $(EXAMPLE_BINS)
+$(B)/examples/%: examples/%.c $(B)/libcasyncio.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ $< $(B)/libcasyncio.a $(LIBS) -lm
+
+# ----- tests -------------------------------------------------------------------------
+$(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/test_list.h include/casyncio.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@
+
+$(B)/gen/%_list.c: tests/%.c tools/gen-test-list.sh
+	@mkdir -p $(dir $@)
+	sh tools/gen-test-list.sh $< > $@
+
+$(B)/obj/gen/%_list.o: $(B)/gen/%_list.c tests/test_list.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@
+
+$(B)/tests/%: $(B)/obj/tests/%.o $(B)/obj/gen/%_list.o $(TEST_SUPPORT) $(B)/libcasyncio.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) -lm
+
+tests: $(TEST_BINS)
+
+# `make test` builds everything (the examples too) and runs every test program; the last
+# line is "test: N passed, N failed, N skipped". tools/deps.sh installs what is missing.
+test:
+	@sh tools/deps.sh test
+	@$(MAKE) --no-print-directory all tests
+	@sh tools/run-tests.sh $(B) $(MODE)
+
+# ----- run, bench ----------------------------------------------------------------------
+run: all
+	@sh tools/run.sh $(B)
+
+bench: all
+	@sh bench/run.sh $(B)
+
+# ----- install -----------------------------------------------------------------------
+install: all
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/bin
+	install -m 644 include/casyncio.h $(DESTDIR)$(PREFIX)/include/casyncio.h
+	install -m 644 $(B)/libcasyncio.a $(DESTDIR)$(PREFIX)/lib/libcasyncio.a
+	install -m 755 $(B)/libcasyncio.so $(DESTDIR)$(PREFIX)/lib/libcasyncio.so.$(VERSION)
+	ln -sf libcasyncio.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libcasyncio.so.$(SONAME_MAJOR)
+	ln -sf libcasyncio.so.$(SONAME_MAJOR) $(DESTDIR)$(PREFIX)/lib/libcasyncio.so
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' casyncio.pc.in \
+		> $(DESTDIR)$(PREFIX)/lib/pkgconfig/casyncio.pc
+	if [ -f $(B)/casyncio ]; then install -m 755 $(B)/casyncio $(DESTDIR)$(PREFIX)/bin/casyncio; fi
+	if [ -f docs/casyncio.1 ]; then install -d $(DESTDIR)$(PREFIX)/share/man/man1 && \
+		install -m 644 docs/casyncio.1 $(DESTDIR)$(PREFIX)/share/man/man1/casyncio.1; fi
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/include/casyncio.h $(DESTDIR)$(PREFIX)/lib/libcasyncio.* \
+		$(DESTDIR)$(PREFIX)/lib/pkgconfig/casyncio.pc $(DESTDIR)$(PREFIX)/bin/casyncio \
+		$(DESTDIR)$(PREFIX)/share/man/man1/casyncio.1
+
+clean:
+	rm -rf build

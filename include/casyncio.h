@@ -1,0 +1,399 @@
+/*
+ * casyncio: Python asyncio's event-loop policy system and Unix child watchers, for C on Linux.
+ *
+ * One public header. Everything in it is documented below: what each function does, who owns
+ * what, which thread may call it, and every error code it returns.
+ *
+ * Conventions (apply to every function unless its comment says otherwise)
+ * -----------------------------------------------------------------------
+ * - Errors: a function returning int returns 0 (or a documented non-negative value) on success
+ *   and a negative errno value on failure. ca_strerror() describes any code.
+ *     -EINVAL    a bad argument: NULL where not allowed, a negative fd or an fd that is not
+ *                open, pid <= 0, an unknown or uncatchable signal, a NaN time.
+ *     -ECHILD    the object was made by the parent of this process (we are in a child made by
+ *                fork()); only close and unref work there, and they free memory without
+ *                touching the parent's kernel objects.
+ *     -EBADF     the loop (or watcher) is closed ("Event loop is closed"), except for
+ *                remove_reader/remove_writer/remove_signal_handler, which return 0 there.
+ *     -ENOENT    no current event loop in this thread.
+ *     -ENOTCONN  the child watcher is not active.
+ *     -ENOTSUP   a custom loop does not provide the operation, or a policy op is NULL with no
+ *                base policy to fall through to.
+ *     -EBUSY     the loop is running (run_forever, close), or another loop runs in this thread.
+ *     -EPERM     a loop function that is for the loop's own thread was called from another
+ *                thread while the loop runs there.
+ *     -ENOMEM    out of memory.
+ *   When several apply, the order is: bad argument, then fork, then closed.
+ * - Ownership: objects are reference counted. ca_X_ref() returns its argument; ca_X_unref()
+ *   accepts NULL and returns NULL, so `p = ca_loop_unref(p);` is the idiom. A _new function
+ *   hands the caller one reference. An out parameter is last and is never written on failure.
+ *   Every `ca_handle **out` may be NULL. Setters take their own reference; getters documented
+ *   as "borrowed" do not give one.
+ * - Times are double seconds on the loop's monotonic clock.
+ * - Threads: everything under "Policy", "Child watchers", ca_loop_call_soon_threadsafe(),
+ *   ca_loop_stop(), ca_set_log_handler() and the ref/unref functions is safe from any thread.
+ *   Other loop, handle, future and process functions are for the loop's own thread (the thread
+ *   running it), or for any single thread while the loop is not running.
+ * - If a function that takes a callback returns an error, the callback is never called.
+ */
+#ifndef CASYNCIO_H
+#define CASYNCIO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CA_VERSION_MAJOR 0
+#define CA_VERSION_MINOR 1
+#define CA_VERSION_PATCH 0
+#define CA_VERSION_STRING "0.1.0"
+
+/* The library's version, "MAJOR.MINOR.PATCH". Any thread. */
+const char *ca_version(void);
+
+typedef struct ca_loop ca_loop;
+typedef struct ca_handle ca_handle;
+typedef struct ca_future ca_future;
+typedef struct ca_policy ca_policy;
+typedef struct ca_child_watcher ca_child_watcher;
+typedef struct ca_process ca_process;
+
+typedef void (*ca_callback_fn)(void *arg);
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors and logging
+ * ------------------------------------------------------------------------------------------- */
+
+/* A static, thread-safe description of err (negative or positive errno; 0 is "Success").
+ * Never NULL; unknown codes give "Unknown error". Any thread. */
+const char *ca_strerror(int err);
+
+enum { CA_LOG_DEBUG = 10, CA_LOG_INFO = 20, CA_LOG_WARNING = 30, CA_LOG_ERROR = 40 };
+
+typedef void (*ca_log_fn)(int level, const char *msg, void *arg);
+
+/* Sets the process-wide log handler that receives the library's warnings (the cases where
+ * asyncio logs: a child's loop closed before its exit was delivered, an unknown pid reaped by
+ * the Fast watcher, exit statuses dropped, a process killed when its loop closed...). The
+ * default handler writes one line to stderr; fn == NULL silences the library. msg is valid
+ * only during the call. The handler may be called from any thread, never from a signal
+ * handler, and must not call ca_set_log_handler itself. Any thread. */
+void ca_set_log_handler(ca_log_fn fn, void *arg);
+
+/* ---------------------------------------------------------------------------------------------
+ * Event loop (asyncio's AbstractEventLoop)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Make a new loop; *out receives one reference. The loop belongs to no thread until it runs.
+ *   ca_selector_loop_new: epoll(7), the default.  -EMFILE/-ENFILE/-ENOMEM from the kernel.
+ *   ca_poll_loop_new:     poll(2), portable selector.
+ *   ca_proactor_loop_new: io_uring (completion based). -ENOSYS where io_uring is missing or
+ *                         disabled (or CASYNCIO_NO_IO_URING=1 is set in the environment),
+ *                         -EPERM where seccomp or kernel.io_uring_disabled forbids it, -ENOMEM
+ *                         when the ring cannot be set up. Fall back to ca_selector_loop_new.
+ * Any thread. */
+int ca_selector_loop_new(ca_loop **out);
+int ca_poll_loop_new(ca_loop **out);
+int ca_proactor_loop_new(ca_loop **out);
+
+ca_loop *ca_loop_ref(ca_loop *loop);
+/* Drops a reference. The last one closes the loop if it is not closed yet (an unclosed loop
+ * should be closed with ca_loop_close first, as asyncio asks) and frees it. Any thread that
+ * holds the reference, but the last unref of a running loop is a bug. */
+ca_loop *ca_loop_unref(ca_loop *loop);
+
+/* "epoll", "poll", "io_uring" or "custom". NULL gives NULL. */
+const char *ca_loop_kind(const ca_loop *loop);
+
+/* Runs until ca_loop_stop(). A stop requested before the call makes it run one iteration.
+ * -EINVAL NULL; -ECHILD; -EBADF closed; -EBUSY this loop is already running (in any thread)
+ * or another loop runs in this thread. Returns 0 after stopping, or a backend error. */
+int ca_loop_run_forever(ca_loop *loop);
+
+/* Runs until fut is done and returns the future's outcome: 0 if it has a result, its error if
+ * it failed, -ECANCELED if cancelled. fut must belong to loop (-EINVAL otherwise). If the loop
+ * is stopped before fut is done, returns -EAGAIN and leaves fut pending. Errors as
+ * ca_loop_run_forever. The loop keeps its own reference to fut while it runs. */
+int ca_loop_run_until_complete(ca_loop *loop, ca_future *fut);
+
+/* Asks the loop to stop after the current iteration. Safe from any thread (it wakes the loop).
+ * NULL, closed or forked loops are ignored. */
+void ca_loop_stop(ca_loop *loop);
+
+/* Closes the loop: pending callbacks and timers are dropped without running, readers,
+ * writers and signal handlers are removed (restoring signal dispositions), subprocesses the
+ * loop still has are ended (see Subprocesses), and the loop's kernel objects are released.
+ * Idempotent (0 when already closed). -EINVAL NULL; -EBUSY while running. In a forked child
+ * it frees the memory only and returns 0. */
+int ca_loop_close(ca_loop *loop);
+
+bool ca_loop_is_running(const ca_loop *loop);  /* false for NULL; any thread */
+bool ca_loop_is_closed(const ca_loop *loop);   /* false for NULL; any thread */
+
+/* The loop's clock: CLOCK_MONOTONIC in seconds (or a custom loop's time op), read at each call.
+ * Returns NAN for NULL. */
+double ca_loop_time(const ca_loop *loop);
+
+/* Schedules fn(arg) to run once, on a later iteration, in FIFO order. A callback scheduled
+ * from a callback runs on the next iteration. *out (if out is not NULL) receives a reference to
+ * the handle, for ca_handle_cancel. -EINVAL NULL loop or fn; -ECHILD; -EBADF closed; -EPERM
+ * wrong thread; -ENOMEM; -ENOTSUP custom loop without call_soon. Loop's thread. */
+int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **out);
+
+/* As call_soon, from any thread; wakes the loop (without a system call when the loop is
+ * awake). Returns no handle. -EINVAL, -ECHILD, -EBADF (closed, also when the close races with
+ * this call: then fn is never called), -ENOMEM. Any thread. */
+int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg);
+
+/* Schedules fn(arg) at ca_loop_time() + delay (delay < 0 counts as 0), or at the absolute
+ * loop time `when`. Timers run by time, then FIFO among equal times. Errors as call_soon, plus
+ * -EINVAL for a NaN delay/when. Loop's thread. */
+int ca_loop_call_later(ca_loop *loop, double delay, ca_callback_fn fn, void *arg, ca_handle **out);
+int ca_loop_call_at(ca_loop *loop, double when, ca_callback_fn fn, void *arg, ca_handle **out);
+
+/* Handles. ca_handle_cancel is idempotent, harmless after the callback ran, and safe after the
+ * loop closed; a cancelled callback never runs. ca_handle_cancelled is false for NULL.
+ * Loop's thread. */
+ca_handle *ca_handle_ref(ca_handle *h);
+ca_handle *ca_handle_unref(ca_handle *h);
+void ca_handle_cancel(ca_handle *h);
+bool ca_handle_cancelled(const ca_handle *h);
+
+/* Readers and writers: fn(arg) is called on every loop iteration while fd is readable
+ * (writable): level-triggered on every loop kind. Adding replaces the previous callback for
+ * that fd. remove_* returns 1 if a callback was removed, 0 if there was none (also on a
+ * closed loop). The fd stays the caller's: close it only after removing its callbacks (an fd
+ * closed behind the loop's back does not crash it; the poll loop logs and stops polling it).
+ * A callback may remove itself or any other. -EINVAL NULL loop/fn, fd < 0 or not open;
+ * -ECHILD; -EBADF closed; -EPERM wrong thread; -ENOMEM; -ENOTSUP custom loop without it;
+ * other negative errno from the kernel (e.g. -EPERM for a regular file with epoll).
+ * Loop's thread. */
+int ca_loop_add_reader(ca_loop *loop, int fd, ca_callback_fn fn, void *arg);
+int ca_loop_remove_reader(ca_loop *loop, int fd);
+int ca_loop_add_writer(ca_loop *loop, int fd, ca_callback_fn fn, void *arg);
+int ca_loop_remove_writer(ca_loop *loop, int fd);
+
+/* Signal handlers: fn(arg) runs on the loop (never inside the signal handler) after sig
+ * arrives; several deliveries before the loop wakes may be coalesced into one call. Signals are
+ * multiplexed once per process: one sigaction per signal, whose handler only sets a flag and
+ * writes to the interested loops' wakeup fds. Loops in any threads may watch the same signal.
+ * Adding replaces the loop's previous callback for sig. Removing the last handler of a signal
+ * in the process restores the disposition that was in place before the first one was added.
+ * remove returns 1/0 (0 on a closed loop). -EINVAL NULL, sig out of range, SIGKILL or SIGSTOP;
+ * -ECHILD; -EBADF; -EPERM wrong thread; -ENOSPC more than 1024 loops watch signals at once.
+ * Loop's thread. */
+int ca_loop_add_signal_handler(ca_loop *loop, int sig, ca_callback_fn fn, void *arg);
+int ca_loop_remove_signal_handler(ca_loop *loop, int sig);
+
+/* The loop running in the calling thread, or NULL (also in a child made by fork() while the
+ * parent's loop was running). Borrowed. Any thread (answers for itself). */
+ca_loop *ca_get_running_loop(void);
+
+/* Custom loops: a foreign AbstractEventLoop implementation (an adapter to GLib, libuv, a
+ * Python loop...). The public functions check arguments, the closed and fork states and do
+ * the running-loop bookkeeping before calling an op, so ops do not repeat them. Scheduling
+ * ops receive a handle made by the core (borrowed: an op that keeps it takes ca_handle_ref)
+ * and run it with ca_handle_run when due. A NULL member means "not provided" (-ENOTSUP),
+ * except stop and close (then only the core's part is done), time (CLOCK_MONOTONIC) and the
+ * sock_* members, which the core implements with add_reader/add_writer. destroy is called
+ * once, when the last reference goes, to free `data`. */
+typedef struct ca_loop_ops {
+    int (*run_forever)(ca_loop *self); /* required */
+    void (*stop)(ca_loop *self);
+    int (*close)(ca_loop *self);
+    double (*time)(ca_loop *self);
+    int (*call_soon)(ca_loop *self, ca_handle *h);
+    int (*call_soon_threadsafe)(ca_loop *self, ca_handle *h);
+    int (*call_at)(ca_loop *self, double when, ca_handle *h);
+    int (*add_reader)(ca_loop *self, int fd, ca_callback_fn fn, void *arg);
+    int (*remove_reader)(ca_loop *self, int fd);
+    int (*add_writer)(ca_loop *self, int fd, ca_callback_fn fn, void *arg);
+    int (*remove_writer)(ca_loop *self, int fd);
+    int (*add_signal_handler)(ca_loop *self, int sig, ca_callback_fn fn, void *arg);
+    int (*remove_signal_handler)(ca_loop *self, int sig);
+    int (*sock_recv)(ca_loop *self, int fd, void *buf, size_t n, ca_future **out);
+    int (*sock_sendall)(ca_loop *self, int fd, const void *buf, size_t n, ca_future **out);
+    int (*sock_accept)(ca_loop *self, int fd, ca_future **out);
+    int (*sock_connect)(ca_loop *self, int fd, const struct sockaddr *addr, socklen_t len,
+                        ca_future **out);
+    void (*destroy)(ca_loop *self);
+} ca_loop_ops;
+
+/* Makes a custom loop. ops must outlive the loop; data is the op's own (see destroy).
+ * -EINVAL NULL ops/out or NULL run_forever; -ENOMEM. Any thread. */
+int ca_loop_new_custom(const ca_loop_ops *ops, void *data, ca_loop **out);
+void *ca_loop_data(ca_loop *loop);        /* the custom loop's data; NULL for built-in loops */
+void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled (then no-op) */
+
+/* For a loop that foreign code runs: marks the loop as running in the calling thread (so
+ * ca_get_running_loop() and ca_loop_is_running() see it) and back. -EINVAL NULL; -ECHILD;
+ * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
+ * -EINVAL exit from a thread where this loop is not the running one. */
+int ca_loop_enter_running(ca_loop *loop);
+int ca_loop_exit_running(ca_loop *loop);
+
+/* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket and the buffer
+ * must stay valid until the future is done. *out receives a new future (reference): the result
+ * is (void *)(intptr_t) of: bytes read (0 at EOF) for recv; 0 when all was sent for sendall;
+ * the new fd (O_CLOEXEC|O_NONBLOCK, the caller's) for accept; 0 when connected for connect.
+ * The future fails with the operation's negative errno (-ECONNREFUSED, -EPIPE...).
+ * Cancelling the future cancels the operation; a cancelled recv never writes the buffer
+ * afterwards. At most one sendall per socket is in flight: a second one while the first is
+ * pending gives -EBUSY. -EINVAL NULL/negative fd/NULL buf with n > 0; -ECHILD; -EBADF closed;
+ * -ENOMEM. Loop's thread. */
+int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out);
+int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_future **out);
+int ca_loop_sock_accept(ca_loop *loop, int fd, ca_future **out);
+int ca_loop_sock_connect(ca_loop *loop, int fd, const struct sockaddr *addr, socklen_t len,
+                         ca_future **out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Futures (the small part of asyncio.Future that C needs)
+ * ------------------------------------------------------------------------------------------- */
+
+/* A new pending future bound to loop; it holds a reference to the loop. -EINVAL; -ECHILD;
+ * -EBADF closed; -ENOMEM. */
+int ca_future_new(ca_loop *loop, ca_future **out);
+ca_future *ca_future_ref(ca_future *fut);
+ca_future *ca_future_unref(ca_future *fut);
+ca_loop *ca_future_loop(const ca_future *fut);   /* borrowed */
+
+/* Completes the future. -EINVAL NULL or already done (set_error also for err >= 0).
+ * Done callbacks are scheduled with call_soon, never run inside these calls. */
+int ca_future_set_result(ca_future *fut, void *result);
+int ca_future_set_error(ca_future *fut, int err);
+/* Cancels a pending future (true) or does nothing (false: NULL or already done). */
+bool ca_future_cancel(ca_future *fut);
+bool ca_future_done(const ca_future *fut);
+bool ca_future_cancelled(const ca_future *fut);
+/* 0 and *result (if result is not NULL) for a result; the error for a failed future;
+ * -EAGAIN not done; -ECANCELED cancelled; -EINVAL NULL fut. */
+int ca_future_result(const ca_future *fut, void **result);
+/* fn(fut, arg) runs through the loop once the future is done (at once, through the loop, if
+ * it already is). -EINVAL NULL; -EBADF the future's loop is closed; -ENOMEM. */
+int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
+
+/* ---------------------------------------------------------------------------------------------
+ * Policy (asyncio's AbstractEventLoopPolicy)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct ca_policy_ops {
+    int (*get_event_loop)(ca_policy *self, ca_loop **out); /* borrowed loop */
+    int (*set_event_loop)(ca_policy *self, ca_loop *loop); /* loop may be NULL */
+    int (*new_event_loop)(ca_policy *self, ca_loop **out); /* new reference */
+    int (*get_child_watcher)(ca_policy *self, ca_child_watcher **out); /* borrowed */
+    int (*set_child_watcher)(ca_policy *self, ca_child_watcher *w);
+    void (*destroy)(ca_policy *self); /* may be NULL */
+} ca_policy_ops;
+
+int ca_default_policy_new(ca_policy **out);   /* DefaultEventLoopPolicy: selector loops */
+int ca_selector_policy_new(ca_policy **out);  /* explicit selector (epoll) */
+int ca_poll_policy_new(ca_policy **out);      /* poll(2) loops */
+int ca_proactor_policy_new(ca_policy **out);  /* io_uring loops; -ENOSYS if unusable */
+int ca_policy_new(const ca_policy_ops *ops, void *data, ca_policy *base, ca_policy **out);
+void *ca_policy_data(ca_policy *policy);
+ca_policy *ca_policy_base(ca_policy *policy);
+ca_policy *ca_policy_ref(ca_policy *policy);
+ca_policy *ca_policy_unref(ca_policy *policy);
+int ca_policy_get_event_loop(ca_policy *policy, ca_loop **out);
+int ca_policy_set_event_loop(ca_policy *policy, ca_loop *loop);
+int ca_policy_new_event_loop(ca_policy *policy, ca_loop **out);
+int ca_policy_get_child_watcher(ca_policy *policy, ca_child_watcher **out);
+int ca_policy_set_child_watcher(ca_policy *policy, ca_child_watcher *watcher);
+
+ca_policy *ca_get_event_loop_policy(void);
+int ca_set_event_loop_policy(ca_policy *policy);
+int ca_get_event_loop(ca_loop **out);
+int ca_set_event_loop(ca_loop *loop);
+int ca_new_event_loop(ca_loop **out);
+int ca_get_child_watcher(ca_child_watcher **out);
+int ca_set_child_watcher(ca_child_watcher *watcher);
+
+/* The runner (asyncio.run with a loop factory). */
+typedef int (*ca_loop_factory_fn)(ca_loop **out);
+typedef ca_future *(*ca_main_fn)(ca_loop *loop, void *arg);
+int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
+
+/* ---------------------------------------------------------------------------------------------
+ * Child watchers (asyncio's AbstractChildWatcher)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef void (*ca_child_fn)(pid_t pid, int returncode, void *arg);
+
+typedef struct ca_child_watcher_ops {
+    int (*add_child_handler)(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg);
+    int (*remove_child_handler)(ca_child_watcher *self, pid_t pid);
+    int (*attach_loop)(ca_child_watcher *self, ca_loop *loop);
+    bool (*is_active)(ca_child_watcher *self);
+    int (*close)(ca_child_watcher *self);
+    int (*enter)(ca_child_watcher *self);
+    int (*exit)(ca_child_watcher *self);
+    void (*destroy)(ca_child_watcher *self);
+} ca_child_watcher_ops;
+
+int ca_threaded_child_watcher_new(ca_child_watcher **out);
+int ca_multiloop_child_watcher_new(ca_child_watcher **out);
+int ca_safe_child_watcher_new(ca_child_watcher **out);
+int ca_fast_child_watcher_new(ca_child_watcher **out);
+int ca_pidfd_child_watcher_new(ca_child_watcher **out);
+int ca_child_watcher_new_custom(const ca_child_watcher_ops *ops, void *data,
+                                ca_child_watcher **out);
+void *ca_child_watcher_data(ca_child_watcher *watcher);
+ca_child_watcher *ca_child_watcher_ref(ca_child_watcher *watcher);
+ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
+int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
+                                       void *arg);
+int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
+int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
+bool ca_child_watcher_is_active(ca_child_watcher *watcher);
+int ca_child_watcher_close(ca_child_watcher *watcher);
+int ca_child_watcher_enter(ca_child_watcher *watcher);
+int ca_child_watcher_exit(ca_child_watcher *watcher);
+
+/* ---------------------------------------------------------------------------------------------
+ * Subprocesses
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum { CA_INHERIT = 0, CA_PIPE, CA_DEVNULL, CA_STDOUT /* stderr only */, CA_FD } ca_stdio_mode;
+
+typedef struct ca_subprocess_options {
+    const char *const *argv;
+    const char *const *envp;
+    const char *cwd;
+    ca_stdio_mode stdin_mode, stdout_mode, stderr_mode;
+    int stdin_fd, stdout_fd, stderr_fd;
+    bool start_new_session;
+} ca_subprocess_options;
+
+typedef struct ca_subprocess_protocol {
+    void (*pipe_data_received)(ca_process *proc, int fd, const void *buf, size_t n, void *arg);
+    void (*pipe_connection_lost)(ca_process *proc, int fd, int err, void *arg);
+    void (*process_exited)(ca_process *proc, void *arg);
+} ca_subprocess_protocol;
+
+int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *opts,
+                            const ca_subprocess_protocol *proto, void *arg, ca_process **out);
+ca_process *ca_process_ref(ca_process *proc);
+ca_process *ca_process_unref(ca_process *proc);
+pid_t ca_process_pid(const ca_process *proc);
+int ca_process_returncode(const ca_process *proc, int *rc);
+int ca_process_wait(ca_process *proc, ca_future **out);
+int ca_process_write(ca_process *proc, const void *buf, size_t n);
+int ca_process_close_stdin(ca_process *proc);
+int ca_process_send_signal(ca_process *proc, int sig);
+int ca_process_terminate(ca_process *proc);
+int ca_process_kill(ca_process *proc);
+int ca_process_communicate(ca_process *proc, const void *input, size_t len, ca_future **out);
+int ca_process_output(const ca_process *proc, int fd, const void **buf, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CASYNCIO_H */

@@ -1,0 +1,93 @@
+/*
+ * Internal interfaces shared by the library's files. Nothing here is public: the names are
+ * ca__ (two underscores) and the symbols are hidden from the shared library.
+ */
+#ifndef CA_INTERNAL_H
+#define CA_INTERNAL_H
+
+/* Public declarations get default visibility (the library is built with -fvisibility=hidden),
+ * and a definition takes the visibility of its earlier declaration: so every src file includes
+ * this header first, and only public names are exported from libcasyncio.so. */
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC visibility push(default)
+#endif
+#include "casyncio.h"
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC visibility pop
+#endif
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CA_EXPORT __attribute__((visibility("default")))
+#define CA_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define CA_LIKELY(x) __builtin_expect(!!(x), 1)
+#define CA_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define CA_EXPORT
+#define CA_PRINTF(a, b)
+#define CA_LIKELY(x) (x)
+#define CA_UNLIKELY(x) (x)
+#endif
+
+/* ----- logging (log.c) ------------------------------------------------------------- */
+/* Formats a message and hands it to the handler of ca_set_log_handler (never from a signal
+ * handler). */
+void ca__log(int level, const char *fmt, ...) CA_PRINTF(2, 3);
+
+/* ----- fork detection (loop.c) -------------------------------------------------------- */
+/* A counter bumped in the child after every fork(); an object stores the value it was made
+ * with and answers -ECHILD when the current value differs. One relaxed load: cheap enough
+ * for every call. ca__fork_init() registers the pthread_atfork handler (idempotent). */
+extern atomic_uint ca__fork_generation;
+void ca__fork_init(void);
+static inline unsigned ca__fork_gen(void)
+{
+    return atomic_load_explicit(&ca__fork_generation, memory_order_relaxed);
+}
+
+/* ----- loop internals used by other units ------------------------------------------------ */
+/* Close hooks: fn(arg) runs once when the loop is closed (before its kernel objects are
+ * released, in the closing thread), or never if removed first. process.c uses them to end a
+ * loop's processes. Works on every loop kind, custom included. Returns a token for removal,
+ * or NULL on ENOMEM. */
+void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg);
+void ca__loop_remove_close_hook(ca_loop *loop, void *token);
+/* Whether the calling thread may use loop's thread-bound functions now. */
+bool ca__loop_in_own_thread(const ca_loop *loop);
+
+/* ----- signals (signal.c) ------------------------------------------------------------------ */
+/* The process-wide fan-out. A "slot" is an eventfd plus a mask of wanted and of pending
+ * signals; the one sigaction per signal sets the pending bit in every slot that wants it
+ * and writes to the slot's eventfd. Loops take a slot when they add their first signal
+ * handler; MultiLoop's reaping thread takes one for SIGCHLD. */
+typedef struct ca__sigslot ca__sigslot;
+/* Takes a slot that writes to efd (the caller's, kept open while the slot exists). */
+int ca__sigslot_new(int efd, ca__sigslot **out);
+/* Adds/removes sig from the slot's wanted set; the first wanter of a signal in the process
+ * installs the handler (saving the old disposition), the last one restores it. */
+int ca__sigslot_watch(ca__sigslot *slot, int sig);
+void ca__sigslot_unwatch(ca__sigslot *slot, int sig);
+/* Takes and clears the pending mask: bit (sig - 1) for each signal that arrived. */
+uint64_t ca__sigslot_take(ca__sigslot *slot);
+/* Unwatches everything and frees the slot; waits until no handler can still be using its
+ * fd, so the caller may close the fd afterwards. forked: we are in a child, do not touch
+ * dispositions. */
+void ca__sigslot_free(ca__sigslot *slot, bool forked);
+bool ca__signal_valid(int sig);
+
+/* ----- child watchers (watcher.c) ---------------------------------------------------------- */
+/* asyncio's waitstatus_to_exitcode: exit status, -signal when killed. */
+int ca__returncode_from_status(int status);
+/* Hands the Pidfd watcher a pidfd obtained at spawn (CLONE_PIDFD), which it takes over
+ * (closes). Returns -ENOTSUP if w is not a Pidfd watcher (the caller then closes pidfd and
+ * uses ca_child_watcher_add_child_handler). */
+int ca__pidfd_watcher_add_with_pidfd(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb,
+                                     void *arg);
+/* The watcher's kind name: "threaded", "multiloop", "safe", "fast", "pidfd", "custom". */
+const char *ca__child_watcher_kind(const ca_child_watcher *w);
+
+#endif

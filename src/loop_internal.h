@@ -1,0 +1,135 @@
+/*
+ * The loop core's private structures, shared by loop.c (the core), the backends
+ * (loop_epoll.c, loop_poll.c, loop_uring.c) and sock.c. A backend only answers "which fds are
+ * ready / which operations completed, waiting at most T"; everything else is the core's.
+ */
+#ifndef CA_LOOP_INTERNAL_H
+#define CA_LOOP_INTERNAL_H
+
+#include "internal.h"
+
+#include <pthread.h>
+#include <stddef.h>
+
+enum { CA__READ = 1, CA__WRITE = 2, CA__ERR = 4 };
+
+/* The internal backend table (nginx's ngx_event_actions_t): one const instance per kind. */
+typedef struct ca__backend {
+    const char *name;
+    /* Creates the backend's kernel objects, storing its state in loop->be_data. */
+    int (*init)(ca_loop *loop);
+    /* Releases them. forked: we are in a child of fork(); only close our fds and free memory. */
+    void (*fini)(ca_loop *loop, bool forked);
+    /* The interest set of fd changes from old_ev to new_ev (CA__READ|CA__WRITE; 0 = none).
+     * Level-triggered. Returns 0 or a negative errno. */
+    int (*modify)(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev);
+    /* Waits at most timeout_ns (-1: no limit, 0: do not block) and reports each ready fd with
+     * ca__loop_io(loop, fd, CA__READ|CA__WRITE|CA__ERR). Returns 0 or a negative errno
+     * (EINTR is not an error: return 0). */
+    int (*poll)(ca_loop *loop, int64_t timeout_ns);
+} ca__backend;
+
+extern const ca__backend ca__backend_epoll;
+extern const ca__backend ca__backend_poll;
+
+struct ca_handle {
+    atomic_int refs;         /* core's reference + the user's ones */
+    bool cancelled;
+    bool escaped;            /* a user (or a custom loop's op) may hold references */
+    bool scheduled;          /* in the ready queue or the timer heap of `loop` */
+    ca_callback_fn fn;
+    void *arg;
+    ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
+    double when;             /* timers */
+    uint64_t seq;            /* FIFO among equal times */
+    size_t heap_idx;
+    struct ca_handle *next;  /* ready queue, free list, thread-safe stack */
+};
+
+struct ca__fdent {
+    ca_callback_fn rfn, wfn;
+    void *rarg, *warg;
+    unsigned ev;             /* what the backend was told */
+    bool internal;           /* the loop's own wakeup fd */
+};
+
+struct ca__close_hook {
+    void (*fn)(void *arg);
+    void *arg;
+    struct ca__close_hook *next;
+};
+
+struct ca_loop {
+    const ca_loop_ops *ops;
+    void *data;                        /* custom loops */
+    const char *kind;
+    atomic_int refs;
+    unsigned fork_gen;
+    atomic_bool closed;
+    atomic_bool running;
+    atomic_bool stopping;
+    _Atomic(const void *) owner;       /* token of the thread that runs it */
+    struct ca__close_hook *close_hooks;
+
+    /* ----- built-in loops only (be != NULL) ----- */
+    const ca__backend *be;
+    void *be_data;
+    /* ready queue (FIFO) */
+    ca_handle *ready_head, *ready_tail;
+    size_t ready_len;
+    /* timer heap ordered by (when, seq) */
+    ca_handle **heap;
+    size_t heap_len, heap_cap;
+    uint64_t seq;
+    /* free handles (loop thread only) */
+    ca_handle *free_list;
+    size_t free_len;
+    /* fd table */
+    struct ca__fdent *fds;
+    int nfds;
+    size_t n_watched;                  /* user readers/writers */
+    /* thread-safe submissions: a Treiber stack, drained by exchange; CA__TS_CLOSED after close */
+    _Atomic(ca_handle *) ts_head;
+    atomic_bool polling;               /* the loop is (about to be) blocked in the backend */
+    atomic_bool wake_pending;          /* an eventfd write is in flight */
+    int wake_fd;
+    /* signals */
+    ca__sigslot *sigslot;
+    ca_handle *sig_handlers[65];       /* per signal, escaped handles owned by the loop */
+    unsigned iter_since_poll;
+};
+
+/* Called by backends for each ready fd. */
+void ca__loop_io(ca_loop *loop, int fd, unsigned revents);
+/* The built-in ops tables (they differ only in sock_* members). */
+int ca__builtin_loop_new(const ca__backend *be, const ca_loop_ops *ops, const char *kind,
+                         ca_loop **out);
+extern const ca_loop_ops ca__selector_ops;
+
+/* Core operations that the built-in ops tables point to (the uring table reuses them). */
+int ca__core_run_forever(ca_loop *self);
+void ca__core_stop(ca_loop *self);
+int ca__core_close(ca_loop *self);
+int ca__core_call_soon(ca_loop *self, ca_handle *h);
+int ca__core_call_soon_threadsafe(ca_loop *self, ca_handle *h);
+int ca__core_call_at(ca_loop *self, double when, ca_handle *h);
+int ca__core_add_reader(ca_loop *self, int fd, ca_callback_fn fn, void *arg);
+int ca__core_remove_reader(ca_loop *self, int fd);
+int ca__core_add_writer(ca_loop *self, int fd, ca_callback_fn fn, void *arg);
+int ca__core_remove_writer(ca_loop *self, int fd);
+int ca__core_add_signal_handler(ca_loop *self, int sig, ca_callback_fn fn, void *arg);
+int ca__core_remove_signal_handler(ca_loop *self, int sig);
+void ca__core_destroy(ca_loop *self);
+
+/* Common checks of the public functions: -EINVAL, -ECHILD, -EBADF in that order. */
+static inline int ca__loop_check(const ca_loop *loop)
+{
+    if (!loop) return -EINVAL;
+    if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen())) return -ECHILD;
+    if (CA_UNLIKELY(atomic_load_explicit(&loop->closed, memory_order_relaxed))) return -EBADF;
+    return 0;
+}
+
+double ca__monotonic(void);
+
+#endif

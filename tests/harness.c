@@ -1,0 +1,270 @@
+/* The test runner: see harness.h. Prints one line per test and a closing
+ * "NAME: N passed, N failed, N skipped" line; exits 1 if any test failed. */
+#include "harness.h"
+#include "test_list.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+
+const char *t_loop_kind = "none";
+static bool t_checks = true;
+
+double t_slow(void)
+{
+    const char *s = getenv("CA_TEST_SLOW");
+    double v = s ? atof(s) : 1.0;
+    return v >= 1.0 ? v : 1.0;
+}
+
+void t_fail(const char *file, int line, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "    %s:%d: ", file, line);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+    _exit(1);
+}
+
+void t_skip(const char *why)
+{
+    fprintf(stderr, "    skipped: %s\n", why);
+    fflush(stderr);
+    _exit(77);
+}
+
+void t_no_leftover_checks(void) { t_checks = false; }
+
+bool t_flag_set(void *arg) { return *(volatile int *)arg != 0; }
+
+static void stop_cb(void *arg) { ca_loop_stop(arg); }
+
+void t_run_for(ca_loop *loop, double seconds)
+{
+    ca_handle *h = NULL;
+    CHECK_OK(ca_loop_call_later(loop, seconds, stop_cb, loop, &h));
+    CHECK_OK(ca_loop_run_forever(loop));
+    ca_handle_cancel(h);
+    ca_handle_unref(h);
+}
+
+bool t_run_until(ca_loop *loop, bool (*pred)(void *), void *arg, double timeout)
+{
+    double deadline = ca_loop_time(loop) + timeout * t_slow();
+    while (!pred(arg)) {
+        if (ca_loop_time(loop) > deadline) return false;
+        t_run_for(loop, 0.002);
+    }
+    return true;
+}
+
+int t_new_loop(ca_loop **out)
+{
+    if (strcmp(t_loop_kind, "epoll") == 0) return ca_selector_loop_new(out);
+    if (strcmp(t_loop_kind, "poll") == 0) return ca_poll_loop_new(out);
+    if (strcmp(t_loop_kind, "io_uring") == 0) return ca_proactor_loop_new(out);
+    if (strcmp(t_loop_kind, "custom") == 0) return t_custom_loop_new(out);
+    return ca_selector_loop_new(out);
+}
+
+/* ----- leftovers ---------------------------------------------------------------------- */
+
+#define MAX_FDS 4096
+static unsigned char fd_snapshot[MAX_FDS];
+
+static void snapshot_fds(unsigned char *set)
+{
+    memset(set, 0, MAX_FDS);
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return;
+    int self = dirfd(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] != '.' && fd != self && fd < MAX_FDS) set[fd] = 1;
+    }
+    closedir(d);
+}
+
+static int count_threads(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n;
+}
+
+static void check_leftovers(int threads_before)
+{
+    if (!t_checks) return;
+    /* Children: none running, none unreaped. */
+    int status;
+    pid_t p = waitpid(-1, &status, WNOHANG);
+    if (p > 0) t_fail(__FILE__, __LINE__, "leftover: zombie child %d was never reaped", (int)p);
+    if (p == 0) {
+        kill(0, SIGKILL); /* our own group: the harness parent is outside it */
+        t_fail(__FILE__, __LINE__, "leftover: a child process is still running");
+    }
+    /* Threads: detached helper threads get a moment to finish. */
+    double limit = 2.0 * t_slow();
+    int n = count_threads();
+    for (double waited = 0; n > threads_before && waited < limit; waited += 0.01) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        n = count_threads();
+    }
+    if (n > threads_before) t_fail(__FILE__, __LINE__, "leftover: %d extra thread(s)", n - threads_before);
+    /* Fds. */
+    static unsigned char now[MAX_FDS];
+    snapshot_fds(now);
+    for (int fd = 0; fd < MAX_FDS; fd++) {
+        if (now[fd] && !fd_snapshot[fd]) {
+            char path[64], target[256] = "?";
+            snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+            ssize_t k = readlink(path, target, sizeof target - 1);
+            if (k > 0) target[k] = 0;
+            t_fail(__FILE__, __LINE__, "leftover: fd %d (%s) is still open", fd, target);
+        }
+    }
+}
+
+/* ----- running one test ------------------------------------------------------------ */
+
+static void run_body(const struct t_entry *t, const char *kind)
+{
+    setpgid(0, 0);
+    t_loop_kind = kind ? kind : "none";
+    snapshot_fds(fd_snapshot);
+    int threads_before = count_threads();
+    if (kind) {
+        ca_loop *loop = NULL;
+        int r = t_new_loop(&loop);
+        if (r == -ENOSYS || r == -EPERM) t_skip("this loop kind is unavailable here");
+        CHECK_OK(r);
+        t->loop_fn(loop);
+        if (!ca_loop_is_closed(loop) && ca_loop_close(loop) < 0)
+            t_fail(__FILE__, __LINE__, "the test left its loop running");
+        ca_loop_unref(loop);
+    } else {
+        t->fn();
+    }
+    check_leftovers(threads_before);
+    fflush(NULL);
+    exit(0); /* exit, not _exit: LeakSanitizer and valgrind check for leaks here */
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* 0 pass, 1 fail, 2 skip */
+static int run_one(const struct t_entry *t, const char *kind)
+{
+    fflush(NULL);
+    double t0 = now_s();
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("fork");
+        return 1;
+    }
+    if (pid == 0) run_body(t, kind);
+    setpgid(pid, pid);
+    int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    double limit = t->timeout * t_slow();
+    int status = 0;
+    bool timed_out = false;
+    if (pfd >= 0) {
+        struct pollfd p = {.fd = pfd, .events = POLLIN};
+        int r;
+        do {
+            r = poll(&p, 1, (int)(limit * 1000));
+        } while (r < 0 && errno == EINTR);
+        if (r == 0) timed_out = true;
+        close(pfd);
+    }
+    if (timed_out) kill(-pid, SIGKILL);
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    kill(-pid, SIGKILL); /* anything the test left in its group */
+    double dt = now_s() - t0;
+    const char *verdict;
+    int res;
+    if (timed_out) {
+        verdict = "FAIL (timeout)";
+        res = 1;
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        verdict = "ok";
+        res = 0;
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == 77) {
+        verdict = "skip";
+        res = 2;
+    } else {
+        verdict = "FAIL";
+        res = 1;
+    }
+    char extra[64] = "";
+    if (!timed_out && WIFSIGNALED(status)) snprintf(extra, sizeof extra, " (signal %d)", WTERMSIG(status));
+    else if (res == 1 && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) != 1)
+        snprintf(extra, sizeof extra, " (exit %d)", WEXITSTATUS(status));
+    printf("%-5s %s%s%s%s %.2fs%s\n", verdict, t->name, kind ? " [" : "", kind ? kind : "",
+           kind ? "]" : "", dt, extra);
+    fflush(stdout);
+    return res;
+}
+
+static bool wanted(const char *name, int argc, char **argv)
+{
+    if (argc <= 1) return true;
+    for (int i = 1; i < argc; i++)
+        if (strstr(name, argv[i])) return true;
+    return false;
+}
+
+static bool kind_wanted(const char *kind)
+{
+    const char *only = getenv("CA_TEST_LOOPS");
+    if (!only || !*only) return true;
+    char buf[256];
+    snprintf(buf, sizeof buf, ",%s,", only);
+    char k[32];
+    snprintf(k, sizeof k, ",%s,", kind);
+    return strstr(buf, k) != NULL;
+}
+
+int main(int argc, char **argv)
+{
+    static const char *kinds[] = {"epoll", "poll", "io_uring", "custom"};
+    int passed = 0, failed = 0, skipped = 0;
+    signal(SIGPIPE, SIG_IGN);
+    for (size_t i = 0; i < t_count; i++) {
+        const struct t_entry *t = &t_list[i];
+        if (!wanted(t->name, argc, argv)) continue;
+        for (int k = 0; k < (t->loop_fn ? 4 : 1); k++) {
+            const char *kind = t->loop_fn ? kinds[k] : NULL;
+            if (kind && !kind_wanted(kind)) continue;
+            int r = run_one(t, kind);
+            if (r == 0) passed++;
+            else if (r == 1) failed++;
+            else skipped++;
+        }
+    }
+    printf("[%s] %d passed, %d failed, %d skipped\n", t_suite_name, passed, failed, skipped);
+    return failed ? 1 : 0;
+}

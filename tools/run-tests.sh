@@ -1,0 +1,36 @@
+#!/bin/sh
+# Runs every test program of a build directory; prints "MODE: N passed, N failed, N skipped".
+# usage: run-tests.sh BUILD_DIR MODE [valgrind]
+set -u
+bdir=$1
+mode=$2
+wrap=${3:-}
+passed=0 failed=0 skipped=0
+out=$(mktemp)
+for t in "$bdir"/tests/test_*; do
+    [ -x "$t" ] || continue
+    echo "== $(basename "$t") ($mode)"
+    if [ "$wrap" = valgrind ]; then
+        CA_TEST_SLOW=${CA_TEST_SLOW:-8} valgrind -q --error-exitcode=99 --leak-check=full \
+            --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
+            --trace-children=no "$t" > "$out" 2>&1
+    else
+        "$t" > "$out" 2>&1
+    fi
+    rc=$?
+    cat "$out"
+    line=$(grep -E '^\[[a-z_]+\] [0-9]+ passed, [0-9]+ failed' "$out" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "   $(basename "$t"): no summary (exit $rc): counted as one failure"
+        failed=$((failed + 1))
+        continue
+    fi
+    p=$(echo "$line" | sed 's/.*] \([0-9]*\) passed.*/\1/')
+    f=$(echo "$line" | sed 's/.* \([0-9]*\) failed.*/\1/')
+    s=$(echo "$line" | sed 's/.* \([0-9]*\) skipped.*/\1/')
+    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then failed=$((failed + 1)); fi
+done
+rm -f "$out"
+echo "$mode: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]
