@@ -97,7 +97,12 @@ struct ca_loop {
     ca__sigslot *sigslot;
     ca_handle *sig_handlers[65];       /* per signal, escaped handles owned by the loop */
     unsigned iter_since_poll;
+    atomic_int ts_inflight;            /* threads between the closed check and the wakeup write */
+    ca_future *ruc_future;             /* what run_until_complete waits for */
 };
+
+/* The thread-safe queue's head after close: pushes then fail with -EBADF. */
+#define CA__TS_CLOSED ((ca_handle *)(uintptr_t)1)
 
 /* Called by backends for each ready fd. */
 void ca__loop_io(ca_loop *loop, int fd, unsigned revents);
@@ -131,5 +136,8 @@ static inline int ca__loop_check(const ca_loop *loop)
 }
 
 double ca__monotonic(void);
+
+/* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
+int ca__future_remove_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 
 #endif

@@ -1,0 +1,996 @@
+/*
+ * The loop core, written once for every built-in loop (asyncio's BaseEventLoop): the public
+ * loop functions with their argument, fork, closed and thread checks; handles; the ready
+ * queue; the timer heap; the fd table; the thread-safe queue and its eventfd wakeup; signal
+ * dispatch; run/stop/close; running-loop tracking. Backends (loop_epoll.c, loop_poll.c,
+ * loop_uring.c) only wait for fds and report them with ca__loop_io().
+ *
+ * Custom loops (ca_loop_new_custom) go through the same public functions, which then call
+ * their ops; the built-in loops are ops tables whose members are the ca__core_* functions.
+ */
+#include "loop_internal.h"
+
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ----- fork generation, thread identity, the running loop ----------------------------- */
+
+atomic_uint ca__fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+    atomic_fetch_add_explicit(&ca__fork_generation, 1, memory_order_relaxed);
+}
+static void fork_setup(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+void ca__fork_init(void) { pthread_once(&fork_once, fork_setup); }
+
+/* The address of a thread-local byte identifies the calling thread without a system call. */
+static _Thread_local char tl_token;
+static _Thread_local ca_loop *tl_running;
+static _Thread_local unsigned tl_running_gen;
+
+ca_loop *ca_get_running_loop(void)
+{
+    ca_loop *l = tl_running;
+    return l && tl_running_gen == ca__fork_gen() ? l : NULL;
+}
+
+bool ca__loop_in_own_thread(const ca_loop *loop)
+{
+    if (!atomic_load_explicit(&loop->running, memory_order_relaxed)) return true;
+    return atomic_load_explicit(&loop->owner, memory_order_relaxed) == (const void *)&tl_token;
+}
+
+static int enter_running(ca_loop *loop)
+{
+    if (ca_get_running_loop()) return -EBUSY;
+    bool expected = false;
+    if (!atomic_compare_exchange_strong(&loop->running, &expected, true)) return -EBUSY;
+    atomic_store(&loop->owner, (const void *)&tl_token);
+    tl_running = loop;
+    tl_running_gen = ca__fork_gen();
+    return 0;
+}
+
+static void exit_running(ca_loop *loop)
+{
+    tl_running = NULL;
+    atomic_store(&loop->owner, NULL);
+    atomic_store(&loop->running, false);
+}
+
+double ca__monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Checks for the functions that are for the loop's own thread. */
+static inline int check_owned(const ca_loop *loop)
+{
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if (CA_UNLIKELY(!ca__loop_in_own_thread(loop))) return -EPERM;
+    return 0;
+}
+
+/* ----- handles -------------------------------------------------------------------------- */
+
+#define NOT_IN_HEAP SIZE_MAX
+#define FREE_LIST_MAX 4096
+
+static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
+{
+    ca_handle *h = NULL;
+    if (loop && loop->free_list) {
+        h = loop->free_list;
+        loop->free_list = h->next;
+        loop->free_len--;
+    } else {
+        h = malloc(sizeof *h);
+        if (!h) return NULL;
+    }
+    atomic_init(&h->refs, 1);
+    h->cancelled = false;
+    h->escaped = false;
+    h->scheduled = false;
+    h->fn = fn;
+    h->arg = arg;
+    h->loop = NULL;
+    h->when = 0;
+    h->seq = 0;
+    h->heap_idx = NOT_IN_HEAP;
+    h->next = NULL;
+    return h;
+}
+
+static void handle_recycle(ca_loop *loop, ca_handle *h)
+{
+    if (loop->free_len < FREE_LIST_MAX) {
+        h->next = loop->free_list;
+        loop->free_list = h;
+        loop->free_len++;
+    } else {
+        free(h);
+    }
+}
+
+/* The handle leaves the loop's structures (it ran, was cancelled out of the heap, or the
+ * loop dropped it): the loop's reference goes. */
+static void handle_release(ca_loop *loop, ca_handle *h)
+{
+    h->scheduled = false;
+    h->heap_idx = NOT_IN_HEAP;
+    if (!h->escaped) {
+        handle_recycle(loop, h);
+        return;
+    }
+    h->loop = NULL;
+    ca_handle_unref(h);
+}
+
+ca_handle *ca_handle_ref(ca_handle *h)
+{
+    if (h) atomic_fetch_add_explicit(&h->refs, 1, memory_order_relaxed);
+    return h;
+}
+
+ca_handle *ca_handle_unref(ca_handle *h)
+{
+    if (h && atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) free(h);
+    return NULL;
+}
+
+bool ca_handle_cancelled(const ca_handle *h) { return h && h->cancelled; }
+
+void ca_handle_run(ca_handle *h)
+{
+    if (h && !h->cancelled) h->fn(h->arg);
+}
+
+/* ----- timer heap ordered by (when, seq) ----------------------------------------------------- */
+
+static inline bool heap_less(const ca_handle *a, const ca_handle *b)
+{
+    return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+}
+
+static void heap_set(ca_loop *loop, size_t i, ca_handle *h)
+{
+    loop->heap[i] = h;
+    h->heap_idx = i;
+}
+
+static void heap_up(ca_loop *loop, size_t i)
+{
+    ca_handle *h = loop->heap[i];
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!heap_less(h, loop->heap[p])) break;
+        heap_set(loop, i, loop->heap[p]);
+        i = p;
+    }
+    heap_set(loop, i, h);
+}
+
+static void heap_down(ca_loop *loop, size_t i)
+{
+    ca_handle *h = loop->heap[i];
+    size_t n = loop->heap_len;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && heap_less(loop->heap[c + 1], loop->heap[c])) c++;
+        if (!heap_less(loop->heap[c], h)) break;
+        heap_set(loop, i, loop->heap[c]);
+        i = c;
+    }
+    heap_set(loop, i, h);
+}
+
+static int heap_push(ca_loop *loop, ca_handle *h)
+{
+    if (loop->heap_len == loop->heap_cap) {
+        size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
+        ca_handle **n = realloc(loop->heap, cap * sizeof *n);
+        if (!n) return -ENOMEM;
+        loop->heap = n;
+        loop->heap_cap = cap;
+    }
+    loop->heap[loop->heap_len++] = h;
+    heap_up(loop, loop->heap_len - 1);
+    return 0;
+}
+
+static void heap_remove(ca_loop *loop, ca_handle *h)
+{
+    size_t i = h->heap_idx;
+    ca_handle *last = loop->heap[--loop->heap_len];
+    h->heap_idx = NOT_IN_HEAP;
+    if (i == loop->heap_len) return;
+    heap_set(loop, i, last);
+    if (i > 0 && heap_less(last, loop->heap[(i - 1) / 2])) heap_up(loop, i);
+    else heap_down(loop, i);
+}
+
+void ca_handle_cancel(ca_handle *h)
+{
+    if (!h || h->cancelled) return;
+    h->cancelled = true;
+    /* A timer leaves the heap at once, so cancelled timers never pile up; a handle in the
+     * ready queue is skipped when its turn comes. */
+    ca_loop *loop = h->loop;
+    if (h->scheduled && loop && h->heap_idx != NOT_IN_HEAP) {
+        heap_remove(loop, h);
+        handle_release(loop, h);
+    }
+}
+
+/* ----- ready queue and thread-safe queue ------------------------------------------------------ */
+
+static inline void ready_push(ca_loop *loop, ca_handle *h)
+{
+    h->next = NULL;
+    h->scheduled = true;
+    h->loop = loop;
+    if (loop->ready_tail) loop->ready_tail->next = h;
+    else loop->ready_head = h;
+    loop->ready_tail = h;
+    loop->ready_len++;
+}
+
+static inline ca_handle *ready_pop(ca_loop *loop)
+{
+    ca_handle *h = loop->ready_head;
+    loop->ready_head = h->next;
+    if (!loop->ready_head) loop->ready_tail = NULL;
+    loop->ready_len--;
+    return h;
+}
+
+/* Moves everything other threads pushed onto the ready queue, in push order. */
+static void ts_drain(ca_loop *loop)
+{
+    if (atomic_load_explicit(&loop->ts_head, memory_order_relaxed) == NULL) return;
+    ca_handle *list = atomic_exchange_explicit(&loop->ts_head, NULL, memory_order_acquire);
+    ca_handle *rev = NULL;
+    while (list) {
+        ca_handle *next = list->next;
+        list->next = rev;
+        rev = list;
+        list = next;
+    }
+    while (rev) {
+        ca_handle *next = rev->next;
+        ready_push(loop, rev);
+        rev = next;
+    }
+}
+
+/* Wakes a loop blocked in its backend. No system call when it is awake (it drains the queue
+ * before it blocks) or when a wakeup is already on its way. The caller counts itself in
+ * ts_inflight, so close cannot close wake_fd under it. */
+static void wake(ca_loop *loop)
+{
+    if (atomic_load(&loop->polling) && !atomic_exchange(&loop->wake_pending, true)) {
+        uint64_t one = 1;
+        ssize_t w = write(loop->wake_fd, &one, sizeof one);
+        (void)w; /* EAGAIN only when the counter is full: the loop is woken anyway */
+    }
+}
+
+static void on_wakeup(void *arg)
+{
+    ca_loop *loop = arg;
+    uint64_t v;
+    ssize_t r = read(loop->wake_fd, &v, sizeof v);
+    (void)r;
+    atomic_store(&loop->wake_pending, false);
+    if (!loop->sigslot) return;
+    uint64_t mask = ca__sigslot_take(loop->sigslot);
+    for (int sig = 1; mask && sig <= 64; sig++) {
+        uint64_t bit = UINT64_C(1) << (sig - 1);
+        if (!(mask & bit)) continue;
+        mask &= ~bit;
+        ca_handle *h = loop->sig_handlers[sig];
+        if (h && !h->scheduled && !h->cancelled) {
+            ca_handle_ref(h); /* the queue's reference; the registration keeps its own */
+            ready_push(loop, h);
+        }
+    }
+}
+
+/* ----- the fd table ---------------------------------------------------------------------------- */
+
+static int fd_grow(ca_loop *loop, int fd)
+{
+    if (fd < loop->nfds) return 0;
+    int n = loop->nfds ? loop->nfds : 64;
+    while (n <= fd) n *= 2;
+    struct ca__fdent *t = realloc(loop->fds, (size_t)n * sizeof *t);
+    if (!t) return -ENOMEM;
+    memset(t + loop->nfds, 0, (size_t)(n - loop->nfds) * sizeof *t);
+    loop->fds = t;
+    loop->nfds = n;
+    return 0;
+}
+
+void ca__loop_io(ca_loop *loop, int fd, unsigned revents)
+{
+    if (fd < 0 || fd >= loop->nfds) return;
+    struct ca__fdent *e = &loop->fds[fd];
+    if ((revents & (CA__READ | CA__ERR)) && e->rfn) e->rfn(e->rarg);
+    /* The callback may have grown (moved) the table or removed the writer. */
+    if (fd >= loop->nfds) return;
+    e = &loop->fds[fd];
+    if ((revents & (CA__WRITE | CA__ERR)) && e->wfn) e->wfn(e->warg);
+}
+
+static int set_io(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg)
+{
+    int r = fd_grow(loop, fd);
+    if (r) return r;
+    struct ca__fdent *e = &loop->fds[fd];
+    unsigned nev = e->ev | what;
+    if (nev != e->ev) {
+        r = loop->be->modify(loop, fd, e->ev, nev);
+        if (r) return r;
+        e->ev = nev;
+    }
+    if (what == CA__READ) {
+        if (!e->rfn) loop->n_watched++;
+        e->rfn = fn;
+        e->rarg = arg;
+    } else {
+        if (!e->wfn) loop->n_watched++;
+        e->wfn = fn;
+        e->warg = arg;
+    }
+    return 0;
+}
+
+static int clear_io(ca_loop *loop, int fd, unsigned what)
+{
+    if (fd >= loop->nfds) return 0;
+    struct ca__fdent *e = &loop->fds[fd];
+    if (e->internal) return 0;
+    if (what == CA__READ ? !e->rfn : !e->wfn) return 0;
+    if (what == CA__READ) {
+        e->rfn = NULL;
+        e->rarg = NULL;
+    } else {
+        e->wfn = NULL;
+        e->warg = NULL;
+    }
+    loop->n_watched--;
+    unsigned nev = e->ev & ~what;
+    /* Errors here mean the fd was closed behind our back: it is gone from the kernel's
+     * interest set anyway. */
+    loop->be->modify(loop, fd, e->ev, nev);
+    e->ev = nev;
+    return 1;
+}
+
+int ca__core_add_reader(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
+{
+    if (fd < self->nfds && self->fds[fd].internal) return -EINVAL;
+    return set_io(self, fd, CA__READ, fn, arg);
+}
+int ca__core_add_writer(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
+{
+    if (fd < self->nfds && self->fds[fd].internal) return -EINVAL;
+    return set_io(self, fd, CA__WRITE, fn, arg);
+}
+int ca__core_remove_reader(ca_loop *self, int fd) { return clear_io(self, fd, CA__READ); }
+int ca__core_remove_writer(ca_loop *self, int fd) { return clear_io(self, fd, CA__WRITE); }
+
+/* ----- core scheduling ops ---------------------------------------------------------------------- */
+
+int ca__core_call_soon(ca_loop *self, ca_handle *h)
+{
+    ready_push(self, h);
+    return 0;
+}
+
+int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
+{
+    h->when = when;
+    h->seq = self->seq++;
+    h->loop = self;
+    int r = heap_push(self, h);
+    if (r) return r;
+    h->scheduled = true;
+    return 0;
+}
+
+int ca__core_call_soon_threadsafe(ca_loop *self, ca_handle *h)
+{
+    h->loop = self;
+    h->scheduled = true;
+    ca_handle *head = atomic_load(&self->ts_head);
+    do {
+        if (head == CA__TS_CLOSED) return -EBADF;
+        h->next = head;
+    } while (!atomic_compare_exchange_weak(&self->ts_head, &head, h));
+    wake(self);
+    return 0;
+}
+
+/* ----- signals ---------------------------------------------------------------------------------- */
+
+int ca__core_add_signal_handler(ca_loop *self, int sig, ca_callback_fn fn, void *arg)
+{
+    if (!self->sigslot) {
+        int r = ca__sigslot_new(self->wake_fd, &self->sigslot);
+        if (r) return r;
+    }
+    ca_handle *h = handle_alloc(NULL, fn, arg);
+    if (!h) return -ENOMEM;
+    h->escaped = true;
+    int r = ca__sigslot_watch(self->sigslot, sig);
+    if (r) {
+        free(h);
+        return r;
+    }
+    ca_handle *old = self->sig_handlers[sig];
+    self->sig_handlers[sig] = h;
+    if (old) {
+        ca_handle_cancel(old);
+        ca_handle_unref(old);
+    }
+    return 0;
+}
+
+int ca__core_remove_signal_handler(ca_loop *self, int sig)
+{
+    ca_handle *h = self->sig_handlers[sig];
+    if (!h) return 0;
+    self->sig_handlers[sig] = NULL;
+    ca__sigslot_unwatch(self->sigslot, sig);
+    ca_handle_cancel(h);
+    ca_handle_unref(h);
+    return 1;
+}
+
+/* ----- run, stop, close, destroy --------------------------------------------------------------- */
+
+/* After this many iterations that had callbacks ready, the loop polls its fds even though it
+ * has work: skipping the zero-timeout poll makes chained callbacks cheap, polling now and
+ * then keeps I/O from starving. */
+#define POLL_SKIP_MAX 64
+
+static int run_once(ca_loop *loop)
+{
+    ts_drain(loop);
+    bool busy = loop->ready_head || atomic_load_explicit(&loop->stopping, memory_order_relaxed);
+    int64_t timeout = -1;
+    if (busy) {
+        timeout = 0;
+    } else if (loop->heap_len) {
+        double d = loop->heap[0]->when - ca__monotonic();
+        timeout = d <= 0 ? 0 : d > 9e9 ? INT64_C(9000000000000000000) : (int64_t)ceil(d * 1e9);
+    }
+    if (!busy || ++loop->iter_since_poll >= POLL_SKIP_MAX) {
+        loop->iter_since_poll = 0;
+        int r;
+        if (timeout != 0) {
+            atomic_store(&loop->polling, true);
+            if (atomic_load(&loop->ts_head) != NULL) timeout = 0;
+            r = loop->be->poll(loop, timeout);
+            atomic_store(&loop->polling, false);
+        } else {
+            r = loop->be->poll(loop, 0);
+        }
+        if (r < 0) return r;
+        ts_drain(loop);
+    }
+    if (loop->heap_len) {
+        double end = ca__monotonic() + 1e-9;
+        while (loop->heap_len && loop->heap[0]->when <= end) {
+            ca_handle *h = loop->heap[0];
+            heap_remove(loop, h);
+            ready_push(loop, h);
+        }
+    }
+    /* Only what is ready now: a callback scheduled by a callback waits for the next
+     * iteration. */
+    for (size_t n = loop->ready_len; n > 0 && loop->ready_head; n--) {
+        ca_handle *h = ready_pop(loop);
+        if (!h->cancelled) h->fn(h->arg);
+        handle_release(loop, h);
+    }
+    return 0;
+}
+
+int ca__core_run_forever(ca_loop *self)
+{
+    int r = 0;
+    for (;;) {
+        r = run_once(self);
+        if (r < 0) break;
+        if (atomic_load_explicit(&self->stopping, memory_order_relaxed)) break;
+    }
+    atomic_store(&self->stopping, false);
+    return r;
+}
+
+void ca__core_stop(ca_loop *self)
+{
+    atomic_store(&self->stopping, true);
+    wake(self);
+}
+
+/* Drops every handle the loop holds, without running any. */
+static void drop_handles(ca_loop *loop)
+{
+    ca_handle *ts = atomic_exchange(&loop->ts_head, CA__TS_CLOSED);
+    while (ts && ts != CA__TS_CLOSED) {
+        ca_handle *next = ts->next;
+        handle_release(loop, ts);
+        ts = next;
+    }
+    while (loop->ready_head) handle_release(loop, ready_pop(loop));
+    while (loop->heap_len) {
+        ca_handle *h = loop->heap[--loop->heap_len];
+        handle_release(loop, h);
+    }
+    for (int sig = 1; sig <= 64; sig++) {
+        ca_handle *h = loop->sig_handlers[sig];
+        loop->sig_handlers[sig] = NULL;
+        if (h) {
+            h->cancelled = true;
+            ca_handle_unref(h);
+        }
+    }
+}
+
+static void release_kernel_objects(ca_loop *loop, bool forked)
+{
+    /* No thread may be about to write to wake_fd once it is closed. */
+    while (atomic_load(&loop->ts_inflight) > 0) sched_yield();
+    if (loop->sigslot) {
+        ca__sigslot_free(loop->sigslot, forked);
+        loop->sigslot = NULL;
+    }
+    if (loop->be_data) loop->be->fini(loop, forked);
+    if (loop->wake_fd >= 0) close(loop->wake_fd);
+    loop->wake_fd = -1;
+    free(loop->fds);
+    loop->fds = NULL;
+    loop->nfds = 0;
+    loop->n_watched = 0;
+}
+
+int ca__core_close(ca_loop *self)
+{
+    drop_handles(self);
+    release_kernel_objects(self, false);
+    return 0;
+}
+
+void ca__core_destroy(ca_loop *self)
+{
+    while (self->free_list) {
+        ca_handle *h = self->free_list;
+        self->free_list = h->next;
+        free(h);
+    }
+    self->free_len = 0;
+    free(self->heap);
+    self->heap = NULL;
+}
+
+const ca_loop_ops ca__selector_ops = {
+    .run_forever = ca__core_run_forever,
+    .stop = ca__core_stop,
+    .close = ca__core_close,
+    .call_soon = ca__core_call_soon,
+    .call_soon_threadsafe = ca__core_call_soon_threadsafe,
+    .call_at = ca__core_call_at,
+    .add_reader = ca__core_add_reader,
+    .remove_reader = ca__core_remove_reader,
+    .add_writer = ca__core_add_writer,
+    .remove_writer = ca__core_remove_writer,
+    .add_signal_handler = ca__core_add_signal_handler,
+    .remove_signal_handler = ca__core_remove_signal_handler,
+    .destroy = ca__core_destroy,
+};
+
+/* ----- construction ------------------------------------------------------------------------------ */
+
+static ca_loop *loop_alloc(const ca_loop_ops *ops, const char *kind)
+{
+    ca__fork_init();
+    ca_loop *loop = calloc(1, sizeof *loop);
+    if (!loop) return NULL;
+    loop->ops = ops;
+    loop->kind = kind;
+    atomic_init(&loop->refs, 1);
+    loop->fork_gen = ca__fork_gen();
+    loop->wake_fd = -1;
+    return loop;
+}
+
+int ca__builtin_loop_new(const ca__backend *be, const ca_loop_ops *ops, const char *kind,
+                         ca_loop **out)
+{
+    if (!out) return -EINVAL;
+    ca_loop *loop = loop_alloc(ops, kind);
+    if (!loop) return -ENOMEM;
+    loop->be = be;
+    int r = be->init(loop);
+    if (r) {
+        free(loop);
+        return r;
+    }
+    loop->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (loop->wake_fd < 0) {
+        r = -errno;
+        goto fail;
+    }
+    if ((r = fd_grow(loop, loop->wake_fd)) != 0) goto fail;
+    if ((r = be->modify(loop, loop->wake_fd, 0, CA__READ)) != 0) goto fail;
+    struct ca__fdent *e = &loop->fds[loop->wake_fd];
+    e->ev = CA__READ;
+    e->rfn = on_wakeup;
+    e->rarg = loop;
+    e->internal = true;
+    *out = loop;
+    return 0;
+fail:
+    release_kernel_objects(loop, false);
+    free(loop);
+    return r;
+}
+
+int ca_selector_loop_new(ca_loop **out)
+{
+    return ca__builtin_loop_new(&ca__backend_epoll, &ca__selector_ops, "epoll", out);
+}
+
+int ca_poll_loop_new(ca_loop **out)
+{
+    return ca__builtin_loop_new(&ca__backend_poll, &ca__selector_ops, "poll", out);
+}
+
+int ca_loop_new_custom(const ca_loop_ops *ops, void *data, ca_loop **out)
+{
+    if (!ops || !ops->run_forever || !out) return -EINVAL;
+    ca_loop *loop = loop_alloc(ops, "custom");
+    if (!loop) return -ENOMEM;
+    loop->data = data;
+    *out = loop;
+    return 0;
+}
+
+void *ca_loop_data(ca_loop *loop) { return loop && !loop->be ? loop->data : NULL; }
+
+const char *ca_loop_kind(const ca_loop *loop) { return loop ? loop->kind : NULL; }
+
+/* ----- close hooks -------------------------------------------------------------------------------- */
+
+void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg)
+{
+    struct ca__close_hook *hk = malloc(sizeof *hk);
+    if (!hk) return NULL;
+    hk->fn = fn;
+    hk->arg = arg;
+    hk->next = loop->close_hooks;
+    loop->close_hooks = hk;
+    return hk;
+}
+
+void ca__loop_remove_close_hook(ca_loop *loop, void *token)
+{
+    for (struct ca__close_hook **p = &loop->close_hooks; *p; p = &(*p)->next) {
+        if (*p == token) {
+            struct ca__close_hook *hk = *p;
+            *p = hk->next;
+            free(hk);
+            return;
+        }
+    }
+}
+
+static void free_close_hooks(ca_loop *loop)
+{
+    while (loop->close_hooks) {
+        struct ca__close_hook *hk = loop->close_hooks;
+        loop->close_hooks = hk->next;
+        free(hk);
+    }
+}
+
+/* ----- the public loop functions --------------------------------------------------------------- */
+
+ca_loop *ca_loop_ref(ca_loop *loop)
+{
+    if (loop) atomic_fetch_add_explicit(&loop->refs, 1, memory_order_relaxed);
+    return loop;
+}
+
+/* In a child made by fork(): forget everything, release only our copies of the fds. */
+static void forked_close(ca_loop *loop)
+{
+    if (atomic_exchange(&loop->closed, true)) return;
+    free_close_hooks(loop);
+    if (loop->be) {
+        drop_handles(loop);
+        atomic_store(&loop->ts_inflight, 0);
+        release_kernel_objects(loop, true);
+    }
+}
+
+ca_loop *ca_loop_unref(ca_loop *loop)
+{
+    if (!loop) return NULL;
+    if (atomic_fetch_sub_explicit(&loop->refs, 1, memory_order_acq_rel) != 1) return NULL;
+    if (loop->fork_gen != ca__fork_gen()) forked_close(loop);
+    else if (!atomic_load(&loop->closed)) ca_loop_close(loop);
+    if (loop->ops->destroy) loop->ops->destroy(loop);
+    free_close_hooks(loop);
+    free(loop);
+    return NULL;
+}
+
+int ca_loop_close(ca_loop *loop)
+{
+    if (!loop) return -EINVAL;
+    if (loop->fork_gen != ca__fork_gen()) {
+        forked_close(loop);
+        return 0;
+    }
+    if (atomic_load(&loop->running)) return -EBUSY;
+    if (atomic_load(&loop->closed)) return 0;
+    /* Hooks run while the loop still works: they remove readers, end processes... */
+    while (loop->close_hooks) {
+        struct ca__close_hook *hk = loop->close_hooks;
+        loop->close_hooks = hk->next;
+        void (*fn)(void *) = hk->fn;
+        void *arg = hk->arg;
+        free(hk);
+        fn(arg);
+    }
+    atomic_store(&loop->closed, true);
+    int r = loop->ops->close ? loop->ops->close(loop) : 0;
+    return r;
+}
+
+bool ca_loop_is_running(const ca_loop *loop)
+{
+    return loop && loop->fork_gen == ca__fork_gen() && atomic_load(&loop->running);
+}
+
+bool ca_loop_is_closed(const ca_loop *loop) { return loop && atomic_load(&loop->closed); }
+
+double ca_loop_time(const ca_loop *loop)
+{
+    if (!loop) return NAN;
+    if (loop->ops->time) return loop->ops->time((ca_loop *)loop);
+    return ca__monotonic();
+}
+
+int ca_loop_run_forever(ca_loop *loop)
+{
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if ((r = enter_running(loop)) != 0) return r;
+    r = loop->ops->run_forever(loop);
+    exit_running(loop);
+    return r;
+}
+
+static void ruc_done(ca_future *fut, void *arg)
+{
+    ca_loop *loop = arg;
+    if (loop->ruc_future == fut) ca_loop_stop(loop);
+}
+
+int ca_loop_run_until_complete(ca_loop *loop, ca_future *fut)
+{
+    if (!loop || !fut) return -EINVAL;
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if (ca_future_loop(fut) != loop) return -EINVAL;
+    if (atomic_load(&loop->running) || ca_get_running_loop()) return -EBUSY;
+    ca_future_ref(fut);
+    r = ca_future_add_done_callback(fut, ruc_done, loop);
+    if (r) {
+        ca_future_unref(fut);
+        return r;
+    }
+    ca_future *prev = loop->ruc_future;
+    loop->ruc_future = fut;
+    r = ca_loop_run_forever(loop);
+    loop->ruc_future = prev;
+    ca__future_remove_done_callback(fut, ruc_done, loop);
+    if (r == 0) r = ca_future_done(fut) ? ca_future_result(fut, NULL) : -EAGAIN;
+    ca_future_unref(fut);
+    return r;
+}
+
+void ca_loop_stop(ca_loop *loop)
+{
+    if (!loop || loop->fork_gen != ca__fork_gen()) return;
+    atomic_fetch_add(&loop->ts_inflight, 1);
+    if (!atomic_load(&loop->closed) && loop->ops->stop) loop->ops->stop(loop);
+    atomic_fetch_sub(&loop->ts_inflight, 1);
+}
+
+/* Makes the handle for a scheduling call: from the free list for built-in loops (the loop
+ * owns it unless the caller asked for it), malloc'ed and reference-counted for custom ones
+ * (their ops may keep it). */
+static ca_handle *new_handle(ca_loop *loop, ca_callback_fn fn, void *arg, bool want)
+{
+    ca_handle *h = handle_alloc(loop->be ? loop : NULL, fn, arg);
+    if (h && (want || !loop->be)) h->escaped = true;
+    return h;
+}
+
+/* Finishes a scheduling call: hands out the handle or drops the core's reference. */
+static int finish_schedule(ca_loop *loop, ca_handle *h, int r, ca_handle **out)
+{
+    if (loop->be) {
+        if (r) {
+            handle_release(loop, h);
+            return r;
+        }
+        if (out) *out = ca_handle_ref(h);
+        return 0;
+    }
+    if (r || !out) ca_handle_unref(h);
+    else *out = h;
+    return r;
+}
+
+int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **out)
+{
+    if (!loop || !fn) return -EINVAL;
+    int r = check_owned(loop);
+    if (r) return r;
+    if (!loop->ops->call_soon) return -ENOTSUP;
+    ca_handle *h = new_handle(loop, fn, arg, out != NULL);
+    if (!h) return -ENOMEM;
+    return finish_schedule(loop, h, loop->ops->call_soon(loop, h), out);
+}
+
+int ca_loop_call_at(ca_loop *loop, double when, ca_callback_fn fn, void *arg, ca_handle **out)
+{
+    if (!loop || !fn || isnan(when)) return -EINVAL;
+    int r = check_owned(loop);
+    if (r) return r;
+    if (!loop->ops->call_at) return -ENOTSUP;
+    ca_handle *h = new_handle(loop, fn, arg, out != NULL);
+    if (!h) return -ENOMEM;
+    return finish_schedule(loop, h, loop->ops->call_at(loop, when, h), out);
+}
+
+int ca_loop_call_later(ca_loop *loop, double delay, ca_callback_fn fn, void *arg,
+                       ca_handle **out)
+{
+    if (!loop || !fn || isnan(delay)) return -EINVAL;
+    int r = check_owned(loop);
+    if (r) return r;
+    return ca_loop_call_at(loop, ca_loop_time(loop) + (delay > 0 ? delay : 0), fn, arg, out);
+}
+
+int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
+{
+    if (!loop || !fn) return -EINVAL;
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if (!loop->ops->call_soon_threadsafe) return -ENOTSUP;
+    /* Not from the free list: that belongs to the loop's thread. */
+    ca_handle *h = handle_alloc(NULL, fn, arg);
+    if (!h) return -ENOMEM;
+    if (!loop->be) {
+        h->escaped = true;
+        r = loop->ops->call_soon_threadsafe(loop, h);
+        ca_handle_unref(h);
+        return r;
+    }
+    atomic_fetch_add(&loop->ts_inflight, 1);
+    r = loop->ops->call_soon_threadsafe(loop, h);
+    atomic_fetch_sub(&loop->ts_inflight, 1);
+    if (r) free(h);
+    return r;
+}
+
+/* fd < 0 or not open: both are bad arguments (issue 2's list). */
+static int check_fd(int fd)
+{
+    if (fd < 0) return -EINVAL;
+    if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+    return 0;
+}
+
+int ca_loop_add_reader(ca_loop *loop, int fd, ca_callback_fn fn, void *arg)
+{
+    if (!loop || !fn) return -EINVAL;
+    int r = check_fd(fd);
+    if (r) return r;
+    if ((r = check_owned(loop)) != 0) return r;
+    if (!loop->ops->add_reader) return -ENOTSUP;
+    return loop->ops->add_reader(loop, fd, fn, arg);
+}
+
+int ca_loop_add_writer(ca_loop *loop, int fd, ca_callback_fn fn, void *arg)
+{
+    if (!loop || !fn) return -EINVAL;
+    int r = check_fd(fd);
+    if (r) return r;
+    if ((r = check_owned(loop)) != 0) return r;
+    if (!loop->ops->add_writer) return -ENOTSUP;
+    return loop->ops->add_writer(loop, fd, fn, arg);
+}
+
+/* The removers answer 0 on a closed loop, as asyncio does. */
+static int check_remove(const ca_loop *loop)
+{
+    if (!loop) return -EINVAL;
+    if (loop->fork_gen != ca__fork_gen()) return -ECHILD;
+    if (atomic_load(&loop->closed)) return 1;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    return 0;
+}
+
+int ca_loop_remove_reader(ca_loop *loop, int fd)
+{
+    if (fd < 0) return -EINVAL;
+    int r = check_remove(loop);
+    if (r) return r > 0 ? 0 : r;
+    if (!loop->ops->remove_reader) return -ENOTSUP;
+    return loop->ops->remove_reader(loop, fd);
+}
+
+int ca_loop_remove_writer(ca_loop *loop, int fd)
+{
+    if (fd < 0) return -EINVAL;
+    int r = check_remove(loop);
+    if (r) return r > 0 ? 0 : r;
+    if (!loop->ops->remove_writer) return -ENOTSUP;
+    return loop->ops->remove_writer(loop, fd);
+}
+
+int ca_loop_add_signal_handler(ca_loop *loop, int sig, ca_callback_fn fn, void *arg)
+{
+    if (!loop || !fn || !ca__signal_valid(sig)) return -EINVAL;
+    int r = check_owned(loop);
+    if (r) return r;
+    if (!loop->ops->add_signal_handler) return -ENOTSUP;
+    return loop->ops->add_signal_handler(loop, sig, fn, arg);
+}
+
+int ca_loop_remove_signal_handler(ca_loop *loop, int sig)
+{
+    if (!ca__signal_valid(sig)) return -EINVAL;
+    int r = check_remove(loop);
+    if (r) return r > 0 ? 0 : r;
+    if (!loop->ops->remove_signal_handler) return -ENOTSUP;
+    return loop->ops->remove_signal_handler(loop, sig);
+}
+
+int ca_loop_enter_running(ca_loop *loop)
+{
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    return enter_running(loop);
+}
+
+int ca_loop_exit_running(ca_loop *loop)
+{
+    if (!loop) return -EINVAL;
+    if (loop->fork_gen != ca__fork_gen()) return -ECHILD;
+    if (tl_running != loop) return -EINVAL;
+    exit_running(loop);
+    return 0;
+}
