@@ -90,4 +90,11 @@ int ca__pidfd_watcher_add_with_pidfd(ca_child_watcher *w, pid_t pid, int pidfd, 
 /* The watcher's kind name: "threaded", "multiloop", "safe", "fast", "pidfd", "custom". */
 const char *ca__child_watcher_kind(const ca_child_watcher *w);
 
+/* ----- policy (policy.c), for the runner (runner.c) ------------------------------------------ */
+/* A reference to the process policy, safe against a concurrent replacement. Never NULL. */
+ca_policy *ca__policy_acquire(void);
+/* The loop current in this thread under policy, with a reference, or NULL. Unlike
+ * ca_policy_get_event_loop, never creates one (the default policy's main-thread rule). */
+ca_loop *ca__policy_current_loop(ca_policy *policy);
+
 #endif
