@@ -70,6 +70,7 @@ struct ca_loop {
     atomic_bool stopping;
     _Atomic(const void *) owner;       /* token of the thread that runs it */
     struct ca__close_hook *close_hooks;
+    struct ca__sock_state *sock;       /* sock.c's generic sock_* state (freed by a close hook) */
 
     /* ----- built-in loops only (be != NULL) ----- */
     const ca__backend *be;

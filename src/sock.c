@@ -1,0 +1,445 @@
+/*
+ * The socket operations (asyncio's loop.sock_recv / sock_sendall / sock_accept / sock_connect).
+ *
+ * The public functions check their arguments and the loop's state, then hand the operation to
+ * the loop's ops->sock_* member when it has one (the io_uring proactor does: completion-based
+ * operations in loop_uring.c). Every other loop, the selectors and custom loops without sock_*
+ * members, gets the generic implementation below, which is asyncio's selector_events.py
+ * written in C: try the non-blocking call at once, and if it would block, wait with a reader
+ * (recv, accept) or a writer (sendall, connect) and try again each time the fd is ready.
+ *
+ * Per loop, the generic code keeps a small table indexed by fd (loop->sock): a FIFO of the
+ * operations waiting for readability and the one operation waiting for writability. Several
+ * receives or accepts on one socket are served in order (asyncio would let the second replace
+ * the first's reader and strand it); a second sendall (or a sendall during a connect, or the
+ * reverse) gives -EBUSY, so data is never reordered. The table is freed by a close hook, which
+ * also cancels the futures of the operations still pending.
+ *
+ * An operation's future gets a done callback so that cancelling the future withdraws the
+ * operation. When the operation completes by itself it first removes that done callback
+ * (ca__future_remove_done_callback), then completes the future and frees itself at once: the
+ * callback only ever runs for a future that someone else completed (cancelled), and then it is
+ * the callback that frees the operation. Nothing is touched in the user's buffer once the
+ * future is done, since the system calls are made only while it is pending.
+ */
+#include "loop_internal.h"
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum gop_kind { GOP_RECV, GOP_SEND, GOP_ACCEPT, GOP_CONNECT };
+
+struct gop {
+    enum gop_kind kind;
+    int fd;
+    bool queued;                   /* in its fd's read queue or write slot */
+    bool connect_again;            /* connect() said EAGAIN (AF_UNIX): call it again when ready */
+    struct ca__sock_state *st;
+    ca_future *fut;                /* our reference */
+    void *buf;
+    size_t n, off;
+    struct gop *qnext;             /* read queue of the fd */
+    struct gop *prev, *next;       /* every live operation of the loop */
+    socklen_t alen;
+    struct sockaddr_storage addr;
+};
+
+struct gfd {
+    struct gop *rhead, *rtail;     /* recv/accept, served in order */
+    struct gop *wop;               /* sendall or connect */
+};
+
+struct ca__sock_state {
+    ca_loop *loop;
+    struct gfd *fds;
+    int nfds;
+    struct gop *all;               /* every live operation, for the close hook */
+    void *close_token;
+};
+
+static void on_readable(void *arg);
+static void on_writable(void *arg);
+static void on_done(ca_future *fut, void *arg);
+
+/* ----- per-loop state ----------------------------------------------------------------- */
+
+static void state_close_hook(void *arg)
+{
+    struct ca__sock_state *st = arg;
+    ca_loop *loop = st->loop;
+    bool forked = loop->fork_gen != ca__fork_gen();
+    /* The loop is closing: its readers and writers are dropped by the core and no callback
+     * runs any more, so a done callback still scheduled for one of these operations will never
+     * run either. Cancel the futures that are still pending (asyncio's futures would stay
+     * pending forever; ours tell their waiters the operation is over) and free everything. */
+    while (st->all) {
+        struct gop *op = st->all;
+        st->all = op->next;
+        if (!forked && ca__future_remove_done_callback(op->fut, on_done, op) == 1)
+            ca_future_cancel(op->fut);
+        ca_future_unref(op->fut);
+        free(op);
+    }
+    free(st->fds);
+    loop->sock = NULL;
+    free(st);
+}
+
+static struct ca__sock_state *state_get(ca_loop *loop)
+{
+    if (loop->sock) return loop->sock;
+    struct ca__sock_state *st = calloc(1, sizeof *st);
+    if (!st) return NULL;
+    st->loop = loop;
+    st->close_token = ca__loop_add_close_hook(loop, state_close_hook, st);
+    if (!st->close_token) {
+        free(st);
+        return NULL;
+    }
+    loop->sock = st;
+    return st;
+}
+
+static struct gfd *state_fd(struct ca__sock_state *st, int fd)
+{
+    if (fd >= st->nfds) {
+        int n = st->nfds ? st->nfds : 64;
+        while (n <= fd) n *= 2;
+        struct gfd *p = realloc(st->fds, (size_t)n * sizeof *p);
+        if (!p) return NULL;
+        memset(p + st->nfds, 0, (size_t)(n - st->nfds) * sizeof *p);
+        st->fds = p;
+        st->nfds = n;
+    }
+    return &st->fds[fd];
+}
+
+/* ----- operation lifetime ---------------------------------------------------------------- */
+
+static struct gop *op_new(struct ca__sock_state *st, enum gop_kind kind, int fd, ca_future *fut)
+{
+    struct gop *op = calloc(1, sizeof *op);
+    if (!op) return NULL;
+    op->kind = kind;
+    op->fd = fd;
+    op->st = st;
+    op->fut = ca_future_ref(fut);
+    op->next = st->all;
+    if (st->all) st->all->prev = op;
+    st->all = op;
+    return op;
+}
+
+static void op_free(struct gop *op)
+{
+    struct ca__sock_state *st = op->st;
+    if (op->prev) op->prev->next = op->next;
+    else st->all = op->next;
+    if (op->next) op->next->prev = op->prev;
+    ca_future_unref(op->fut);
+    free(op);
+}
+
+/* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
+static void op_unqueue(struct gop *op)
+{
+    if (!op->queued) return;
+    op->queued = false;
+    ca_loop *loop = op->st->loop;
+    struct gfd *f = &op->st->fds[op->fd];
+    if (op->kind == GOP_RECV || op->kind == GOP_ACCEPT) {
+        struct gop **pp = &f->rhead, *prev = NULL;
+        while (*pp != op) {
+            prev = *pp;
+            pp = &(*pp)->qnext;
+        }
+        bool was_head = (f->rhead == op);
+        *pp = op->qnext;
+        if (f->rtail == op) f->rtail = prev;
+        op->qnext = NULL;
+        if (!was_head) return;
+        /* The reader's argument is the head of the queue. Re-pointing it cannot fail for lack
+         * of memory (the fd is already registered); if it did anyway, the waiting operations
+         * would stall, so fail them rather than leave them hanging. */
+        if (f->rhead) {
+            if (ca_loop_add_reader(loop, op->fd, on_readable, f->rhead) < 0)
+                ca__log(CA_LOG_ERROR, "sock: cannot re-arm the reader of fd %d", op->fd);
+        } else {
+            ca_loop_remove_reader(loop, op->fd);
+        }
+    } else {
+        f->wop = NULL;
+        ca_loop_remove_writer(loop, op->fd);
+    }
+}
+
+/* The operation is over by itself: complete its future (err < 0: failure) and free it. */
+static void op_finish(struct gop *op, intptr_t result, int err)
+{
+    op_unqueue(op);
+    ca__future_remove_done_callback(op->fut, on_done, op);
+    if (err < 0) ca_future_set_error(op->fut, err);
+    else ca_future_set_result(op->fut, (void *)result);
+    op_free(op);
+}
+
+/* The future was completed by someone else (cancelled): withdraw the operation. */
+static void on_done(ca_future *fut, void *arg)
+{
+    (void)fut;
+    struct gop *op = arg;
+    op_unqueue(op);
+    op_free(op);
+}
+
+/* ----- the non-blocking attempts --------------------------------------------------------- */
+
+static bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
+
+/* Each returns 1 when the operation is over (*res or *err set), 0 to wait for readiness. */
+static int try_recv(struct gop *op, intptr_t *res, int *err)
+{
+    ssize_t k = recv(op->fd, op->buf, op->n, MSG_DONTWAIT);
+    if (k >= 0) {
+        *res = k;
+        return 1;
+    }
+    if (would_block(errno)) return 0;
+    *err = -errno;
+    return 1;
+}
+
+static int try_send(struct gop *op, intptr_t *res, int *err)
+{
+    while (op->off < op->n) {
+        ssize_t k = send(op->fd, (const char *)op->buf + op->off, op->n - op->off,
+                         MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (would_block(errno)) return 0;
+            *err = -errno;
+            return 1;
+        }
+        op->off += (size_t)k;
+    }
+    *res = 0;
+    return 1;
+}
+
+static int try_accept(struct gop *op, intptr_t *res, int *err)
+{
+    int c = accept4(op->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (c >= 0) {
+        *res = c;
+        return 1;
+    }
+    if (would_block(errno)) return 0;
+    *err = -errno;
+    return 1;
+}
+
+/* First call: connect(). EINPROGRESS (or EINTR, after which the connection goes on in the
+ * background) means wait for writability and read SO_ERROR then, as asyncio does. EAGAIN
+ * (a full AF_UNIX backlog) means nothing happened yet: call connect() again when writable. */
+static int try_connect_first(struct gop *op, intptr_t *res, int *err)
+{
+    if (connect(op->fd, (const struct sockaddr *)&op->addr, op->alen) == 0) {
+        *res = 0;
+        return 1;
+    }
+    if (errno == EINPROGRESS || errno == EINTR) return 0;
+    if (errno == EAGAIN) {
+        op->connect_again = true;
+        return 0;
+    }
+    *err = -errno;
+    return 1;
+}
+
+static int try_connect_ready(struct gop *op, intptr_t *res, int *err)
+{
+    if (op->connect_again) {
+        op->connect_again = false;
+        return try_connect_first(op, res, err);
+    }
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (getsockopt(op->fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0) soerr = errno;
+    if (soerr == 0) {
+        *res = 0;
+        return 1;
+    }
+    if (soerr == EINPROGRESS || soerr == EALREADY) return 0;
+    *err = -soerr;
+    return 1;
+}
+
+static int try_op(struct gop *op, intptr_t *res, int *err)
+{
+    switch (op->kind) {
+    case GOP_RECV: return try_recv(op, res, err);
+    case GOP_SEND: return try_send(op, res, err);
+    case GOP_ACCEPT: return try_accept(op, res, err);
+    case GOP_CONNECT: return try_connect_ready(op, res, err);
+    }
+    return 0;
+}
+
+/* ----- readiness callbacks ---------------------------------------------------------------- */
+
+static void on_readable(void *arg)
+{
+    struct gop *op = arg;
+    struct gfd *f = &op->st->fds[op->fd];
+    /* Serve the queue from its head while the fd has something for it: a cancelled head (its
+     * done callback has not run yet) is taken out without touching its buffer. */
+    while ((op = f->rhead) != NULL) {
+        if (ca_future_done(op->fut)) {
+            op_unqueue(op);
+            continue;
+        }
+        intptr_t res = 0;
+        int err = 0;
+        if (!try_op(op, &res, &err)) return;
+        op_finish(op, res, err);
+        /* One completion per call keeps the loop fair among sockets; the reader is level-
+         * triggered, so the next operation is tried on the next iteration. */
+        return;
+    }
+}
+
+static void on_writable(void *arg)
+{
+    struct gop *op = arg;
+    if (ca_future_done(op->fut)) {
+        op_unqueue(op);
+        return;
+    }
+    intptr_t res = 0;
+    int err = 0;
+    if (try_op(op, &res, &err)) op_finish(op, res, err);
+}
+
+/* ----- starting an operation -------------------------------------------------------------- */
+
+/* Makes the future; if `first` settles the operation at once, completes it now. Otherwise
+ * queues op behind the fd's reader or writer. */
+static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, size_t n,
+                         const struct sockaddr *addr, socklen_t alen, ca_future **out)
+{
+    struct ca__sock_state *st = state_get(loop);
+    if (!st) return -ENOMEM;
+    struct gfd *f = state_fd(st, fd);
+    if (!f) return -ENOMEM;
+    bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
+    if (writes && f->wop) return -EBUSY;
+    ca_future *fut = NULL;
+    int r = ca_future_new(loop, &fut);
+    if (r < 0) return r;
+    struct gop *op = op_new(st, kind, fd, fut);
+    if (!op) {
+        ca_future_unref(fut);
+        return -ENOMEM;
+    }
+    op->buf = buf;
+    op->n = n;
+    if (addr) {
+        memcpy(&op->addr, addr, alen);
+        op->alen = alen;
+    }
+    /* Receives and accepts queued behind others must wait their turn, or they would take data
+     * (or connections) meant for the earlier ones. */
+    bool try_now = !(f->rhead && !writes);
+    intptr_t res = 0;
+    int err = 0;
+    int done = 0;
+    if (try_now) {
+        if (kind == GOP_CONNECT) done = try_connect_first(op, &res, &err);
+        else done = try_op(op, &res, &err);
+    }
+    if (done) {
+        if (err < 0) ca_future_set_error(fut, err);
+        else ca_future_set_result(fut, (void *)res);
+        op_free(op);
+        *out = fut;
+        return 0;
+    }
+    r = ca_future_add_done_callback(fut, on_done, op);
+    if (r < 0) goto fail;
+    if (writes) {
+        r = ca_loop_add_writer(loop, fd, on_writable, op);
+        if (r < 0) goto fail_cb;
+        f = &st->fds[fd];
+        f->wop = op;
+    } else {
+        if (!f->rhead) {
+            r = ca_loop_add_reader(loop, fd, on_readable, op);
+            if (r < 0) goto fail_cb;
+            f->rhead = op;
+        } else {
+            f->rtail->qnext = op;
+        }
+        f->rtail = op;
+    }
+    op->queued = true;
+    *out = fut;
+    return 0;
+fail_cb:
+    ca__future_remove_done_callback(fut, on_done, op);
+fail:
+    /* A connect that was started cannot be taken back; the socket is the caller's to close. */
+    op_free(op);
+    ca_future_unref(fut);
+    return r;
+}
+
+/* ----- public functions --------------------------------------------------------------------- */
+
+/* Checks shared by the four functions: bad argument, then fork, then closed, then thread. */
+static int sock_check(ca_loop *loop, int fd, const void *out)
+{
+    if (!loop || fd < 0 || !out || fcntl(fd, F_GETFD) < 0) return -EINVAL;
+    int r = ca__loop_check(loop);
+    if (r < 0) return r;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    return 0;
+}
+
+int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out)
+{
+    if (!buf && n > 0) return -EINVAL;
+    int r = sock_check(loop, fd, out);
+    if (r < 0) return r;
+    if (loop->ops->sock_recv) return loop->ops->sock_recv(loop, fd, buf, n, out);
+    return generic_start(loop, GOP_RECV, fd, buf, n, NULL, 0, out);
+}
+
+int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_future **out)
+{
+    if (!buf && n > 0) return -EINVAL;
+    int r = sock_check(loop, fd, out);
+    if (r < 0) return r;
+    if (loop->ops->sock_sendall) return loop->ops->sock_sendall(loop, fd, buf, n, out);
+    return generic_start(loop, GOP_SEND, fd, (void *)buf, n, NULL, 0, out);
+}
+
+int ca_loop_sock_accept(ca_loop *loop, int fd, ca_future **out)
+{
+    int r = sock_check(loop, fd, out);
+    if (r < 0) return r;
+    if (loop->ops->sock_accept) return loop->ops->sock_accept(loop, fd, out);
+    return generic_start(loop, GOP_ACCEPT, fd, NULL, 0, NULL, 0, out);
+}
+
+int ca_loop_sock_connect(ca_loop *loop, int fd, const struct sockaddr *addr, socklen_t len,
+                         ca_future **out)
+{
+    if (!addr || len == 0 || len > sizeof(struct sockaddr_storage)) return -EINVAL;
+    int r = sock_check(loop, fd, out);
+    if (r < 0) return r;
+    if (loop->ops->sock_connect) return loop->ops->sock_connect(loop, fd, addr, len, out);
+    return generic_start(loop, GOP_CONNECT, fd, NULL, 0, addr, len, out);
+}
