@@ -1,0 +1,630 @@
+/*
+ * Child watchers: the public dispatch functions, custom watchers, and the core that the five
+ * built-in watchers share (registrations, delivery to loops, helpers). See watcher_internal.h
+ * for the core's design and locking.
+ */
+#include "internal.h"
+#include "watcher_internal.h"
+
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+/* ----- shared helpers --------------------------------------------------------------------- */
+
+int ca__returncode_from_status(int status)
+{
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    /* Not reachable with WEXITED waits; asyncio raises here, we answer "unknown". */
+    return 255;
+}
+
+int ca__wait_nohang(pid_t pid, int *rc)
+{
+    int status = 0;
+    pid_t r;
+    do {
+        r = waitpid(pid, &status, WNOHANG);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    if (r == 0) return 0;
+    *rc = ca__returncode_from_status(status);
+    return 1;
+}
+
+int ca__watcher_delivery_loop(ca_loop **out)
+{
+    ca_loop *loop = ca_get_running_loop();
+    if (!loop) {
+        int r = ca_get_event_loop(&loop);
+        if (r < 0) return r == -ENOMEM ? r : -ENOENT;
+    }
+    if (!loop || ca_loop_is_closed(loop)) return -ENOENT;
+    *out = loop;
+    return 0;
+}
+
+static pthread_mutex_t keep_lock = PTHREAD_MUTEX_INITIALIZER;
+static int keep_count;
+static bool keep_changed;
+static struct sigaction keep_saved;
+
+void ca__sigchld_keep_acquire(void)
+{
+    bool warn = false;
+    pthread_mutex_lock(&keep_lock);
+    if (keep_count++ == 0) {
+        struct sigaction cur;
+        if (sigaction(SIGCHLD, NULL, &cur) == 0 && !(cur.sa_flags & SA_SIGINFO) &&
+            (cur.sa_handler == SIG_IGN ||
+             (cur.sa_handler == SIG_DFL && (cur.sa_flags & SA_NOCLDWAIT)))) {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            sigemptyset(&dfl.sa_mask);
+            if (sigaction(SIGCHLD, &dfl, NULL) == 0) {
+                keep_saved = cur;
+                keep_changed = true;
+                warn = true;
+            }
+        }
+    }
+    pthread_mutex_unlock(&keep_lock);
+    if (warn)
+        ca__log(CA_LOG_WARNING,
+                "SIGCHLD was ignored (SIG_IGN or SA_NOCLDWAIT): the kernel would reap children "
+                "and their exit status would be lost; SIGCHLD is set to SIG_DFL while a child "
+                "watcher is active");
+}
+
+void ca__sigchld_keep_release(void)
+{
+    pthread_mutex_lock(&keep_lock);
+    if (keep_count > 0 && --keep_count == 0 && keep_changed) {
+        keep_changed = false;
+        /* Put the old disposition back only if nobody changed ours meanwhile. */
+        struct sigaction cur;
+        if (sigaction(SIGCHLD, NULL, &cur) == 0 && !(cur.sa_flags & SA_SIGINFO) &&
+            cur.sa_handler == SIG_DFL && !(cur.sa_flags & SA_NOCLDWAIT))
+            sigaction(SIGCHLD, &keep_saved, NULL);
+    }
+    pthread_mutex_unlock(&keep_lock);
+}
+
+/* ----- deferred log lines ------------------------------------------------------------------ */
+
+void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    size_t len = strlen(msg);
+    if (q->len + len + 2 > q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 512;
+        while (cap < q->len + len + 2) cap *= 2;
+        char *nb = realloc(q->buf, cap);
+        if (!nb) return; /* out of memory: the line is lost, never the exit */
+        q->buf = nb;
+        q->cap = cap;
+    }
+    q->buf[q->len++] = (char)(level / 10);
+    memcpy(q->buf + q->len, msg, len + 1);
+    q->len += len + 1;
+}
+
+void ca__wlog_flush(ca__wlog *q)
+{
+    size_t i = 0;
+    while (i < q->len) {
+        int level = q->buf[i++] * 10;
+        const char *msg = q->buf + i;
+        ca__log(level, "%s", msg);
+        i += strlen(msg) + 1;
+    }
+    free(q->buf);
+    q->buf = NULL;
+    q->len = q->cap = 0;
+}
+
+/* ----- core: pid table ------------------------------------------------------------------- */
+
+static size_t home(const ca__wcore *c, pid_t pid)
+{
+    return ((uint32_t)pid * 2654435761u) & (c->cap - 1);
+}
+
+static int table_grow(ca__wcore *c)
+{
+    size_t ncap = c->cap ? c->cap * 2 : 16;
+    ca__wreg **ns = calloc(ncap, sizeof *ns);
+    if (!ns) return -ENOMEM;
+    ca__wreg **old = c->slots;
+    size_t ocap = c->cap;
+    c->slots = ns;
+    c->cap = ncap;
+    for (size_t i = 0; i < ocap; i++) {
+        if (!old[i]) continue;
+        size_t j = home(c, old[i]->pid);
+        while (ns[j]) j = (j + 1) & (ncap - 1);
+        ns[j] = old[i];
+    }
+    free(old);
+    return 0;
+}
+
+static size_t table_find(const ca__wcore *c, pid_t pid)
+{
+    if (!c->cap) return SIZE_MAX;
+    for (size_t i = home(c, pid);; i = (i + 1) & (c->cap - 1)) {
+        if (!c->slots[i]) return SIZE_MAX;
+        if (c->slots[i]->pid == pid) return i;
+    }
+}
+
+ca__wreg *ca__wtable_get(ca__wcore *c, pid_t pid)
+{
+    size_t i = table_find(c, pid);
+    return i == SIZE_MAX ? NULL : c->slots[i];
+}
+
+static void table_del(ca__wcore *c, pid_t pid)
+{
+    size_t i = table_find(c, pid);
+    if (i == SIZE_MAX) return;
+    size_t mask = c->cap - 1;
+    c->slots[i] = NULL;
+    c->len--;
+    /* Backward-shift deletion keeps every probe sequence unbroken without tombstones. */
+    for (size_t j = (i + 1) & mask; c->slots[j]; j = (j + 1) & mask) {
+        size_t k = home(c, c->slots[j]->pid);
+        bool movable = (i <= j) ? (k <= i || k > j) : (k <= i && k > j);
+        if (movable) {
+            c->slots[i] = c->slots[j];
+            c->slots[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+/* ----- core: registrations ------------------------------------------------------------------ */
+
+static void bind_link(ca__wbind *b, ca__wreg *r)
+{
+    r->bind = b;
+    r->bprev = NULL;
+    r->bnext = b->regs;
+    if (b->regs) b->regs->bprev = r;
+    b->regs = r;
+    b->refs++;
+}
+
+static void bind_unlink(ca__wreg *r)
+{
+    ca__wbind *b = r->bind;
+    if (!b) return;
+    if (r->bprev) r->bprev->bnext = r->bnext;
+    else b->regs = r->bnext;
+    if (r->bnext) r->bnext->bprev = r->bprev;
+    r->bind = NULL;
+    r->bprev = r->bnext = NULL;
+    ca__wbind_unref(b);
+}
+
+static void wait_unlink(ca__wcore *c, ca__wreg *r)
+{
+    if (!r->in_wait) return;
+    if (r->wprev) r->wprev->wnext = r->wnext;
+    else c->wait_head = r->wnext;
+    if (r->wnext) r->wnext->wprev = r->wprev;
+    r->wprev = r->wnext = NULL;
+    r->in_wait = false;
+    c->nwait--;
+}
+
+int ca__wreg_register(ca__wcore *c, pid_t pid, ca_child_fn cb, void *arg, ca__wbind *b,
+                      ca__wreg **out)
+{
+    if ((c->len + 1) * 2 > c->cap && table_grow(c) < 0) return -ENOMEM;
+    ca__wreg *r = calloc(1, sizeof *r);
+    if (!r) return -ENOMEM;
+    r->pid = pid;
+    r->core = c;
+    r->state = CA__W_WAITING;
+    r->refs = 1;
+    r->registered = true;
+    r->cb = cb;
+    r->arg = arg;
+    r->pidfd = -1;
+    size_t i = home(c, pid);
+    while (c->slots[i]) i = (i + 1) & (c->cap - 1);
+    c->slots[i] = r;
+    c->len++;
+    r->in_wait = true;
+    r->wnext = c->wait_head;
+    if (c->wait_head) c->wait_head->wprev = r;
+    c->wait_head = r;
+    c->nwait++;
+    if (b) bind_link(b, r);
+    *out = r;
+    return 0;
+}
+
+void ca__wreg_ref(ca__wreg *r) { r->refs++; }
+
+void ca__wreg_unref(ca__wcore *c, ca__wreg *r)
+{
+    if (--r->refs > 0) return;
+    bind_unlink(r);
+    if (c->reg_free) c->reg_free(r);
+    free(r);
+}
+
+void ca__wreg_unregister(ca__wcore *c, ca__wreg *r)
+{
+    if (!r->registered) return;
+    r->registered = false;
+    if (r->state == CA__W_WAITING || r->state == CA__W_EXITED) r->state = CA__W_DONE;
+    wait_unlink(c, r);
+    table_del(c, r->pid);
+    ca__wreg_unref(c, r);
+}
+
+void ca__wreg_rebind(ca__wcore *c, ca__wreg *r, ca__wbind *b)
+{
+    (void)c;
+    /* A posted registration stays where its delivery went: that loop's hook may free it. */
+    if (r->bind == b || r->posted) return;
+    if (b) b->refs++; /* keeps b while r leaves a binding that may be b's last user */
+    bind_unlink(r);
+    if (b) {
+        bind_link(b, r);
+        ca__wbind_unref(b);
+    }
+}
+
+void ca__wcore_cancel_all(ca__wcore *c)
+{
+    for (size_t i = 0; i < c->cap;) {
+        ca__wreg *r = c->slots[i];
+        /* Unregistering shifts later entries back into slot i, so only advance on empty. */
+        if (r) ca__wreg_unregister(c, r);
+        else i++;
+    }
+}
+
+static void deliver_cb(void *arg);
+
+void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q)
+{
+    if (!r->registered || r->state != CA__W_WAITING) return;
+    wait_unlink(c, r);
+    r->state = CA__W_EXITED;
+    r->rc = rc;
+    if (echild)
+        ca__wlog_add(q, CA_LOG_WARNING,
+                     "Unknown child process pid %d, will report returncode 255", (int)r->pid);
+    ca__wbind *b = r->bind;
+    int err = -EBADF;
+    if (b && b->loop && !r->posted) {
+        r->posted = true;
+        ca__wreg_ref(r);
+        err = ca_loop_call_soon_threadsafe(b->loop, deliver_cb, r);
+        if (err == 0) return;
+        r->posted = false;
+        ca__wreg_unref(c, r);
+    }
+    if (err == -EBADF)
+        ca__wlog_add(q, CA_LOG_WARNING,
+                     "Loop that handles pid %d is closed: its exit (returncode %d) is dropped",
+                     (int)r->pid, rc);
+    else
+        ca__wlog_add(q, CA_LOG_ERROR,
+                     "Cannot deliver the exit of pid %d (returncode %d) to its loop: %s",
+                     (int)r->pid, rc, ca_strerror(err));
+    ca__wreg_unregister(c, r);
+}
+
+bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg)
+{
+    if (!r->registered || r->state == CA__W_ZOMBIE || r->state == CA__W_DONE) return false;
+    *cb = r->cb;
+    *arg = r->arg;
+    ca__wreg_unregister(c, r);
+    return true;
+}
+
+/* Runs on the delivery loop's thread. The registration may have been removed (or the watcher
+ * closed) since the exit was posted: then the callback is not called. */
+static void deliver_cb(void *arg)
+{
+    ca__wreg *r = arg;
+    ca__wcore *c = r->core;
+    ca_child_fn cb = NULL;
+    void *cbarg = NULL;
+    pid_t pid = r->pid;
+    ca__wcore_ref(c);
+    ca__wcore_lock(c);
+    ca__wbind *b = r->bind; /* a posted registration never changes binding */
+    int rc = r->rc;
+    r->posted = false;
+    bool call = r->registered && r->state == CA__W_EXITED && ca__wreg_take(c, r, &cb, &cbarg);
+    b->refs++;
+    ca__wreg_unref(c, r);
+    /* A binding with nothing left but its hook is dropped while we are on its loop's thread
+     * (the only thread that may remove a close hook); the next child brings it back. */
+    if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->sig_registered &&
+        ca__loop_in_own_thread(b->loop)) {
+        ca__loop_remove_close_hook(b->loop, b->hook);
+        b->hook = NULL;
+        b->refs--;
+    }
+    ca__wbind_unref(b);
+    ca__wcore_unlock(c);
+    ca__wcore_unref(c);
+    if (call) cb(pid, rc, cbarg);
+}
+
+/* ----- core: bindings ------------------------------------------------------------------------- */
+
+void ca__wbind_unref(ca__wbind *b)
+{
+    if (--b->refs > 0) return;
+    ca__wcore *c = b->core;
+    for (ca__wbind **p = &c->binds; *p; p = &(*p)->next) {
+        if (*p == b) {
+            *p = b->next;
+            break;
+        }
+    }
+    free(b);
+    /* Never the last reference: whoever holds the lock holds one too. */
+    atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
+}
+
+/* The loop is closing (in the closing thread; it runs nothing any more): what was posted to it
+ * will never run, so it is released here. */
+static void bind_hook(void *arg)
+{
+    ca__wbind *b = arg;
+    ca__wcore *c = b->core;
+    ca__wlog q = {0};
+    ca__wcore_ref(c);
+    ca__wcore_lock(c);
+    ca_loop *loop = b->loop;
+    b->hook = NULL;
+    b->loop = NULL;
+    b->refs++;
+    for (ca__wreg *r = b->regs; r;) {
+        ca__wreg_ref(r);
+        if (r->posted) {
+            r->posted = false;
+            if (r->registered && r->state == CA__W_EXITED) {
+                ca__wlog_add(&q, CA_LOG_WARNING,
+                             "Loop that handles pid %d was closed before its exit "
+                             "(returncode %d) was delivered",
+                             (int)r->pid, r->rc);
+                ca__wreg_unregister(c, r);
+            }
+            ca__wreg_unref(c, r);
+        }
+        if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);
+        ca__wreg *next = r->bnext;
+        ca__wreg_unref(c, r);
+        r = next;
+    }
+    if (b->check_posted) {
+        b->check_posted = false;
+        b->refs--;
+    }
+    if (b->sig_registered) {
+        /* The loop removes its signal handlers when it closes. */
+        b->sig_registered = false;
+        b->refs--;
+    }
+    b->refs--; /* the hook's */
+    ca__wbind_unref(b);
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    ca__wcore_unref(c);
+}
+
+int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out)
+{
+    for (ca__wbind *b = c->binds; b; b = b->next) {
+        if (b->loop == loop) {
+            *out = b;
+            return 0;
+        }
+    }
+    if (ca_loop_is_closed(loop)) return -ENOENT;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    ca__wbind *b = calloc(1, sizeof *b);
+    if (!b) return -ENOMEM;
+    b->core = c;
+    b->loop = loop;
+    b->refs = 1;
+    b->hook = ca__loop_add_close_hook(loop, bind_hook, b);
+    if (!b->hook) {
+        free(b);
+        return ca_loop_is_closed(loop) ? -ENOENT : -ENOMEM;
+    }
+    ca__wcore_ref(c);
+    b->next = c->binds;
+    c->binds = b;
+    *out = b;
+    return 0;
+}
+
+/* ----- core: lifetime ---------------------------------------------------------------------- */
+
+int ca__wcore_new(ca__wcore **out)
+{
+    ca__wcore *c = calloc(1, sizeof *c);
+    if (!c) return -ENOMEM;
+    if (pthread_mutex_init(&c->lock, NULL) != 0) {
+        free(c);
+        return -ENOMEM;
+    }
+    atomic_init(&c->refs, 1);
+    *out = c;
+    return 0;
+}
+
+void ca__wcore_ref(ca__wcore *c) { atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed); }
+
+void ca__wcore_unref(ca__wcore *c)
+{
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1) return;
+    /* Nothing refers to the core any more: no registration is left (bindings hold references
+     * and registrations keep their bindings), so only the table's memory remains. */
+    free(c->slots);
+    free(c->impl);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+void ca__wcore_free_forked(ca__wcore *c)
+{
+    /* The parent's threads do not exist here and the lock may have been held by one of them
+     * at fork time: free every object directly. Registrations are reachable from the table,
+     * bindings, or (held by a waiting thread only) from a binding's list. */
+    for (size_t i = 0; i < c->cap; i++) {
+        ca__wreg *r = c->slots[i];
+        if (!r || r->bind) continue; /* bound ones are freed with their binding */
+        if (c->reg_free) c->reg_free(r);
+        free(r);
+    }
+    while (c->binds) {
+        ca__wbind *b = c->binds;
+        c->binds = b->next;
+        for (ca__wreg *r = b->regs; r;) {
+            ca__wreg *next = r->bnext;
+            if (c->reg_free) c->reg_free(r);
+            free(r);
+            r = next;
+        }
+        free(b);
+    }
+    free(c->slots);
+    free(c->impl);
+    free(c);
+}
+
+/* ----- the public object ------------------------------------------------------------------- */
+
+static const char *const custom_kind = "custom";
+
+int ca__child_watcher_make(const ca_child_watcher_ops *ops, const char *kind, ca__wcore *c,
+                           ca_child_watcher **out)
+{
+    ca_child_watcher *w = calloc(1, sizeof *w);
+    if (!w) return -ENOMEM;
+    ca__fork_init();
+    w->ops = ops;
+    w->impl = c;
+    w->kind = kind;
+    atomic_init(&w->refs, 1);
+    atomic_init(&w->closed, false);
+    w->fork_gen = ca__fork_gen();
+    *out = w;
+    return 0;
+}
+
+bool ca__child_watcher_forked(const ca_child_watcher *w) { return w->fork_gen != ca__fork_gen(); }
+
+const char *ca__child_watcher_kind(const ca_child_watcher *w) { return w ? w->kind : NULL; }
+
+int ca_child_watcher_new_custom(const ca_child_watcher_ops *ops, void *data,
+                                ca_child_watcher **out)
+{
+    if (!ops || !out || !ops->add_child_handler || !ops->remove_child_handler || !ops->is_active)
+        return -EINVAL;
+    ca_child_watcher *w;
+    int r = ca__child_watcher_make(ops, custom_kind, NULL, &w);
+    if (r < 0) return r;
+    w->data = data;
+    *out = w;
+    return 0;
+}
+
+void *ca_child_watcher_data(ca_child_watcher *w) { return w ? w->data : NULL; }
+
+ca_child_watcher *ca_child_watcher_ref(ca_child_watcher *w)
+{
+    if (w) atomic_fetch_add_explicit(&w->refs, 1, memory_order_relaxed);
+    return w;
+}
+
+ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *w)
+{
+    if (!w || atomic_fetch_sub_explicit(&w->refs, 1, memory_order_acq_rel) != 1) return NULL;
+    if (!ca__child_watcher_forked(w) && !atomic_exchange(&w->closed, true) && w->ops->close)
+        w->ops->close(w);
+    if (w->ops->destroy) w->ops->destroy(w);
+    free(w);
+    return NULL;
+}
+
+static int check(ca_child_watcher *w)
+{
+    if (!w) return -EINVAL;
+    if (CA_UNLIKELY(ca__child_watcher_forked(w))) return -ECHILD;
+    if (CA_UNLIKELY(atomic_load_explicit(&w->closed, memory_order_acquire))) return -EBADF;
+    return 0;
+}
+
+int ca_child_watcher_add_child_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    if (!w || !cb || pid <= 0) return -EINVAL;
+    int r = check(w);
+    return r < 0 ? r : w->ops->add_child_handler(w, pid, cb, arg);
+}
+
+int ca_child_watcher_remove_child_handler(ca_child_watcher *w, pid_t pid)
+{
+    if (!w || pid <= 0) return -EINVAL;
+    int r = check(w);
+    return r < 0 ? r : w->ops->remove_child_handler(w, pid);
+}
+
+int ca_child_watcher_attach_loop(ca_child_watcher *w, ca_loop *loop)
+{
+    int r = check(w);
+    if (r < 0) return r;
+    return w->ops->attach_loop ? w->ops->attach_loop(w, loop) : 0;
+}
+
+bool ca_child_watcher_is_active(ca_child_watcher *w)
+{
+    return check(w) == 0 && w->ops->is_active(w);
+}
+
+int ca_child_watcher_close(ca_child_watcher *w)
+{
+    if (!w) return -EINVAL;
+    if (atomic_exchange(&w->closed, true)) return 0;
+    /* In a forked child the parent's threads and handlers are not ours: unref frees memory. */
+    if (ca__child_watcher_forked(w)) return 0;
+    return w->ops->close ? w->ops->close(w) : 0;
+}
+
+int ca_child_watcher_enter(ca_child_watcher *w)
+{
+    int r = check(w);
+    if (r < 0) return r;
+    return w->ops->enter ? w->ops->enter(w) : 0;
+}
+
+int ca_child_watcher_exit(ca_child_watcher *w)
+{
+    int r = check(w);
+    if (r < 0) return r;
+    return w->ops->exit ? w->ops->exit(w) : 0;
+}

@@ -1,0 +1,165 @@
+/*
+ * Child watchers: the structures shared by watcher.c (dispatch and the common core) and the five
+ * built-in watchers (watcher_threaded.c, watcher_multiloop.c, watcher_safe.c, watcher_fast.c,
+ * watcher_pidfd.c). Nothing here is public.
+ *
+ * The common core (ca__wcore) is what every built-in watcher is made of:
+ *   - a pid table of registrations (ca__wreg), and a list of the ones still waiting for their
+ *     child's exit (for the O(n) pollers);
+ *   - bindings (ca__wbind), one per (watcher, delivery loop), each with a close hook on its loop.
+ *     Exits are posted to a loop with ca_loop_call_soon_threadsafe; a posted callback that the
+ *     loop drops because it was closed first would leak its registration, so the binding's close
+ *     hook frees what is still posted there. The binding holds no reference to its loop (that
+ *     would keep a loop that its owner only unrefs from ever being closed): the loop pointer is
+ *     valid while the core's lock is held and it is not NULL, because the close hook clears it
+ *     under that lock before the loop can be freed.
+ * Everything in the core is protected by its one mutex, except the reference counts of the core
+ * (atomic). A user callback or the log handler is never called with the lock held.
+ */
+#ifndef CA_WATCHER_INTERNAL_H
+#define CA_WATCHER_INTERNAL_H
+
+#include "internal.h"
+
+#include <pthread.h>
+#include <stddef.h>
+
+struct ca_child_watcher {
+    const ca_child_watcher_ops *ops;
+    void *data;               /* custom watchers: the user's; built-ins: NULL */
+    void *impl;               /* built-ins: their ca__wcore */
+    const char *kind;
+    atomic_int refs;
+    unsigned fork_gen;
+    atomic_bool closed;
+};
+
+/* What a registration knows about its child. */
+enum {
+    CA__W_WAITING = 0,  /* running, or exited but not reaped by us yet */
+    CA__W_EXITED,       /* reaped (rc is set); delivery posted or about to run */
+    CA__W_ZOMBIE,       /* Fast: reaped before a handler was added (no callback yet) */
+    CA__W_DONE,         /* delivered, dropped, or cancelled */
+};
+
+/* ----- deferred log lines: logged after the lock is released --------------------------- */
+typedef struct ca__wlog {
+    char *buf;                   /* "<level char><message>\0" records */
+    size_t len, cap;
+} ca__wlog;
+typedef struct ca__wcore ca__wcore;
+typedef struct ca__wbind ca__wbind;
+typedef struct ca__wreg ca__wreg;
+
+struct ca__wreg {
+    pid_t pid;
+    ca__wcore *core;             /* not a reference */
+    int state;
+    int rc;
+    int refs;                    /* under the core's lock */
+    bool registered;             /* in the pid table: its callback may still be called */
+    bool posted;                 /* a callback posted to bind->loop holds a reference */
+    bool in_wait;                /* in the core's waiting list */
+    ca_child_fn cb;
+    void *arg;
+    ca__wbind *bind;             /* delivery binding, or NULL */
+    ca__wreg *wprev, *wnext;     /* core's waiting list */
+    ca__wreg *bprev, *bnext;     /* binding's list */
+    int pidfd;                   /* Pidfd watcher: -1 when none */
+};
+
+struct ca__wbind {
+    ca__wcore *core;             /* a reference */
+    ca_loop *loop;               /* not a reference; NULL once the loop closed */
+    void *hook;                  /* close hook token, NULL once run or removed */
+    int refs;                    /* bound registrations + hook + the flags below; under lock */
+    ca__wreg *regs;              /* registrations bound here */
+    ca__wbind *next;             /* core's list */
+    bool check_posted;           /* Safe/Fast: a "poll now" callback is posted */
+    bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop */
+};
+
+struct ca__wcore {
+    pthread_mutex_t lock;
+    atomic_int refs;
+    bool closed;
+    /* pid table: open addressing, linear probing, backward-shift deletion */
+    ca__wreg **slots;
+    size_t cap, len;
+    /* registrations still waiting for their child (MultiLoop, Safe: the O(n) poll) */
+    ca__wreg *wait_head;
+    size_t nwait;
+    ca__wbind *binds;
+    bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
+    /* Kind hooks, called with the lock held; may be NULL. */
+    /* r's binding's loop is closing (r is in any state; loop runs nothing any more). */
+    void (*reg_loop_closed)(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q);
+    void (*reg_free)(ca__wreg *r);                       /* r is about to be freed */
+    void *impl;                  /* the kind's own state */
+};
+
+void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...) CA_PRINTF(3, 4);
+void ca__wlog_flush(ca__wlog *q);
+
+/* ----- the public object ------------------------------------------------------------------ */
+/* Makes a built-in watcher around core c (which it takes over). */
+int ca__child_watcher_make(const ca_child_watcher_ops *ops, const char *kind, ca__wcore *c,
+                           ca_child_watcher **out);
+static inline ca__wcore *ca__wcore_of(ca_child_watcher *w) { return (ca__wcore *)w->impl; }
+/* In the destroy op: true when we are in a child made by fork() since the watcher was made. */
+bool ca__child_watcher_forked(const ca_child_watcher *w);
+
+/* ----- core -------------------------------------------------------------------------------- */
+int ca__wcore_new(ca__wcore **out);
+void ca__wcore_ref(ca__wcore *c);
+void ca__wcore_unref(ca__wcore *c);
+/* Frees everything without locking or touching threads, loops or signal dispositions: for a
+ * forked child, where the parent's threads do not exist. */
+void ca__wcore_free_forked(ca__wcore *c);
+static inline void ca__wcore_lock(ca__wcore *c) { pthread_mutex_lock(&c->lock); }
+static inline void ca__wcore_unlock(ca__wcore *c) { pthread_mutex_unlock(&c->lock); }
+
+ca__wreg *ca__wtable_get(ca__wcore *c, pid_t pid);
+
+/* A new registration (refs 1: the table's), put in the table and the waiting list, bound to b
+ * (may be NULL). -ENOMEM. Lock held. */
+int ca__wreg_register(ca__wcore *c, pid_t pid, ca_child_fn cb, void *arg, ca__wbind *b,
+                      ca__wreg **out);
+/* Takes r out of the table and the waiting list: its callback will not be called. Lock held. */
+void ca__wreg_unregister(ca__wcore *c, ca__wreg *r);
+/* Moves r to binding b (or NULL). Lock held. */
+void ca__wreg_rebind(ca__wcore *c, ca__wreg *r, ca__wbind *b);
+void ca__wreg_ref(ca__wreg *r);
+void ca__wreg_unref(ca__wcore *c, ca__wreg *r);   /* lock held */
+/* Cancels every registration (close). Lock held. */
+void ca__wcore_cancel_all(ca__wcore *c);
+
+/* r's child was reaped with returncode rc (echild: waitpid said ECHILD, rc is 255): if r is
+ * still registered, post its delivery to r->bind's loop (or, if that loop is closed, log and
+ * drop). The callback runs on that loop's thread, unless it was removed in between. Lock held;
+ * log lines go to q. */
+void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q);
+/* Delivers r's exit now, in this thread: if registered, unregisters it and returns true with
+ * the callback in *cb and *arg (call it after unlocking). Lock held. */
+bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg);
+
+/* The binding for loop (made, with its close hook, if needed). The calling thread must be
+ * allowed to use the loop (-EPERM otherwise); -ENOENT closed loop; -ENOMEM. Lock held. */
+int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out);
+void ca__wbind_unref(ca__wbind *b);   /* lock held */
+
+/* ----- shared helpers ----------------------------------------------------------------------- */
+/* The loop that exits of children registered by this thread go to: the running loop, else this
+ * thread's current loop. Borrowed. -ENOENT none (or it is closed). */
+int ca__watcher_delivery_loop(ca_loop **out);
+/* bpo-32115: a SIGCHLD disposition of SIG_IGN makes the kernel reap children itself, so no
+ * watcher could learn their exit status. While at least one watcher is active we keep SIG_DFL
+ * there (logging that we did) and put SIG_IGN back when the last one is closed. Counted,
+ * process-wide. */
+void ca__sigchld_keep_acquire(void);
+void ca__sigchld_keep_release(void);
+/* waitpid(pid, WNOHANG) without EINTR: pid's rc in *rc and 1 if it was reaped, 0 if it is still
+ * running, -ECHILD if it is not our child (or already reaped). */
+int ca__wait_nohang(pid_t pid, int *rc);
+
+#endif

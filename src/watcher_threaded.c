@@ -1,0 +1,172 @@
+/*
+ * ThreadedChildWatcher: one detached waiting thread per child, blocked in waitpid(pid). The
+ * thread only reaps; the exit is posted to the delivery loop with call_soon_threadsafe and the
+ * callback runs there, as in asyncio 3.11.
+ *
+ * Making a thread cheap: a 32 KiB stack (the thread runs waitpid and a few small functions; the
+ * pages it never touches cost no memory), every signal blocked so that no signal handler ever
+ * runs on that small stack, a name after the pid for debuggers ("ca-wait-12345"). Under the
+ * sanitizers the stack is larger: their instrumentation needs it.
+ *
+ * The thread holds a reference to the watcher's core and to its registration, so a watcher
+ * closed or freed while children run is safe: close cancels the registrations (their callbacks
+ * are never called) and the threads end, quietly, when their child exits.
+ */
+#include "internal.h"
+#include "watcher_internal.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <sys/wait.h>
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CA__SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CA__SANITIZED 1
+#endif
+
+#ifdef CA__SANITIZED
+#define WAIT_STACK (256 * 1024)
+#else
+#define WAIT_STACK (32 * 1024)
+#endif
+
+static void *wait_main(void *arg)
+{
+    ca__wreg *r = arg;
+    ca__wcore *c = r->core;
+    pid_t pid = r->pid;
+    char name[16];
+    snprintf(name, sizeof name, "ca-wait-%d", (int)pid);
+    pthread_setname_np(pthread_self(), name);
+
+    int status = 0;
+    pid_t got;
+    do {
+        got = waitpid(pid, &status, 0);
+    } while (got < 0 && errno == EINTR);
+    bool echild = got < 0;
+    int rc = echild ? 255 : ca__returncode_from_status(status);
+
+    ca__wlog q = {0};
+    ca__wcore_lock(c);
+    ca__wreg_exited(c, r, rc, echild, &q); /* no-op (and silent) if it was removed */
+    ca__wreg_unref(c, r);
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    ca__wcore_unref(c);
+    return NULL;
+}
+
+static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca_loop *loop;
+    int err = ca__watcher_delivery_loop(&loop);
+    if (err < 0) return err;
+
+    ca__wcore_lock(c);
+    ca__wbind *b;
+    err = ca__wbind_get(c, loop, &b);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (r) {
+        /* Already watched: replace the callback (and the loop, if it has not exited yet). */
+        r->cb = cb;
+        r->arg = arg;
+        if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
+        ca__wcore_unlock(c);
+        return 0;
+    }
+    if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
+    if (err < 0) {
+        ca__wcore_unlock(c);
+        return err;
+    }
+    ca__wreg_ref(r); /* the thread's */
+    ca__wcore_ref(c);
+
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, WAIT_STACK);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits "everything blocked" */
+    pthread_t t;
+    int e = pthread_create(&t, &attr, wait_main, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (e != 0) {
+        /* Nobody waits for this child: the caller learns it now, not never. */
+        ca__wreg_unregister(c, r);
+        ca__wreg_unref(c, r);
+        ca__wcore_unlock(c);
+        ca__wcore_unref(c);
+        return -e;
+    }
+    ca__wcore_unlock(c);
+    return 0;
+}
+
+static int threaded_remove(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    int found = r != NULL;
+    if (r) ca__wreg_unregister(c, r);
+    ca__wcore_unlock(c);
+    return found;
+}
+
+static bool threaded_is_active(ca_child_watcher *w) { return true; }
+
+static int threaded_close(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    c->closed = true;
+    ca__wcore_cancel_all(c);
+    bool keep = c->keeps_sigchld;
+    c->keeps_sigchld = false;
+    ca__wcore_unlock(c);
+    if (keep) ca__sigchld_keep_release();
+    return 0;
+}
+
+static void threaded_destroy(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
+    else ca__wcore_unref(c);
+}
+
+static const ca_child_watcher_ops threaded_ops = {
+    .add_child_handler = threaded_add,
+    .remove_child_handler = threaded_remove,
+    .attach_loop = NULL, /* nothing to attach: any thread's loop gets its children */
+    .is_active = threaded_is_active,
+    .close = threaded_close,
+    .enter = NULL,
+    .exit = NULL,
+    .destroy = threaded_destroy,
+};
+
+int ca_threaded_child_watcher_new(ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    ca__wcore *c;
+    int err = ca__wcore_new(&c);
+    if (err < 0) return err;
+    err = ca__child_watcher_make(&threaded_ops, "threaded", c, out);
+    if (err < 0) {
+        ca__wcore_unref(c);
+        return err;
+    }
+    c->keeps_sigchld = true;
+    ca__sigchld_keep_acquire();
+    return 0;
+}
