@@ -341,11 +341,11 @@ static int set_io(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void 
     if (r) return r;
     struct ca__fdent *e = &loop->fds[fd];
     unsigned nev = e->ev | what;
-    if (nev != e->ev) {
-        r = loop->be->modify(loop, fd, e->ev, nev);
-        if (r) return r;
-        e->ev = nev;
-    }
+    /* Told again even when the interest set is unchanged: the fd may have been closed
+     * behind our back and its number reused by a file the kernel does not watch yet. */
+    r = loop->be->modify(loop, fd, e->ev, nev);
+    if (r) return r;
+    e->ev = nev;
     if (what == CA__READ) {
         if (!e->rfn) loop->n_watched++;
         e->rfn = fn;

@@ -21,7 +21,9 @@ typedef struct ca__backend {
     /* Releases them. forked: we are in a child of fork(); only close our fds and free memory. */
     void (*fini)(ca_loop *loop, bool forked);
     /* The interest set of fd changes from old_ev to new_ev (CA__READ|CA__WRITE; 0 = none).
-     * Level-triggered. Returns 0 or a negative errno. */
+     * Level-triggered. old_ev may equal new_ev: the core then re-registers the fd, whose
+     * number may have been reused by a file the kernel does not watch yet. Returns 0 or a
+     * negative errno. */
     int (*modify)(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev);
     /* Waits at most timeout_ns (-1: no limit, 0: do not block) and reports each ready fd with
      * ca__loop_io(loop, fd, CA__READ|CA__WRITE|CA__ERR). Returns 0 or a negative errno
