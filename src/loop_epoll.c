@@ -73,7 +73,7 @@ static int ep_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
 static int ep_poll(ca_loop *loop, int64_t timeout_ns)
 {
     struct ep *ep = loop->be_data;
-    int n;
+    int n = -1;
     if (!ep->no_pwait2) {
         struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
         n = epoll_pwait2(ep->epfd, ep->events, MAX_EVENTS, timeout_ns < 0 ? NULL : &ts, NULL);

@@ -154,7 +154,7 @@ static void run_once(ca_loop *self)
     bool stopping = c->stopping;
     pthread_mutex_unlock(&c->mu);
     int timeout = -1;
-    qsort(c->timers, c->ntimers, sizeof *c->timers, timer_cmp);
+    if (c->ntimers) qsort(c->timers, c->ntimers, sizeof *c->timers, timer_cmp);
     if (c->nready || stopping) timeout = 0;
     else if (c->ntimers) {
         double d = c->timers[0].when - now();
@@ -196,12 +196,11 @@ static void run_once(ca_loop *self)
     while (due < c->ntimers && c->timers[due].when <= t) due++;
     for (size_t i = 0; i < due; i++)
         push((void **)&c->ready, &c->nready, &c->cap_ready, sizeof(ca_handle *), &c->timers[i].h);
-    memmove(c->timers, c->timers + due, (c->ntimers - due) * sizeof *c->timers);
+    if (due) memmove(c->timers, c->timers + due, (c->ntimers - due) * sizeof *c->timers);
     c->ntimers -= due;
     size_t todo = c->nready;
     ca_handle **batch = malloc((todo ? todo : 1) * sizeof *batch);
-    memcpy(batch, c->ready, todo * sizeof *batch);
-    memmove(c->ready, c->ready + todo, (c->nready - todo) * sizeof *c->ready);
+    if (todo) memcpy(batch, c->ready, todo * sizeof *batch);
     c->nready -= todo;
     for (size_t i = 0; i < todo; i++) {
         ca_handle_run(batch[i]);

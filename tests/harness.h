@@ -82,6 +82,11 @@ void t_run_for(ca_loop *loop, double seconds);
 /* Predicate helper: *(int *)arg != 0. */
 bool t_flag_set(void *arg);
 
+/* Ends a child that a test made with fork() with `code`, by exec'ing sh: under valgrind a
+ * forked child that calls _exit() is leak-checked and exits 99 for the memory its parent
+ * still held, so forked children in tests must leave through here. */
+void t_child_exit(int code);
+
 /* Turns off the harness's leftover checks for the current test (fds, threads, children),
  * for tests whose subject makes them meaningless; say why in the test. */
 void t_no_leftover_checks(void);

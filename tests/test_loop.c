@@ -940,7 +940,7 @@ LOOP_TEST(fork_child_gets_echild)
     if (pid == 0) {
         int bad = 0;
         int p[2];
-        if (pipe2(p, O_CLOEXEC) < 0) _exit(90);
+        if (pipe2(p, O_CLOEXEC) < 0) t_child_exit(90);
         if (ca_loop_call_soon(loop, noop, NULL, NULL) != -ECHILD) bad |= 1;
         if (ca_loop_call_soon_threadsafe(loop, noop, NULL) != -ECHILD) bad |= 2;
         if (ca_loop_run_forever(loop) != -ECHILD) bad |= 4;
@@ -951,7 +951,7 @@ LOOP_TEST(fork_child_gets_echild)
         ca_future *f;
         if (ca_future_new(loop, &f) != -ECHILD) bad |= 128;
         if (ca_loop_close(loop) != 0) bad |= 256;
-        _exit(bad);
+        t_child_exit(bad);
     }
     int st;
     CHECK_EQ(waitpid(pid, &st, 0), pid);
@@ -973,7 +973,7 @@ static void fork_inside(void *arg)
     pid_t pid = fork();
     if (pid == 0) {
         /* the running loop of the parent is never returned in the child */
-        _exit(ca_get_running_loop() == NULL ? 0 : 1);
+        t_child_exit(ca_get_running_loop() == NULL ? 0 : 1);
     }
     waitpid(pid, &f->status, 0);
     ca_loop_stop(f->loop);
