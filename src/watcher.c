@@ -217,7 +217,7 @@ static void bind_unlink(ca__wreg *r)
     ca__wbind_unref(b);
 }
 
-static void wait_unlink(ca__wcore *c, ca__wreg *r)
+void ca__wreg_unwait(ca__wcore *c, ca__wreg *r)
 {
     if (!r->in_wait) return;
     if (r->wprev) r->wprev->wnext = r->wnext;
@@ -271,7 +271,7 @@ void ca__wreg_unregister(ca__wcore *c, ca__wreg *r)
     if (!r->registered) return;
     r->registered = false;
     if (r->state == CA__W_WAITING || r->state == CA__W_EXITED) r->state = CA__W_DONE;
-    wait_unlink(c, r);
+    ca__wreg_unwait(c, r);
     table_del(c, r->pid);
     ca__wreg_unref(c, r);
 }
@@ -304,7 +304,7 @@ static void deliver_cb(void *arg);
 void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q)
 {
     if (!r->registered || r->state != CA__W_WAITING) return;
-    wait_unlink(c, r);
+    ca__wreg_unwait(c, r);
     r->state = CA__W_EXITED;
     r->rc = rc;
     if (echild)
@@ -340,6 +340,36 @@ bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg)
     return true;
 }
 
+void ca__wreg_take_into(ca__wcore *c, ca__wreg *r, int rc, ca__wreg **list)
+{
+    r->rc = rc;
+    ca__wreg_ref(r);
+    ca__wreg_unregister(c, r);
+    r->dnext = *list;
+    *list = r;
+}
+
+void ca__wdeliver_list(ca__wcore *c, ca__wreg *list)
+{
+    if (!list) return;
+    ca__wreg *fifo = NULL;
+    while (list) {
+        ca__wreg *next = list->dnext;
+        list->dnext = fifo;
+        fifo = list;
+        list = next;
+    }
+    /* cb and arg cannot change any more: a new handler for the pid is a new registration. */
+    for (ca__wreg *r = fifo; r; r = r->dnext) r->cb(r->pid, r->rc, r->arg);
+    ca__wcore_lock(c);
+    while (fifo) {
+        ca__wreg *next = fifo->dnext;
+        ca__wreg_unref(c, fifo);
+        fifo = next;
+    }
+    ca__wcore_unlock(c);
+}
+
 /* Runs on the delivery loop's thread. The registration may have been removed (or the watcher
  * closed) since the exit was posted: then the callback is not called. */
 static void deliver_cb(void *arg)
@@ -357,15 +387,7 @@ static void deliver_cb(void *arg)
     bool call = r->registered && r->state == CA__W_EXITED && ca__wreg_take(c, r, &cb, &cbarg);
     b->refs++;
     ca__wreg_unref(c, r);
-    /* A binding with nothing left but its hook is dropped while we are on its loop's thread
-     * (the only thread that may remove a close hook); the next child brings it back. */
-    if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->sig_registered &&
-        ca__loop_in_own_thread(b->loop)) {
-        ca__loop_remove_close_hook(b->loop, b->hook);
-        b->hook = NULL;
-        b->refs--;
-    }
-    ca__wbind_unref(b);
+    ca__wbind_put(b);
     ca__wcore_unlock(c);
     ca__wcore_unref(c);
     if (call) cb(pid, rc, cbarg);
@@ -386,6 +408,19 @@ void ca__wbind_unref(ca__wbind *b)
     free(b);
     /* Never the last reference: whoever holds the lock holds one too. */
     atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
+}
+
+void ca__wbind_put(ca__wbind *b)
+{
+    /* A binding with nothing left but its hook is dropped while we are on its loop's thread
+     * (the only thread that may remove a close hook); the next child brings it back. */
+    if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->sig_registered &&
+        ca__loop_in_own_thread(b->loop)) {
+        ca__loop_remove_close_hook(b->loop, b->hook);
+        b->hook = NULL;
+        b->refs--;
+    }
+    ca__wbind_unref(b);
 }
 
 /* The loop is closing (in the closing thread; it runs nothing any more): what was posted to it
@@ -423,11 +458,7 @@ static void bind_hook(void *arg)
         b->check_posted = false;
         b->refs--;
     }
-    if (b->sig_registered) {
-        /* The loop removes its signal handlers when it closes. */
-        b->sig_registered = false;
-        b->refs--;
-    }
+    b->sig_registered = false; /* the loop removes its signal handlers when it closes */
     b->refs--; /* the hook's */
     ca__wbind_unref(b);
     ca__wcore_unlock(c);

@@ -66,17 +66,18 @@ struct ca__wreg {
     ca__wreg *wprev, *wnext;     /* core's waiting list */
     ca__wreg *bprev, *bnext;     /* binding's list */
     int pidfd;                   /* Pidfd watcher: -1 when none */
+    ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
 };
 
 struct ca__wbind {
     ca__wcore *core;             /* a reference */
     ca_loop *loop;               /* not a reference; NULL once the loop closed */
     void *hook;                  /* close hook token, NULL once run or removed */
-    int refs;                    /* bound registrations + hook + the flags below; under lock */
+    int refs;                    /* bound registrations + hook + check_posted + holders */
     ca__wreg *regs;              /* registrations bound here */
     ca__wbind *next;             /* core's list */
     bool check_posted;           /* Safe/Fast: a "poll now" callback is posted */
-    bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop */
+    bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop (no ref) */
 };
 
 struct ca__wcore {
@@ -127,6 +128,8 @@ int ca__wreg_register(ca__wcore *c, pid_t pid, ca_child_fn cb, void *arg, ca__wb
                       ca__wreg **out);
 /* Takes r out of the table and the waiting list: its callback will not be called. Lock held. */
 void ca__wreg_unregister(ca__wcore *c, ca__wreg *r);
+/* Takes r out of the waiting list only. Lock held. */
+void ca__wreg_unwait(ca__wcore *c, ca__wreg *r);
 /* Moves r to binding b (or NULL). Lock held. */
 void ca__wreg_rebind(ca__wcore *c, ca__wreg *r, ca__wbind *b);
 void ca__wreg_ref(ca__wreg *r);
@@ -143,10 +146,20 @@ void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q
  * the callback in *cb and *arg (call it after unlocking). Lock held. */
 bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg);
 
+/* Takes registered r (its child reaped with returncode rc) for delivery in this thread: r is
+ * unregistered and pushed on *list with a reference. Lock held. */
+void ca__wreg_take_into(ca__wcore *c, ca__wreg *r, int rc, ca__wreg **list);
+/* Calls the callbacks of a list made by ca__wreg_take_into, in order, then releases it. Lock
+ * NOT held. */
+void ca__wdeliver_list(ca__wcore *c, ca__wreg *list);
+
 /* The binding for loop (made, with its close hook, if needed). The calling thread must be
  * allowed to use the loop (-EPERM otherwise); -ENOENT closed loop; -ENOMEM. Lock held. */
 int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out);
 void ca__wbind_unref(ca__wbind *b);   /* lock held */
+/* Releases a hold taken with b->refs++, and drops b if only its hook is left and we are on its
+ * loop's thread. Lock held. */
+void ca__wbind_put(ca__wbind *b);
 
 /* ----- shared helpers ----------------------------------------------------------------------- */
 /* The loop that exits of children registered by this thread go to: the running loop, else this
@@ -161,5 +174,21 @@ void ca__sigchld_keep_release(void);
 /* waitpid(pid, WNOHANG) without EINTR: pid's rc in *rc and 1 if it was reaped, 0 if it is still
  * running, -ECHILD if it is not our child (or already reaped). */
 int ca__wait_nohang(pid_t pid, int *rc);
+
+/* ----- Safe and Fast: SIGCHLD through the attached loop (watcher_safe.c) ------------------ */
+typedef struct ca__wattach {
+    ca_loop *loop;               /* a reference; NULL when detached */
+    ca__wbind *bind;             /* a reference to the loop's binding */
+    /* The kind's reaping after a SIGCHLD, on the attached loop's thread, lock held: exits go
+     * to *list (ca__wreg_take_into), log lines to q. */
+    void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q);
+    int forks;                   /* Fast: enter/exit depth */
+} ca__wattach;
+/* c->impl is a ca__wattach. attach_loop for both; loop NULL detaches. */
+int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
+/* Attached to a loop that is not closed. Lock held. */
+bool ca__wattach_active(ca__wcore *c);
+/* close for both: cancels everything, detaches. */
+int ca__wattach_close(ca__wcore *c);
 
 #endif

@@ -1,0 +1,192 @@
+/*
+ * FastChildWatcher: SIGCHLD through the attached loop, and then waitpid(-1, WNOHANG) until no
+ * exited child is left: O(1) per exit however many children are watched, callbacks on the
+ * attached loop's thread.
+ *
+ * The price, as in asyncio: it reaps EVERY child of the process, including children that other
+ * code (system(), another library, a Threaded watcher, a plain waitpid(pid)) is waiting for.
+ * Their waitpid then fails with ECHILD (system() returns -1), and their exit status ends up
+ * here: inside enter/exit (the spawn window) it is kept in case the handler comes next;
+ * outside, it is logged ("Caught subprocess termination from unknown pid") and dropped. Use it
+ * only when this process's children are all yours.
+ */
+#include "internal.h"
+#include "watcher_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+
+static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
+
+static void fast_reap(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+{
+    /* Signals coalesce: keep reaping while there is something to reap. */
+    for (;;) {
+        int status = 0;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid < 0 && errno == EINTR) continue;
+        if (pid <= 0) return; /* 0: the others still run; ECHILD: no child left */
+        int rc = ca__returncode_from_status(status);
+        ca__wreg *r = ca__wtable_get(c, pid);
+        if (r && r->registered && r->state == CA__W_WAITING) {
+            ca__wreg_take_into(c, r, rc, list);
+        } else if (r && r->state == CA__W_ZOMBIE) {
+            r->rc = rc; /* a stale zombie whose pid was reused */
+        } else if (att(c)->forks > 0) {
+            /* Inside enter/exit: the handler may come next. */
+            ca__wreg *z;
+            if (ca__wreg_register(c, pid, NULL, NULL, NULL, &z) == 0) {
+                z->state = CA__W_ZOMBIE;
+                z->rc = rc;
+                ca__wreg_unwait(c, z); /* the waiting list is for running children */
+            } else {
+                ca__wlog_add(q, CA_LOG_WARNING,
+                             "Caught subprocess termination from unknown pid: %d -> %d "
+                             "(out of memory to keep it)",
+                             (int)pid, rc);
+            }
+        } else {
+            ca__wlog_add(q, CA_LOG_WARNING,
+                         "Caught subprocess termination from unknown pid: %d -> %d", (int)pid,
+                         rc);
+        }
+    }
+}
+
+static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
+    int err = 0;
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (!ca__wattach_active(c)) {
+        err = -ENOTCONN;
+    } else if (r && r->state == CA__W_ZOMBIE) {
+        /* It exited before its handler came: deliver on the attached loop. */
+        r->cb = cb;
+        r->arg = arg;
+        r->state = CA__W_WAITING;
+        ca__wreg_rebind(c, r, att(c)->bind);
+        ca__wreg_exited(c, r, r->rc, false, &q);
+    } else if (r) {
+        r->cb = cb;
+        r->arg = arg;
+    } else {
+        err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    return err;
+}
+
+static int fast_remove(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    bool found = r && r->state != CA__W_ZOMBIE;
+    if (found) ca__wreg_unregister(c, r);
+    ca__wcore_unlock(c);
+    return found;
+}
+
+static int fast_attach(ca_child_watcher *w, ca_loop *loop)
+{
+    return ca__wattach_attach(ca__wcore_of(w), loop);
+}
+
+static bool fast_is_active(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    bool on = ca__wattach_active(c);
+    ca__wcore_unlock(c);
+    return on;
+}
+
+static int fast_enter(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    att(c)->forks++;
+    ca__wcore_unlock(c);
+    return 0;
+}
+
+static int fast_exit(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
+    int err = 0;
+    ca__wcore_lock(c);
+    if (att(c)->forks == 0) {
+        err = -EINVAL; /* exit without enter */
+    } else if (--att(c)->forks == 0) {
+        /* Statuses kept for a handler that never came are other code's children. */
+        char buf[200];
+        size_t len = 0;
+        int n = 0;
+        buf[0] = 0;
+        for (size_t i = 0; i < c->cap;) {
+            ca__wreg *r = c->slots[i];
+            if (!r || r->state != CA__W_ZOMBIE) {
+                i++;
+                continue;
+            }
+            if (len + 24 < sizeof buf) {
+                int k = snprintf(buf + len, sizeof buf - len, "%s%d: %d", n ? ", " : "",
+                                 (int)r->pid, r->rc);
+                if (k > 0) len += (size_t)k;
+            }
+            n++;
+            ca__wreg_unregister(c, r); /* shifts the next entry into slot i */
+        }
+        if (n)
+            ca__wlog_add(&q, CA_LOG_WARNING,
+                         "Caught subprocesses termination from unknown pids: {%s%s}", buf,
+                         len + 24 >= sizeof buf ? ", ..." : "");
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    return err;
+}
+
+static int fast_close(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
+
+static void fast_destroy(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
+    else ca__wcore_unref(c);
+}
+
+static const ca_child_watcher_ops fast_ops = {
+    .add_child_handler = fast_add,
+    .remove_child_handler = fast_remove,
+    .attach_loop = fast_attach,
+    .is_active = fast_is_active,
+    .close = fast_close,
+    .enter = fast_enter,
+    .exit = fast_exit,
+    .destroy = fast_destroy,
+};
+
+int ca_fast_child_watcher_new(ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    ca__wcore *c;
+    int err = ca__wcore_new(&c);
+    if (err < 0) return err;
+    ca__wattach *a = calloc(1, sizeof *a);
+    if (!a) {
+        ca__wcore_unref(c);
+        return -ENOMEM;
+    }
+    a->reap = fast_reap;
+    c->impl = a;
+    err = ca__child_watcher_make(&fast_ops, "fast", c, out);
+    if (err < 0) ca__wcore_unref(c);
+    return err;
+}

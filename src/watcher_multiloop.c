@@ -1,0 +1,208 @@
+/*
+ * MultiLoopChildWatcher: its own SIGCHLD handler from creation until close, through the
+ * process-wide signal fan-out (a slot whose eventfd is ours), and its own reaping thread woken
+ * by that eventfd. On each wake it polls every registered pid with waitpid(pid, WNOHANG): O(n)
+ * per SIGCHLD, but it never reaps a child that is not registered, so other code's waitpid() and
+ * system() keep working. Exits are posted to each child's own loop (the loop of the thread that
+ * added the handler), where the callbacks run: loops in any thread can spawn.
+ *
+ * asyncio's version ran the polling inside the Python signal handler, in the main thread, and
+ * could hang or lose exits under load (bpo-38323). Here the signal handler only writes to the
+ * eventfd; the polling runs in a thread that blocks every signal, and because the eventfd is a
+ * counter and every wake polls every pid, coalesced SIGCHLDs lose nothing. A pid is also checked
+ * when it is added (it may have exited before).
+ */
+#include "internal.h"
+#include "watcher_internal.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+typedef struct multiloop {
+    int efd;
+    ca__sigslot *slot;
+    pthread_t thread;
+    bool thread_started;
+    atomic_bool stop;
+} multiloop;
+
+static multiloop *ml(ca__wcore *c) { return (multiloop *)c->impl; }
+
+static void poll_all(ca__wcore *c)
+{
+    ca__wlog q = {0};
+    ca__wcore_lock(c);
+    for (ca__wreg *r = c->wait_head; r;) {
+        ca__wreg *next = r->wnext;
+        int rc = 0;
+        int e = ca__wait_nohang(r->pid, &rc);
+        if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
+        else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
+        r = next;
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+}
+
+static void *reaper_main(void *arg)
+{
+    ca__wcore *c = arg;
+    multiloop *m = ml(c);
+    pthread_setname_np(pthread_self(), "ca-multiloop");
+    for (;;) {
+        struct pollfd p = {.fd = m->efd, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
+        uint64_t v;
+        if (read(m->efd, &v, sizeof v) < 0 && errno != EAGAIN && errno != EINTR) break;
+        if (atomic_load(&m->stop)) break;
+        ca__sigslot_take(m->slot);
+        poll_all(c);
+    }
+    return NULL;
+}
+
+static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca_loop *loop;
+    int err = ca__watcher_delivery_loop(&loop);
+    if (err < 0) return err;
+    ca__wlog q = {0};
+    ca__wcore_lock(c);
+    ca__wbind *b;
+    err = ca__wbind_get(c, loop, &b);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (r) {
+        r->cb = cb;
+        r->arg = arg;
+        if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
+        err = 0;
+    } else if (err == 0) {
+        err = ca__wreg_register(c, pid, cb, arg, b, &r);
+        if (err == 0) {
+            int rc = 0;
+            int e = ca__wait_nohang(pid, &rc);
+            if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
+            else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
+        }
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    return err;
+}
+
+static int multiloop_remove(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (r) ca__wreg_unregister(c, r);
+    ca__wcore_unlock(c);
+    return r != NULL;
+}
+
+static bool multiloop_is_active(ca_child_watcher *w) { return true; }
+
+/* Stops the thread and the signal slot. Not under the lock: the thread takes it. */
+static void multiloop_stop(ca__wcore *c)
+{
+    multiloop *m = ml(c);
+    if (m->thread_started) {
+        atomic_store(&m->stop, true);
+        uint64_t one = 1;
+        while (write(m->efd, &one, sizeof one) < 0 && errno == EINTR) {
+        }
+        pthread_join(m->thread, NULL);
+        m->thread_started = false;
+    }
+    if (m->slot) {
+        ca__sigslot_free(m->slot, false);
+        m->slot = NULL;
+    }
+    if (m->efd >= 0) {
+        close(m->efd);
+        m->efd = -1;
+    }
+}
+
+static int multiloop_close(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    multiloop_stop(c);
+    ca__wcore_lock(c);
+    c->closed = true;
+    ca__wcore_cancel_all(c);
+    ca__wcore_unlock(c);
+    ca__sigchld_keep_release();
+    return 0;
+}
+
+static void multiloop_destroy(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (ca__child_watcher_forked(w)) {
+        multiloop *m = ml(c);
+        if (m->slot) ca__sigslot_free(m->slot, true);
+        if (m->efd >= 0) close(m->efd);
+        ca__wcore_free_forked(c);
+    } else {
+        ca__wcore_unref(c);
+    }
+}
+
+static const ca_child_watcher_ops multiloop_ops = {
+    .add_child_handler = multiloop_add,
+    .remove_child_handler = multiloop_remove,
+    .attach_loop = NULL, /* the handler is installed at creation; loops need no attaching */
+    .is_active = multiloop_is_active,
+    .close = multiloop_close,
+    .enter = NULL,
+    .exit = NULL,
+    .destroy = multiloop_destroy,
+};
+
+int ca_multiloop_child_watcher_new(ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    ca__wcore *c;
+    int err = ca__wcore_new(&c);
+    if (err < 0) return err;
+    multiloop *m = calloc(1, sizeof *m);
+    if (!m) {
+        ca__wcore_unref(c);
+        return -ENOMEM;
+    }
+    c->impl = m;
+    m->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (m->efd < 0) {
+        err = -errno;
+        ca__wcore_unref(c);
+        return err;
+    }
+    ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN: to log it */
+    err = ca__sigslot_new(m->efd, &m->slot);
+    if (err == 0) err = ca__sigslot_watch(m->slot, SIGCHLD);
+    if (err == 0) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        int e = pthread_create(&m->thread, &attr, reaper_main, c);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+        if (e != 0) err = -e;
+        else m->thread_started = true;
+    }
+    if (err == 0) err = ca__child_watcher_make(&multiloop_ops, "multiloop", c, out);
+    if (err < 0) {
+        multiloop_stop(c);
+        ca__sigchld_keep_release();
+        ca__wcore_unref(c);
+    }
+    return err;
+}
