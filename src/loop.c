@@ -85,7 +85,6 @@ static inline int check_owned(const ca_loop *loop)
 
 /* ----- handles -------------------------------------------------------------------------- */
 
-#define NOT_IN_HEAP SIZE_MAX
 #define FREE_LIST_MAX 4096
 
 static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
@@ -108,7 +107,7 @@ static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
     h->loop = NULL;
     h->when = 0;
     h->seq = 0;
-    h->heap_idx = NOT_IN_HEAP;
+    h->in_heap = false;
     h->next = NULL;
     return h;
 }
@@ -129,7 +128,6 @@ static void handle_recycle(ca_loop *loop, ca_handle *h)
 static void handle_release(ca_loop *loop, ca_handle *h)
 {
     h->scheduled = false;
-    h->heap_idx = NOT_IN_HEAP;
     if (!h->escaped) {
         handle_recycle(loop, h);
         return;
@@ -157,81 +155,100 @@ void ca_handle_run(ca_handle *h)
     if (h && !h->cancelled) h->fn(h->arg);
 }
 
-/* ----- timer heap ordered by (when, seq) ----------------------------------------------------- */
+/* ----- timer heap: 4-ary, keys inline, lazy cancellation ------------------------------------ */
 
-static inline bool heap_less(const ca_handle *a, const ca_handle *b)
+static inline bool tless(const struct ca__timer *a, const struct ca__timer *b)
 {
     return a->when < b->when || (a->when == b->when && a->seq < b->seq);
 }
 
-static void heap_set(ca_loop *loop, size_t i, ca_handle *h)
-{
-    loop->heap[i] = h;
-    h->heap_idx = i;
-}
-
 static void heap_up(ca_loop *loop, size_t i)
 {
-    ca_handle *h = loop->heap[i];
+    struct ca__timer t = loop->heap[i];
     while (i > 0) {
-        size_t p = (i - 1) / 2;
-        if (!heap_less(h, loop->heap[p])) break;
-        heap_set(loop, i, loop->heap[p]);
+        size_t p = (i - 1) / 4;
+        if (!tless(&t, &loop->heap[p])) break;
+        loop->heap[i] = loop->heap[p];
         i = p;
     }
-    heap_set(loop, i, h);
+    loop->heap[i] = t;
 }
 
 static void heap_down(ca_loop *loop, size_t i)
 {
-    ca_handle *h = loop->heap[i];
+    struct ca__timer t = loop->heap[i];
     size_t n = loop->heap_len;
     for (;;) {
-        size_t c = 2 * i + 1;
+        size_t c = 4 * i + 1;
         if (c >= n) break;
-        if (c + 1 < n && heap_less(loop->heap[c + 1], loop->heap[c])) c++;
-        if (!heap_less(loop->heap[c], h)) break;
-        heap_set(loop, i, loop->heap[c]);
-        i = c;
+        size_t best = c, end = c + 4 < n ? c + 4 : n;
+        for (size_t k = c + 1; k < end; k++)
+            if (tless(&loop->heap[k], &loop->heap[best])) best = k;
+        if (!tless(&loop->heap[best], &t)) break;
+        loop->heap[i] = loop->heap[best];
+        i = best;
     }
-    heap_set(loop, i, h);
+    loop->heap[i] = t;
 }
 
 static int heap_push(ca_loop *loop, ca_handle *h)
 {
     if (loop->heap_len == loop->heap_cap) {
         size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
-        ca_handle **n = realloc(loop->heap, cap * sizeof *n);
+        struct ca__timer *n = realloc(loop->heap, cap * sizeof *n);
         if (!n) return -ENOMEM;
         loop->heap = n;
         loop->heap_cap = cap;
     }
-    loop->heap[loop->heap_len++] = h;
+    loop->heap[loop->heap_len++] = (struct ca__timer){h->when, h->seq, h};
     heap_up(loop, loop->heap_len - 1);
+    h->in_heap = true;
     return 0;
 }
 
-static void heap_remove(ca_loop *loop, ca_handle *h)
+/* Removes the earliest timer and returns its handle. */
+static ca_handle *heap_pop(ca_loop *loop)
 {
-    size_t i = h->heap_idx;
-    ca_handle *last = loop->heap[--loop->heap_len];
-    h->heap_idx = NOT_IN_HEAP;
-    if (i == loop->heap_len) return;
-    heap_set(loop, i, last);
-    if (i > 0 && heap_less(last, loop->heap[(i - 1) / 2])) heap_up(loop, i);
-    else heap_down(loop, i);
+    ca_handle *h = loop->heap[0].h;
+    loop->heap[0] = loop->heap[--loop->heap_len];
+    if (loop->heap_len) heap_down(loop, 0);
+    h->in_heap = false;
+    if (h->cancelled) loop->heap_cancelled--;
+    return h;
+}
+
+static void handle_release(ca_loop *loop, ca_handle *h);
+
+/* Drops cancelled timers once they are the majority, so they cannot pile up. */
+static void heap_compact(ca_loop *loop)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < loop->heap_len; i++) {
+        ca_handle *h = loop->heap[i].h;
+        if (h->cancelled) {
+            h->in_heap = false;
+            handle_release(loop, h);
+        } else {
+            loop->heap[k++] = loop->heap[i];
+        }
+    }
+    loop->heap_len = k;
+    loop->heap_cancelled = 0;
+    for (size_t i = k / 4 + 1; i-- > 0;)
+        if (i < k) heap_down(loop, i);
 }
 
 void ca_handle_cancel(ca_handle *h)
 {
     if (!h || h->cancelled) return;
     h->cancelled = true;
-    /* A timer leaves the heap at once, so cancelled timers never pile up; a handle in the
-     * ready queue is skipped when its turn comes. */
+    /* A cancelled timer stays in the heap until its turn or a compaction, as in asyncio;
+     * a handle in the ready queue is skipped when its turn comes. */
     ca_loop *loop = h->loop;
-    if (h->scheduled && loop && h->heap_idx != NOT_IN_HEAP) {
-        heap_remove(loop, h);
-        handle_release(loop, h);
+    if (h->in_heap && loop) {
+        loop->heap_cancelled++;
+        if (loop->heap_cancelled > 64 && loop->heap_cancelled * 2 > loop->heap_len)
+            heap_compact(loop);
     }
 }
 
@@ -476,7 +493,10 @@ static int run_once(ca_loop *loop)
     if (busy) {
         timeout = 0;
     } else if (loop->heap_len) {
-        double d = loop->heap[0]->when - ca__monotonic();
+        while (loop->heap_len && loop->heap[0].h->cancelled) handle_release(loop, heap_pop(loop));
+    }
+    if (!busy && loop->heap_len) {
+        double d = loop->heap[0].when - ca__monotonic();
         timeout = d <= 0 ? 0 : d > 9e9 ? INT64_C(9000000000000000000) : (int64_t)ceil(d * 1e9);
     }
     if (!busy || ++loop->iter_since_poll >= POLL_SKIP_MAX) {
@@ -495,10 +515,10 @@ static int run_once(ca_loop *loop)
     }
     if (loop->heap_len) {
         double end = ca__monotonic() + 1e-9;
-        while (loop->heap_len && loop->heap[0]->when <= end) {
-            ca_handle *h = loop->heap[0];
-            heap_remove(loop, h);
-            ready_push(loop, h);
+        while (loop->heap_len && loop->heap[0].when <= end) {
+            ca_handle *h = heap_pop(loop);
+            if (h->cancelled) handle_release(loop, h);
+            else ready_push(loop, h);
         }
     }
     /* Only what is ready now: a callback scheduled by a callback waits for the next
@@ -540,9 +560,11 @@ static void drop_handles(ca_loop *loop)
     }
     while (loop->ready_head) handle_release(loop, ready_pop(loop));
     while (loop->heap_len) {
-        ca_handle *h = loop->heap[--loop->heap_len];
+        ca_handle *h = loop->heap[--loop->heap_len].h;
+        h->in_heap = false;
         handle_release(loop, h);
     }
+    loop->heap_cancelled = 0;
     for (int sig = 1; sig <= 64; sig++) {
         ca_handle *h = loop->sig_handlers[sig];
         loop->sig_handlers[sig] = NULL;

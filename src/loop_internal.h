@@ -44,8 +44,14 @@ struct ca_handle {
     ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
     double when;             /* timers */
     uint64_t seq;            /* FIFO among equal times */
-    size_t heap_idx;
+    bool in_heap;            /* a timer still in the heap (cancelled ones leave lazily) */
     struct ca_handle *next;  /* ready queue, free list, thread-safe stack */
+};
+
+struct ca__timer {
+    double when;
+    uint64_t seq;
+    ca_handle *h;
 };
 
 struct ca__fdent {
@@ -80,9 +86,10 @@ struct ca_loop {
     /* ready queue (FIFO) */
     ca_handle *ready_head, *ready_tail;
     size_t ready_len;
-    /* timer heap ordered by (when, seq) */
-    ca_handle **heap;
-    size_t heap_len, heap_cap;
+    /* timer heap: a 4-ary min-heap on (when, seq) with the keys stored inline, so sifting
+     * never touches the handles; cancelled timers are dropped lazily (asyncio's scheme) */
+    struct ca__timer *heap;
+    size_t heap_len, heap_cap, heap_cancelled;
     uint64_t seq;
     /* free handles (loop thread only) */
     ca_handle *free_list;
