@@ -1,0 +1,1174 @@
+/*
+ * Subprocesses: asyncio's loop.subprocess_exec() with its SubprocessTransport and pipe
+ * transports, in one object (ca_process).
+ *
+ * The shape follows base_subprocess.py and unix_events.py: the exit is learned through the
+ * current policy's child watcher (enter, spawn, add_child_handler, exit), pipes are read and
+ * written with the loop's readers and writers (so every loop kind works, custom ones too), and
+ * the wait futures complete once the exit is known and every pipe is closed (_try_finish).
+ *
+ * Spawning. No fork() of a large parent: the child is made with clone(CLONE_VM | CLONE_VFORK)
+ * on a small stack of its own, like glibc's posix_spawn, plus CLONE_PIDFD so that signals go
+ * through a pidfd (a recycled PID is never hit) and the Pidfd watcher gets one for free. The
+ * child shares our memory until it calls execve, so it may only make raw system calls: no libc
+ * function that touches shared state, and nothing a sanitizer intercepts (an intercepted call in
+ * a CLONE_VM child corrupts the parent's sanitizer state; TSan even intercepts glibc's clone()
+ * itself, which is why x86-64 has its own few lines of assembly below). Everything the child
+ * needs (the candidate paths of the PATH search, the stdio plan) is prepared by the parent.
+ * An exec failure travels back through an O_CLOEXEC pipe rather than shared memory: valgrind
+ * turns CLONE_VM | CLONE_VFORK into a plain fork, and the pipe works either way.
+ *
+ * Threads. Everything here runs on the loop's thread, except the watcher's callback, which some
+ * watchers call from another thread: it only stores the exit in atomics and posts the rest to
+ * the loop. A small state machine (relay) decides who drops the loop's reference to the
+ * process when the loop closes while that callback is in flight.
+ */
+#include "internal.h"
+#include "loop_internal.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+extern char **environ;
+
+/* The biggest signal number the kernel knows (SIGRTMAX without glibc's reserved shift). */
+#define MAX_SIGNAL 64
+/* How much a reader callback reads per call, and per read(2). */
+#define READ_CHUNK 32768
+#define READS_PER_CALL 4
+/* At the exit, how many reads a pipe may take to deliver what the child left in it. */
+#define DRAIN_READS 64
+
+enum { RELAY_WAITING, RELAY_REPORTED, RELAY_ABANDONED };
+
+struct bytes {
+    char *data;
+    size_t off, len, cap; /* off: the stdin buffer's written part */
+};
+
+struct ca_process {
+    atomic_int refs;
+    unsigned fork_gen;
+    ca_loop *loop;                  /* a reference, for the process's whole life */
+    ca_child_watcher *watcher;      /* a reference until the exit is known or the loop closed */
+    ca_subprocess_protocol proto;   /* a copy */
+    void *arg;
+    pid_t pid;
+    int pidfd;                      /* ours, for signals and the final reap; -1 without */
+    char *name;                     /* argv[0], for log lines */
+
+    /* Written by the watcher's callback, possibly in another thread. */
+    atomic_int relay;
+    atomic_int exit_rc;
+    atomic_bool exit_seen;
+
+    /* The loop's thread only. */
+    int fd[3];                      /* our pipe ends; -1 when none or closed */
+    bool piped[3];                  /* the option was CA_PIPE */
+    bool lost[3];                   /* pipe_connection_lost delivered */
+    bool lost_posted;               /* stdin's pipe_connection_lost is scheduled */
+    int lost_err;                   /* ... with this error */
+    bool writer_on;
+    bool stdin_closing;             /* close_stdin(): close once the buffer is written */
+    struct bytes in;                /* stdin data not written yet */
+    bool collect;                   /* communicate() was called */
+    int collect_err;
+    ca_future *comm;                /* communicate's future (not a reference: it is a waiter) */
+    struct bytes out[3];            /* collected stdout (1) and stderr (2) */
+    bool have_rc;
+    int rc;
+    bool finished;                  /* waiters completed */
+    bool closed;                    /* the loop closed: no protocol callback any more */
+    void *hook;                     /* close hook token */
+    ca_future **waiters;
+    size_t nwaiters, capwaiters;
+};
+
+/* ----- small helpers -------------------------------------------------------------------------- */
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static int set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -errno;
+    return 0;
+}
+
+/* Makes room for n more bytes. */
+static int bytes_reserve(struct bytes *b, size_t n)
+{
+    if (b->cap - b->len >= n) return 0;
+    if (b->off > 0 && b->off >= b->len / 2) {
+        /* Most of it was written already: slide the rest down instead of growing. */
+        memmove(b->data, b->data + b->off, b->len - b->off);
+        b->len -= b->off;
+        b->off = 0;
+        if (b->cap - b->len >= n) return 0;
+    }
+    if (n > SIZE_MAX / 2 - b->len) return -ENOMEM;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap - b->len < n) cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (!d) return -ENOMEM;
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static void bytes_free(struct bytes *b)
+{
+    free(b->data);
+    *b = (struct bytes){0};
+}
+
+/* write(2) that never raises SIGPIPE in the process (we cannot ignore it process-wide as Python
+ * does): SIGPIPE is blocked in this thread around the call and the one the call raised, if any,
+ * is taken out of the pending set before it is unblocked. */
+static ssize_t write_nosigpipe(int fd, const void *buf, size_t n)
+{
+    sigset_t pipe_set, old, before;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    bool was_blocked = sigismember(&old, SIGPIPE);
+    bool was_pending = false;
+    if (was_blocked) {
+        sigemptyset(&before);
+        sigpending(&before);
+        was_pending = sigismember(&before, SIGPIPE);
+    }
+    ssize_t w;
+    do {
+        w = write(fd, buf, n);
+    } while (w < 0 && errno == EINTR);
+    int e = w < 0 ? errno : 0;
+    if (e == EPIPE && !was_pending) {
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
+        }
+    }
+    if (!was_blocked) pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return w < 0 ? -e : w;
+}
+
+/* The common checks of the process functions: -EINVAL, -ECHILD, -EPERM. */
+static int proc_check(const ca_process *p)
+{
+    if (!p) return -EINVAL;
+    if (p->fork_gen != ca__fork_gen()) return -ECHILD;
+    if (!ca__loop_in_own_thread(p->loop)) return -EPERM;
+    return 0;
+}
+
+/* ----- the child ------------------------------------------------------------------------------ */
+
+/* What the child does, all prepared by the parent. */
+struct spawn_plan {
+    char *const *paths;    /* execve candidates (PATH search), NULL-terminated */
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;       /* NULL: inherit */
+    int src[3];            /* per stdio fd: SRC_INHERIT, SRC_STDOUT, or an fd >= 3 to dup */
+    int errfd;             /* write end of the O_CLOEXEC error pipe */
+    bool setsid;
+};
+
+#define SRC_INHERIT (-1)
+#define SRC_STDOUT (-2)
+
+/* The child runs without instrumentation: it shares the parent's memory, including the
+ * sanitizers' shadow and thread state. */
+#if defined(__has_attribute)
+#if __has_attribute(disable_sanitizer_instrumentation)
+/* clang: no_sanitize("thread") still calls __tsan_func_entry/exit, which would push onto the
+ * parent's shadow stack. */
+#define CHILD_CODE                                                                            \
+    __attribute__((noinline, disable_sanitizer_instrumentation,                              \
+                   no_sanitize("address", "thread", "undefined")))
+#endif
+#endif
+#if defined(CHILD_CODE)
+#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 8)
+#define CHILD_CODE __attribute__((noinline, no_sanitize("address", "thread", "undefined")))
+#else
+#define CHILD_CODE __attribute__((noinline))
+#endif
+
+#if defined(__x86_64__)
+/* A raw system call that returns -errno, touching no libc state (not even errno). */
+#define RAW_SYSCALL(n, a, b, c, d)                                                            \
+    __extension__({                                                                           \
+        long ret_;                                                                            \
+        register long r10_ __asm__("r10") = (long)(d);                                        \
+        __asm__ volatile("syscall"                                                            \
+                         : "=a"(ret_)                                                         \
+                         : "a"((long)(n)), "D"((long)(a)), "S"((long)(b)), "d"((long)(c)),    \
+                           "r"(r10_)                                                          \
+                         : "rcx", "r11", "memory");                                           \
+        ret_;                                                                                 \
+    })
+
+/* long ca__process_clone(flags, stack_top, int *pidfd, int (*fn)(void *), void *arg):
+ * clone(2) with the child running fn(arg) on stack_top and then exit_group(fn's result).
+ * Returns the child's pid or -errno, in the parent. Not glibc's clone(): ThreadSanitizer
+ * intercepts that one and runs its fork bookkeeping in the child, which with CLONE_VM is the
+ * parent's own state. The child pops fn and arg from its new stack: the kernel gives it a copy
+ * of our registers and that stack, nothing else. */
+__asm__(".text\n"
+        ".globl ca__process_clone\n"
+        ".hidden ca__process_clone\n"
+        ".type ca__process_clone,@function\n"
+        ".p2align 4\n"
+        "ca__process_clone:\n"
+        "    andq $-16, %rsi\n"
+        "    subq $16, %rsi\n"
+        "    movq %rcx, 8(%rsi)\n"
+        "    movq %r8, (%rsi)\n"
+        "    xorl %r10d, %r10d\n"
+        "    xorl %r8d, %r8d\n"
+        "    movl $56, %eax\n" /* SYS_clone: flags, stack, parent_tid (the pidfd), 0, 0 */
+        "    syscall\n"
+        "    testq %rax, %rax\n"
+        "    jz 1f\n"
+        "    ret\n"
+        "1:  xorl %ebp, %ebp\n"
+        "    popq %rdi\n"
+        "    popq %rax\n"
+        "    callq *%rax\n"
+        "    movl %eax, %edi\n"
+        "    movl $231, %eax\n" /* SYS_exit_group */
+        "    syscall\n"
+        "    hlt\n"
+        ".size ca__process_clone, .-ca__process_clone\n");
+__attribute__((visibility("hidden"))) long ca__process_clone(unsigned long flags, void *stack,
+                                                             int *pidfd, int (*fn)(void *),
+                                                             void *arg);
+static long do_clone(unsigned long flags, void *stack, int *pidfd, int (*fn)(void *), void *arg)
+{
+    return ca__process_clone(flags, stack, pidfd, fn, arg);
+}
+#else
+/* Elsewhere glibc's clone() and syscall(): correct, but not under ThreadSanitizer (see above). */
+#define RAW_SYSCALL(n, a, b, c, d)                                                            \
+    __extension__({                                                                           \
+        long ret_ = syscall((n), (a), (b), (c), (d));                                         \
+        ret_ < 0 ? -(long)errno : ret_;                                                       \
+    })
+static long do_clone(unsigned long flags, void *stack, int *pidfd, int (*fn)(void *), void *arg)
+{
+    int pid = clone(fn, stack, (int)flags, arg, pidfd);
+    return pid < 0 ? -errno : pid;
+}
+#endif
+
+/* The kernel's struct sigaction is 4 words on every Linux ABI we build for (handler, flags,
+ * restorer, mask; the order differs but all-zero is SIG_DFL with no flags everywhere), and the
+ * handler is the first word. The words are set one by one: a loop could become a call to
+ * memset, which the sanitizers intercept. */
+struct ksigaction {
+    unsigned long w[4];
+};
+
+CHILD_CODE static int child_main(void *arg)
+{
+    const struct spawn_plan *pl = arg;
+    long r;
+
+    /* Signal handlers: ours or the application's must never run here (the child shares their
+     * memory until it execs), so every caught signal goes back to SIG_DFL; so do SIGPIPE and
+     * SIGXFSZ even when ignored, as Python's restore_signals does. Other ignored signals stay
+     * ignored across exec, as POSIX says. All signals are blocked (the parent blocked them
+     * before clone) until just before execve. */
+    for (int sig = 1; sig <= MAX_SIGNAL; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        struct ksigaction old;
+        old.w[0] = 0;
+        if (RAW_SYSCALL(SYS_rt_sigaction, sig, 0, &old, 8) < 0) continue;
+        unsigned long h = old.w[0];
+        if (h == (unsigned long)SIG_DFL) continue;
+        if (h == (unsigned long)SIG_IGN && sig != SIGPIPE && sig != SIGXFSZ) continue;
+        struct ksigaction dfl;
+        dfl.w[0] = dfl.w[1] = dfl.w[2] = dfl.w[3] = 0;
+        RAW_SYSCALL(SYS_rt_sigaction, sig, &dfl, 0, 8);
+    }
+    if (pl->setsid && (r = RAW_SYSCALL(SYS_setsid, 0, 0, 0, 0)) < 0) goto fail;
+    /* stdio: every source the parent prepared is >= 3, so the order cannot clobber one. */
+    for (int i = 0; i < 3; i++) {
+        int src = pl->src[i];
+        if (src == SRC_INHERIT) continue;
+        if (src == SRC_STDOUT) src = 1;
+        if ((r = RAW_SYSCALL(SYS_dup3, src, i, 0, 0)) < 0) goto fail;
+    }
+    if (pl->cwd && (r = RAW_SYSCALL(SYS_chdir, pl->cwd, 0, 0, 0)) < 0) goto fail;
+    /* Only 0, 1 and 2 reach the program, as Python's close_fds: everything above is marked
+     * close-on-exec (the error pipe already is, and must stay open until execve). Older
+     * kernels without close_range rely on our fds being O_CLOEXEC anyway. */
+    RAW_SYSCALL(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC, 0);
+    unsigned long empty = 0;
+    RAW_SYSCALL(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
+    /* The PATH search, as execvp: go on after ENOENT-like errors, remember EACCES. */
+    r = -ENOENT;
+    bool eacces = false;
+    for (char *const *p = pl->paths; *p; p++) {
+        r = RAW_SYSCALL(SYS_execve, *p, pl->argv, pl->envp, 0);
+        if (r == -EACCES) {
+            eacces = true;
+            continue;
+        }
+        if (r == -ENOENT || r == -ENOTDIR || r == -ENODEV || r == -ETIMEDOUT || r == -ESTALE)
+            continue;
+        break;
+    }
+    if (eacces && (r == -ENOENT || r == -ENOTDIR || r == -ENODEV || r == -ETIMEDOUT ||
+                   r == -ESTALE))
+        r = -EACCES;
+fail:;
+    int err = (int)-r;
+    RAW_SYSCALL(SYS_write, pl->errfd, &err, sizeof err, 0);
+    return 127;
+}
+
+/* ----- spawning (parent side) --------------------------------------------------------------------- */
+
+/* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash,
+ * else each PATH directory (envp's PATH when envp has one, else ours; glibc's default when
+ * there is none). One allocation; *out is NULL-terminated. */
+static int exec_candidates(const char *argv0, const char *const *envp, char ***out)
+{
+    if (strchr(argv0, '/')) {
+        char **v = malloc(2 * sizeof *v);
+        if (!v) return -ENOMEM;
+        v[0] = (char *)argv0;
+        v[1] = NULL;
+        *out = v;
+        return 0;
+    }
+    const char *path = NULL;
+    if (envp) {
+        for (const char *const *e = envp; *e; e++) {
+            if (strncmp(*e, "PATH=", 5) == 0) {
+                path = *e + 5;
+                break;
+            }
+        }
+    }
+    if (!path) path = getenv("PATH");
+    if (!path) path = "/bin:/usr/bin";
+    size_t ndirs = 1, flen = strlen(argv0), plen = strlen(path);
+    for (const char *c = path; *c; c++) ndirs += *c == ':';
+    size_t vec = (ndirs + 1) * sizeof(char *);
+    size_t total = vec + plen + ndirs * (flen + 2);
+    char **v = malloc(total);
+    if (!v) return -ENOMEM;
+    char *s = (char *)v + vec;
+    size_t k = 0;
+    for (const char *d = path;; d++) {
+        const char *end = strchr(d, ':');
+        size_t dl = end ? (size_t)(end - d) : strlen(d);
+        v[k++] = s;
+        if (dl > 0) {
+            /* An empty entry is the current directory: argv0 as it is. */
+            memcpy(s, d, dl);
+            s += dl;
+            *s++ = '/';
+        }
+        memcpy(s, argv0, flen + 1);
+        s += flen + 1;
+        if (!end) break;
+        d = end;
+    }
+    v[k] = NULL;
+    *out = v;
+    return 0;
+}
+
+static atomic_bool no_clone_pidfd; /* the kernel (or valgrind, or seccomp) refused CLONE_PIDFD */
+
+/* Reaps a child of ours that will not be watched (exec failed, or registration failed after a
+ * SIGKILL). Returns its returncode; 255 when somebody else reaped it. */
+static int reap_now(pid_t pid, int pidfd)
+{
+    if (pidfd >= 0) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        int r;
+        do {
+            r = waitid(P_PIDFD, (id_t)pidfd, &si, WEXITED);
+        } while (r < 0 && errno == EINTR);
+        if (r == 0) return si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+        if (errno != EINVAL) return 255;
+        /* A kernel without P_PIDFD: by pid. */
+    }
+    int st;
+    pid_t w;
+    do {
+        w = waitpid(pid, &st, 0);
+    } while (w < 0 && errno == EINTR);
+    return w == pid ? ca__returncode_from_status(st) : 255;
+}
+
+/* Spawns the plan; *pid and *pidfd (-1 when the kernel gives none) on success, or the exec
+ * error of the child (reaped) or of clone. */
+static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
+{
+    int ep[2];
+    if (pipe2(ep, O_CLOEXEC) < 0) return -errno;
+    pl->errfd = ep[1];
+
+    /* The child's stack: a part of ours that the parent does not use while the child runs
+     * (CLONE_VFORK suspends this thread until the child execs or exits). */
+    _Alignas(16) char stack[16384];
+    sigset_t all, old;
+    sigfillset(&all);
+    /* No signal handler may run in the child before it resets the dispositions. */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int pidfd = -1;
+    unsigned long flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
+    long pid = -EINVAL;
+    if (!atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) {
+        pid = do_clone(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, child_main, pl);
+        if (pid == -EINVAL || pid == -ENOSYS || pid == -EPERM) {
+            atomic_store_explicit(&no_clone_pidfd, true, memory_order_relaxed);
+            pidfd = -1;
+        }
+    }
+    if (atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed) && pid < 0)
+        pid = do_clone(flags, stack + sizeof stack, NULL, child_main, pl);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(ep[1]);
+    if (pid < 0) {
+        close(ep[0]);
+        return (int)pid;
+    }
+    int err = 0;
+    ssize_t n;
+    do {
+        n = read(ep[0], &err, sizeof err);
+    } while (n < 0 && errno == EINTR);
+    close(ep[0]);
+    if (n == (ssize_t)sizeof err) {
+        /* The exec failed: the child exits 127 at once; do not leave it as a zombie. */
+        reap_now((pid_t)pid, pidfd);
+        if (pidfd >= 0) close(pidfd);
+        return err > 0 ? -err : -ENOEXEC;
+    }
+    *pid_out = (pid_t)pid;
+    *pidfd_out = pidfd;
+    return 0;
+}
+
+/* ----- delivering to the protocol --------------------------------------------------------------- */
+
+static void try_finish(ca_process *p);
+
+static void unwatch_fd(ca_process *p, int i)
+{
+    if (p->fd[i] < 0) return;
+    ca_loop_remove_reader(p->loop, p->fd[i]);
+    if (i == 0 && p->writer_on) ca_loop_remove_writer(p->loop, p->fd[i]);
+    if (i == 0) p->writer_on = false;
+    close_fd(&p->fd[i]);
+}
+
+/* Pipe i is done: close it and tell the protocol (err 0 at EOF, or the error). */
+static void pipe_lost(ca_process *p, int i, int err)
+{
+    unwatch_fd(p, i);
+    if (i == 0) bytes_free(&p->in);
+    if (p->closed || p->lost[i]) return;
+    p->lost[i] = true;
+    if (p->proto.pipe_connection_lost) p->proto.pipe_connection_lost(p, i, err, p->arg);
+    try_finish(p);
+}
+
+static void deliver_data(ca_process *p, int i, const char *buf, size_t n)
+{
+    if (p->collect && p->collect_err == 0) {
+        struct bytes *b = &p->out[i];
+        if (bytes_reserve(b, n) == 0) {
+            memcpy(b->data + b->len, buf, n);
+            b->len += n;
+        } else {
+            p->collect_err = -ENOMEM;
+        }
+    }
+    if (p->proto.pipe_data_received) p->proto.pipe_data_received(p, i, buf, n, p->arg);
+}
+
+/* Reads what pipe i (1 or 2) has. drain: until it is empty or at EOF (at the exit, so that
+ * the data and the EOF the child left come before process_exited). */
+static void read_pipe(ca_process *p, int i, bool drain)
+{
+    char buf[READ_CHUNK];
+    int budget = drain ? DRAIN_READS : READS_PER_CALL;
+    while (budget-- > 0 && p->fd[i] >= 0 && !p->closed) {
+        ssize_t n = read(p->fd[i], buf, sizeof buf);
+        if (n > 0) {
+            deliver_data(p, i, buf, (size_t)n);
+            if (!drain && (size_t)n < sizeof buf) return;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            budget++;
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        pipe_lost(p, i, n == 0 ? 0 : -errno);
+        return;
+    }
+}
+
+/* Whether the child's side of our stdin pipe is closed (the child exited or closed fd 0). */
+static bool stdin_peer_gone(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLOUT};
+    return poll(&pf, 1, 0) > 0 && (pf.revents & (POLLERR | POLLHUP));
+}
+
+/* stdin is closed by the child: asyncio reports BrokenPipeError only when data was left. */
+static void stdin_gone(ca_process *p)
+{
+    pipe_lost(p, 0, p->in.len > p->in.off ? -EPIPE : 0);
+}
+
+static void on_stdout(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    read_pipe(p, 1, false);
+    ca_process_unref(p);
+}
+
+static void on_stderr(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    read_pipe(p, 2, false);
+    ca_process_unref(p);
+}
+
+/* The loop says stdin's write end has an error condition (its reader callback also runs for
+ * POLLERR/POLLHUP on every loop kind): the child closed its end. */
+static void on_stdin_event(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    if (p->fd[0] >= 0 && stdin_peer_gone(p->fd[0])) stdin_gone(p);
+    ca_process_unref(p);
+}
+
+/* Writes the stdin buffer as far as the pipe takes it. */
+static void flush_stdin(ca_process *p)
+{
+    while (p->fd[0] >= 0 && p->in.len > p->in.off) {
+        ssize_t n = write_nosigpipe(p->fd[0], p->in.data + p->in.off, p->in.len - p->in.off);
+        if (n > 0) {
+            p->in.off += (size_t)n;
+            continue;
+        }
+        if (n == -EAGAIN || n == -EWOULDBLOCK) return; /* the writer is on */
+        pipe_lost(p, 0, n == 0 ? -EPIPE : (int)n);
+        return;
+    }
+    if (p->fd[0] < 0) return;
+    p->in.off = p->in.len = 0;
+    if (p->writer_on) {
+        ca_loop_remove_writer(p->loop, p->fd[0]);
+        p->writer_on = false;
+    }
+    if (p->stdin_closing) pipe_lost(p, 0, 0);
+}
+
+static void on_stdin_writable(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    flush_stdin(p);
+    ca_process_unref(p);
+}
+
+/* A pipe_connection_lost for stdin that an API call (not a loop callback) caused: asyncio
+ * delivers those through call_soon too, so the caller is never re-entered. */
+static void stdin_lost_posted(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    p->lost_posted = false;
+    if (!p->closed && !p->lost[0]) {
+        p->lost[0] = true;
+        if (p->proto.pipe_connection_lost)
+            p->proto.pipe_connection_lost(p, 0, p->lost_err, p->arg);
+        try_finish(p);
+    }
+    ca_process_unref(p);
+}
+
+static void post_stdin_lost(ca_process *p, int err)
+{
+    unwatch_fd(p, 0);
+    bytes_free(&p->in);
+    if (p->lost[0] || p->lost_posted) return;
+    p->lost_err = err;
+    p->lost_posted = true;
+    if (ca_loop_call_soon(p->loop, stdin_lost_posted, p, NULL) < 0) {
+        /* Out of memory: deliver now rather than never. */
+        p->lost_posted = false;
+        p->lost[0] = true;
+        if (p->proto.pipe_connection_lost) p->proto.pipe_connection_lost(p, 0, err, p->arg);
+        try_finish(p);
+    }
+}
+
+/* ----- the exit ---------------------------------------------------------------------------------- */
+
+static void release_watcher(ca_process *p)
+{
+    p->watcher = ca_child_watcher_unref(p->watcher);
+}
+
+/* Completes the waiters once the exit is known and every pipe is closed (_try_finish and
+ * _call_connection_lost), then drops the loop's reference to the process. */
+static void try_finish(ca_process *p)
+{
+    if (p->finished || p->closed || !p->have_rc) return;
+    for (int i = 0; i < 3; i++)
+        if (p->piped[i] && !p->lost[i]) return;
+    p->finished = true;
+    if (p->hook) ca__loop_remove_close_hook(p->loop, p->hook);
+    p->hook = NULL;
+    for (size_t k = 0; k < p->nwaiters; k++) {
+        ca_future *f = p->waiters[k];
+        if (!ca_future_done(f)) {
+            if (f == p->comm && p->collect_err) ca_future_set_error(f, p->collect_err);
+            else ca_future_set_result(f, (void *)(intptr_t)p->rc);
+        }
+        ca_future_unref(f);
+    }
+    free(p->waiters);
+    p->waiters = NULL;
+    p->nwaiters = p->capwaiters = 0;
+    ca_process_unref(p); /* the loop's; the caller holds its own */
+}
+
+/* On the loop's thread: the watcher reported the exit. The pipes are read first so that what
+ * the child left (and the EOF that came with its exit) reaches the protocol before
+ * process_exited, as a reader would have delivered it a moment later anyway. */
+static void exit_on_loop(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    if (!p->closed && !p->have_rc) {
+        int rc = atomic_load(&p->exit_rc);
+        release_watcher(p);
+        for (int i = 1; i <= 2; i++)
+            if (p->fd[i] >= 0) read_pipe(p, i, true);
+        if (p->fd[0] >= 0 && stdin_peer_gone(p->fd[0])) stdin_gone(p);
+        p->rc = rc;
+        p->have_rc = true;
+        close_fd(&p->pidfd);
+        if (!p->closed && p->proto.process_exited) p->proto.process_exited(p, p->arg);
+        try_finish(p);
+    }
+    ca_process_unref(p);
+}
+
+/* The watcher's callback: any thread, possibly while the loop closes in its own thread. Until
+ * the relay leaves RELAY_WAITING the loop's reference keeps p alive; after our successful
+ * exchange the close hook may free p at any moment, so p is not touched after it. */
+static void child_exited(pid_t pid, int returncode, void *arg)
+{
+    (void)pid;
+    ca_process *p = arg;
+    atomic_store(&p->exit_rc, returncode);
+    atomic_store(&p->exit_seen, true); /* no more signals to this pid from now on */
+    ca_loop *loop = ca_loop_ref(p->loop);
+    int expected = RELAY_WAITING;
+    if (!atomic_compare_exchange_strong(&p->relay, &expected, RELAY_REPORTED)) {
+        /* The loop closed while this callback was on its way: the reference is ours. */
+        ca_loop_unref(loop);
+        ca_process_unref(p);
+        return;
+    }
+    /* Skip one iteration, as asyncio's _child_watcher_callback: never re-enter the watcher. If
+     * the loop is closing or closed, its close hook finishes the process instead. */
+    if (ca_get_running_loop() == loop) ca_loop_call_soon(loop, exit_on_loop, p, NULL);
+    else ca_loop_call_soon_threadsafe(loop, exit_on_loop, p);
+    ca_loop_unref(loop);
+}
+
+static int send_sig(ca_process *p, int sig)
+{
+    int r;
+    if (p->pidfd >= 0) r = (int)syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0);
+    else r = kill(p->pid, sig);
+    if (r == 0) return 0;
+    return errno == ESRCH ? 0 : -errno;
+}
+
+/* ----- closing the loop ------------------------------------------------------------------------ */
+
+/* The loop is closing (its thread, nothing runs on it any more): end the process as asyncio's
+ * transport close() does. Pipes are closed, a running child is killed and reaped; the waiters
+ * are cancelled and no protocol callback runs from now on. */
+static void on_loop_close(void *arg)
+{
+    ca_process *p = arg;
+    p->hook = NULL;
+    p->closed = true;
+    for (int i = 0; i < 3; i++) unwatch_fd(p, i);
+    bytes_free(&p->in);
+    bool drop = true;
+    if (!p->have_rc) {
+        int r = p->watcher ? ca_child_watcher_remove_child_handler(p->watcher, p->pid) : -EBADF;
+        int expected = RELAY_WAITING;
+        if (r == 1) {
+            /* The callback will never be called: the child is ours to end. */
+            atomic_store(&p->relay, RELAY_ABANDONED);
+        } else if (!atomic_compare_exchange_strong(&p->relay, &expected, RELAY_ABANDONED)) {
+            /* Reported, but the loop closed before it ran the rest: the exit is known. */
+            r = 0;
+        } else {
+            /* The callback was taken (it is running in another thread) or the watcher is
+             * closed (it may never come): it owns the loop's reference now. */
+            drop = false;
+        }
+        if (r != 0) {
+            int kr = send_sig(p, SIGKILL);
+            int rc = reap_now(p->pid, p->pidfd);
+            /* Somebody else (a Threaded watcher's thread) may reap it first. */
+            if (rc == 255 && kr == 0) rc = -SIGKILL;
+            atomic_store(&p->exit_rc, rc);
+            atomic_store(&p->exit_seen, true);
+            ca__log(CA_LOG_WARNING, "loop closed with child process %d (%s) still running: "
+                    "killed it (returncode %d)", (int)p->pid, p->name, rc);
+        }
+        if (atomic_load(&p->exit_seen)) {
+            p->rc = atomic_load(&p->exit_rc);
+            p->have_rc = true;
+        }
+    }
+    release_watcher(p);
+    close_fd(&p->pidfd);
+    for (size_t k = 0; k < p->nwaiters; k++) {
+        ca_future_cancel(p->waiters[k]);
+        ca_future_unref(p->waiters[k]);
+    }
+    free(p->waiters);
+    p->waiters = NULL;
+    p->nwaiters = p->capwaiters = 0;
+    if (drop) ca_process_unref(p);
+}
+
+/* ----- creating a process ------------------------------------------------------------------------ */
+
+static bool mode_ok(ca_stdio_mode m, int i, int fd)
+{
+    switch (m) {
+    case CA_INHERIT:
+    case CA_PIPE:
+    case CA_DEVNULL:
+        return true;
+    case CA_STDOUT:
+        return i == 2;
+    case CA_FD:
+        return fd >= 0;
+    }
+    return false;
+}
+
+/* The fds the parent opened for the child (closed after the spawn). */
+struct stdio_setup {
+    int tmp[6];
+    int ntmp;
+    int devnull;
+};
+
+/* Keeps a child-side fd above 2, so that dup3 onto 0..2 in the child never clobbers another
+ * source (fds 0..2 may be free in a daemon, and pipe2 would hand them out). */
+static int child_side(struct stdio_setup *s, int fd, bool owned, int *out)
+{
+    if (fd < 3) {
+        int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        int e = errno;
+        if (owned) close(fd);
+        if (nfd < 0) return -e;
+        fd = nfd;
+        owned = true;
+    }
+    if (owned) s->tmp[s->ntmp++] = fd;
+    *out = fd;
+    return 0;
+}
+
+static int setup_stdio(ca_process *p, const ca_subprocess_options *o, struct spawn_plan *pl,
+                       struct stdio_setup *s)
+{
+    const ca_stdio_mode modes[3] = {o->stdin_mode, o->stdout_mode, o->stderr_mode};
+    const int fds[3] = {o->stdin_fd, o->stdout_fd, o->stderr_fd};
+    for (int i = 0; i < 3; i++) {
+        pl->src[i] = SRC_INHERIT;
+        int r = 0;
+        switch (modes[i]) {
+        case CA_INHERIT:
+            break;
+        case CA_STDOUT:
+            pl->src[i] = SRC_STDOUT;
+            break;
+        case CA_PIPE: {
+            int pp[2];
+            if (pipe2(pp, O_CLOEXEC) < 0) return -errno;
+            int ours = i == 0 ? pp[1] : pp[0], theirs = i == 0 ? pp[0] : pp[1];
+            p->fd[i] = ours;
+            p->piped[i] = true;
+            if ((r = set_nonblock(ours)) < 0) {
+                close(theirs);
+                return r;
+            }
+            r = child_side(s, theirs, true, &pl->src[i]);
+            break;
+        }
+        case CA_DEVNULL:
+            if (s->devnull < 0) {
+                int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+                if (fd < 0) return -errno;
+                if ((r = child_side(s, fd, true, &s->devnull)) < 0) return r;
+            }
+            pl->src[i] = s->devnull;
+            break;
+        case CA_FD:
+            r = child_side(s, fds[i], false, &pl->src[i]);
+            break;
+        }
+        if (r < 0) return r;
+    }
+    return 0;
+}
+
+static int add_waiter(ca_process *p, ca_future *f)
+{
+    if (p->nwaiters == p->capwaiters) {
+        size_t cap = p->capwaiters ? p->capwaiters * 2 : 2;
+        ca_future **v = realloc(p->waiters, cap * sizeof *v);
+        if (!v) return -ENOMEM;
+        p->waiters = v;
+        p->capwaiters = cap;
+    }
+    p->waiters[p->nwaiters++] = ca_future_ref(f);
+    return 0;
+}
+
+static void proc_free(ca_process *p)
+{
+    if (p->fork_gen == ca__fork_gen()) {
+        for (int i = 0; i < 3; i++) close_fd(&p->fd[i]);
+        close_fd(&p->pidfd);
+    }
+    for (size_t k = 0; k < p->nwaiters; k++) ca_future_unref(p->waiters[k]);
+    free(p->waiters);
+    for (int i = 0; i < 3; i++) bytes_free(&p->out[i]);
+    bytes_free(&p->in);
+    ca_child_watcher_unref(p->watcher);
+    ca_loop_unref(p->loop);
+    free(p->name);
+    free(p);
+}
+
+/* Registers the exit callback with the watcher. The Threaded, MultiLoop and Pidfd watchers
+ * deliver to the loop running in the registering thread (else its current loop): when nothing
+ * runs here, our loop is marked running for the duration of the call so that the exit is
+ * delivered on it, whether or not the caller runs it yet. */
+static int watch_child(ca_process *p, ca_child_watcher *w)
+{
+    bool entered = !ca_get_running_loop() && ca_loop_enter_running(p->loop) == 0;
+    int r = -ENOTSUP;
+    if (p->pidfd >= 0 && strcmp(ca__child_watcher_kind(w), "pidfd") == 0) {
+        /* The watcher takes over a copy; ours stays for signals. */
+        int dup = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+        if (dup >= 0) {
+            r = ca__pidfd_watcher_add_with_pidfd(w, p->pid, dup, child_exited, p);
+            if (r == -ENOTSUP) close(dup);
+        }
+    }
+    if (r == -ENOTSUP) r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);
+    if (entered) ca_loop_exit_running(p->loop);
+    return r;
+}
+
+static int check_options(const ca_subprocess_options *o)
+{
+    if (!o->argv || !o->argv[0]) return -EINVAL;
+    if (o->stdin_mode == CA_STDOUT || o->stdout_mode == CA_STDOUT) return -EINVAL;
+    if (!mode_ok(o->stdin_mode, 0, o->stdin_fd) || !mode_ok(o->stdout_mode, 1, o->stdout_fd) ||
+        !mode_ok(o->stderr_mode, 2, o->stderr_fd))
+        return -EINVAL;
+    return 0;
+}
+
+static int check_fds_open(const ca_subprocess_options *o)
+{
+    const ca_stdio_mode modes[3] = {o->stdin_mode, o->stdout_mode, o->stderr_mode};
+    const int fds[3] = {o->stdin_fd, o->stdout_fd, o->stderr_fd};
+    for (int i = 0; i < 3; i++)
+        if (modes[i] == CA_FD && fcntl(fds[i], F_GETFD) < 0) return -EBADF;
+    return 0;
+}
+
+static void undo_setup(ca_process *p)
+{
+    for (int i = 0; i < 3; i++) unwatch_fd(p, i);
+    p->writer_on = false;
+}
+
+int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
+                            const ca_subprocess_protocol *proto, void *arg, ca_process **out)
+{
+    if (!loop || !o || !out) return -EINVAL;
+    int r = check_options(o);
+    if (r) return r;
+    if ((r = ca__loop_check(loop)) != 0) return r;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    if ((r = check_fds_open(o)) != 0) return r;
+
+    ca_child_watcher *w = NULL;
+    if ((r = ca_get_child_watcher(&w)) < 0) return r;
+    ca_child_watcher_ref(w);
+    if ((r = ca_child_watcher_enter(w)) < 0) {
+        ca_child_watcher_unref(w);
+        return r;
+    }
+    ca_process *p = NULL;
+    char **paths = NULL;
+    struct stdio_setup s = {.ntmp = 0, .devnull = -1};
+    if (!ca_child_watcher_is_active(w)) {
+        /* Checked before anything is spawned, as asyncio does. */
+        r = -ENOTCONN;
+        goto out;
+    }
+    p = calloc(1, sizeof *p);
+    if (!p || !(p->name = strdup(o->argv[0]))) {
+        r = -ENOMEM;
+        goto out;
+    }
+    atomic_init(&p->refs, 2); /* the caller's and the loop's (until finished) */
+    p->fork_gen = ca__fork_gen();
+    p->loop = ca_loop_ref(loop);
+    p->watcher = ca_child_watcher_ref(w);
+    if (proto) p->proto = *proto;
+    p->arg = arg;
+    p->pidfd = -1;
+    for (int i = 0; i < 3; i++) p->fd[i] = -1;
+    atomic_init(&p->relay, RELAY_WAITING);
+
+    struct spawn_plan pl = {
+        .argv = (char *const *)o->argv,
+        .envp = (char *const *)(o->envp ? o->envp : (const char *const *)environ),
+        .cwd = o->cwd,
+        .setsid = o->start_new_session,
+    };
+    if ((r = setup_stdio(p, o, &pl, &s)) < 0) goto out;
+    if ((r = exec_candidates(o->argv[0], o->envp, &paths)) < 0) goto out;
+    pl.paths = paths;
+    /* Readers first: after the spawn, only the watcher's registration may still fail. */
+    static const ca_callback_fn readers[3] = {on_stdin_event, on_stdout, on_stderr};
+    for (int i = 0; i < 3; i++)
+        if (p->fd[i] >= 0 && (r = ca_loop_add_reader(loop, p->fd[i], readers[i], p)) < 0)
+            goto out;
+    if ((r = spawn(&pl, &p->pid, &p->pidfd)) < 0) goto out;
+    /* asyncio's order: the handler right after the spawn, inside enter/exit; then our close
+     * hook, which thus runs before the watcher's own hook on this loop (hooks run newest
+     * first) and can still take the registration back. */
+    r = watch_child(p, w);
+    if (r == 0 && !(p->hook = ca__loop_add_close_hook(loop, on_loop_close, p))) {
+        /* Out of memory. If the registration cannot be taken back (the exit is already on its
+         * way), keep the process, without the loop-close cleanup, rather than free it under
+         * the callback. */
+        if (ca_child_watcher_remove_child_handler(w, p->pid) == 1) r = -ENOMEM;
+        else ca__log(CA_LOG_ERROR, "child process %d: out of memory for the loop's close hook",
+                     (int)p->pid);
+    }
+    if (r < 0) {
+        /* Nobody would learn this child's exit: end it now, leave no zombie. */
+        send_sig(p, SIGKILL);
+        reap_now(p->pid, p->pidfd);
+        goto out;
+    }
+out:
+    for (int i = 0; i < s.ntmp; i++) close(s.tmp[i]);
+    free(paths);
+    ca_child_watcher_exit(w);
+    ca_child_watcher_unref(w);
+    if (r < 0) {
+        if (p) {
+            undo_setup(p);
+            atomic_store(&p->refs, 1);
+            proc_free(p);
+        }
+        return r;
+    }
+    *out = p;
+    return 0;
+}
+
+/* ----- the public process functions -------------------------------------------------------------- */
+
+ca_process *ca_process_ref(ca_process *p)
+{
+    if (p) atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
+    return p;
+}
+
+ca_process *ca_process_unref(ca_process *p)
+{
+    if (p && atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1) proc_free(p);
+    return NULL;
+}
+
+pid_t ca_process_pid(const ca_process *p) { return p ? p->pid : -EINVAL; }
+
+int ca_process_returncode(const ca_process *p, int *rc)
+{
+    if (!p || !rc) return -EINVAL;
+    if (p->fork_gen != ca__fork_gen()) return -ECHILD;
+    if (p->have_rc) {
+        *rc = p->rc;
+        return 0;
+    }
+    if (p->closed && atomic_load(&p->exit_seen)) {
+        *rc = atomic_load(&p->exit_rc);
+        return 0;
+    }
+    return -EAGAIN;
+}
+
+int ca_process_wait(ca_process *p, ca_future **out)
+{
+    if (!out) return -EINVAL;
+    int r = proc_check(p);
+    if (r) return r;
+    if (p->closed && !p->finished) return -EBADF;
+    ca_future *f;
+    if ((r = ca_future_new(p->loop, &f)) < 0) return r;
+    if (p->finished) {
+        ca_future_set_result(f, (void *)(intptr_t)p->rc);
+    } else if ((r = add_waiter(p, f)) < 0) {
+        ca_future_unref(f);
+        return r;
+    }
+    *out = f;
+    return 0;
+}
+
+int ca_process_write(ca_process *p, const void *buf, size_t n)
+{
+    if (!buf && n) return -EINVAL;
+    int r = proc_check(p);
+    if (r) return r;
+    if (!p->piped[0]) return -EINVAL;
+    if (p->fd[0] < 0 || p->stdin_closing) return -EPIPE;
+    if (n == 0) return 0;
+    if ((r = bytes_reserve(&p->in, n)) < 0) return r;
+    size_t done = 0;
+    if (p->in.len == p->in.off) {
+        /* Nothing queued: try the pipe directly, most writes end here. */
+        ssize_t w = write_nosigpipe(p->fd[0], buf, n);
+        if (w > 0) {
+            done = (size_t)w;
+        } else if (w != -EAGAIN && w != -EWOULDBLOCK) {
+            /* Reported through the protocol, as asyncio's write() does. */
+            post_stdin_lost(p, w == 0 ? -EPIPE : (int)w);
+            return 0;
+        }
+    }
+    if (done == n) return 0;
+    memcpy(p->in.data + p->in.len, (const char *)buf + done, n - done);
+    p->in.len += n - done;
+    if (!p->writer_on) {
+        if ((r = ca_loop_add_writer(p->loop, p->fd[0], on_stdin_writable, p)) < 0) {
+            p->in.len -= n - done;
+            return r;
+        }
+        p->writer_on = true;
+    }
+    return 0;
+}
+
+int ca_process_close_stdin(ca_process *p)
+{
+    int r = proc_check(p);
+    if (r) return r;
+    if (!p->piped[0]) return -EINVAL;
+    if (p->fd[0] < 0 || p->stdin_closing) return 0;
+    if (p->in.len > p->in.off) {
+        p->stdin_closing = true; /* the writer closes it once the buffer is written */
+        return 0;
+    }
+    post_stdin_lost(p, 0);
+    return 0;
+}
+
+int ca_process_send_signal(ca_process *p, int sig)
+{
+    if (sig < 1 || sig > MAX_SIGNAL) return -EINVAL;
+    int r = proc_check(p);
+    if (r) return r;
+    /* Once the exit is known the pid may belong to somebody else: do nothing, as
+     * subprocess.Popen.send_signal does. */
+    if (p->have_rc || p->closed || atomic_load(&p->exit_seen)) return 0;
+    return send_sig(p, sig);
+}
+
+int ca_process_terminate(ca_process *p) { return ca_process_send_signal(p, SIGTERM); }
+
+int ca_process_kill(ca_process *p) { return ca_process_send_signal(p, SIGKILL); }
+
+int ca_process_communicate(ca_process *p, const void *input, size_t len, ca_future **out)
+{
+    if (!out || (!input && len)) return -EINVAL;
+    int r = proc_check(p);
+    if (r) return r;
+    if (p->collect) return -EBUSY;
+    ca_future *f;
+    if ((r = ca_process_wait(p, &f)) < 0) return r;
+    if (p->piped[0] && p->fd[0] >= 0 && !p->stdin_closing) {
+        /* The child may have closed its stdin without reading: asyncio's communicate ignores
+         * that (BrokenPipeError), and so do we; the protocol still hears of it. */
+        if (len && (r = ca_process_write(p, input, len)) < 0 && r != -EPIPE) {
+            ca_future_unref(f);
+            return r;
+        }
+        ca_process_close_stdin(p);
+    }
+    p->collect = true;
+    p->comm = f;
+    *out = f;
+    return 0;
+}
+
+int ca_process_output(const ca_process *p, int fd, const void **buf, size_t *len)
+{
+    if (!p || (fd != 1 && fd != 2) || !buf || !len) return -EINVAL;
+    if (p->fork_gen != ca__fork_gen()) return -ECHILD;
+    const struct bytes *b = &p->out[fd];
+    *buf = b->data ? b->data : "";
+    *len = b->len;
+    return 0;
+}
