@@ -281,8 +281,31 @@ int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *),
 
 /* ---------------------------------------------------------------------------------------------
  * Policy (asyncio's AbstractEventLoopPolicy)
+ *
+ * A policy decides which loop is current in a "context", makes new loops and owns the child
+ * watcher. One policy is the process's (ca_get_event_loop_policy); the module-level functions
+ * (ca_get_event_loop, ...) call its ops. The built-in policies' context is the thread; a
+ * custom policy may define it otherwise (one loop for the process, a loop per task...).
+ *
+ * Everything in this section is safe from any thread, also while another thread replaces the
+ * process policy: a policy stays alive while a call on it is in progress.
  * ------------------------------------------------------------------------------------------- */
 
+/* A policy's operations. An op stores its result in *out and returns 0, or returns a negative
+ * errno and leaves *out alone. A NULL member is taken from the base policy (see ca_policy_new)
+ * and called on the base, so the state it keeps lives in the base; with no base to fall to,
+ * the call gives -ENOTSUP. When a built-in op reached that way needs another op (the default
+ * policy's main-thread get_event_loop calls new_event_loop and set_event_loop), it calls it
+ * on the derived policy, as Python's self.new_event_loop() would. Ops may be called from any
+ * thread at once: a custom policy protects its own state.
+ *   get_event_loop     the context's loop, borrowed. -ENOENT for none (returning 0 with a
+ *                      NULL loop counts as -ENOENT).
+ *   set_event_loop     makes loop (NULL: none) the context's loop; keeps its own reference.
+ *   new_event_loop     a new loop (a new reference); returning 0 with NULL gives -EINVAL.
+ *   get_child_watcher  the policy's child watcher, borrowed (0 with NULL gives -ENOENT).
+ *   set_child_watcher  replaces it (NULL: none); keeps its own reference.
+ *   destroy            called once, when the last reference goes, to free data. Never taken
+ *                      from the base: the base's own destroy runs when the base goes. */
 typedef struct ca_policy_ops {
     int (*get_event_loop)(ca_policy *self, ca_loop **out); /* borrowed loop */
     int (*set_event_loop)(ca_policy *self, ca_loop *loop); /* loop may be NULL */
@@ -292,30 +315,106 @@ typedef struct ca_policy_ops {
     void (*destroy)(ca_policy *self); /* may be NULL */
 } ca_policy_ops;
 
-int ca_default_policy_new(ca_policy **out);   /* DefaultEventLoopPolicy: selector loops */
-int ca_selector_policy_new(ca_policy **out);  /* explicit selector (epoll) */
-int ca_poll_policy_new(ca_policy **out);      /* poll(2) loops */
-int ca_proactor_policy_new(ca_policy **out);  /* io_uring loops; -ENOSYS if unusable */
+/* The built-in policies; *out receives one reference. They differ only in the loops that
+ * new_event_loop makes:
+ *   ca_default_policy_new   DefaultEventLoopPolicy: selector loops (ca_selector_loop_new).
+ *   ca_selector_policy_new  the same, named explicitly (WindowsSelectorEventLoopPolicy's role).
+ *   ca_poll_policy_new      poll(2) loops (ca_poll_loop_new).
+ *   ca_proactor_policy_new  io_uring loops (WindowsProactorEventLoopPolicy's role). It makes
+ *                           and closes one loop to find out whether io_uring is usable, and
+ *                           returns that error if not (-ENOSYS, -EPERM, -ENOMEM...).
+ * -EINVAL NULL out; -ENOMEM.
+ *
+ * Their semantics are CPython 3.11's BaseDefaultEventLoopPolicy + _UnixDefaultEventLoopPolicy:
+ * - The context is the thread. get_event_loop gives the thread's loop. In the main thread (the
+ *   process's first thread; in a child made by fork(), the thread that forked), when no loop
+ *   is set and set_event_loop was never called there, it makes one with new_event_loop, sets
+ *   it with set_event_loop and returns it: once. In every other case no loop gives -ENOENT.
+ *   Closing a loop does not unset it (as in asyncio).
+ * - set_event_loop(loop) sets the thread's loop (taking a reference, dropping the previous
+ *   one); set_event_loop(NULL) clears it, and the main thread then gets -ENOENT too. In the
+ *   main thread it also attaches the policy's child watcher, if one exists, to loop
+ *   (ca_child_watcher_attach_loop; NULL detaches) and returns that call's error, the loop being
+ *   set all the same.
+ * - A loop set before fork() is never returned in the child: there the thread's context is
+ *   as if nothing was ever set (Python 3.12's at-fork reset). The child only drops its
+ *   reference, which frees memory without touching the parent's loop.
+ * - A thread's reference to its loop is dropped when the thread exits and when the policy is
+ *   destroyed. (The last reference to a loop closes it.)
+ * - get_child_watcher makes a ThreadedChildWatcher on first use (one per policy, shared by
+ *   all threads) and, called in the main thread, attaches it to the main thread's loop if one
+ *   is set. The watcher is borrowed: valid until set_child_watcher replaces it or the policy
+ *   is destroyed. Errors of ca_threaded_child_watcher_new.
+ * - set_child_watcher(w) takes a reference to w, closes the previous watcher (as 3.11 does;
+ *   not when it is w itself) and drops it. It does not attach w to any loop: the next
+ *   set_event_loop in the main thread does. A destroyed policy drops its watcher unclosed. */
+int ca_default_policy_new(ca_policy **out);
+int ca_selector_policy_new(ca_policy **out);
+int ca_poll_policy_new(ca_policy **out);
+int ca_proactor_policy_new(ca_policy **out);
+
+/* Makes a custom policy ("subclassing"): ops as above, data for the ops (ca_policy_data), and
+ * base, the policy whose ops fill the NULL members (NULL for none). The new policy holds a
+ * reference to base; an override calls "super" with ca_policy_x(ca_policy_base(self), ...).
+ * ops must outlive the policy. -EINVAL NULL ops or out; -ENOMEM. */
 int ca_policy_new(const ca_policy_ops *ops, void *data, ca_policy *base, ca_policy **out);
+/* The custom policy's data (NULL for built-in policies and for NULL). */
 void *ca_policy_data(ca_policy *policy);
+/* The base given to ca_policy_new, borrowed (NULL for none, for built-in policies and NULL). */
 ca_policy *ca_policy_base(ca_policy *policy);
 ca_policy *ca_policy_ref(ca_policy *policy);
 ca_policy *ca_policy_unref(ca_policy *policy);
+
+/* Call policy's op (or the nearest base's, see ca_policy_ops) and return its result. -EINVAL
+ * NULL policy or out; -ENOTSUP no policy in the chain has the op; otherwise what the op
+ * returns (the built-in ones: above). *out is never written on failure. */
 int ca_policy_get_event_loop(ca_policy *policy, ca_loop **out);
 int ca_policy_set_event_loop(ca_policy *policy, ca_loop *loop);
 int ca_policy_new_event_loop(ca_policy *policy, ca_loop **out);
 int ca_policy_get_child_watcher(ca_policy *policy, ca_child_watcher **out);
 int ca_policy_set_child_watcher(ca_policy *policy, ca_child_watcher *watcher);
 
+/* The process policy, borrowed: valid until the process policy is replaced. Never NULL: the
+ * first call installs a default policy (made once, race-free, without allocating). */
 ca_policy *ca_get_event_loop_policy(void);
+/* Makes policy the process policy, taking a reference; NULL installs a new default policy
+ * (with nothing set in any thread), as asyncio.set_event_loop_policy(None). The previous
+ * policy's reference is dropped once no call that started on it is still in progress.
+ * 0, or -ENOMEM (NULL only; the policy is then unchanged). */
 int ca_set_event_loop_policy(ca_policy *policy);
+
+/* asyncio.get_event_loop(): the loop running in this thread if there is one (the policy is not
+ * asked then), otherwise the process policy's get_event_loop. Borrowed. -EINVAL NULL out;
+ * otherwise the op's errors (the default policy: -ENOENT, or new_event_loop's errors when the
+ * main thread makes its loop). When the policy's get_event_loop is a built-in one, a thread
+ * whose loop is set gets it from a thread-local cache: no lock, a few nanoseconds. */
 int ca_get_event_loop(ca_loop **out);
+/* The process policy's set_event_loop, new_event_loop, get_child_watcher and
+ * set_child_watcher. ca_new_event_loop and ca_get_child_watcher give -EINVAL for NULL out. */
 int ca_set_event_loop(ca_loop *loop);
 int ca_new_event_loop(ca_loop **out);
 int ca_get_child_watcher(ca_child_watcher **out);
 int ca_set_child_watcher(ca_child_watcher *watcher);
 
-/* The runner (asyncio.run with a loop factory). */
+/* The runner: asyncio.run(main(), loop_factory=factory), the entry point asyncio recommends
+ * over touching policies. ca_run:
+ *   1. refuses with -EBUSY if a loop runs in this thread (without calling the factory);
+ *   2. makes a loop with factory (NULL: the process policy's new_event_loop);
+ *   3. makes it this thread's current loop through the process policy's set_event_loop (in the
+ *      main thread that attaches the child watcher to it, as asyncio.run does);
+ *   4. calls main(loop, arg) as the loop's first callback (so ca_get_running_loop() and
+ *      ca_get_event_loop() give that loop inside), takes over the future main returns (a new
+ *      reference) and runs the loop until that future is done;
+ *   5. sets the previous current loop again (the one the policy had for this thread before,
+ *      read without making one; NULL if there was none: then, as after asyncio.run(), the
+ *      main thread gets -ENOENT rather than a new automatic loop), closes the loop (which ends
+ *      its subprocesses, see Subprocesses) and drops it.
+ * Returns the future's outcome: 0 if it has a result, its error if it failed, -ECANCELED if it
+ * was cancelled. Other errors: -EINVAL NULL main, main returned NULL or a future of another
+ * loop, or the factory returned 0 without a loop; the factory's (or new_event_loop's) error,
+ * and then main is not called; set_event_loop's error; -EAGAIN if the loop was stopped (by
+ * ca_loop_stop) before the future was done: the future is left pending and the loop closed.
+ * Any thread; main and the loop run in the calling thread. */
 typedef int (*ca_loop_factory_fn)(ca_loop **out);
 typedef ca_future *(*ca_main_fn)(ca_loop *loop, void *arg);
 int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
