@@ -890,6 +890,25 @@ TEST(watcher_attached_on_main_thread_set)
     ca_loop_unref(loop);
 }
 
+TEST(safe_watcher_active_after_set_event_loop)
+{
+    ca_child_watcher *w = NULL;
+    int r = ca_safe_child_watcher_new(&w);
+    CHECK_OK(r);
+    CHECK_OK(ca_set_child_watcher(w));
+    CHECK(!ca_child_watcher_is_active(w));
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    CHECK_OK(ca_set_event_loop(loop));
+    CHECK(ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_event_loop(NULL));
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}
+
 static void ignore_exit(pid_t pid, int returncode, void *arg) {}
 
 static void *get_watcher_thread(void *arg)
@@ -1138,6 +1157,39 @@ TEST(run_uses_policy_new_event_loop)
     CHECK_EQ(atomic_load(&made), 1);
     run_state_done(&s);
     CHECK_OK(ca_set_event_loop_policy(NULL));
+}
+
+/* ca_run makes its loop current through the policy, so in the main thread a Safe watcher
+ * follows it there and subprocesses work inside main, as with asyncio.run. */
+struct spawn_state {
+    ca_process *proc;
+};
+
+static ca_future *spawn_main(ca_loop *loop, void *arg)
+{
+    struct spawn_state *s = arg;
+    static const char *const argv[] = {"/bin/sh", "-c", "exit 7", NULL};
+    ca_subprocess_options opts = {.argv = argv};
+    ca_future *wait = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &opts, NULL, NULL, &s->proc));
+    CHECK_OK(ca_process_wait(s->proc, &wait));
+    return wait;
+}
+
+TEST(run_attaches_safe_watcher)
+{
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_safe_child_watcher_new(&w));
+    CHECK_OK(ca_set_child_watcher(w));
+    struct spawn_state s = {0};
+    CHECK_OK(ca_run(spawn_main, &s, NULL));
+    int rc = -1;
+    CHECK_OK(ca_process_returncode(s.proc, &rc));
+    CHECK_EQ(rc, 7);
+    CHECK(!ca_child_watcher_is_active(w)); /* detached again: no loop was current before */
+    ca_process_unref(s.proc);
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
 }
 
 static void *run_thread(void *arg)
