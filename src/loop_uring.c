@@ -79,6 +79,7 @@ struct uop {
     bool want_cancel;          /* the backlogged work is an ASYNC_CANCEL */
     bool cancel_sent;
     bool cb_ran;               /* our done callback ran: the future was completed by others */
+    bool in_rq;                /* in its fd's queue of receives/accepts */
     int fd;
     ca_loop *loop;
     ca_future *fut;            /* our reference */
@@ -86,6 +87,7 @@ struct uop {
     size_t n, off;             /* send: bytes of ubuf already sent */
     struct uop *prev, *next;   /* every live operation of the loop */
     struct uop *bl_next;       /* backlog */
+    struct uop *rq_next;       /* the fd's queue of receives/accepts */
     socklen_t alen;
     struct sockaddr_storage addr;
     size_t cap;
@@ -100,6 +102,7 @@ struct ufd {
     bool dead;                 /* polling failed (fd closed behind our back): stop */
     int next_arm;
     struct uop *wop;           /* the sendall or connect in flight on this socket */
+    struct uop *rhead, *rtail; /* receives/accepts: only the head is in the kernel */
 };
 
 struct ur {
@@ -286,9 +289,32 @@ static void backlog_remove(struct ur *u, struct uop *op)
     op->backlogged = false;
 }
 
+static void op_submit(struct ur *u, struct uop *op);
+
+/* Takes op out of its fd's receive queue; the next one in line goes to the kernel. */
+static void rq_unlink(struct ur *u, struct uop *op)
+{
+    if (!op->in_rq) return;
+    op->in_rq = false;
+    struct ufd *f = &u->fds[op->fd];
+    struct uop **pp = &f->rhead, *prev = NULL;
+    while (*pp != op) {
+        prev = *pp;
+        pp = &(*pp)->rq_next;
+    }
+    bool was_head = (f->rhead == op);
+    *pp = op->rq_next;
+    if (f->rtail == op) f->rtail = prev;
+    op->rq_next = NULL;
+    /* A next one whose future is already cancelled waits for its done callback instead. */
+    struct uop *next = f->rhead;
+    if (was_head && next && !u->closing && !ca_future_done(next->fut)) op_submit(u, next);
+}
+
 static void op_free(struct ur *u, struct uop *op)
 {
     backlog_remove(u, op);
+    rq_unlink(u, op);
     if (op->prev) op->prev->next = op->next;
     else u->ops = op->next;
     if (op->next) op->next->prev = op->prev;
@@ -713,9 +739,22 @@ static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t
     op->next = u->ops;
     if (u->ops) u->ops->prev = op;
     u->ops = op;
-    if (writes) u->fds[fd].wop = op;
-    op_submit(u, op);
     *out = fut;
+    struct ufd *f = &u->fds[fd];
+    if (writes) {
+        f->wop = op;
+    } else {
+        /* Several receives (or accepts) on one socket: the kernel would wake them all and
+         * let any one of them take the data, so they go to the kernel one at a time, in the
+         * order they were asked for, as on the selector loops. */
+        op->in_rq = true;
+        bool first = (f->rhead == NULL);
+        if (first) f->rhead = op;
+        else f->rtail->rq_next = op;
+        f->rtail = op;
+        if (!first) return 0;
+    }
+    op_submit(u, op);
     return 0;
 }
 

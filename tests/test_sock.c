@@ -1,0 +1,816 @@
+/*
+ * Socket operations (ca_loop_sock_*) on every loop kind, and what is particular to the
+ * io_uring proactor: level-triggered readers, CQ overflow with a tiny ring, the forced
+ * unavailable path.
+ */
+#include "harness.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+/* ----- helpers ------------------------------------------------------------------------- */
+
+static void pair(int sv[2])
+{
+    CHECK_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv));
+}
+
+static int tcp_socket(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    return fd;
+}
+
+/* A socket bound to 127.0.0.1 on a free port; listening if backlog > 0. */
+static int tcp_bound(struct sockaddr_in *addr, int backlog)
+{
+    int fd = tcp_socket();
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK_OK(bind(fd, (struct sockaddr *)&a, sizeof a));
+    if (backlog > 0) CHECK_OK(listen(fd, backlog));
+    socklen_t len = sizeof *addr;
+    CHECK_OK(getsockname(fd, (struct sockaddr *)addr, &len));
+    return fd;
+}
+
+static bool fut_done(void *arg) { return ca_future_done(arg); }
+
+/* Runs until fut is done and returns its outcome (result in *res). */
+static int await(ca_loop *loop, ca_future *fut, intptr_t *res)
+{
+    if (!t_run_until(loop, fut_done, fut, 20)) t_fail(__FILE__, __LINE__, "future never done");
+    void *v = NULL;
+    int r = ca_future_result(fut, &v);
+    if (res) *res = (intptr_t)v;
+    return r;
+}
+
+static bool is_proactor(ca_loop *loop) { return strcmp(ca_loop_kind(loop), "io_uring") == 0; }
+
+static size_t scaled(size_t n, size_t div)
+{
+    return t_slow() > 1.0 ? (n / div ? n / div : 1) : n;
+}
+
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    CHECK_OK(getrlimit(RLIMIT_NOFILE, &rl));
+    rl.rlim_cur = rl.rlim_max < 4096 ? rl.rlim_max : 4096;
+    CHECK_OK(setrlimit(RLIMIT_NOFILE, &rl));
+}
+
+/* ----- echo ----------------------------------------------------------------------------- */
+
+/* An echo server on one connected socket, written as done-callback continuations. */
+struct echo_srv {
+    ca_loop *loop;
+    int fd;
+    bool eof;
+    size_t echoed;
+    char buf[65536];
+};
+
+static void srv_recv(struct echo_srv *s);
+
+static void srv_sent(ca_future *f, void *arg)
+{
+    struct echo_srv *s = arg;
+    CHECK_OK(ca_future_result(f, NULL));
+    ca_future_unref(f);
+    srv_recv(s);
+}
+
+static void srv_got(ca_future *f, void *arg)
+{
+    struct echo_srv *s = arg;
+    void *v;
+    CHECK_OK(ca_future_result(f, &v));
+    ca_future_unref(f);
+    intptr_t n = (intptr_t)v;
+    if (n == 0) {
+        s->eof = true;
+        return;
+    }
+    CHECK(n > 0 && (size_t)n <= sizeof s->buf);
+    s->echoed += (size_t)n;
+    ca_future *g = NULL;
+    CHECK_OK(ca_loop_sock_sendall(s->loop, s->fd, s->buf, (size_t)n, &g));
+    CHECK_OK(ca_future_add_done_callback(g, srv_sent, s));
+}
+
+static void srv_recv(struct echo_srv *s)
+{
+    ca_future *g = NULL;
+    CHECK_OK(ca_loop_sock_recv(s->loop, s->fd, s->buf, sizeof s->buf, &g));
+    CHECK_OK(ca_future_add_done_callback(g, srv_got, s));
+}
+
+/* The client's side: send everything, then half-close; read back until the echo is whole. */
+struct echo_cli {
+    ca_loop *loop;
+    int fd;
+    const char *out;
+    char *in;
+    size_t size, got;
+    bool sent, eof;
+};
+
+static void cli_recv(struct echo_cli *c);
+
+static void cli_got(ca_future *f, void *arg)
+{
+    struct echo_cli *c = arg;
+    void *v;
+    CHECK_OK(ca_future_result(f, &v));
+    ca_future_unref(f);
+    intptr_t n = (intptr_t)v;
+    if (n == 0) {
+        c->eof = true;
+        return;
+    }
+    c->got += (size_t)n;
+    CHECK(c->got <= c->size);
+    if (c->got < c->size) cli_recv(c);
+}
+
+static void cli_recv(struct echo_cli *c)
+{
+    ca_future *g = NULL;
+    CHECK_OK(ca_loop_sock_recv(c->loop, c->fd, c->in + c->got, c->size - c->got, &g));
+    CHECK_OK(ca_future_add_done_callback(g, cli_got, c));
+}
+
+static void cli_sent(ca_future *f, void *arg)
+{
+    struct echo_cli *c = arg;
+    CHECK_OK(ca_future_result(f, NULL));
+    ca_future_unref(f);
+    c->sent = true;
+    CHECK_OK(shutdown(c->fd, SHUT_WR));
+}
+
+static bool echo_finished(void *arg)
+{
+    struct echo_cli *c = arg;
+    return c->sent && c->got == c->size;
+}
+
+static void run_echo(ca_loop *loop, int cfd, int sfd, size_t size, double timeout)
+{
+    struct echo_srv *s = calloc(1, sizeof *s);
+    CHECK(s != NULL);
+    s->loop = loop;
+    s->fd = sfd;
+    char *out = malloc(size), *in = malloc(size);
+    CHECK(out && in);
+    for (size_t i = 0; i < size; i++) out[i] = (char)(i * 7 + (i >> 9));
+    struct echo_cli c = {.loop = loop, .fd = cfd, .out = out, .in = in, .size = size};
+    srv_recv(s);
+    cli_recv(&c);
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_sendall(loop, cfd, out, size, &f));
+    CHECK_OK(ca_future_add_done_callback(f, cli_sent, &c));
+    CHECK(t_run_until(loop, echo_finished, &c, timeout));
+    CHECK(memcmp(in, out, size) == 0);
+    /* The server sees the half-close after the last byte. */
+    CHECK(t_run_until(loop, t_flag_set, &s->eof, 5));
+    CHECK_EQ(s->echoed, size);
+    free(out);
+    free(in);
+    free(s);
+}
+
+LOOP_TEST(echo_one_byte_over_tcp)
+{
+    struct sockaddr_in addr;
+    int lfd = tcp_bound(&addr, 16);
+    int cfd = tcp_socket();
+    ca_future *fc = NULL, *fa = NULL;
+    CHECK_OK(ca_loop_sock_accept(loop, lfd, &fa));
+    CHECK_OK(ca_loop_sock_connect(loop, cfd, (struct sockaddr *)&addr, sizeof addr, &fc));
+    intptr_t sfd = -1;
+    CHECK_OK(await(loop, fa, &sfd));
+    CHECK_OK(await(loop, fc, NULL));
+    CHECK(sfd >= 0);
+    /* The accepted socket is ours, non-blocking and close-on-exec. */
+    CHECK(fcntl((int)sfd, F_GETFL) & O_NONBLOCK);
+    CHECK(fcntl((int)sfd, F_GETFD) & FD_CLOEXEC);
+    run_echo(loop, cfd, (int)sfd, 1, 10);
+    ca_future_unref(fa);
+    ca_future_unref(fc);
+    close((int)sfd);
+    close(cfd);
+    close(lfd);
+}
+
+LOOP_TEST(echo_16_mib) /* timeout: 60 */
+{
+    int sv[2];
+    pair(sv);
+    run_echo(loop, sv[0], sv[1], scaled((size_t)16 << 20, 16), 40);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* ----- accept, connect --------------------------------------------------------------------- */
+
+struct acceptor {
+    ca_loop *loop;
+    int lfd;
+    int target, accepted, connected, failed;
+};
+
+static void accept_next(struct acceptor *a);
+
+static void on_accepted(ca_future *f, void *arg)
+{
+    struct acceptor *a = arg;
+    void *v;
+    int r = ca_future_result(f, &v);
+    ca_future_unref(f);
+    if (r < 0) {
+        a->failed++;
+        return;
+    }
+    int fd = (int)(intptr_t)v;
+    CHECK(fd >= 0);
+    close(fd);
+    if (++a->accepted < a->target) accept_next(a);
+}
+
+static void accept_next(struct acceptor *a)
+{
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_accept(a->loop, a->lfd, &f));
+    CHECK_OK(ca_future_add_done_callback(f, on_accepted, a));
+}
+
+static struct acceptor *g_acc;
+
+static void on_connected(ca_future *f, void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    if (ca_future_result(f, NULL) == 0) g_acc->connected++;
+    else g_acc->failed++;
+    ca_future_unref(f);
+    close(fd);
+}
+
+static bool all_accepted(void *arg)
+{
+    struct acceptor *a = arg;
+    return a->failed || (a->accepted == a->target && a->connected == a->target);
+}
+
+LOOP_TEST(accept_1000_connections) /* timeout: 60 */
+{
+    raise_fd_limit();
+    struct sockaddr_in addr;
+    struct acceptor a = {.loop = loop, .target = (int)scaled(1000, 10)};
+    a.lfd = tcp_bound(&addr, 4096);
+    g_acc = &a;
+    accept_next(&a);
+    for (int i = 0; i < a.target; i++) {
+        int fd = tcp_socket();
+        ca_future *f = NULL;
+        CHECK_OK(ca_loop_sock_connect(loop, fd, (struct sockaddr *)&addr, sizeof addr, &f));
+        CHECK_OK(ca_future_add_done_callback(f, on_connected, (void *)(intptr_t)fd));
+    }
+    CHECK(t_run_until(loop, all_accepted, &a, 40));
+    CHECK_EQ(a.failed, 0);
+    CHECK_EQ(a.accepted, a.target);
+    CHECK_EQ(a.connected, a.target);
+    close(a.lfd);
+}
+
+LOOP_TEST(connect_refused)
+{
+    /* Bound but not listening: the port is ours, and nobody accepts on it. */
+    struct sockaddr_in addr;
+    int bound = tcp_bound(&addr, 0);
+    int fd = tcp_socket();
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_connect(loop, fd, (struct sockaddr *)&addr, sizeof addr, &f));
+    CHECK_ERR(await(loop, f, NULL), -ECONNREFUSED);
+    ca_future_unref(f);
+    close(fd);
+    close(bound);
+}
+
+LOOP_TEST(connect_unix_and_exchange)
+{
+    int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(lfd >= 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    /* An abstract address: nothing to clean up in the file system. */
+    snprintf(addr.sun_path + 1, sizeof addr.sun_path - 1, "casyncio-test-%d", (int)getpid());
+    socklen_t len = (socklen_t)(sizeof addr.sun_family + 1 + strlen(addr.sun_path + 1));
+    CHECK_OK(bind(lfd, (struct sockaddr *)&addr, len));
+    CHECK_OK(listen(lfd, 8));
+    int cfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    ca_future *fa = NULL, *fc = NULL, *fs = NULL, *fr = NULL;
+    CHECK_OK(ca_loop_sock_accept(loop, lfd, &fa));
+    CHECK_OK(ca_loop_sock_connect(loop, cfd, (struct sockaddr *)&addr, len, &fc));
+    intptr_t sfd;
+    CHECK_OK(await(loop, fa, &sfd));
+    CHECK_OK(await(loop, fc, NULL));
+    char buf[8] = {0};
+    CHECK_OK(ca_loop_sock_recv(loop, (int)sfd, buf, sizeof buf, &fr));
+    CHECK_OK(ca_loop_sock_sendall(loop, cfd, "ping", 4, &fs));
+    intptr_t n;
+    CHECK_OK(await(loop, fr, &n));
+    CHECK_OK(await(loop, fs, NULL));
+    CHECK_EQ(n, 4);
+    CHECK(memcmp(buf, "ping", 4) == 0);
+    ca_future_unref(fa);
+    ca_future_unref(fc);
+    ca_future_unref(fs);
+    ca_future_unref(fr);
+    close((int)sfd);
+    close(cfd);
+    close(lfd);
+}
+
+/* ----- recv ------------------------------------------------------------------------------ */
+
+LOOP_TEST(recv_on_peer_that_closes_gives_0)
+{
+    int sv[2];
+    pair(sv);
+    char buf[16];
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &f));
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(f));
+    close(sv[1]);
+    intptr_t n = -1;
+    CHECK_OK(await(loop, f, &n));
+    CHECK_EQ(n, 0);
+    ca_future_unref(f);
+    close(sv[0]);
+}
+
+LOOP_TEST(recv_error_fails_the_future)
+{
+    /* recv on a listening socket: the kernel refuses (ENOTCONN). */
+    struct sockaddr_in addr;
+    int lfd = tcp_bound(&addr, 4);
+    char buf[4];
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, lfd, buf, sizeof buf, &f));
+    CHECK_ERR(await(loop, f, NULL), -ENOTCONN);
+    ca_future_unref(f);
+    close(lfd);
+}
+
+static bool all_x(const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (b[i] != 'x') return false;
+    return true;
+}
+
+LOOP_TEST(cancel_pending_recv_never_writes_buffer)
+{
+    int sv[2];
+    pair(sv);
+    char buf[16];
+    memset(buf, 'x', sizeof buf);
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &f));
+    t_run_for(loop, 0.01); /* the operation is in the kernel (or its reader is armed) */
+    CHECK(!ca_future_done(f));
+    CHECK(ca_future_cancel(f));
+    t_run_for(loop, 0.02); /* the loop withdraws it */
+    CHECK_EQ(write(sv[1], "hello", 5), 5);
+    t_run_for(loop, 0.02);
+    CHECK(all_x(buf, sizeof buf));
+    CHECK(ca_future_cancelled(f));
+    CHECK_ERR(ca_future_result(f, NULL), -ECANCELED);
+    ca_future_unref(f);
+    /* The withdrawn receive took nothing: the data is there for the next one. */
+    char b2[16];
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], b2, sizeof b2, &f));
+    intptr_t n;
+    CHECK_OK(await(loop, f, &n));
+    CHECK_EQ(n, 5);
+    CHECK(memcmp(b2, "hello", 5) == 0);
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(cancel_recv_racing_with_data)
+{
+    /* Data arrives in the same iteration as the cancel: the receive may have taken it
+     * (completion-based loops cannot un-receive), but the caller's buffer stays untouched
+     * once the future is cancelled, even if the caller frees it at once. */
+    int sv[2];
+    pair(sv);
+    char *buf = malloc(4096);
+    CHECK(buf != NULL);
+    memset(buf, 'x', 4096);
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, 4096, &f));
+    t_run_for(loop, 0.01);
+    CHECK(ca_future_cancel(f));
+    CHECK_EQ(write(sv[1], "racing", 6), 6);
+    t_run_for(loop, 0.05);
+    CHECK(all_x(buf, 4096));
+    free(buf);
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(two_receives_on_one_socket_served_in_order)
+{
+    int sv[2];
+    pair(sv);
+    char a[3], b[3];
+    ca_future *fa = NULL, *fb = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], a, sizeof a, &fa));
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], b, sizeof b, &fb));
+    t_run_for(loop, 0.01);
+    CHECK_EQ(write(sv[1], "abc", 3), 3);
+    intptr_t n;
+    CHECK_OK(await(loop, fa, &n));
+    CHECK_EQ(n, 3);
+    CHECK(memcmp(a, "abc", 3) == 0);
+    CHECK(!ca_future_done(fb));
+    CHECK_EQ(write(sv[1], "def", 3), 3);
+    CHECK_OK(await(loop, fb, &n));
+    CHECK_EQ(n, 3);
+    CHECK(memcmp(b, "def", 3) == 0);
+    ca_future_unref(fa);
+    ca_future_unref(fb);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* ----- many in flight ------------------------------------------------------------------------ */
+
+#define NSOCK 64
+
+LOOP_TEST(sixty_four_sockets_in_flight)
+{
+    int sv[NSOCK][2];
+    char in[NSOCK][1000], out[NSOCK][1000];
+    ca_future *fr[NSOCK], *fs[NSOCK];
+    for (int i = 0; i < NSOCK; i++) {
+        pair(sv[i]);
+        memset(out[i], 'A' + i % 26, sizeof out[i]);
+        out[i][0] = (char)i;
+        CHECK_OK(ca_loop_sock_recv(loop, sv[i][0], in[i], sizeof in[i], &fr[i]));
+    }
+    t_run_for(loop, 0.01);
+    for (int i = 0; i < NSOCK; i++) CHECK(!ca_future_done(fr[i]));
+    for (int i = 0; i < NSOCK; i++)
+        CHECK_OK(ca_loop_sock_sendall(loop, sv[i][1], out[i], sizeof out[i], &fs[i]));
+    for (int i = 0; i < NSOCK; i++) {
+        intptr_t n;
+        CHECK_OK(await(loop, fr[i], &n));
+        CHECK_OK(await(loop, fs[i], NULL));
+        CHECK_EQ(n, sizeof in[i]);
+        CHECK(memcmp(in[i], out[i], sizeof in[i]) == 0);
+        ca_future_unref(fr[i]);
+        ca_future_unref(fs[i]);
+        close(sv[i][0]);
+        close(sv[i][1]);
+    }
+}
+
+/* ----- sendall ------------------------------------------------------------------------------- */
+
+struct drain {
+    int fd;
+    size_t total;
+};
+
+static void drain_reader(void *arg)
+{
+    struct drain *d = arg;
+    char buf[65536];
+    ssize_t k;
+    while ((k = read(d->fd, buf, sizeof buf)) > 0) d->total += (size_t)k;
+}
+
+LOOP_TEST(second_sendall_is_ebusy)
+{
+    int sv[2];
+    pair(sv);
+    size_t size = (size_t)4 << 20; /* far more than the socket buffers hold */
+    char *big = calloc(1, size);
+    CHECK(big != NULL);
+    ca_future *f1 = NULL, *f2 = NULL;
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], big, size, &f1));
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], "x", 1, &f2), -EBUSY);
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(f1));
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], "x", 1, &f2), -EBUSY);
+    CHECK(f2 == NULL);
+    /* Receives on the same socket are not affected. */
+    char c;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], &c, 1, &f2));
+    struct drain d = {.fd = sv[1]};
+    CHECK_OK(ca_loop_add_reader(loop, sv[1], drain_reader, &d));
+    CHECK_OK(await(loop, f1, NULL));
+    ca_future_unref(f1);
+    /* Once the first is done, the next one is welcome. */
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], "y", 1, &f1));
+    CHECK_OK(await(loop, f1, NULL));
+    CHECK(t_run_until(loop, fut_done, f1, 5));
+    while (d.total < size + 1) t_run_for(loop, 0.005);
+    CHECK_EQ(d.total, size + 1);
+    ca_future_unref(f1);
+    CHECK(ca_future_cancel(f2));
+    ca_future_unref(f2);
+    CHECK_EQ(ca_loop_remove_reader(loop, sv[1]), 1);
+    t_run_for(loop, 0.01);
+    free(big);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(sendall_to_closed_peer_fails)
+{
+    int sv[2];
+    pair(sv);
+    close(sv[1]);
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], "abc", 3, &f));
+    CHECK_ERR(await(loop, f, NULL), -EPIPE);
+    ca_future_unref(f);
+    close(sv[0]);
+}
+
+LOOP_TEST(sendall_of_nothing_succeeds)
+{
+    int sv[2];
+    pair(sv);
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], NULL, 0, &f));
+    CHECK_OK(await(loop, f, NULL));
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* ----- close, fork, errors ------------------------------------------------------------------- */
+
+LOOP_TEST(close_with_operations_in_flight)
+{
+    int sv[2], sw[2];
+    pair(sv);
+    pair(sw);
+    struct sockaddr_in addr;
+    int lfd = tcp_bound(&addr, 4);
+    size_t size = (size_t)4 << 20;
+    char *big = calloc(1, size), buf[64];
+    ca_future *fr = NULL, *fs = NULL, *fa = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &fr));
+    CHECK_OK(ca_loop_sock_sendall(loop, sw[0], big, size, &fs));
+    CHECK_OK(ca_loop_sock_accept(loop, lfd, &fa));
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(fr) && !ca_future_done(fs) && !ca_future_done(fa));
+    CHECK_OK(ca_loop_close(loop));
+    CHECK(ca_future_cancelled(fr));
+    CHECK(ca_future_cancelled(fs));
+    CHECK(ca_future_cancelled(fa));
+    ca_future_unref(fr);
+    ca_future_unref(fs);
+    ca_future_unref(fa);
+    free(big);
+    close(sv[0]);
+    close(sv[1]);
+    close(sw[0]);
+    close(sw[1]);
+    close(lfd);
+}
+
+LOOP_TEST(closed_loop_ebadf)
+{
+    int sv[2];
+    pair(sv);
+    struct sockaddr_in addr = {.sin_family = AF_INET};
+    char buf[4];
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_close(loop));
+    CHECK_ERR(ca_loop_sock_recv(loop, sv[0], buf, 4, &f), -EBADF);
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], buf, 4, &f), -EBADF);
+    CHECK_ERR(ca_loop_sock_accept(loop, sv[0], &f), -EBADF);
+    CHECK_ERR(ca_loop_sock_connect(loop, sv[0], (struct sockaddr *)&addr, sizeof addr, &f),
+              -EBADF);
+    /* A bad argument comes first. */
+    CHECK_ERR(ca_loop_sock_recv(loop, sv[0], buf, 4, NULL), -EINVAL);
+    CHECK(f == NULL);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(bad_arguments_einval)
+{
+    int sv[2];
+    pair(sv);
+    struct sockaddr_in addr = {.sin_family = AF_INET};
+    char buf[4];
+    ca_future *f = NULL;
+    CHECK_ERR(ca_loop_sock_recv(NULL, sv[0], buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, -1, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, sv[0], NULL, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, sv[0], buf, 4, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(NULL, sv[0], buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, -1, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], NULL, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], buf, 4, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(NULL, sv[0], &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(loop, -1, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(loop, sv[0], NULL), -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(NULL, sv[0], (struct sockaddr *)&addr, sizeof addr, &f),
+              -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(loop, -1, (struct sockaddr *)&addr, sizeof addr, &f),
+              -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(loop, sv[0], NULL, sizeof addr, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(loop, sv[0], (struct sockaddr *)&addr, 0, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(loop, sv[0], (struct sockaddr *)&addr, sizeof addr, NULL),
+              -EINVAL);
+    /* An fd that is not open is a bad argument too. */
+    int gone = dup(sv[0]);
+    close(gone);
+    CHECK_ERR(ca_loop_sock_recv(loop, gone, buf, 4, &f), -EINVAL);
+    CHECK(f == NULL);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(forked_child_gets_echild)
+{
+    int sv[2];
+    pair(sv);
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        char buf[4];
+        ca_future *f = NULL;
+        int ok = ca_loop_sock_recv(loop, sv[0], buf, 4, &f) == -ECHILD &&
+                 ca_loop_sock_sendall(loop, sv[0], buf, 4, &f) == -ECHILD &&
+                 ca_loop_sock_accept(loop, sv[0], &f) == -ECHILD && f == NULL &&
+                 ca_loop_close(loop) == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* The parent's loop still works. */
+    ca_future *f = NULL;
+    char c;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], &c, 1, &f));
+    CHECK_EQ(write(sv[1], "z", 1), 1);
+    CHECK_OK(await(loop, f, NULL));
+    CHECK_EQ(c, 'z');
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* ----- readers on the proactor ------------------------------------------------------------------ */
+
+struct sipper {
+    ca_loop *loop;
+    int fd;
+    int calls;
+};
+
+static void sip(void *arg)
+{
+    struct sipper *s = arg;
+    char c;
+    CHECK_EQ(read(s->fd, &c, 1), 1);
+    if (++s->calls == 10) ca_loop_remove_reader(s->loop, s->fd);
+}
+
+LOOP_TEST(reader_that_does_not_drain_is_called_again)
+{
+    int sv[2];
+    pair(sv);
+    CHECK_EQ(write(sv[1], "0123456789", 10), 10);
+    struct sipper s = {.loop = loop, .fd = sv[0]};
+    CHECK_OK(ca_loop_add_reader(loop, sv[0], sip, &s));
+    t_run_for(loop, 0.1);
+    CHECK_EQ(s.calls, 10);
+    /* Drained and removed: no more calls, even with new data. */
+    CHECK_EQ(write(sv[1], "x", 1), 1);
+    t_run_for(loop, 0.02);
+    CHECK_EQ(s.calls, 10);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* ----- io_uring specifics ----------------------------------------------------------------------- */
+
+static int new_proactor(ca_loop **out)
+{
+    int r = ca_proactor_loop_new(out);
+    if (r == -ENOSYS || r == -EPERM) SKIP("io_uring is unavailable here");
+    CHECK_OK(r);
+    return r;
+}
+
+#define NOVER 256
+
+TEST(cq_overflow_with_tiny_ring_loses_nothing) /* timeout: 60 */
+{
+    /* 2 SQEs and 4 CQEs for 256 receives and 256 level-triggered readers that all complete
+     * at once: the SQ fills while submitting and the CQ overflows into the kernel's list. */
+    setenv("CASYNCIO_URING_ENTRIES", "2", 1);
+    ca_loop *loop = NULL;
+    new_proactor(&loop);
+    static int sv[NOVER][2], rv[NOVER][2];
+    static char in[NOVER][8];
+    static struct sipper sips[NOVER];
+    ca_future *f[NOVER];
+    for (int i = 0; i < NOVER; i++) {
+        pair(sv[i]);
+        pair(rv[i]);
+        CHECK_OK(ca_loop_sock_recv(loop, sv[i][0], in[i], sizeof in[i], &f[i]));
+        sips[i] = (struct sipper){.loop = loop, .fd = rv[i][0]};
+        CHECK_OK(ca_loop_add_reader(loop, rv[i][0], sip, &sips[i]));
+    }
+    t_run_for(loop, 0.02);
+    for (int i = 0; i < NOVER; i++) {
+        char msg[8];
+        snprintf(msg, sizeof msg, "%07d", i);
+        CHECK_EQ(write(sv[i][1], msg, 8), 8);
+        CHECK_EQ(write(rv[i][1], "0123456789", 10), 10);
+    }
+    for (int i = 0; i < NOVER; i++) {
+        intptr_t n;
+        CHECK_OK(await(loop, f[i], &n));
+        CHECK_EQ(n, 8);
+        CHECK_EQ(atoi(in[i]), i);
+        ca_future_unref(f[i]);
+    }
+    for (int i = 0; i < NOVER; i++) {
+        while (sips[i].calls < 10) t_run_for(loop, 0.001);
+        CHECK_EQ(sips[i].calls, 10);
+    }
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+    for (int i = 0; i < NOVER; i++) {
+        close(sv[i][0]);
+        close(sv[i][1]);
+        close(rv[i][0]);
+        close(rv[i][1]);
+    }
+}
+
+TEST(forced_unavailable_gives_enosys)
+{
+    setenv("CASYNCIO_NO_IO_URING", "1", 1);
+    ca_loop *loop = (ca_loop *)&loop; /* never written on failure */
+    CHECK_ERR(ca_proactor_loop_new(&loop), -ENOSYS);
+    CHECK(loop == (ca_loop *)&loop);
+    /* The proactor policy refuses at creation, as asyncio's does where there is no proactor;
+     * the caller falls back to ca_default_policy_new. */
+    ca_policy *p = (ca_policy *)&p;
+    CHECK_ERR(ca_proactor_policy_new(&p), -ENOSYS);
+    CHECK(p == (ca_policy *)&p);
+    CHECK_ERR(ca_proactor_loop_new(NULL), -EINVAL);
+    /* "0" means no. */
+    setenv("CASYNCIO_NO_IO_URING", "0", 1);
+    int r = ca_proactor_loop_new(&loop);
+    if (r == -ENOSYS || r == -EPERM) SKIP("io_uring is unavailable here");
+    CHECK_OK(r);
+    CHECK(strcmp(ca_loop_kind(loop), "io_uring") == 0);
+    ca_loop_unref(loop);
+}
+
+LOOP_TEST(proactor_runs_sock_ops_through_the_ring)
+{
+    if (!is_proactor(loop)) SKIP("io_uring only");
+    /* A receive that the kernel completes while the loop waits in io_uring_enter. */
+    int sv[2];
+    pair(sv);
+    char buf[4];
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &f));
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(f));
+    CHECK_EQ(write(sv[1], "ring", 4), 4);
+    intptr_t n;
+    CHECK_OK(await(loop, f, &n));
+    CHECK_EQ(n, 4);
+    CHECK(memcmp(buf, "ring", 4) == 0);
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
