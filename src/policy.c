@@ -278,9 +278,10 @@ ca_policy *ca_policy_ref(ca_policy *policy)
 
 ca_policy *ca_policy_unref(ca_policy *policy)
 {
+    /* acq_rel rather than release plus an acquire fence: ThreadSanitizer does not model
+     * fences, and the destroy below must see every other holder's writes. */
     if (!policy || atomic_fetch_sub_explicit(&policy->refs, 1, memory_order_acq_rel) != 1)
         return NULL;
-    /* acq_rel rather than release plus a fence: ThreadSanitizer does not model fences. */
     if (policy->ops->destroy) policy->ops->destroy(policy);
     ca_policy_unref(policy->base);
     if (!policy->immortal) free(policy);
@@ -699,7 +700,8 @@ int ca_set_event_loop_policy(ca_policy *policy)
     return 0;
 }
 
-static int get_event_loop_slow(ca_loop **out)
+/* Kept out of line so that the hot path below needs no stack frame beyond one register. */
+__attribute__((noinline)) static int get_event_loop_slow(ca_loop **out)
 {
     /* The stamp is read before the policy: a cache entry may then name an older stamp than
      * the policy it was read from (a harmless miss), never a newer one. */
