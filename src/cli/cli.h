@@ -1,0 +1,117 @@
+/*
+ * The casyncio command: shared declarations of the job runner (`casyncio run`) and of
+ * `casyncio info`. The runner is written against the public <casyncio.h> only, the way any
+ * user of the library would write it.
+ */
+#ifndef CA_CLI_H
+#define CA_CLI_H
+
+#include "casyncio.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#define CLI_EXIT_USAGE 2
+#define CLI_EXIT_ERROR 255
+#define CLI_MAX_FAILED_STATUS 101
+
+/* ----- growable byte buffer (buf.c) ----------------------------------------------------- */
+
+struct buf {
+    char *p;
+    size_t len, cap;
+};
+
+/* Appends n bytes; false on out of memory (the buffer is then unchanged). */
+bool buf_add(struct buf *b, const void *data, size_t n);
+bool buf_adds(struct buf *b, const char *s);
+bool buf_addc(struct buf *b, char c);
+/* Drops the first n bytes. */
+void buf_consume(struct buf *b, size_t n);
+void buf_free(struct buf *b);
+/* Writes all of data to fd, retrying on EINTR and short writes: 0 or -errno. */
+int write_all(int fd, const void *data, size_t n);
+
+/* ----- options (options.c) -------------------------------------------------------------- */
+
+enum halt_when { HALT_NEVER, HALT_SOON, HALT_NOW };
+enum halt_on { HALT_ON_FAIL, HALT_ON_SUCCESS, HALT_ON_DONE };
+enum loop_kind { LOOP_EPOLL, LOOP_POLL, LOOP_URING };
+enum watcher_kind { W_DEFAULT, W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD };
+
+struct run_options {
+    int jobs;                    /* -j: how many jobs run at once */
+    double timeout;              /* --timeout: seconds per job, 0 = none */
+    double grace;                /* seconds between SIGTERM and SIGKILL */
+    int retries;                 /* --retries: extra attempts after a failure */
+    enum halt_when halt_when;    /* --halt */
+    enum halt_on halt_on;
+    int halt_count;              /* halt after this many ... */
+    int halt_percent;            /* ... or this percentage (when > 0) */
+    bool keep_order;             /* -k */
+    bool line_buffer;            /* --line-buffer (else --group) */
+    bool tag;                    /* --tag */
+    const char *joblog;          /* --joblog FILE */
+    int bar;                     /* --bar: 1, --no-bar: 0, default -1 (a terminal) */
+    int summary;                 /* --summary: 1, --no-summary: 0, default -1 (a terminal) */
+    bool dry_run;
+    bool shell;                  /* --shell: run COMMAND through sh -c */
+    bool null_sep;               /* -0: inputs are NUL-separated */
+    enum loop_kind loop;
+    enum watcher_kind watcher;
+    const char *arg_file;        /* -a FILE / :::: FILE; NULL: stdin (unless ::: args) */
+    char **cmd;                  /* COMMAND [ARG...], not NULL-terminated */
+    int ncmd;
+    char **args;                 /* the inputs after ::: */
+    int nargs;
+    bool have_args;              /* ::: was given (even with no arguments after it) */
+};
+
+/* Parses argv (after the word "run"). Returns 0, or prints a message and returns
+ * CLI_EXIT_USAGE. *help is set for --help (then the caller prints the run usage). */
+int parse_run_options(int argc, char **argv, struct run_options *o, bool *help);
+void print_run_usage(FILE *f);
+int default_jobs(void);
+const char *loop_kind_name(enum loop_kind k);
+const char *watcher_kind_name(enum watcher_kind k);
+
+/* ----- commands: replacement strings and quoting (command.c) ---------------------------- */
+
+struct cmd_template {
+    char **tok;           /* the COMMAND words as given */
+    int ntok;
+    bool append_input;    /* no replacement string in COMMAND: the input is the last argument */
+    bool shell;           /* run as sh -c SCRIPT */
+    bool input_is_script; /* no COMMAND: each input is a shell command line */
+};
+
+struct job_vars {
+    const char *input;
+    unsigned long seq;
+    int slot;
+};
+
+void cmd_template_init(struct cmd_template *t, const struct run_options *o);
+/* Builds the argv to execute (NULL-terminated, in one allocation: free() the array) and the
+ * display text of the command (for --dry-run and the joblog; free() it). NULL on ENOMEM. */
+char **cmd_build_argv(const struct cmd_template *t, const struct job_vars *v);
+char *cmd_build_display(const struct cmd_template *t, const struct job_vars *v);
+/* Appends s to b, quoted for sh(1) if it needs to be. */
+bool shell_quote(struct buf *b, const char *s);
+
+/* ----- the runner (run.c) ------------------------------------------------------------ */
+
+int run_main(const struct run_options *o);
+
+/* ----- info (info.c) -------------------------------------------------------------------- */
+
+int info_main(int argc, char **argv);
+/* Which watcher the runner uses when none is asked for, after probing this machine. */
+enum watcher_kind pick_default_watcher(void);
+/* Makes a watcher of the given kind (not W_DEFAULT): 0 or -errno. */
+int make_watcher(enum watcher_kind k, ca_child_watcher **out);
+/* Makes and installs the event loop policy of the given kind: 0 or -errno. */
+int make_policy(enum loop_kind k, ca_policy **out);
+
+#endif

@@ -1,0 +1,31 @@
+/* The runner's input source: ::: words, or records of a file or stdin (see input.c). */
+#ifndef CA_CLI_INPUT_H
+#define CA_CLI_INPUT_H
+
+#include "cli.h"
+
+struct input {
+    int fd;              /* -1 for ::: words */
+    bool own_fd;         /* we opened it (-a FILE) and close it */
+    bool eof;            /* nothing more will be read */
+    char sep;            /* '\n', or '\0' with -0 */
+    struct buf buf;      /* bytes read and not yet taken: [start, len) */
+    size_t start, scan;  /* scan: where the search for the next separator resumes */
+    char **args;         /* the ::: words */
+    int nargs, next;
+};
+
+/* 0, or -errno when -a FILE cannot be opened. */
+int input_open(struct input *in, const struct run_options *o);
+/* One read(2): the byte count, 0 at end of input (eof is then set), or -errno. */
+int input_fill(struct input *in);
+/* The next record (malloc'd), or NULL when none is complete yet (or at the end; *oom says
+ * whether it was a lack of memory). Empty records are skipped. */
+char *input_take(struct input *in, bool *oom);
+/* True once every record has been taken. */
+bool input_done(const struct input *in);
+/* How many records there are in all, when known (created: how many were taken), else -1. */
+long input_total(const struct input *in, unsigned long created);
+void input_close(struct input *in);
+
+#endif
