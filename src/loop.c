@@ -85,42 +85,135 @@ static inline int check_owned(const ca_loop *loop)
 
 /* ----- handles -------------------------------------------------------------------------- */
 
-#define FREE_LIST_MAX 4096
+/* The handle pool. Handles that only the loop holds come from 16 KiB chunks aligned to their
+ * size, so a handle finds its chunk by masking its address; a chunk counts its live handles.
+ * Steady state costs no allocation at all, and a burst of a million callbacks costs one
+ * aligned_alloc per few hundred. When the loop is about to block with many free handles, it
+ * gives back the chunks that are entirely free (keeping a few). Handles a caller asked for,
+ * and those made in other threads, are malloc'ed: they may outlive the loop or its thread. */
+#define CHUNK_BYTES 16384
+#define CHUNK_KEEP 4
 
-static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
+struct ca__chunk {
+    struct ca__chunk *next;
+    size_t live;
+    bool doomed;
+};
+#define CHUNK_FIRST                                                                         \
+    ((sizeof(struct ca__chunk) + _Alignof(ca_handle) - 1) / _Alignof(ca_handle) *          \
+     _Alignof(ca_handle))
+#define CHUNK_HANDLES ((CHUNK_BYTES - CHUNK_FIRST) / sizeof(ca_handle))
+
+static inline struct ca__chunk *chunk_of(ca_handle *h)
 {
-    ca_handle *h = NULL;
-    if (loop && loop->free_list) {
-        h = loop->free_list;
-        loop->free_list = h->next;
-        loop->free_len--;
-    } else {
-        h = malloc(sizeof *h);
-        if (!h) return NULL;
+    return (struct ca__chunk *)((uintptr_t)h & ~(uintptr_t)(CHUNK_BYTES - 1));
+}
+
+static bool pool_grow(ca_loop *loop)
+{
+    struct ca__chunk *c = aligned_alloc(CHUNK_BYTES, CHUNK_BYTES);
+    if (!c) return false;
+    c->next = loop->chunks;
+    c->live = 0;
+    c->doomed = false;
+    loop->chunks = c;
+    loop->nchunks++;
+    ca_handle *hs = (ca_handle *)((char *)c + CHUNK_FIRST);
+    for (size_t i = CHUNK_HANDLES; i-- > 0;) {
+        hs[i].next = loop->free_list;
+        loop->free_list = &hs[i];
     }
+    loop->free_len += CHUNK_HANDLES;
+    return true;
+}
+
+/* Frees the chunks whose handles are all free, but CHUNK_KEEP of them. O(free handles),
+ * run only when the loop is about to block and holds more chunks than it keeps. */
+static void pool_trim(ca_loop *loop)
+{
+    size_t kept = 0, doomed = 0;
+    for (struct ca__chunk *c = loop->chunks; c; c = c->next) {
+        c->doomed = c->live == 0 && kept++ >= CHUNK_KEEP;
+        doomed += c->doomed;
+    }
+    if (!doomed) return;
+    ca_handle **p = &loop->free_list;
+    while (*p) {
+        if (chunk_of(*p)->doomed) {
+            *p = (*p)->next;
+            loop->free_len--;
+        } else {
+            p = &(*p)->next;
+        }
+    }
+    for (struct ca__chunk **cp = &loop->chunks; *cp;) {
+        struct ca__chunk *c = *cp;
+        if (c->doomed) {
+            *cp = c->next;
+            loop->nchunks--;
+            free(c);
+        } else {
+            cp = &c->next;
+        }
+    }
+}
+
+static void pool_free_all(ca_loop *loop)
+{
+    while (loop->chunks) {
+        struct ca__chunk *c = loop->chunks;
+        loop->chunks = c->next;
+        free(c);
+    }
+    loop->nchunks = 0;
+    loop->free_list = NULL;
+    loop->free_len = 0;
+}
+
+static inline void handle_init(ca_handle *h, ca_callback_fn fn, void *arg)
+{
     atomic_init(&h->refs, 1);
     h->cancelled = false;
     h->escaped = false;
     h->scheduled = false;
+    h->in_heap = false;
     h->fn = fn;
     h->arg = arg;
     h->loop = NULL;
-    h->when = 0;
-    h->seq = 0;
-    h->in_heap = false;
     h->next = NULL;
+}
+
+/* From the pool when loop is given (its thread only), else malloc'ed. */
+static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
+{
+    ca_handle *h;
+    if (loop) {
+        if (CA_UNLIKELY(!loop->free_list) && !pool_grow(loop)) return NULL;
+        h = loop->free_list;
+        loop->free_list = h->next;
+        loop->free_len--;
+        chunk_of(h)->live++;
+        handle_init(h, fn, arg);
+        h->pooled = true;
+        return h;
+    }
+    h = malloc(sizeof *h);
+    if (!h) return NULL;
+    handle_init(h, fn, arg);
+    h->pooled = false;
     return h;
 }
 
 static void handle_recycle(ca_loop *loop, ca_handle *h)
 {
-    if (loop->free_len < FREE_LIST_MAX) {
-        h->next = loop->free_list;
-        loop->free_list = h;
-        loop->free_len++;
-    } else {
+    if (!h->pooled) {
         free(h);
+        return;
     }
+    chunk_of(h)->live--;
+    h->next = loop->free_list;
+    loop->free_list = h;
+    loop->free_len++;
 }
 
 /* The handle leaves the loop's structures (it ran, was cancelled out of the heap, or the
@@ -503,6 +596,7 @@ static int run_once(ca_loop *loop)
         loop->iter_since_poll = 0;
         int r;
         if (timeout != 0) {
+            if (loop->nchunks > CHUNK_KEEP) pool_trim(loop);
             atomic_store(&loop->polling, true);
             if (atomic_load(&loop->ts_head) != NULL) timeout = 0;
             r = loop->be->poll(loop, timeout);
@@ -601,12 +695,7 @@ int ca__core_close(ca_loop *self)
 
 void ca__core_destroy(ca_loop *self)
 {
-    while (self->free_list) {
-        ca_handle *h = self->free_list;
-        self->free_list = h->next;
-        free(h);
-    }
-    self->free_len = 0;
+    pool_free_all(self);
     free(self->heap);
     self->heap = NULL;
 }
@@ -853,8 +942,9 @@ void ca_loop_stop(ca_loop *loop)
  * (their ops may keep it). */
 static ca_handle *new_handle(ca_loop *loop, ca_callback_fn fn, void *arg, bool want)
 {
-    ca_handle *h = handle_alloc(loop->be ? loop : NULL, fn, arg);
-    if (h && (want || !loop->be)) h->escaped = true;
+    bool escaped = want || !loop->be;
+    ca_handle *h = handle_alloc(escaped ? NULL : loop, fn, arg);
+    if (h) h->escaped = escaped;
     return h;
 }
 
@@ -876,9 +966,16 @@ static int finish_schedule(ca_loop *loop, ca_handle *h, int r, ca_handle **out)
 
 int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **out)
 {
-    if (!loop || !fn) return -EINVAL;
+    if (CA_UNLIKELY(!loop || !fn)) return -EINVAL;
     int r = check_owned(loop);
-    if (r) return r;
+    if (CA_UNLIKELY(r)) return r;
+    if (CA_LIKELY(loop->be && !out && loop->ops->call_soon == ca__core_call_soon)) {
+        /* The hot path of every built-in loop: a pooled handle onto the ready queue. */
+        ca_handle *h = handle_alloc(loop, fn, arg);
+        if (CA_UNLIKELY(!h)) return -ENOMEM;
+        ready_push(loop, h);
+        return 0;
+    }
     if (!loop->ops->call_soon) return -ENOTSUP;
     ca_handle *h = new_handle(loop, fn, arg, out != NULL);
     if (!h) return -ENOMEM;

@@ -38,6 +38,7 @@ struct ca_handle {
     atomic_int refs;         /* core's reference + the user's ones */
     bool cancelled;
     bool escaped;            /* a user (or a custom loop's op) may hold references */
+    bool pooled;             /* carved from one of the loop's chunks (see loop.c) */
     bool scheduled;          /* in the ready queue or the timer heap of `loop` */
     ca_callback_fn fn;
     void *arg;
@@ -91,9 +92,11 @@ struct ca_loop {
     struct ca__timer *heap;
     size_t heap_len, heap_cap, heap_cancelled;
     uint64_t seq;
-    /* free handles (loop thread only) */
+    /* the handle pool (loop thread only): chunks of handles and the free ones among them */
     ca_handle *free_list;
     size_t free_len;
+    struct ca__chunk *chunks;
+    size_t nchunks;
     /* fd table */
     struct ca__fdent *fds;
     int nfds;
