@@ -1048,3 +1048,24 @@ LOOP_TEST(unref_without_close_frees)
     CHECK(!ca_loop_is_closed(l));
     CHECK(ca_loop_unref(l) == NULL); /* last reference: closed and freed (valgrind checks) */
 }
+
+struct burst {
+    ca_loop *loop;
+    int n, target;
+};
+static void burst_cb(void *arg)
+{
+    struct burst *b = arg;
+    if (++b->n == b->target) ca_loop_stop(b->loop);
+}
+LOOP_TEST(burst_then_idle_reuses_and_trims_pool)
+{
+    struct burst b = {.loop = loop, .target = 50000};
+    for (int round = 0; round < 3; round++) {
+        b.n = 0;
+        for (int i = 0; i < b.target; i++) CHECK_OK(ca_loop_call_soon(loop, burst_cb, &b, NULL));
+        CHECK_OK(ca_loop_run_forever(loop));
+        CHECK_EQ(b.n, b.target);
+        t_run_for(loop, 0.005); /* blocks: the idle loop gives back its spare chunks */
+    }
+}
