@@ -1,0 +1,989 @@
+/* Child watchers: every watcher on every loop kind, with real children. */
+#include "harness.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdatomic.h>
+#include <sys/wait.h>
+#include <time.h>
+
+extern char **environ;
+
+/* ----- helpers ------------------------------------------------------------------------- */
+
+enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_COUNT };
+static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd"};
+
+static int wnew(int k, ca_child_watcher **out)
+{
+    switch (k) {
+    case W_THREADED: return ca_threaded_child_watcher_new(out);
+    case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
+    case W_SAFE: return ca_safe_child_watcher_new(out);
+    case W_FAST: return ca_fast_child_watcher_new(out);
+    default: return ca_pidfd_child_watcher_new(out);
+    }
+}
+
+static bool needs_attach(int k) { return k == W_SAFE || k == W_FAST; }
+
+/* A watcher of kind k that delivers to loop: loop is made current here (and attached for
+ * Safe/Fast). NULL when the kind is unavailable (pidfd without kernel support). */
+static ca_child_watcher *wmake(int k, ca_loop *loop)
+{
+    ca_child_watcher *w = NULL;
+    int r = wnew(k, &w);
+    if (r == -ENOSYS && k == W_PIDFD) return NULL;
+    CHECK_OK(r);
+    CHECK_OK(ca_set_event_loop(loop));
+    if (needs_attach(k)) {
+        r = ca_child_watcher_attach_loop(w, loop);
+        if (r == -ENOTSUP && strcmp(t_loop_kind, "custom") == 0) {
+            /* Safe and Fast need the loop's signal handlers; the test's custom loop has none. */
+            ca_child_watcher_unref(w);
+            return NULL;
+        }
+        CHECK_OK(r);
+    }
+    CHECK(ca_child_watcher_is_active(w));
+    return w;
+}
+
+static void wdone(ca_child_watcher *w)
+{
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+static pid_t spawn_fds(const char *cmd, int in_fd)
+{
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    if (in_fd >= 0) posix_spawn_file_actions_adddup2(&fa, in_fd, 0);
+    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
+    pid_t pid = -1;
+    int e = posix_spawn(&pid, "/bin/sh", &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (e) t_fail(__FILE__, __LINE__, "posix_spawn: %s", strerror(e));
+    return pid;
+}
+
+static pid_t spawn(const char *cmd) { return spawn_fds(cmd, -1); }
+
+/* A child that exits with 0 when the write end of *pipe_w is closed. */
+static pid_t spawn_cat(int rfd)
+{
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, rfd, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    char *argv[] = {"cat", NULL};
+    pid_t pid = -1;
+    int e = posix_spawn(&pid, "/bin/cat", &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (e) t_fail(__FILE__, __LINE__, "posix_spawn: %s", strerror(e));
+    return pid;
+}
+
+/* Waits (without reaping) until pid has exited. */
+static void wait_zombie(pid_t pid)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    CHECK_EQ(waitid(P_PID, (id_t)pid, &si, WEXITED | WNOWAIT), 0);
+}
+
+/* Waits until pid has exited (a zombie) or has been reaped by somebody else. */
+static void wait_exited(pid_t pid)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int r = waitid(P_PID, (id_t)pid, &si, WEXITED | WNOWAIT);
+    CHECK(r == 0 || errno == ECHILD);
+}
+
+/* Reaps pid if still ours; returns its status, or -1 if somebody else reaped it. */
+static int reap(pid_t pid)
+{
+    int st;
+    pid_t r;
+    do {
+        r = waitpid(pid, &st, 0);
+    } while (r < 0 && errno == EINTR);
+    return r == pid ? st : -1;
+}
+
+static void sleep_s(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (time_t)s) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
+typedef struct rec {
+    atomic_int calls;
+    atomic_int rc;
+    atomic_int pid;
+    pthread_t thread;
+    int tag;
+} rec;
+
+static void on_exit_rec(pid_t pid, int rc, void *arg)
+{
+    rec *r = arg;
+    atomic_store(&r->rc, rc);
+    atomic_store(&r->pid, (int)pid);
+    r->thread = pthread_self();
+    atomic_fetch_add(&r->calls, 1);
+}
+
+typedef struct recs {
+    rec *r;
+    int n;
+} recs;
+
+static bool all_called(void *arg)
+{
+    recs *rs = arg;
+    for (int i = 0; i < rs->n; i++)
+        if (atomic_load(&rs->r[i].calls) == 0) return false;
+    return true;
+}
+
+/* ----- log capture ------------------------------------------------------------------------ */
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static char log_buf[16384];
+static size_t log_len;
+
+static void log_capture(int level, const char *msg, void *arg)
+{
+    pthread_mutex_lock(&log_mu);
+    size_t n = strlen(msg);
+    if (log_len + n + 2 < sizeof log_buf) {
+        memcpy(log_buf + log_len, msg, n);
+        log_len += n;
+        log_buf[log_len++] = '\n';
+        log_buf[log_len] = 0;
+    }
+    pthread_mutex_unlock(&log_mu);
+}
+
+static bool log_has(const char *needle)
+{
+    pthread_mutex_lock(&log_mu);
+    bool r = strstr(log_buf, needle) != NULL;
+    pthread_mutex_unlock(&log_mu);
+    return r;
+}
+
+static void log_reset(void)
+{
+    pthread_mutex_lock(&log_mu);
+    log_len = 0;
+    log_buf[0] = 0;
+    pthread_mutex_unlock(&log_mu);
+}
+
+/* ----- exit codes --------------------------------------------------------------------------- */
+
+LOOP_TEST(exit_codes) /* timeout: 60 */
+{
+    static const char *cmds[] = {"exit 0", "exit 7", "exit 255", "kill -9 $$", "kill -15 $$"};
+    static const int want[] = {0, 7, 255, -9, -15};
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        rec r[5];
+        memset(r, 0, sizeof r);
+        pid_t pids[5];
+        for (int i = 0; i < 5; i++) {
+            CHECK_OK(ca_child_watcher_enter(w));
+            pids[i] = spawn(cmds[i]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+            CHECK_OK(ca_child_watcher_exit(w));
+        }
+        recs rs = {r, 5};
+        if (!t_run_until(loop, all_called, &rs, 10))
+            t_fail(__FILE__, __LINE__, "%s: not every exit was delivered", wname[k]);
+        t_run_for(loop, 0.02);
+        for (int i = 0; i < 5; i++) {
+            if (atomic_load(&r[i].rc) != want[i] || atomic_load(&r[i].calls) != 1)
+                t_fail(__FILE__, __LINE__, "%s: '%s' gave rc %d in %d calls, want %d once",
+                       wname[k], cmds[i], atomic_load(&r[i].rc), atomic_load(&r[i].calls),
+                       want[i]);
+            CHECK_EQ(atomic_load(&r[i].pid), pids[i]);
+            /* Every watcher calls back on the delivery loop's thread: this one. */
+            CHECK(pthread_equal(r[i].thread, pthread_self()));
+        }
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, pids[0]), 0);
+        wdone(w);
+    }
+}
+
+LOOP_TEST(exited_before_add)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        rec r = {0};
+        CHECK_OK(ca_child_watcher_enter(w));
+        pid_t pid = spawn("exit 3");
+        wait_zombie(pid);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        CHECK_OK(ca_child_watcher_exit(w));
+        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        CHECK_EQ(atomic_load(&r.rc), 3);
+        t_run_for(loop, 0.02);
+        CHECK_EQ(atomic_load(&r.calls), 1);
+        wdone(w);
+    }
+}
+
+/* ----- many children exiting at the same moment (SIGCHLD coalescing) ---------------------- */
+
+static void many(ca_loop *loop, int k)
+{
+    /* 500 on epoll; the other loop kinds and slow builds (sanitizers, valgrind) fewer. */
+    int n = strcmp(t_loop_kind, "epoll") == 0 ? 500 : 100;
+    if (t_slow() > 1) n = 50;
+    ca_child_watcher *w = wmake(k, loop);
+    if (!w) SKIP("this watcher is unavailable on this loop kind");
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    rec *r = calloc((size_t)n, sizeof *r);
+    pid_t *pids = calloc((size_t)n, sizeof *pids);
+    CHECK(r && pids);
+    for (int i = 0; i < n; i++) {
+        CHECK_OK(ca_child_watcher_enter(w));
+        pids[i] = spawn_cat(p[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+        CHECK_OK(ca_child_watcher_exit(w));
+    }
+    close(p[0]);
+    close(p[1]); /* every cat sees EOF at once */
+    recs rs = {r, n};
+    bool ok = t_run_until(loop, all_called, &rs, 30);
+    t_run_for(loop, 0.05);
+    int missing = 0, twice = 0;
+    for (int i = 0; i < n; i++) {
+        int c = atomic_load(&r[i].calls);
+        if (c == 0) missing++;
+        if (c > 1) twice++;
+        if (c == 1) CHECK_EQ(atomic_load(&r[i].rc), 0);
+    }
+    if (!ok || missing || twice)
+        t_fail(__FILE__, __LINE__, "%s: %d of %d exits missing, %d delivered twice", wname[k],
+               missing, n, twice);
+    wdone(w);
+    free(r);
+    free(pids);
+}
+
+LOOP_TEST(many_threaded) /* timeout: 60 */ { many(loop, W_THREADED); }
+LOOP_TEST(many_multiloop) /* timeout: 60 */ { many(loop, W_MULTILOOP); }
+LOOP_TEST(many_safe) /* timeout: 60 */ { many(loop, W_SAFE); }
+LOOP_TEST(many_fast) /* timeout: 60 */ { many(loop, W_FAST); }
+LOOP_TEST(many_pidfd) /* timeout: 60 */ { many(loop, W_PIDFD); }
+
+/* ----- replace, remove ------------------------------------------------------------------------ */
+
+LOOP_TEST(handler_replaced)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        rec r1 = {0}, r2 = {0};
+        CHECK_OK(ca_child_watcher_enter(w));
+        pid_t pid = spawn("sleep 0.05; exit 4");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r1));
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r2));
+        CHECK_OK(ca_child_watcher_exit(w));
+        CHECK(t_run_until(loop, t_flag_set, &r2.calls, 5));
+        t_run_for(loop, 0.05);
+        CHECK_EQ(atomic_load(&r1.calls), 0);
+        CHECK_EQ(atomic_load(&r2.calls), 1);
+        CHECK_EQ(atomic_load(&r2.rc), 4);
+        wdone(w);
+    }
+}
+
+LOOP_TEST(handler_removed_before_exit)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        ca_set_log_handler(log_capture, NULL);
+        log_reset();
+        rec r = {0};
+        pid_t pid = spawn("sleep 0.05; exit 4");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 0);
+        t_run_for(loop, 0.3);
+        CHECK_EQ(atomic_load(&r.calls), 0);
+        int st = reap(pid);
+        if (k == W_SAFE || k == W_MULTILOOP || k == W_PIDFD) {
+            /* These never reap a child that is not registered. */
+            CHECK(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 4);
+        } else if (k == W_FAST) {
+            /* Fast reaps every child: the status went to its log. */
+            CHECK_EQ(st, -1);
+            CHECK(log_has("unknown pid"));
+        }
+        /* Threaded: its thread reaps the removed child, quietly (or we did first). */
+        CHECK(!log_has("returncode 255"));
+        wdone(w);
+        ca_set_log_handler(NULL, NULL);
+    }
+}
+
+/* The exit was already reaped (and, for the threaded ones, posted) when the handler is
+ * removed: the callback must still never run. */
+LOOP_TEST(handler_removed_after_reap)
+{
+    ca_set_log_handler(log_capture, NULL); /* Fast logs the removed child it reaps */
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        rec r = {0};
+        pid_t pid = spawn("exit 2");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        if (k == W_THREADED || k == W_MULTILOOP) {
+            /* Their own thread reaps: wait until the pid is gone. */
+            siginfo_t si;
+            double t0 = ca_loop_time(loop);
+            for (;;) {
+                memset(&si, 0, sizeof si);
+                if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOWAIT | WNOHANG) < 0) break;
+                if (ca_loop_time(loop) - t0 > 5 * t_slow()) t_fail(__FILE__, __LINE__, "not reaped");
+                sleep_s(0.001);
+            }
+            sleep_s(0.01);
+        } else {
+            wait_zombie(pid);
+        }
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
+        t_run_for(loop, 0.1);
+        CHECK_EQ(atomic_load(&r.calls), 0);
+        if (k == W_SAFE || k == W_PIDFD) CHECK(reap(pid) >= 0);
+        else reap(pid);
+        wdone(w);
+    }
+}
+
+/* ----- somebody else reaped the child: 255 --------------------------------------------------- */
+
+LOOP_TEST(echild_gives_255)
+{
+    ca_set_log_handler(log_capture, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        log_reset();
+        rec r = {0};
+        pid_t pid = spawn("exit 0");
+        CHECK(reap(pid) >= 0);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        if (k == W_FAST) {
+            /* waitpid(-1) never sees a child that is already gone: documented, no callback. */
+            t_run_for(loop, 0.1);
+            CHECK_EQ(atomic_load(&r.calls), 0);
+            CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
+        } else {
+            CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+            CHECK_EQ(atomic_load(&r.rc), 255);
+            char needle[64];
+            snprintf(needle, sizeof needle, "pid %d", (int)pid);
+            if (!log_has(needle)) t_fail(__FILE__, __LINE__, "%s: no log line: %s", wname[k], log_buf);
+        }
+        wdone(w);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- other code's children ---------------------------------------------------------------- */
+
+LOOP_TEST(other_code_waitpid_and_system) /* timeout: 60 */
+{
+    ca_set_log_handler(log_capture, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        log_reset();
+        /* One watched child that keeps running, so the watcher is busy. */
+        int p[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        rec r = {0};
+        pid_t watched = spawn_cat(p[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, watched, on_exit_rec, &r));
+
+        pid_t other = spawn("exit 5");
+        wait_zombie(other);
+        t_run_for(loop, 0.1); /* SIGCHLD is handled meanwhile */
+        int st = reap(other);
+        if (k == W_FAST) {
+            CHECK_EQ(st, -1);
+            char needle[64];
+            snprintf(needle, sizeof needle, "unknown pid: %d -> 5", (int)other);
+            if (!log_has(needle)) t_fail(__FILE__, __LINE__, "fast: no log line: %s", log_buf);
+        } else {
+            if (!(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 5))
+                t_fail(__FILE__, __LINE__, "%s: other code's waitpid got %d", wname[k], st);
+            /* system() blocks SIGCHLD in its thread and waits for its own child. */
+            int s = system("exit 3");
+            if (!(WIFEXITED(s) && WEXITSTATUS(s) == 3))
+                t_fail(__FILE__, __LINE__, "%s: system() returned %d", wname[k], s);
+        }
+        close(p[0]);
+        close(p[1]);
+        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        CHECK_EQ(atomic_load(&r.rc), 0);
+        wdone(w);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- loops in several threads ---------------------------------------------------------------- */
+
+typedef struct thr_arg {
+    ca_child_watcher *w;
+    int fails;
+    char why[200];
+} thr_arg;
+
+#define PER_THREAD 10
+
+static void *thr_main(void *p)
+{
+    thr_arg *a = p;
+    ca_loop *l = NULL;
+    if (t_new_loop(&l) < 0) {
+        snprintf(a->why, sizeof a->why, "t_new_loop failed");
+        a->fails++;
+        return NULL;
+    }
+    ca_set_event_loop(l);
+    rec r[PER_THREAD];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < PER_THREAD; i++) {
+        char cmd[32];
+        snprintf(cmd, sizeof cmd, "exit %d", i + 1);
+        pid_t pid = spawn(cmd);
+        int e = ca_child_watcher_add_child_handler(a->w, pid, on_exit_rec, &r[i]);
+        if (e < 0) {
+            snprintf(a->why, sizeof a->why, "add: %s", ca_strerror(e));
+            a->fails++;
+            reap(pid);
+            r[i].calls = 1;
+            r[i].rc = i + 1;
+            r[i].thread = pthread_self();
+        }
+    }
+    recs rs = {r, PER_THREAD};
+    if (!t_run_until(l, all_called, &rs, 10)) {
+        snprintf(a->why, sizeof a->why, "not all delivered");
+        a->fails++;
+    }
+    for (int i = 0; i < PER_THREAD; i++) {
+        if (atomic_load(&r[i].rc) != i + 1 || !pthread_equal(r[i].thread, pthread_self())) {
+            snprintf(a->why, sizeof a->why, "child %d: rc %d, right thread %d", i,
+                     atomic_load(&r[i].rc), pthread_equal(r[i].thread, pthread_self()));
+            a->fails++;
+        }
+    }
+    ca_set_event_loop(NULL);
+    ca_loop_close(l);
+    ca_loop_unref(l);
+    return NULL;
+}
+
+LOOP_TEST(loops_in_four_threads) /* timeout: 60 */
+{
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    for (int i = 0; i < 3; i++) {
+        int k = kinds[i];
+        ca_child_watcher *w = NULL;
+        int e = wnew(k, &w);
+        if (e == -ENOSYS) continue;
+        CHECK_OK(e);
+        pthread_t t[4];
+        thr_arg a[4];
+        memset(a, 0, sizeof a);
+        for (int j = 0; j < 4; j++) {
+            a[j].w = w;
+            CHECK_EQ(pthread_create(&t[j], NULL, thr_main, &a[j]), 0);
+        }
+        for (int j = 0; j < 4; j++) pthread_join(t[j], NULL);
+        for (int j = 0; j < 4; j++)
+            if (a[j].fails) t_fail(__FILE__, __LINE__, "%s, thread %d: %s", wname[k], j, a[j].why);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+    }
+}
+
+/* Pidfd's reader must be added on the delivery loop's thread. */
+typedef struct runner {
+    ca_loop *loop;
+    atomic_int started;
+} runner;
+
+static void mark_started(void *arg) { atomic_store(&((runner *)arg)->started, 1); }
+
+static void *run_loop_thread(void *p)
+{
+    runner *r = p;
+    ca_loop_call_soon(r->loop, mark_started, r, NULL);
+    ca_loop_run_forever(r->loop);
+    return NULL;
+}
+
+LOOP_TEST(pidfd_other_thread_running_loop)
+{
+    ca_child_watcher *w = NULL;
+    int e = ca_pidfd_child_watcher_new(&w);
+    if (e == -ENOSYS) SKIP("pidfd is unavailable");
+    CHECK_OK(e);
+    CHECK_OK(ca_set_event_loop(loop));
+    runner r = {loop, 0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, run_loop_thread, &r), 0);
+    while (!atomic_load(&r.started)) sleep_s(0.001);
+    pid_t pid = spawn("exit 1");
+    rec rr = {0};
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &rr), -EPERM);
+    ca_loop_stop(loop);
+    pthread_join(t, NULL);
+    CHECK(reap(pid) >= 0);
+    wdone(w);
+}
+
+/* ----- Safe and Fast: attachment ------------------------------------------------------------- */
+
+LOOP_TEST(safe_fast_attach_detach)
+{
+    static const int kinds[] = {W_SAFE, W_FAST};
+    for (int i = 0; i < 2; i++) {
+        int k = kinds[i];
+        ca_child_watcher *w = NULL;
+        CHECK_OK(wnew(k, &w));
+        CHECK(!ca_child_watcher_is_active(w));
+        pid_t pid = spawn("exit 6");
+        rec r = {0};
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r), -ENOTCONN);
+        int e = ca_child_watcher_attach_loop(w, loop);
+        if (e == -ENOTSUP && strcmp(t_loop_kind, "custom") == 0) {
+            ca_child_watcher_unref(w);
+            reap(pid);
+            SKIP("the test's custom loop has no signal handlers");
+        }
+        CHECK_OK(e);
+        CHECK(ca_child_watcher_is_active(w));
+        CHECK_OK(ca_child_watcher_attach_loop(w, loop)); /* same loop: nothing to do */
+        CHECK_OK(ca_child_watcher_attach_loop(w, NULL));
+        CHECK(!ca_child_watcher_is_active(w));
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r), -ENOTCONN);
+
+        /* Re-attach to another loop: the exit arrives there, not on the first one. */
+        ca_loop *l2 = NULL;
+        CHECK_OK(t_new_loop(&l2));
+        CHECK_OK(ca_child_watcher_attach_loop(w, loop));
+        CHECK_OK(ca_child_watcher_enter(w));
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        CHECK_OK(ca_child_watcher_exit(w));
+        CHECK_OK(ca_child_watcher_attach_loop(w, l2));
+        t_run_for(loop, 0.05);
+        CHECK(t_run_until(l2, t_flag_set, &r.calls, 5));
+        CHECK_EQ(atomic_load(&r.rc), 6);
+
+        /* The attached loop closed: inactive. */
+        CHECK_OK(ca_loop_close(l2));
+        CHECK(!ca_child_watcher_is_active(w));
+        pid = spawn("exit 1");
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r), -ENOTCONN);
+        CHECK(reap(pid) >= 0);
+        CHECK_OK(ca_child_watcher_attach_loop(w, NULL));
+        ca_loop_unref(l2);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+    }
+}
+
+LOOP_TEST(fast_keeps_early_exits_inside_enter_exit)
+{
+    ca_set_log_handler(log_capture, NULL);
+    ca_child_watcher *w = wmake(W_FAST, loop);
+    if (!w) SKIP("the test's custom loop has no signal handlers");
+    /* Reaped before its handler comes, inside enter/exit: kept and delivered. */
+    CHECK_OK(ca_child_watcher_enter(w));
+    pid_t pid = spawn("exit 9");
+    wait_zombie(pid);
+    t_run_for(loop, 0.05);
+    CHECK_EQ(reap(pid), -1); /* Fast took it */
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    CHECK_OK(ca_child_watcher_exit(w));
+    CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+    CHECK_EQ(atomic_load(&r.rc), 9);
+    CHECK(!log_has("unknown"));
+
+    /* One that nobody registers: logged at exit(). */
+    CHECK_OK(ca_child_watcher_enter(w));
+    pid = spawn("exit 8");
+    wait_zombie(pid);
+    t_run_for(loop, 0.05);
+    CHECK(!log_has("unknown"));
+    CHECK_OK(ca_child_watcher_exit(w));
+    char needle[64];
+    snprintf(needle, sizeof needle, "%d: 8", (int)pid);
+    CHECK(log_has("unknown pids"));
+    CHECK(log_has(needle));
+    CHECK_ERR(ca_child_watcher_exit(w), -EINVAL);
+    wdone(w);
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- close ---------------------------------------------------------------------------------- */
+
+LOOP_TEST(close_with_children_running)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        int p[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        rec r[3];
+        memset(r, 0, sizeof r);
+        pid_t pids[3];
+        for (int i = 0; i < 3; i++) {
+            pids[i] = spawn_cat(p[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+        }
+        CHECK_OK(ca_child_watcher_close(w));
+        CHECK_OK(ca_child_watcher_close(w)); /* idempotent */
+        CHECK(!ca_child_watcher_is_active(w));
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, pids[0], on_exit_rec, &r[0]), -EBADF);
+        CHECK_ERR(ca_child_watcher_remove_child_handler(w, pids[0]), -EBADF);
+        CHECK_ERR(ca_child_watcher_attach_loop(w, loop), -EBADF);
+        ca_child_watcher_unref(w);
+        for (int i = 0; i < 3; i++) kill(pids[i], SIGKILL);
+        close(p[0]);
+        close(p[1]);
+        for (int i = 0; i < 3; i++) reap(pids[i]); /* Threaded's threads may win */
+        t_run_for(loop, 0.05);
+        for (int i = 0; i < 3; i++) CHECK_EQ(atomic_load(&r[i].calls), 0);
+        CHECK_OK(ca_set_event_loop(NULL));
+    }
+}
+
+/* The delivery loop is closed before the exit arrives: a warning, no leak, no fd left. */
+LOOP_TEST(loop_closed_before_exit)
+{
+    ca_set_log_handler(log_capture, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_loop *l = NULL;
+        CHECK_OK(t_new_loop(&l));
+        ca_child_watcher *w = wmake(k, l);
+        if (!w) {
+            ca_set_event_loop(NULL);
+            ca_loop_unref(l);
+            continue;
+        }
+        log_reset();
+        int p[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        rec r = {0};
+        pid_t pid = spawn_cat(p[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        /* A second child that has exited and, for threaded ones, been posted already. */
+        rec r2 = {0};
+        pid_t pid2 = spawn("exit 1");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid2, on_exit_rec, &r2));
+        wait_exited(pid2);
+        sleep_s(0.05);
+        CHECK_OK(ca_set_event_loop(NULL));
+        CHECK_OK(ca_loop_close(l));
+        close(p[0]);
+        close(p[1]);
+        if (k == W_THREADED || k == W_MULTILOOP) {
+            double t0 = ca_loop_time(loop);
+            char needle[64];
+            snprintf(needle, sizeof needle, "pid %d", (int)pid);
+            while (!log_has(needle) && ca_loop_time(loop) - t0 < 5 * t_slow()) sleep_s(0.01);
+            if (!log_has(needle)) t_fail(__FILE__, __LINE__, "%s: no warning: %s", wname[k], log_buf);
+        } else {
+            reap(pid);
+            reap(pid2);
+        }
+        CHECK_EQ(atomic_load(&r.calls), 0);
+        CHECK_EQ(atomic_load(&r2.calls), 0);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+        ca_loop_unref(l);
+        reap(pid);
+        reap(pid2);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- SIGCHLD disposition ----------------------------------------------------------------- */
+
+static void dummy_handler(int sig) { (void)sig; }
+
+static void check_disposition(void (*want)(int), int line)
+{
+    struct sigaction sa;
+    sigaction(SIGCHLD, NULL, &sa);
+    if (sa.sa_handler != want)
+        t_fail(__FILE__, line, "SIGCHLD disposition is not the expected one");
+}
+
+LOOP_TEST(sigchld_disposition_restored)
+{
+    ca_set_log_handler(log_capture, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = dummy_handler;
+        sigaction(SIGCHLD, &sa, NULL);
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        wdone(w);
+        check_disposition(dummy_handler, __LINE__);
+
+        /* Inherited SIG_IGN (bpo-32115): children must not vanish while a watcher is active. */
+        log_reset();
+        sa.sa_handler = SIG_IGN;
+        sigaction(SIGCHLD, &sa, NULL);
+        w = wmake(k, loop);
+        CHECK(log_has("SIG_IGN"));
+        struct sigaction cur;
+        sigaction(SIGCHLD, NULL, &cur);
+        CHECK(cur.sa_handler != SIG_IGN);
+        rec r = {0};
+        CHECK_OK(ca_child_watcher_enter(w));
+        pid_t pid = spawn("exit 7");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+        CHECK_OK(ca_child_watcher_exit(w));
+        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        if (atomic_load(&r.rc) != 7)
+            t_fail(__FILE__, __LINE__, "%s: rc %d under SIG_IGN", wname[k], atomic_load(&r.rc));
+        wdone(w);
+        check_disposition(SIG_IGN, __LINE__);
+        sa.sa_handler = SIG_DFL;
+        sigaction(SIGCHLD, &sa, NULL);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- bad input, custom watchers, fork ------------------------------------------------------ */
+
+static void never_cb(pid_t pid, int rc, void *arg) { (void)pid, (void)rc, (void)arg; }
+
+TEST(bad_input)
+{
+    CHECK_ERR(ca_child_watcher_add_child_handler(NULL, 1, never_cb, NULL), -EINVAL);
+    CHECK_ERR(ca_child_watcher_remove_child_handler(NULL, 1), -EINVAL);
+    CHECK_ERR(ca_child_watcher_attach_loop(NULL, NULL), -EINVAL);
+    CHECK_ERR(ca_child_watcher_close(NULL), -EINVAL);
+    CHECK_ERR(ca_child_watcher_enter(NULL), -EINVAL);
+    CHECK_ERR(ca_child_watcher_exit(NULL), -EINVAL);
+    CHECK(!ca_child_watcher_is_active(NULL));
+    CHECK(ca_child_watcher_unref(NULL) == NULL);
+    CHECK(ca_child_watcher_data(NULL) == NULL);
+    CHECK_ERR(ca_threaded_child_watcher_new(NULL), -EINVAL);
+    CHECK_ERR(ca_child_watcher_new_custom(NULL, NULL, NULL), -EINVAL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = NULL;
+        int e = wnew(k, &w);
+        if (e == -ENOSYS) continue;
+        CHECK_OK(e);
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, 0, never_cb, NULL), -EINVAL);
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, -5, never_cb, NULL), -EINVAL);
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, 1234, NULL, NULL), -EINVAL);
+        CHECK_ERR(ca_child_watcher_remove_child_handler(w, 0), -EINVAL);
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, 1234), 0);
+        CHECK_OK(ca_child_watcher_close(w));
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, 0, never_cb, NULL), -EINVAL);
+        CHECK_ERR(ca_child_watcher_add_child_handler(w, 1234, never_cb, NULL), -EBADF);
+        CHECK_ERR(ca_child_watcher_remove_child_handler(w, 1234), -EBADF);
+        CHECK_ERR(ca_child_watcher_attach_loop(w, NULL), -EBADF);
+        CHECK_ERR(ca_child_watcher_enter(w), -EBADF);
+        CHECK_ERR(ca_child_watcher_exit(w), -EBADF);
+        CHECK(!ca_child_watcher_is_active(w));
+        CHECK_OK(ca_child_watcher_close(w));
+        CHECK(ca_child_watcher_ref(w) == w);
+        ca_child_watcher_unref(w);
+        ca_child_watcher_unref(w);
+    }
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+/* No current loop in a thread: -ENOENT for the ones that deliver to the caller's loop. */
+static void *no_loop_thread(void *p)
+{
+    ca_child_watcher *w = p;
+    return (void *)(intptr_t)ca_child_watcher_add_child_handler(w, 1, never_cb, NULL);
+}
+
+TEST(no_loop_in_thread)
+{
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    for (int i = 0; i < 3; i++) {
+        ca_child_watcher *w = NULL;
+        int e = wnew(kinds[i], &w);
+        if (e == -ENOSYS) continue;
+        CHECK_OK(e);
+        pthread_t t;
+        void *res;
+        CHECK_EQ(pthread_create(&t, NULL, no_loop_thread, w), 0);
+        pthread_join(t, &res);
+        CHECK_EQ((int)(intptr_t)res, -ENOENT);
+        ca_child_watcher_unref(w);
+    }
+}
+
+typedef struct custom_state {
+    int add, remove, attach, active, close, enter, exit, destroy;
+    pid_t last_pid;
+    ca_loop *last_loop;
+} custom_state;
+
+static int c_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    custom_state *s = ca_child_watcher_data(w);
+    s->add++;
+    s->last_pid = pid;
+    cb(pid, 42, arg);
+    return 0;
+}
+static int c_remove(ca_child_watcher *w, pid_t pid)
+{
+    ((custom_state *)ca_child_watcher_data(w))->remove++;
+    return pid == 77;
+}
+static int c_attach(ca_child_watcher *w, ca_loop *loop)
+{
+    custom_state *s = ca_child_watcher_data(w);
+    s->attach++;
+    s->last_loop = loop;
+    return 0;
+}
+static bool c_active(ca_child_watcher *w)
+{
+    ((custom_state *)ca_child_watcher_data(w))->active++;
+    return true;
+}
+static int c_close(ca_child_watcher *w)
+{
+    ((custom_state *)ca_child_watcher_data(w))->close++;
+    return 0;
+}
+static int c_enter(ca_child_watcher *w)
+{
+    ((custom_state *)ca_child_watcher_data(w))->enter++;
+    return 0;
+}
+static int c_exit(ca_child_watcher *w)
+{
+    ((custom_state *)ca_child_watcher_data(w))->exit++;
+    return 0;
+}
+static void c_destroy(ca_child_watcher *w)
+{
+    ((custom_state *)ca_child_watcher_data(w))->destroy++;
+}
+
+TEST(custom_watcher_dispatch)
+{
+    static const ca_child_watcher_ops ops = {
+        .add_child_handler = c_add,
+        .remove_child_handler = c_remove,
+        .attach_loop = c_attach,
+        .is_active = c_active,
+        .close = c_close,
+        .enter = c_enter,
+        .exit = c_exit,
+        .destroy = c_destroy,
+    };
+    static const ca_child_watcher_ops no_add = {.remove_child_handler = c_remove,
+                                                .is_active = c_active};
+    custom_state s = {0};
+    ca_child_watcher *w = NULL;
+    CHECK_ERR(ca_child_watcher_new_custom(&no_add, &s, &w), -EINVAL);
+    CHECK(w == NULL);
+    CHECK_OK(ca_child_watcher_new_custom(&ops, &s, &w));
+    CHECK(ca_child_watcher_data(w) == &s);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, 55, on_exit_rec, &r));
+    CHECK_EQ(s.add, 1);
+    CHECK_EQ(s.last_pid, 55);
+    CHECK_EQ(atomic_load(&r.rc), 42);
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, 0, on_exit_rec, &r), -EINVAL);
+    CHECK_EQ(s.add, 1); /* checked before the op */
+    CHECK_EQ(ca_child_watcher_remove_child_handler(w, 77), 1);
+    CHECK_EQ(ca_child_watcher_remove_child_handler(w, 78), 0);
+    CHECK_EQ(s.remove, 2);
+    ca_loop *l = (ca_loop *)&s; /* only compared, never used */
+    CHECK_OK(ca_child_watcher_attach_loop(w, l));
+    CHECK(s.last_loop == l);
+    CHECK(ca_child_watcher_is_active(w));
+    CHECK_OK(ca_child_watcher_enter(w));
+    CHECK_OK(ca_child_watcher_exit(w));
+    CHECK_EQ(s.enter, 1);
+    CHECK_EQ(s.exit, 1);
+    CHECK_OK(ca_child_watcher_close(w));
+    CHECK_OK(ca_child_watcher_close(w));
+    CHECK_EQ(s.close, 1);
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, 55, on_exit_rec, &r), -EBADF);
+    CHECK_EQ(s.add, 1);
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_EQ(s.destroy, 0);
+    ca_child_watcher_unref(w);
+    CHECK_EQ(s.destroy, 1);
+    CHECK_EQ(s.close, 1);
+
+    /* Optional members left NULL: nothing to do. Last unref closes first. */
+    static const ca_child_watcher_ops minimal = {
+        .add_child_handler = c_add,
+        .remove_child_handler = c_remove,
+        .is_active = c_active,
+        .close = c_close,
+    };
+    memset(&s, 0, sizeof s);
+    CHECK_OK(ca_child_watcher_new_custom(&minimal, &s, &w));
+    CHECK_OK(ca_child_watcher_attach_loop(w, NULL));
+    CHECK_OK(ca_child_watcher_enter(w));
+    CHECK_OK(ca_child_watcher_exit(w));
+    ca_child_watcher_unref(w);
+    CHECK_EQ(s.close, 1);
+}
+
+LOOP_TEST(forked_child_gets_echild)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        fflush(NULL);
+        pid_t pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0) {
+            int bad = 0;
+            bad += ca_child_watcher_add_child_handler(w, 1, never_cb, NULL) != -ECHILD;
+            bad += ca_child_watcher_remove_child_handler(w, 1) != -ECHILD;
+            bad += ca_child_watcher_attach_loop(w, NULL) != -ECHILD;
+            bad += ca_child_watcher_enter(w) != -ECHILD;
+            bad += ca_child_watcher_is_active(w);
+            bad += ca_child_watcher_close(w) != 0;
+            ca_child_watcher_unref(w);
+            t_child_exit(bad);
+        }
+        int st = reap(pid);
+        if (!(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0))
+            t_fail(__FILE__, __LINE__, "%s: forked child status %d", wname[k], st);
+        CHECK(ca_child_watcher_is_active(w));
+        wdone(w);
+    }
+}
