@@ -12,6 +12,9 @@
 #include <sys/wait.h>
 #include <time.h>
 
+/* Internal (in the static library the tests link): the watcher's kind name. */
+const char *ca__child_watcher_kind(const ca_child_watcher *w);
+
 /* ----- helpers ---------------------------------------------------------------------------- */
 
 static double now_s(void)
@@ -390,6 +393,55 @@ TEST(replacing_policy_invalidates_thread_cache)
     pthread_barrier_destroy(&b);
     ca_loop_unref(loop);
     CHECK_EQ(atomic_load(&destroyed), 1);
+}
+
+/* The thread-local cache of ca_get_event_loop follows every change of the thread's loop,
+ * whichever way it is made: module function, dispatch on the process policy, or a direct
+ * call on the base that a derived policy falls through to. */
+static void *cache_thread(void *arg)
+{
+    ca_loop **loops = arg, *got = NULL;
+    CHECK_OK(ca_set_event_loop(loops[0]));
+    for (int i = 0; i < 3; i++) {
+        CHECK_OK(ca_get_event_loop(&got));
+        CHECK(got == loops[0]);
+    }
+    CHECK_OK(ca_policy_set_event_loop(ca_get_event_loop_policy(), loops[1]));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == loops[1]);
+    ca_policy *base = ca_policy_base(ca_get_event_loop_policy());
+    CHECK(base != NULL);
+    CHECK_OK(ca_policy_set_event_loop(base, loops[0]));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == loops[0]);
+    CHECK_OK(ca_policy_set_event_loop(base, NULL));
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    CHECK_OK(ca_set_event_loop(loops[1]));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == loops[1]);
+    CHECK_OK(ca_set_event_loop(NULL));
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    return NULL;
+}
+
+TEST(cache_follows_every_change)
+{
+    static const ca_policy_ops plain = {0}; /* all five from the base */
+    ca_policy *base = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&base));
+    CHECK_OK(ca_policy_new(&plain, NULL, base, &p));
+    ca_policy_unref(base);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    ca_policy_unref(p);
+    atomic_int d0 = 0, d1 = 0;
+    ca_loop *loops[2] = {counted_loop(&d0), counted_loop(&d1)};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, cache_thread, loops), 0);
+    pthread_join(t, NULL);
+    ca_loop_unref(loops[0]);
+    ca_loop_unref(loops[1]);
+    CHECK_EQ(atomic_load(&d0) + atomic_load(&d1), 2);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
 }
 
 /* Replacing the process policy from 8 threads while 4 others use it. The policies' ops read
@@ -922,6 +974,7 @@ TEST(default_child_watcher_is_lazy_threaded)
     ca_child_watcher *a = NULL, *b = NULL;
     CHECK_OK(ca_get_child_watcher(&a));
     CHECK(a != NULL);
+    CHECK_EQ(strcmp(ca__child_watcher_kind(a), "threaded"), 0);
     CHECK(ca_child_watcher_is_active(a)); /* Threaded: always active */
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, get_watcher_thread, &b), 0);
