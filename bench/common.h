@@ -1,5 +1,5 @@
 /*
- * Shared helpers for the benchmark programs (bench/README.md describes the suite).
+ * Shared helpers for the benchmark programs (docs/benchmarks.md describes the suite).
  *
  * Every program takes the same command line:
  *     PROG WORKLOAD PARAM [N] [VARIANT]

@@ -339,17 +339,20 @@ static void stream_read(void *arg)
 {
     conn *c = arg;
     static char rbuf[B_STREAM_CHUNK];
-    ssize_t r = read(c->fd[1], rbuf, sizeof rbuf);
-    if (r < 0) {
-        if (errno == EAGAIN)
+    for (int i = 0; i < 32; i++) { /* drain, as libuv does (up to 32 reads per event) */
+        ssize_t r = read(c->fd[1], rbuf, sizeof rbuf);
+        if (r < 0) {
+            if (errno == EAGAIN)
+                return;
+            b_die("read: %s", strerror(errno));
+        }
+        c->recvd += r;
+        if (c->recvd >= c->total) {
+            fl_remove_reader(c->fd[1]);
+            if (++conns_done == nconns)
+                L.stop = 1;
             return;
-        b_die("read: %s", strerror(errno));
-    }
-    c->recvd += r;
-    if (c->recvd >= c->total) {
-        fl_remove_reader(c->fd[1]);
-        if (++conns_done == nconns)
-            L.stop = 1;
+        }
     }
 }
 
@@ -544,6 +547,12 @@ static int child_workload(const bench_args *a)
     } else if (b_is(a, "mem")) {
         long n = a->param > 0 ? a->param : B_MEM_N;
         pid_t *pids = calloc((size_t)n, sizeof(pid_t));
+        /* warm-up: one spawn+reap first, so lazy allocations are not counted */
+        if (pidfd) {
+            pidfd_watch(ep, b_spawn(b_true_argv));
+            pidfd_reap_one(ep);
+        } else
+            wait_one(b_spawn(b_true_argv));
         long before = b_rss_bytes();
         for (long i = 0; i < n; i++) {
             pids[i] = b_spawn(b_sleep5_argv);

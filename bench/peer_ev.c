@@ -262,6 +262,13 @@ static int child_workload(const bench_args *a)
         long m = mem ? (a->param > 0 ? a->param : B_MEM_N) : a->param;
         long n = b_n(a, B_SCALE_N);
         ev_child **idle = calloc((size_t)m + 1, sizeof(ev_child *));
+        {   /* warm-up: one spawn+reap first, so lazy allocations are not counted */
+            long r0 = reaped;
+            started = total_children = 0;
+            spawn_watch(b_true_argv, true_exit, new_child());
+            while (reaped == r0)
+                ev_run(loop, EVRUN_ONCE);
+        }
         long before = b_rss_bytes();
         for (long i = 0; i < m; i++) {
             idle[i] = new_child();

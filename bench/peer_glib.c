@@ -190,6 +190,14 @@ static int child_workload(const bench_args *a)
         long m = mem ? (a->param > 0 ? a->param : B_MEM_N) : a->param;
         long n = b_n(a, B_SCALE_N);
         GPid *idle = calloc((size_t)m + 1, sizeof(GPid));
+        {   /* warm-up: one spawn+reap first, so lazy allocations are not counted */
+            long r0 = reaped;
+            started = 0;
+            total_children = -1;
+            spawn_watch(b_true_argv, true_exit);
+            while (reaped == r0)
+                g_main_context_iteration(ctx, TRUE);
+        }
         long before = b_rss_bytes();
         for (long i = 0; i < m; i++)
             idle[i] = spawn_watch(mem ? b_sleep5_argv : b_sleep600_argv, idle_exit);

@@ -414,6 +414,13 @@ static int child_workload(const bench_args *a)
         /* mem: one malloc'd handle per child, as a user would allocate it (counted) */
         uv_process_t *idle = mem ? NULL : calloc((size_t)m + 1, sizeof(uv_process_t));
         uv_process_t **ptrs = mem ? calloc((size_t)m + 1, sizeof(uv_process_t *)) : NULL;
+        {   /* warm-up: one spawn+reap first, so lazy allocations are not counted */
+            long r0 = reaped;
+            started = total_children = 0;
+            spawn_one(b_true_argv, true_exit, NULL);
+            while (reaped == r0)
+                uv_run(loop, UV_RUN_ONCE);
+        }
         long before = b_rss_bytes();
         for (long i = 0; i < m; i++) {
             if (mem)
