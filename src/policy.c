@@ -288,7 +288,7 @@ ca_policy *ca_policy_unref(ca_policy *policy)
     return NULL;
 }
 
-/* The policy in p's chain whose op at offset `off` is not NULL: the one "super" resolves to. */
+/* The first policy in p's chain whose op `member` is not NULL: the one a call resolves to. */
 #define RESOLVE(p, member)                                                                    \
     __extension__({                                                                           \
         ca_policy *q_ = (p);                                                                  \
