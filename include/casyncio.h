@@ -242,11 +242,20 @@ int ca_loop_exit_running(ca_loop *loop);
  * must stay valid until the future is done. *out receives a new future (reference): the result
  * is (void *)(intptr_t) of: bytes read (0 at EOF) for recv; 0 when all was sent for sendall;
  * the new fd (O_CLOEXEC|O_NONBLOCK, the caller's) for accept; 0 when connected for connect.
- * The future fails with the operation's negative errno (-ECONNREFUSED, -EPIPE...).
+ * The future fails with the operation's negative errno (-ECONNREFUSED, -EPIPE: sends never
+ * raise SIGPIPE...). On the selector loops these are readiness + non-blocking calls; on the
+ * proactor, io_uring operations (docs/proactor.md).
+ * A recv returns what is there, up to n bytes (on the proactor at most 64 KiB per call), as
+ * recv(2). Several recvs (or accepts) on one socket are served in the order they were made.
  * Cancelling the future cancels the operation; a cancelled recv never writes the buffer
- * afterwards. At most one sendall per socket is in flight: a second one while the first is
- * pending gives -EBUSY. -EINVAL NULL/negative fd/NULL buf with n > 0; -ECHILD; -EBADF closed;
- * -ENOMEM. Loop's thread. */
+ * afterwards (the caller may free it at once), though on the proactor data the kernel had
+ * already received for it is lost. At most one sendall or connect per socket is in flight:
+ * another one while it is pending gives -EBUSY (a cancelled one counts until the loop has
+ * withdrawn it, one iteration later), so data is never reordered. Closing the loop cancels
+ * the futures of the operations still pending (their done callbacks no longer run).
+ * -EINVAL NULL loop or out, negative or not-open fd, NULL buf with n > 0, NULL addr or a len
+ * of 0 or more than sizeof(struct sockaddr_storage); -ECHILD; -EBADF closed; -EPERM wrong
+ * thread; -EBUSY; -ENOMEM. Loop's thread. */
 int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out);
 int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_future **out);
 int ca_loop_sock_accept(ca_loop *loop, int fd, ca_future **out);
