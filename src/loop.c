@@ -367,23 +367,60 @@ static inline ca_handle *ready_pop(ca_loop *loop)
     return h;
 }
 
-/* Moves everything other threads pushed onto the ready queue, in push order. */
+/* Moves everything other threads submitted onto the ready queue, in arrival order. */
 static void ts_drain(ca_loop *loop)
 {
-    if (atomic_load_explicit(&loop->ts_head, memory_order_relaxed) == NULL) return;
-    ca_handle *list = atomic_exchange_explicit(&loop->ts_head, NULL, memory_order_acquire);
-    ca_handle *rev = NULL;
-    while (list) {
-        ca_handle *next = list->next;
-        list->next = rev;
-        rev = list;
-        list = next;
+    if (!atomic_load_explicit(&loop->ts_pending, memory_order_relaxed)) return;
+    pthread_mutex_lock(&loop->ts_lock);
+    struct ca__ts_item *items = loop->ts_buf;
+    size_t n = loop->ts_len;
+    loop->ts_buf = loop->ts_spare;
+    loop->ts_spare = items;
+    size_t cap = loop->ts_cap;
+    loop->ts_cap = loop->ts_spare_cap;
+    loop->ts_spare_cap = cap;
+    loop->ts_len = 0;
+    atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
+    pthread_mutex_unlock(&loop->ts_lock);
+    for (size_t i = 0; i < n; i++) {
+        ca_handle *h = handle_alloc(loop, items[i].fn, items[i].arg);
+        if (CA_UNLIKELY(!h)) {
+            /* Out of memory for a handle: keep the rest for the next iteration. */
+            pthread_mutex_lock(&loop->ts_lock);
+            for (size_t j = i; j < n; j++) {
+                if (loop->ts_len == loop->ts_cap) break; /* cannot happen: spare >= n */
+                loop->ts_buf[loop->ts_len++] = items[j];
+            }
+            atomic_store(&loop->ts_pending, true);
+            pthread_mutex_unlock(&loop->ts_lock);
+            return;
+        }
+        ready_push(loop, h);
     }
-    while (rev) {
-        ca_handle *next = rev->next;
-        ready_push(loop, rev);
-        rev = next;
+}
+
+/* Appends under the lock; -EBADF once the loop closed (then fn is never called). */
+static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg)
+{
+    pthread_mutex_lock(&loop->ts_lock);
+    if (loop->ts_closed) {
+        pthread_mutex_unlock(&loop->ts_lock);
+        return -EBADF;
     }
+    if (loop->ts_len == loop->ts_cap) {
+        size_t cap = loop->ts_cap ? loop->ts_cap * 2 : 256;
+        struct ca__ts_item *n = realloc(loop->ts_buf, cap * sizeof *n);
+        if (!n) {
+            pthread_mutex_unlock(&loop->ts_lock);
+            return -ENOMEM;
+        }
+        loop->ts_buf = n;
+        loop->ts_cap = cap;
+    }
+    loop->ts_buf[loop->ts_len++] = (struct ca__ts_item){fn, arg};
+    atomic_store(&loop->ts_pending, true);
+    pthread_mutex_unlock(&loop->ts_lock);
+    return 0;
 }
 
 /* Wakes a loop blocked in its backend. No system call when it is awake (it drains the queue
@@ -524,15 +561,10 @@ int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
 
 int ca__core_call_soon_threadsafe(ca_loop *self, ca_handle *h)
 {
-    h->loop = self;
-    h->scheduled = true;
-    ca_handle *head = atomic_load(&self->ts_head);
-    do {
-        if (head == CA__TS_CLOSED) return -EBADF;
-        h->next = head;
-    } while (!atomic_compare_exchange_weak(&self->ts_head, &head, h));
-    wake(self);
-    return 0;
+    /* The core keeps (fn, arg), not the handle: the caller still owns h. */
+    int r = ts_push(self, h->fn, h->arg);
+    if (r == 0) wake(self);
+    return r;
 }
 
 /* ----- signals ---------------------------------------------------------------------------------- */
@@ -598,7 +630,7 @@ static int run_once(ca_loop *loop)
         if (timeout != 0) {
             if (loop->nchunks > CHUNK_KEEP) pool_trim(loop);
             atomic_store(&loop->polling, true);
-            if (atomic_load(&loop->ts_head) != NULL) timeout = 0;
+            if (atomic_load(&loop->ts_pending)) timeout = 0;
             r = loop->be->poll(loop, timeout);
             atomic_store(&loop->polling, false);
         } else {
@@ -644,14 +676,14 @@ void ca__core_stop(ca_loop *self)
 }
 
 /* Drops every handle the loop holds, without running any. */
-static void drop_handles(ca_loop *loop)
+static void drop_handles(ca_loop *loop, bool forked)
 {
-    ca_handle *ts = atomic_exchange(&loop->ts_head, CA__TS_CLOSED);
-    while (ts && ts != CA__TS_CLOSED) {
-        ca_handle *next = ts->next;
-        handle_release(loop, ts);
-        ts = next;
-    }
+    /* In a child of fork() the lock may be held by a thread that does not exist here. */
+    if (!forked) pthread_mutex_lock(&loop->ts_lock);
+    loop->ts_closed = true;
+    loop->ts_len = 0;
+    atomic_store(&loop->ts_pending, false);
+    if (!forked) pthread_mutex_unlock(&loop->ts_lock);
     while (loop->ready_head) handle_release(loop, ready_pop(loop));
     while (loop->heap_len) {
         ca_handle *h = loop->heap[--loop->heap_len].h;
@@ -688,7 +720,7 @@ static void release_kernel_objects(ca_loop *loop, bool forked)
 
 int ca__core_close(ca_loop *self)
 {
-    drop_handles(self);
+    drop_handles(self, false);
     release_kernel_objects(self, false);
     return 0;
 }
@@ -697,6 +729,10 @@ void ca__core_destroy(ca_loop *self)
 {
     pool_free_all(self);
     free(self->heap);
+    free(self->ts_buf);
+    free(self->ts_spare);
+    self->ts_buf = self->ts_spare = NULL;
+    if (self->fork_gen == ca__fork_gen()) pthread_mutex_destroy(&self->ts_lock);
     self->heap = NULL;
 }
 
@@ -738,6 +774,7 @@ int ca__builtin_loop_new(const ca__backend *be, const ca_loop_ops *ops, const ch
     ca_loop *loop = loop_alloc(ops, kind);
     if (!loop) return -ENOMEM;
     loop->be = be;
+    pthread_mutex_init(&loop->ts_lock, NULL);
     int r = be->init(loop);
     if (r) {
         free(loop);
@@ -835,7 +872,7 @@ static void forked_close(ca_loop *loop)
     if (atomic_exchange(&loop->closed, true)) return;
     free_close_hooks(loop);
     if (loop->be) {
-        drop_handles(loop);
+        drop_handles(loop, true);
         atomic_store(&loop->ts_inflight, 0);
         release_kernel_objects(loop, true);
     }
@@ -1008,19 +1045,21 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     int r = ca__loop_check(loop);
     if (r) return r;
     if (!loop->ops->call_soon_threadsafe) return -ENOTSUP;
-    /* Not from the free list: that belongs to the loop's thread. */
-    ca_handle *h = handle_alloc(NULL, fn, arg);
-    if (!h) return -ENOMEM;
-    if (!loop->be) {
-        h->escaped = true;
-        r = loop->ops->call_soon_threadsafe(loop, h);
-        ca_handle_unref(h);
+    if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
+        /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
+        atomic_fetch_add(&loop->ts_inflight, 1);
+        r = ts_push(loop, fn, arg);
+        if (r == 0) wake(loop);
+        atomic_fetch_sub(&loop->ts_inflight, 1);
         return r;
     }
+    ca_handle *h = handle_alloc(NULL, fn, arg);
+    if (!h) return -ENOMEM;
+    h->escaped = true;
     atomic_fetch_add(&loop->ts_inflight, 1);
     r = loop->ops->call_soon_threadsafe(loop, h);
     atomic_fetch_sub(&loop->ts_inflight, 1);
-    if (r) free(h);
+    ca_handle_unref(h);
     return r;
 }
 

@@ -49,6 +49,11 @@ struct ca_handle {
     struct ca_handle *next;  /* ready queue, free list, thread-safe stack */
 };
 
+struct ca__ts_item {
+    ca_callback_fn fn;
+    void *arg;
+};
+
 struct ca__timer {
     double when;
     uint64_t seq;
@@ -101,8 +106,14 @@ struct ca_loop {
     struct ca__fdent *fds;
     int nfds;
     size_t n_watched;                  /* user readers/writers */
-    /* thread-safe submissions: a Treiber stack, drained by exchange; CA__TS_CLOSED after close */
-    _Atomic(ca_handle *) ts_head;
+    /* thread-safe submissions: an array of (fn, arg) under a mutex, swapped out whole by the
+     * loop (exact arrival order, no allocation per call); ts_pending lets the loop look
+     * without the lock */
+    pthread_mutex_t ts_lock;
+    struct ca__ts_item *ts_buf, *ts_spare;
+    size_t ts_len, ts_cap, ts_spare_cap;
+    bool ts_closed;
+    atomic_bool ts_pending;
     atomic_bool polling;               /* the loop is (about to be) blocked in the backend */
     atomic_bool wake_pending;          /* an eventfd write is in flight */
     int wake_fd;
@@ -113,9 +124,6 @@ struct ca_loop {
     atomic_int ts_inflight;            /* threads between the closed check and the wakeup write */
     ca_future *ruc_future;             /* what run_until_complete waits for */
 };
-
-/* The thread-safe queue's head after close: pushes then fail with -EBADF. */
-#define CA__TS_CLOSED ((ca_handle *)(uintptr_t)1)
 
 /* Called by backends for each ready fd. */
 void ca__loop_io(ca_loop *loop, int fd, unsigned revents);
