@@ -64,7 +64,7 @@ void bar_draw(struct runner *r)
     }
     char el[32];
     fmt_duration(el, sizeof el, elapsed);
-    snprintf(right, sizeof right, " %d running, %lu failed, %s ETA %s", r->nrunning,
+    snprintf(right, sizeof right, "  %d running, %lu failed, %s elapsed, ETA %s", r->nrunning,
              failed_count(r), el, r->finished ? "0:00" : eta);
     int width = term_width() - 1;
     int fixed = (int)strlen(left) + (int)strlen(right) + 3;
