@@ -30,7 +30,7 @@ else
 $(error MODE must be release, debug, asan or tsan)
 endif
 CFLAGS_ALL := $(BASE_CFLAGS) $(OPT) $(CFLAGS)
-LIBS := -luring -pthread
+LIBS := -luring -pthread -lm
 
 LIB_SRCS := $(wildcard src/*.c)
 LIB_OBJS := $(patsubst src/%.c,$(B)/obj/%.o,$(LIB_SRCS))

@@ -33,9 +33,16 @@ static void fork_setup(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 void ca__fork_init(void) { pthread_once(&fork_once, fork_setup); }
 
 /* The address of a thread-local byte identifies the calling thread without a system call. */
-static _Thread_local char tl_token;
-static _Thread_local ca_loop *tl_running;
-static _Thread_local unsigned tl_running_gen;
+/* initial-exec: the library is never dlopen'ed late enough to need the general model, and it
+ * spares every call a __tls_get_addr in the shared library. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CA_TLS_IE __attribute__((tls_model("initial-exec")))
+#else
+#define CA_TLS_IE
+#endif
+static _Thread_local char tl_token CA_TLS_IE;
+static _Thread_local ca_loop *tl_running CA_TLS_IE;
+static _Thread_local unsigned tl_running_gen CA_TLS_IE;
 
 ca_loop *ca_get_running_loop(void)
 {

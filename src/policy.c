@@ -31,7 +31,11 @@
 
 /* Thread-locals read on the hot path use the initial-exec model: a plain %fs-relative load,
  * instead of a call to __tls_get_addr in the shared library. */
+#if defined(__GNUC__) || defined(__clang__)
 #define CA_TLS_FAST __attribute__((tls_model("initial-exec")))
+#else
+#define CA_TLS_FAST
+#endif
 
 struct ca__pstate;
 
