@@ -793,7 +793,6 @@ static void start_wrong_thread(void *arg)
 }
 LOOP_TEST(wrong_thread_eperm)
 {
-    if (is_custom()) SKIP("the thread check needs the core's running-thread tracking only");
     struct wrong_thread w = {.loop = loop};
     CHECK_OK(ca_loop_call_soon(loop, start_wrong_thread, &w, NULL));
     CHECK_OK(ca_loop_run_forever(loop)); /* stopped by the other thread */
