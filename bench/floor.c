@@ -544,6 +544,18 @@ static int child_workload(const bench_args *a)
                 wait_one(idle[i]);
         }
         b_report(nm, a, dt / (double)n * 1e6, "us");
+    } else if (b_is(a, "fd_cost")) {
+        /* what an open fd costs a spawn: F close-on-exec fds (as a pidfd per child would be),
+         * then N spawn+reap; fork/clone copies the fd table and exec closes the CLOEXEC ones */
+        long f = a->param, n = b_n(a, B_SCALE_N);
+        for (long i = 0; i < f; i++)
+            if (open("/dev/null", O_RDONLY | O_CLOEXEC) < 0)
+                b_die("open: %s", strerror(errno));
+        wait_one(b_spawn(b_true_argv)); /* warm-up */
+        double t0 = b_now();
+        for (long i = 0; i < n; i++)
+            wait_one(b_spawn(b_true_argv));
+        b_report("floor-spawn", a, (b_now() - t0) / (double)n * 1e6, "us");
     } else if (b_is(a, "mem")) {
         long n = a->param > 0 ? a->param : B_MEM_N;
         pid_t *pids = calloc((size_t)n, sizeof(pid_t));

@@ -15,11 +15,12 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ["spawn_reap", "reap_scaling", "mem", "burst", "chain", "timers", "pingpong",
+ORDER = ["spawn_reap", "reap_scaling", "fd_cost", "mem", "burst", "chain", "timers", "pingpong",
          "pingpong_sock", "stream", "threadsafe", "policy", "policy_instr", "jobs"]
 TITLE = {
     "spawn_reap": "spawn+reap of /bin/true (param: children in flight)",
     "reap_scaling": "one spawn+reap with M idle watched children (param: M)",
+    "fd_cost": "one posix_spawn+waitpid with F extra close-on-exec fds open (param: F)",
     "mem": "resident memory per watched child (param: children)",
     "burst": "call_soon, all scheduled up front",
     "chain": "chained call_soon (each callback schedules the next)",
@@ -170,6 +171,19 @@ def growth_table(st):
         txt.append("   %-28s %s  x%s" % (n, " ".join("%9s" % fmt(v, "us") for v in vs), r2(g)))
         md.append("| %s | %s | %s |" % (n, " | ".join(fmt(v, "us") for v in vs), r2(g)))
     return txt, md
+
+
+def fd_cost_lines(st):
+    fs = sorted({p for (b, p) in st.data if b == "fd_cost"}, key=pkey)
+    if len(fs) < 2:
+        return [], []
+    v0, v1 = st.get("fd_cost", fs[0], "floor-spawn"), st.get("fd_cost", fs[-1], "floor-spawn")
+    if not v0 or not v1:
+        return [], []
+    per = (v1 - v0) / (int(fs[-1]) - int(fs[0])) * 1000
+    line = ("what an open fd costs every spawn: %s us with %s fds, %s us with %s: %.0f ns per fd"
+            % (fmt(v0, "us"), fs[0], fmt(v1, "us"), fs[-1], per))
+    return ["", "== " + line], ["", "**fd cost**: " + line + " (fork/clone copies the fd table)."]
 
 
 def check(results, what, ok, detail):
@@ -361,6 +375,8 @@ def main():
         fails = open(os.path.join(out, "failures.txt")).read().strip()
     txt, md = tables(st)
     gt, gm = growth_table(st)
+    ft, fm = fd_cost_lines(st)
+    gt, gm = gt + ft, gm + fm
     res = targets(st)
     os.makedirs(plotdir, exist_ok=True)
     made = plots(st, out, plotdir)

@@ -84,6 +84,7 @@ done
 for m in $M_LIST; do
     plan reap_scaling "$m" "$SCALE_N" floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
 done
+for m in $M_LIST; do plan fd_cost "$m" "$SCALE_N" floor:spawn; done
 plan mem "$MEM_N" - floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
 plan burst 0 "$SOON_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
 plan chain 0 "$SOON_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
