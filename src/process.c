@@ -715,13 +715,19 @@ static void child_exited(pid_t pid, int returncode, void *arg)
     ca_loop_unref(loop);
 }
 
-static int send_sig(ca_process *p, int sig)
+/* 0, or -errno (-ESRCH: the child is gone, reaped by somebody). */
+static int raw_signal(ca_process *p, int sig)
 {
     int r;
     if (p->pidfd >= 0) r = (int)syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0);
     else r = kill(p->pid, sig);
-    if (r == 0) return 0;
-    return errno == ESRCH ? 0 : -errno;
+    return r == 0 ? 0 : -errno;
+}
+
+static int send_sig(ca_process *p, int sig)
+{
+    int r = raw_signal(p, sig);
+    return r == -ESRCH ? 0 : r;
 }
 
 /* ----- closing the loop ------------------------------------------------------------------------ */
@@ -752,14 +758,18 @@ static void on_loop_close(void *arg)
             drop = false;
         }
         if (r != 0) {
-            int kr = send_sig(p, SIGKILL);
+            /* -ESRCH: the watcher reaped it already, its exit was on the way to this loop and
+             * is lost with it (returncode 255, "unknown", as asyncio says). A zombie takes
+             * the signal and gives its own status. */
+            int kr = raw_signal(p, SIGKILL);
             int rc = reap_now(p->pid, p->pidfd);
-            /* Somebody else (a Threaded watcher's thread) may reap it first. */
+            /* A Threaded watcher's thread may win the reap of the child we killed. */
             if (rc == 255 && kr == 0) rc = -SIGKILL;
             atomic_store(&p->exit_rc, rc);
             atomic_store(&p->exit_seen, true);
-            ca__log(CA_LOG_WARNING, "loop closed with child process %d (%s) still running: "
-                    "killed it (returncode %d)", (int)p->pid, p->name, rc);
+            if (rc == -SIGKILL)
+                ca__log(CA_LOG_WARNING, "loop closed with child process %d (%s) still "
+                        "running: killed it", (int)p->pid, p->name);
         }
         if (atomic_load(&p->exit_seen)) {
             p->rc = atomic_load(&p->exit_rc);
@@ -1083,6 +1093,7 @@ int ca_process_write(ca_process *p, const void *buf, size_t n)
     int r = proc_check(p);
     if (r) return r;
     if (!p->piped[0]) return -EINVAL;
+    if (p->closed) return -EBADF;
     if (p->fd[0] < 0 || p->stdin_closing) return -EPIPE;
     if (n == 0) return 0;
     if ((r = bytes_reserve(&p->in, n)) < 0) return r;

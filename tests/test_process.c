@@ -1,0 +1,1098 @@
+/* The subprocess suite. Every LOOP_TEST runs on epoll, poll, io_uring and the custom loop, and
+ * most run once with each of the five child watchers (Safe and Fast need a loop with signal
+ * handlers, which the custom test loop does not have: they are skipped there). Real programs
+ * only: sh, cat, sleep, echo, ls. */
+#include "harness.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#define ARGV(...) ((const char *const[]){__VA_ARGS__, NULL})
+
+/* ----- watchers ------------------------------------------------------------------------------ */
+
+enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_COUNT };
+static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd"};
+
+/* Makes watcher kind k the policy's (Safe and Fast attached to loop). false when it does not
+ * apply here: Safe/Fast on a loop without signal handlers, Pidfd without kernel support. */
+static bool use_watcher(ca_loop *loop, int k)
+{
+    ca_child_watcher *w = NULL;
+    int r = -EINVAL;
+    switch (k) {
+    case W_THREADED: r = ca_threaded_child_watcher_new(&w); break;
+    case W_MULTILOOP: r = ca_multiloop_child_watcher_new(&w); break;
+    case W_SAFE: r = ca_safe_child_watcher_new(&w); break;
+    case W_FAST: r = ca_fast_child_watcher_new(&w); break;
+    case W_PIDFD: r = ca_pidfd_child_watcher_new(&w); break;
+    }
+    if (r == -ENOSYS) return false;
+    CHECK_OK(r);
+    if (k == W_SAFE || k == W_FAST) {
+        r = ca_child_watcher_attach_loop(w, loop);
+        if (r == -ENOTSUP) {
+            ca_child_watcher_close(w);
+            ca_child_watcher_unref(w);
+            return false;
+        }
+        CHECK_OK(r);
+    }
+    CHECK_OK(ca_set_child_watcher(w)); /* the policy takes its own reference */
+    ca_child_watcher_unref(w);
+    return true;
+}
+
+/* Closes the policy's watcher (MultiLoop has a thread until then). */
+static void drop_watcher(void) { CHECK_OK(ca_set_child_watcher(NULL)); }
+
+/* ----- recording what the protocol sees ------------------------------------------------------ */
+
+#define MAXEV 4096
+
+struct buf {
+    char *data;
+    size_t len, cap;
+};
+
+static void buf_add(struct buf *b, const void *p, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n + 1) cap *= 2;
+        b->data = realloc(b->data, cap);
+        CHECK(b->data != NULL);
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+/* Events: 'd' data on 1, 'e' data on 2 (runs of them are folded), '0' '1' '2' connection lost,
+ * 'X' process exited, 'W' the wait future's done callback. */
+struct run {
+    ca_loop *loop;
+    ca_process *proc;
+    ca_future *wait;
+    char ev[MAXEV];
+    int nev;
+    struct buf out[3];
+    int nlost[3], lost_err[3];
+    int nexit;
+    int waited;
+    bool closed;      /* the loop was closed: nothing may arrive any more */
+    int after_close;
+};
+
+static void ev(struct run *r, char c)
+{
+    if (r->closed) r->after_close++;
+    if ((c == 'd' || c == 'e') && r->nev > 0 && r->ev[r->nev - 1] == c) return;
+    if (r->nev < MAXEV - 1) r->ev[r->nev++] = c;
+    r->ev[r->nev] = 0;
+}
+
+static void on_data(ca_process *p, int fd, const void *data, size_t n, void *arg)
+{
+    struct run *r = arg;
+    CHECK(fd == 1 || fd == 2);
+    CHECK(n > 0);
+    if (r->proc) CHECK(p == r->proc);
+    buf_add(&r->out[fd], data, n);
+    ev(r, fd == 1 ? 'd' : 'e');
+}
+
+static void on_lost(ca_process *p, int fd, int err, void *arg)
+{
+    struct run *r = arg;
+    CHECK(fd >= 0 && fd <= 2);
+    r->nlost[fd]++;
+    r->lost_err[fd] = err;
+    ev(r, (char)('0' + fd));
+}
+
+static void on_exited(ca_process *p, void *arg)
+{
+    struct run *r = arg;
+    int rc;
+    CHECK_OK(ca_process_returncode(p, &rc)); /* known when process_exited runs */
+    r->nexit++;
+    ev(r, 'X');
+}
+
+static const ca_subprocess_protocol proto = {on_data, on_lost, on_exited};
+
+static void on_wait_done(ca_future *f, void *arg)
+{
+    struct run *r = arg;
+    r->waited++;
+    ev(r, 'W');
+}
+
+static void start_(struct run *r, ca_loop *loop, const ca_subprocess_options *o, bool done_cb)
+{
+    memset(r, 0, sizeof *r);
+    r->loop = loop;
+    CHECK_OK(ca_loop_subprocess_exec(loop, o, &proto, r, &r->proc));
+    CHECK(ca_process_pid(r->proc) > 0);
+    CHECK_OK(ca_process_wait(r->proc, &r->wait));
+    if (done_cb) CHECK_OK(ca_future_add_done_callback(r->wait, on_wait_done, r));
+}
+
+static void start(struct run *r, ca_loop *loop, const ca_subprocess_options *o)
+{
+    start_(r, loop, o, true);
+}
+
+static bool waited(void *arg) { return ((struct run *)arg)->waited > 0; }
+
+/* Runs until the wait future is done; returns the process's returncode (and checks that the
+ * future and ca_process_returncode agree). */
+static int finish(struct run *r, double timeout)
+{
+    if (!t_run_until(r->loop, waited, r, timeout))
+        t_fail(__FILE__, __LINE__, "process %d did not finish in %.0fs (events \"%s\")",
+               (int)ca_process_pid(r->proc), timeout, r->ev);
+    void *res = NULL;
+    CHECK_OK(ca_future_result(r->wait, &res));
+    int rc = -1000;
+    CHECK_OK(ca_process_returncode(r->proc, &rc));
+    CHECK_EQ((int)(intptr_t)res, rc);
+    return rc;
+}
+
+static void run_free(struct run *r)
+{
+    r->proc = ca_process_unref(r->proc);
+    r->wait = ca_future_unref(r->wait);
+    for (int i = 0; i < 3; i++) free(r->out[i].data);
+    memset(r->out, 0, sizeof r->out);
+}
+
+static int pos(const struct run *r, char c)
+{
+    const char *s = strchr(r->ev, c);
+    return s ? (int)(s - r->ev) : -1;
+}
+
+static int last_pos(const struct run *r, char c)
+{
+    const char *s = strrchr(r->ev, c);
+    return s ? (int)(s - r->ev) : -1;
+}
+
+/* asyncio's guarantees: each piped fd's data comes before its one pipe_connection_lost, one
+ * process_exited, and the wait future after all of them. strict: the child's pipes were only
+ * its own, so they are closed (and reported) before process_exited too. */
+static void check_order(const struct run *r, const bool piped[3], bool strict)
+{
+    CHECK_EQ(r->nexit, 1);
+    CHECK_EQ(r->waited, 1);
+    int x = pos(r, 'X'), w = pos(r, 'W');
+    CHECK(x >= 0);
+    CHECK_EQ(w, r->nev - 1);
+    CHECK(x < w);
+    for (int fd = 0; fd < 3; fd++) {
+        int l = pos(r, (char)('0' + fd));
+        if (!piped[fd]) {
+            CHECK_EQ(r->nlost[fd], 0);
+            if (fd > 0) CHECK_EQ(r->out[fd].len, 0);
+            continue;
+        }
+        CHECK_EQ(r->nlost[fd], 1);
+        CHECK(l >= 0 && l < w);
+        if (fd > 0) CHECK(last_pos(r, fd == 1 ? 'd' : 'e') < l);
+        if (strict) CHECK(l < x);
+    }
+}
+
+static bool no_children(void)
+{
+    /* A Threaded watcher's thread may be reaping the last one right now. */
+    for (int i = 0; i < 200 * t_slow(); i++) {
+        errno = 0;
+        if (waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD) return true;
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return false;
+}
+
+static size_t scaled(size_t n, size_t min)
+{
+    size_t s = (size_t)((double)n / t_slow());
+    return s < min ? min : s;
+}
+
+/* ----- echo through cat ------------------------------------------------------------------------ */
+
+static void echo_through_cat(ca_loop *loop, size_t n)
+{
+    char *data = malloc(n);
+    CHECK(data != NULL);
+    for (size_t i = 0; i < n; i++) data[i] = (char)((i * 2654435761u) >> 13);
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("cat"), .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    /* In two parts: the second one queues behind the first. */
+    CHECK_OK(ca_process_write(r.proc, data, n / 3));
+    CHECK_OK(ca_process_write(r.proc, data + n / 3, n - n / 3));
+    CHECK_OK(ca_process_close_stdin(r.proc));
+    CHECK_EQ(finish(&r, 60), 0);
+    CHECK_EQ(r.out[1].len, n);
+    CHECK(memcmp(r.out[1].data, data, n) == 0);
+    CHECK_EQ(r.lost_err[0], 0);
+    CHECK_EQ(r.lost_err[1], 0);
+    check_order(&r, (const bool[3]){true, true, false}, false);
+    CHECK(pos(&r, '0') < pos(&r, 'X')); /* stdin was closed by us, long before the exit */
+    run_free(&r);
+    free(data);
+}
+
+LOOP_TEST(echo_cat_10mib) /* timeout: 60 */
+{
+    echo_through_cat(loop, scaled(10 << 20, 256 << 10));
+}
+
+LOOP_TEST(echo_cat_every_watcher) /* timeout: 60 */
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        echo_through_cat(loop, scaled(1 << 20, 64 << 10));
+        drop_watcher();
+    }
+}
+
+/* ----- stdio modes ----------------------------------------------------------------------------- */
+
+LOOP_TEST(stdout_stderr_apart_and_merged)
+{
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "echo out; echo err >&2; echo out2"),
+                               .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK(strcmp(r.out[1].data, "out\nout2\n") == 0);
+    CHECK(strcmp(r.out[2].data, "err\n") == 0);
+    check_order(&r, (const bool[3]){false, true, true}, true);
+    run_free(&r);
+
+    o.stderr_mode = CA_STDOUT;
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK(strcmp(r.out[1].data, "out\nerr\nout2\n") == 0);
+    CHECK_EQ(r.out[2].len, 0);
+    check_order(&r, (const bool[3]){false, true, false}, true);
+    run_free(&r);
+}
+
+LOOP_TEST(devnull)
+{
+    struct run r;
+    /* stdin from /dev/null: cat sees EOF at once. */
+    ca_subprocess_options o = {.argv = ARGV("cat"), .stdin_mode = CA_DEVNULL,
+                               .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK_EQ(r.out[1].len, 0);
+    run_free(&r);
+
+    o = (ca_subprocess_options){
+        .argv = ARGV("sh", "-c", "readlink /proc/$$/fd/0 /proc/$$/fd/1 >&2; echo lost"),
+        .stdin_mode = CA_DEVNULL, .stdout_mode = CA_DEVNULL, .stderr_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK(strcmp(r.out[2].data, "/dev/null\n/dev/null\n") == 0);
+    CHECK_EQ(r.out[1].len, 0);
+    run_free(&r);
+}
+
+static void fd_identity(int fd, char *out, size_t n)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    ssize_t k = readlink(path, out, n - 1);
+    CHECK(k > 0);
+    out[k] = 0;
+}
+
+LOOP_TEST(inherit)
+{
+    /* The child's stdout is ours: point ours at a pipe for the duration. */
+    int p[2];
+    CHECK_OK(pipe2(p, O_CLOEXEC));
+    fflush(stdout);
+    int saved = fcntl(1, F_DUPFD_CLOEXEC, 3);
+    CHECK(saved >= 0);
+    CHECK(dup2(p[1], 1) == 1);
+    char want[256];
+    fd_identity(p[1], want, sizeof want);
+
+    ca_subprocess_options o = {0}; /* zero-initialised: all three inherited */
+    o.argv = ARGV("sh", "-c", "echo inherited; readlink /proc/self/fd/1");
+    struct run r;
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    check_order(&r, (const bool[3]){false, false, false}, true);
+    run_free(&r);
+
+    CHECK(dup2(saved, 1) == 1);
+    close(saved);
+    close(p[1]);
+    char got[512] = {0};
+    ssize_t n = read(p[0], got, sizeof got - 1);
+    close(p[0]);
+    CHECK(n > 0);
+    char expect[300];
+    snprintf(expect, sizeof expect, "inherited\n%s\n", want);
+    CHECK(strcmp(got, expect) == 0);
+}
+
+/* A temporary file without O_CLOEXEC (on purpose: it must still not leak into the child). */
+static int temp_file(void)
+{
+    int fd = open("/tmp", O_TMPFILE | O_RDWR, 0600);
+    if (fd < 0) {
+        char name[] = "/tmp/ca-test-XXXXXX";
+        fd = mkstemp(name);
+        CHECK(fd >= 0);
+        unlink(name);
+    }
+    return fd;
+}
+
+static size_t read_file(int fd, char *out, size_t n)
+{
+    ssize_t k = pread(fd, out, n - 1, 0);
+    CHECK(k >= 0);
+    out[k] = 0;
+    return (size_t)k;
+}
+
+LOOP_TEST(given_fd)
+{
+    int fd = temp_file();
+    /* Also one at a high number, to check that only the dup on 1 reaches the child. */
+    int high = fcntl(fd, F_DUPFD, 60);
+    CHECK(high >= 60);
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "echo given; echo more >&2"),
+                               .stdout_mode = CA_FD, .stdout_fd = high,
+                               .stderr_mode = CA_STDOUT};
+    struct run r;
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    run_free(&r);
+    char got[64];
+    read_file(fd, got, sizeof got);
+    CHECK(strcmp(got, "given\nmore\n") == 0);
+    /* The caller's fd is still the caller's, open. */
+    CHECK(fcntl(high, F_GETFD) >= 0);
+    close(high);
+    close(fd);
+}
+
+/* The child lists /proc/self/fd: 0, 1, 2 and the one fd of its own listing, nothing else,
+ * although we have fds without O_CLOEXEC open. */
+static void check_listing(const char *s)
+{
+    int n = 0, seen[3] = {0};
+    const char *p = s;
+    while (*p) {
+        int fd = atoi(p);
+        if (fd < 3) seen[fd] = 1;
+        else CHECK_EQ(fd, 3); /* ls's directory */
+        n++;
+        p = strchr(p, '\n');
+        if (!p) break;
+        p++;
+    }
+    CHECK(seen[0] && seen[1] && seen[2]);
+    CHECK(n <= 4);
+}
+
+LOOP_TEST(child_sees_only_std_fds)
+{
+    int leak = open("/dev/null", O_RDONLY); /* no O_CLOEXEC */
+    CHECK(leak >= 0);
+    int leak2 = fcntl(leak, F_DUPFD, 100);
+    CHECK(leak2 >= 100);
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("ls", "-1", "/proc/self/fd"), .stdin_mode = CA_PIPE,
+                               .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_OK(ca_process_close_stdin(r.proc));
+    CHECK_EQ(finish(&r, 10), 0);
+    check_listing(r.out[1].data);
+    run_free(&r);
+
+    /* The same through a given fd (a file without O_CLOEXEC). */
+    int fd = temp_file();
+    o = (ca_subprocess_options){.argv = ARGV("ls", "-1", "/proc/self/fd"),
+                                .stdout_mode = CA_FD, .stdout_fd = fd};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    run_free(&r);
+    char got[256];
+    read_file(fd, got, sizeof got);
+    check_listing(got);
+    close(fd);
+    close(leak);
+    close(leak2);
+}
+
+/* ----- cwd, envp, PATH, sessions ---------------------------------------------------------------- */
+
+LOOP_TEST(cwd_and_envp)
+{
+    char dir[] = "/tmp/ca-proc-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char real[PATH_MAX];
+    CHECK(realpath(dir, real) != NULL);
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "pwd; echo \"$FOO\"; echo \"[$HOME]\""),
+                               .envp = ARGV("FOO=bar baz", "PATH=/usr/bin:/bin"),
+                               .cwd = dir, .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    char expect[PATH_MAX + 64];
+    snprintf(expect, sizeof expect, "%s\nbar baz\n[]\n", real);
+    CHECK(strcmp(r.out[1].data, expect) == 0);
+    run_free(&r);
+    rmdir(dir);
+}
+
+LOOP_TEST(path_lookup)
+{
+    ca_process *p = (ca_process *)0x1;
+    /* envp's PATH is the one searched. */
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "exit 0"),
+                               .envp = ARGV("PATH=/nonexistent-dir")};
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -ENOENT);
+    CHECK(p == (ca_process *)0x1);
+    /* ... in order, empty entries and missing directories skipped. */
+    o.envp = ARGV("PATH=/nonexistent-dir::/usr/bin:/bin");
+    struct run r;
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    run_free(&r);
+    /* envp without PATH: ours. */
+    o.envp = ARGV("A=1");
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    run_free(&r);
+    /* A match that is not executable gives EACCES, as execvp. */
+    char dir[] = "/tmp/ca-proc-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char file[64], env[80];
+    snprintf(file, sizeof file, "%s/ca-not-exec", dir);
+    int fd = open(file, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    CHECK(fd >= 0);
+    CHECK(write(fd, "#!/bin/sh\n", 10) == 10);
+    close(fd);
+    snprintf(env, sizeof env, "PATH=%s", dir);
+    o = (ca_subprocess_options){.argv = ARGV("ca-not-exec"), .envp = ARGV(env)};
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EACCES);
+    unlink(file);
+    rmdir(dir);
+    CHECK(no_children());
+}
+
+/* The session id of a process, from /proc/PID/stat (field 6). */
+static pid_t sid_of(const char *stat)
+{
+    const char *p = strrchr(stat, ')');
+    CHECK(p != NULL);
+    int state_pid_pgrp_sid[4];
+    char st;
+    CHECK(sscanf(p + 1, " %c %d %d %d", &st, &state_pid_pgrp_sid[1], &state_pid_pgrp_sid[2],
+                 &state_pid_pgrp_sid[3]) == 4);
+    return state_pid_pgrp_sid[3];
+}
+
+LOOP_TEST(start_new_session)
+{
+    for (int new_session = 0; new_session < 2; new_session++) {
+        struct run r;
+        ca_subprocess_options o = {.argv = ARGV("cat", "/proc/self/stat"),
+                                   .stdout_mode = CA_PIPE, .start_new_session = new_session};
+        start(&r, loop, &o);
+        pid_t pid = ca_process_pid(r.proc);
+        CHECK_EQ(finish(&r, 10), 0);
+        pid_t sid = sid_of(r.out[1].data);
+        if (new_session) {
+            CHECK_NE(sid, getsid(0));
+            CHECK_EQ(sid, pid); /* a session leader */
+        } else {
+            CHECK_EQ(sid, getsid(0));
+        }
+        run_free(&r);
+    }
+}
+
+/* ----- exec errors ------------------------------------------------------------------------------ */
+
+static void exec_fails(ca_loop *loop, const ca_subprocess_options *o, int err)
+{
+    ca_process *p = (ca_process *)0x1;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, o, &proto, NULL, &p), err);
+    CHECK(p == (ca_process *)0x1); /* out is never written on failure */
+    errno = 0;
+    CHECK(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD); /* no child, no zombie */
+}
+
+LOOP_TEST(exec_errors)
+{
+    char dir[] = "/tmp/ca-proc-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char file[64];
+    snprintf(file, sizeof file, "%s/plain", dir);
+    int fd = open(file, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    CHECK(fd >= 0);
+    close(fd);
+    for (int k = 0; k < W_COUNT; k += W_FAST - W_THREADED) { /* the default, and Fast */
+        if (!use_watcher(loop, k)) continue;
+        ca_subprocess_options o = {.argv = ARGV("/nonexistent/prog"), .stdout_mode = CA_PIPE};
+        exec_fails(loop, &o, -ENOENT);
+        o.argv = ARGV("ca-no-such-program-anywhere");
+        exec_fails(loop, &o, -ENOENT);
+        o.argv = ARGV(file);
+        exec_fails(loop, &o, -EACCES);
+        o.argv = ARGV(dir);
+        exec_fails(loop, &o, -EACCES);
+        o.argv = ARGV("true");
+        o.cwd = "/nonexistent-dir";
+        exec_fails(loop, &o, -ENOENT);
+        o.cwd = file;
+        exec_fails(loop, &o, -ENOTDIR);
+        /* And the loop still works: a good one after the bad ones. */
+        o.cwd = NULL;
+        struct run r;
+        start(&r, loop, &o);
+        CHECK_EQ(finish(&r, 10), 0);
+        run_free(&r);
+        drop_watcher();
+    }
+    unlink(file);
+    rmdir(dir);
+}
+
+/* ----- signals and callback order ---------------------------------------------------------------- */
+
+static bool both_greeted(void *arg)
+{
+    struct run *r = arg;
+    return r->out[1].len >= 6 && r->out[2].len >= 4;
+}
+
+LOOP_TEST(kill_terminate_send_signal) /* timeout: 60 */
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        for (int action = 0; action < 3; action++) {
+            struct run r;
+            ca_subprocess_options o = {
+                .argv = ARGV("sh", "-c", "echo hello; echo err >&2; exec sleep 100"),
+                .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
+            start(&r, loop, &o);
+            CHECK(t_run_until(loop, both_greeted, &r, 10));
+            int rc;
+            CHECK_ERR(ca_process_returncode(r.proc, &rc), -EAGAIN);
+            CHECK_ERR(ca_process_send_signal(r.proc, 0), -EINVAL);
+            CHECK_ERR(ca_process_send_signal(r.proc, -1), -EINVAL);
+            CHECK_ERR(ca_process_send_signal(r.proc, 65), -EINVAL);
+            CHECK_ERR(ca_process_send_signal(NULL, SIGTERM), -EINVAL);
+            CHECK_EQ(r.nexit, 0);
+            int want;
+            if (action == 0) {
+                CHECK_OK(ca_process_kill(r.proc));
+                want = -SIGKILL;
+            } else if (action == 1) {
+                CHECK_OK(ca_process_terminate(r.proc));
+                want = -SIGTERM;
+            } else {
+                CHECK_OK(ca_process_send_signal(r.proc, SIGINT));
+                want = -SIGINT;
+            }
+            int got = finish(&r, 10);
+            if (got != want)
+                t_fail(__FILE__, __LINE__, "watcher %s action %d: returncode %d, want %d",
+                       wname[k], action, got, want);
+            CHECK(strcmp(r.out[1].data, "hello\n") == 0);
+            CHECK(strcmp(r.out[2].data, "err\n") == 0);
+            /* data..., connection lost per pipe, process_exited, then the wait future. */
+            check_order(&r, (const bool[3]){false, true, true}, true);
+            /* After the exit: signals do nothing. */
+            CHECK_OK(ca_process_kill(r.proc));
+            CHECK_OK(ca_process_send_signal(r.proc, SIGTERM));
+            CHECK_OK(ca_process_returncode(r.proc, &rc));
+            CHECK_EQ(rc, want);
+            run_free(&r);
+        }
+        drop_watcher();
+    }
+}
+
+/* ----- wait ----------------------------------------------------------------------------------- */
+
+static bool exited(void *arg) { return ((struct run *)arg)->nexit > 0; }
+
+LOOP_TEST(wait_before_and_after_exit) /* timeout: 60 */
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        struct run r;
+        /* No pipes: finished as soon as the exit is known. */
+        ca_subprocess_options o = {.argv = ARGV("sh", "-c", "exit 7")};
+        start(&r, loop, &o);
+        CHECK(!ca_future_done(r.wait));
+        CHECK(t_run_until(loop, exited, &r, 10));
+        CHECK_EQ(finish(&r, 10), 7);
+        /* After: a new future each call, done at once; its callbacks still go through the loop. */
+        ca_future *f = NULL, *g = NULL;
+        CHECK_OK(ca_process_wait(r.proc, &f));
+        CHECK_OK(ca_process_wait(r.proc, &g));
+        CHECK(f != g);
+        CHECK(ca_future_done(f));
+        void *res;
+        CHECK_OK(ca_future_result(f, &res));
+        CHECK_EQ((int)(intptr_t)res, 7);
+        CHECK_OK(ca_loop_run_until_complete(loop, g));
+        ca_future_unref(f);
+        ca_future_unref(g);
+        run_free(&r);
+
+        /* run_until_complete on the wait future, the way a program would write it. */
+        ca_process *p;
+        ca_subprocess_options o2 = {.argv = ARGV("sleep", "0.05")};
+        CHECK_OK(ca_loop_subprocess_exec(loop, &o2, NULL, NULL, &p));
+        CHECK_OK(ca_process_wait(p, &f));
+        CHECK_OK(ca_loop_run_until_complete(loop, f));
+        CHECK_OK(ca_future_result(f, &res));
+        CHECK_EQ((int)(intptr_t)res, 0);
+        ca_future_unref(f);
+        ca_process_unref(p);
+        drop_watcher();
+    }
+}
+
+/* A pipe that a grandchild keeps open keeps the wait pending after the exit, as in asyncio. */
+LOOP_TEST(grandchild_keeps_pipe_open)
+{
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "sleep 0.3 & echo parent-done"),
+                               .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK(t_run_until(loop, exited, &r, 10));
+    CHECK(!ca_future_done(r.wait));
+    CHECK_EQ(r.nlost[1], 0);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK(pos(&r, 'X') < pos(&r, '1'));
+    check_order(&r, (const bool[3]){false, true, false}, false);
+    run_free(&r);
+}
+
+/* Spawning from a callback while the loop runs (the usual case in a program). */
+struct spawn_cb {
+    ca_loop *loop;
+    struct run r;
+};
+static void spawn_now(void *arg)
+{
+    struct spawn_cb *s = arg;
+    ca_subprocess_options o = {.argv = ARGV("echo", "from-callback"), .stdout_mode = CA_PIPE};
+    start(&s->r, s->loop, &o);
+}
+
+LOOP_TEST(spawn_from_running_loop)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        struct spawn_cb s = {.loop = loop};
+        CHECK_OK(ca_loop_call_soon(loop, spawn_now, &s, NULL));
+        t_run_for(loop, 0.001);
+        CHECK(s.r.proc != NULL);
+        CHECK_EQ(finish(&s.r, 10), 0);
+        CHECK(strcmp(s.r.out[1].data, "from-callback\n") == 0);
+        run_free(&s.r);
+        drop_watcher();
+    }
+}
+
+/* ----- stdin ------------------------------------------------------------------------------------ */
+
+static bool said_closed(void *arg) { return ((struct run *)arg)->out[1].len > 0; }
+
+LOOP_TEST(stdin_closed_by_child)
+{
+    /* The child closes its stdin without reading what we queued: EPIPE through the protocol,
+     * the rest dropped. */
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "sleep 0.1; exec 0<&-; echo closed; "
+                                                        "sleep 0.2"),
+                               .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    size_t n = 1 << 20;
+    char *data = calloc(1, n);
+    CHECK_OK(ca_process_write(r.proc, data, n));
+    free(data); /* the process copied what it kept */
+    CHECK(t_run_until(loop, said_closed, &r, 10));
+    CHECK_EQ(r.nlost[0], 1);
+    CHECK_ERR(r.lost_err[0], -EPIPE);
+    CHECK_ERR(ca_process_write(r.proc, "x", 1), -EPIPE);
+    CHECK_OK(ca_process_close_stdin(r.proc)); /* harmless */
+    CHECK_EQ(finish(&r, 10), 0);
+    check_order(&r, (const bool[3]){true, true, false}, false);
+    run_free(&r);
+
+    /* Writing after the child closed it (and we noticed): -EPIPE at once. */
+    o.argv = ARGV("sh", "-c", "exec 0<&-; echo closed; sleep 0.2");
+    start(&r, loop, &o);
+    CHECK(t_run_until(loop, said_closed, &r, 10));
+    t_run_for(loop, 0.01);
+    CHECK_EQ(r.nlost[0], 1);
+    CHECK_EQ(r.lost_err[0], 0);
+    CHECK_ERR(ca_process_write(r.proc, "x", 1), -EPIPE);
+    CHECK_EQ(finish(&r, 10), 0);
+    run_free(&r);
+
+    /* Nothing buffered: the close is noticed by itself, before the exit, without error. */
+    o.argv = ARGV("sh", "-c", "exec 0<&-; sleep 0.2");
+    o.stdout_mode = CA_INHERIT;
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    CHECK_EQ(r.lost_err[0], 0);
+    check_order(&r, (const bool[3]){true, false, false}, true);
+    run_free(&r);
+}
+
+/* ----- many at once ------------------------------------------------------------------------------ */
+
+struct many {
+    struct run *runs;
+    size_t n;
+};
+
+static bool all_waited(void *arg)
+{
+    struct many *m = arg;
+    for (size_t i = 0; i < m->n; i++)
+        if (!m->runs[i].waited) return false;
+    return true;
+}
+
+static void many_at_once(ca_loop *loop, size_t n)
+{
+    struct many m = {calloc(n, sizeof(struct run)), n};
+    CHECK(m.runs != NULL);
+    /* cat keeps running until its stdin closes: all n are alive together. */
+    for (size_t i = 0; i < n; i++) {
+        ca_subprocess_options o = {.argv = ARGV("cat"), .stdin_mode = CA_PIPE,
+                                   .stdout_mode = CA_PIPE};
+        start(&m.runs[i], loop, &o);
+        char line[32];
+        int len = snprintf(line, sizeof line, "%zu\n", i);
+        CHECK_OK(ca_process_write(m.runs[i].proc, line, (size_t)len));
+    }
+    for (size_t i = 0; i < n; i++) CHECK_OK(ca_process_close_stdin(m.runs[i].proc));
+    if (!t_run_until(loop, all_waited, &m, 60)) t_fail(__FILE__, __LINE__, "not all collected");
+    for (size_t i = 0; i < n; i++) {
+        struct run *r = &m.runs[i];
+        char line[32];
+        snprintf(line, sizeof line, "%zu\n", i);
+        CHECK(r->out[1].data && strcmp(r->out[1].data, line) == 0);
+        void *res;
+        CHECK_OK(ca_future_result(r->wait, &res));
+        CHECK_EQ((int)(intptr_t)res, 0);
+        check_order(r, (const bool[3]){true, true, false}, false);
+        run_free(r);
+    }
+    free(m.runs);
+}
+
+static void raise_fd_limit(size_t need)
+{
+    struct rlimit rl;
+    CHECK_OK(getrlimit(RLIMIT_NOFILE, &rl));
+    if (rl.rlim_cur < need) {
+        rl.rlim_cur = rl.rlim_max < need ? rl.rlim_max : need;
+        CHECK_OK(setrlimit(RLIMIT_NOFILE, &rl));
+    }
+    if (rl.rlim_cur < need) SKIP("the fd limit cannot be raised far enough");
+}
+
+LOOP_TEST(thousand_concurrent) /* timeout: 120 */
+{
+    size_t n = scaled(1000, 50);
+    raise_fd_limit(n * 5 + 256);
+    many_at_once(loop, n);
+}
+
+LOOP_TEST(concurrent_every_watcher) /* timeout: 120 */
+{
+    size_t n = scaled(200, 20);
+    raise_fd_limit(n * 5 + 256);
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        many_at_once(loop, n);
+        drop_watcher();
+    }
+}
+
+/* ----- inactive watcher ------------------------------------------------------------------------- */
+
+LOOP_TEST(inactive_watcher_refused)
+{
+    ca_child_watcher *w;
+    for (int fast = 0; fast < 2; fast++) {
+        CHECK_OK(fast ? ca_fast_child_watcher_new(&w) : ca_safe_child_watcher_new(&w));
+        CHECK_OK(ca_set_child_watcher(w)); /* not attached to a loop: inactive */
+        ca_child_watcher_unref(w);
+        ca_subprocess_options o = {.argv = ARGV("sh", "-c", "touch /tmp/ca-must-not-run-$$"),
+                                   .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE,
+                                   .stderr_mode = CA_PIPE};
+        exec_fails(loop, &o, -ENOTCONN);
+        drop_watcher();
+    }
+}
+
+/* ----- closing the loop -------------------------------------------------------------------------- */
+
+static int logged;
+static void count_log(int level, const char *msg, void *arg)
+{
+    if (level >= CA_LOG_WARNING && strstr(msg, "killed")) logged++;
+}
+
+LOOP_TEST(loop_close_ends_processes) /* timeout: 60 */
+{
+    ca_set_log_handler(count_log, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_loop *l;
+        CHECK_OK(t_new_loop(&l));
+        if (!use_watcher(l, k)) {
+            ca_loop_close(l);
+            ca_loop_unref(l);
+            continue;
+        }
+        struct run r, idle;
+        ca_subprocess_options o = {.argv = ARGV("sleep", "100"), .stdin_mode = CA_PIPE,
+                                   .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
+        /* Without done callbacks on the futures the close cancels: the loop would drop
+         * those callbacks unrun, and today that leaks them (reported to the core). */
+        start_(&r, l, &o, false);
+        CHECK_OK(ca_process_write(r.proc, "pending", 7));
+        t_run_for(l, 0.05);
+        /* And one that was never given a chance to run. */
+        start_(&idle, l, &o, false);
+        int before = logged;
+        CHECK_OK(ca_loop_close(l));
+        r.closed = idle.closed = true;
+        CHECK_EQ(logged - before, 2);
+        CHECK(ca_future_cancelled(r.wait));
+        CHECK(ca_future_cancelled(idle.wait));
+        int rc;
+        CHECK_OK(ca_process_returncode(r.proc, &rc));
+        CHECK_EQ(rc, -SIGKILL);
+        CHECK_OK(ca_process_returncode(idle.proc, &rc));
+        CHECK_EQ(rc, -SIGKILL);
+        CHECK(no_children());
+        /* The objects stay valid; nothing more happens on them. */
+        ca_future *f = (ca_future *)0x1;
+        CHECK_ERR(ca_process_wait(r.proc, &f), -EBADF);
+        CHECK(f == (ca_future *)0x1);
+        CHECK_ERR(ca_process_write(r.proc, "x", 1), -EBADF);
+        CHECK_OK(ca_process_kill(r.proc));
+        CHECK_EQ(r.after_close, 0);
+        CHECK_EQ(idle.after_close, 0);
+        CHECK_EQ(r.nexit, 0);
+        drop_watcher();
+        run_free(&r);
+        run_free(&idle);
+        ca_loop_unref(l);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* A child that exited but whose exit was not delivered yet when the loop closes: no kill, no
+ * log line, no zombie. */
+LOOP_TEST(loop_close_after_exit)
+{
+    ca_loop *l;
+    CHECK_OK(t_new_loop(&l));
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("true"), .stdout_mode = CA_PIPE};
+    start_(&r, l, &o, false);
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    ca_set_log_handler(count_log, NULL);
+    CHECK_OK(ca_loop_close(l));
+    ca_set_log_handler(NULL, NULL);
+    r.closed = true;
+    CHECK_EQ(logged, 0);
+    CHECK(ca_future_cancelled(r.wait));
+    int rc;
+    CHECK_OK(ca_process_returncode(r.proc, &rc));
+    CHECK(rc == 0 || rc == 255); /* 255: reaped, but the exit was lost with the loop */
+    CHECK(no_children());
+    CHECK_EQ(r.after_close, 0);
+    run_free(&r);
+    ca_loop_unref(l);
+}
+
+/* ----- communicate ------------------------------------------------------------------------------- */
+
+LOOP_TEST(communicate)
+{
+    ca_process *p;
+    ca_subprocess_options o = {.argv = ARGV("cat"), .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    char input[] = "hello world";
+    ca_future *f, *g;
+    CHECK_OK(ca_process_communicate(p, input, strlen(input), &f));
+    memset(input, 'X', sizeof input - 1); /* copied: the caller need not keep it */
+    CHECK_ERR(ca_process_communicate(p, NULL, 0, &g), -EBUSY);
+    CHECK_OK(ca_loop_run_until_complete(loop, f));
+    void *res;
+    CHECK_OK(ca_future_result(f, &res));
+    CHECK_EQ((int)(intptr_t)res, 0);
+    const void *out;
+    size_t len;
+    CHECK_OK(ca_process_output(p, 1, &out, &len));
+    CHECK_EQ(len, 11);
+    CHECK(memcmp(out, "hello world", 11) == 0);
+    CHECK_OK(ca_process_output(p, 2, &out, &len)); /* not a pipe: empty */
+    CHECK_EQ(len, 0);
+    CHECK_ERR(ca_process_output(p, 0, &out, &len), -EINVAL);
+    CHECK_ERR(ca_process_output(p, 3, &out, &len), -EINVAL);
+    ca_future_unref(f);
+    ca_process_unref(p);
+
+    /* Big input, both outputs, an exit status; the protocol still sees everything. */
+    size_t n = scaled(2 << 20, 128 << 10);
+    char *data = malloc(n);
+    for (size_t i = 0; i < n; i++) data[i] = (char)(i * 7);
+    struct run r;
+    o = (ca_subprocess_options){.argv = ARGV("sh", "-c", "cat; echo err >&2; exit 3"),
+                                .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE,
+                                .stderr_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_OK(ca_process_communicate(r.proc, data, n, &f));
+    CHECK_OK(ca_loop_run_until_complete(loop, f));
+    CHECK_OK(ca_future_result(f, &res));
+    CHECK_EQ((int)(intptr_t)res, 3);
+    CHECK_OK(ca_process_output(r.proc, 1, &out, &len));
+    CHECK_EQ(len, n);
+    CHECK(memcmp(out, data, n) == 0);
+    CHECK_EQ(r.out[1].len, n);
+    CHECK_OK(ca_process_output(r.proc, 2, &out, &len));
+    CHECK_EQ(len, 4);
+    CHECK(memcmp(out, "err\n", 4) == 0);
+    CHECK_EQ(finish(&r, 10), 3);
+    ca_future_unref(f);
+    run_free(&r);
+    free(data);
+
+    /* Input without a stdin pipe is ignored, as asyncio does. */
+    o = (ca_subprocess_options){.argv = ARGV("echo", "no-stdin"), .stdout_mode = CA_PIPE};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    CHECK_OK(ca_process_communicate(p, "ignored", 7, &f));
+    CHECK_OK(ca_loop_run_until_complete(loop, f));
+    CHECK_OK(ca_process_output(p, 1, &out, &len));
+    CHECK_EQ(len, 9);
+    CHECK(memcmp(out, "no-stdin\n", 9) == 0);
+    ca_future_unref(f);
+    ca_process_unref(p);
+}
+
+/* ----- bad input -------------------------------------------------------------------------------- */
+
+LOOP_TEST(bad_input)
+{
+    ca_process *p = (ca_process *)0x1;
+    ca_subprocess_options o = {.argv = ARGV("true")};
+    CHECK_ERR(ca_loop_subprocess_exec(NULL, &o, NULL, NULL, &p), -EINVAL);
+    CHECK_ERR(ca_loop_subprocess_exec(loop, NULL, NULL, NULL, &p), -EINVAL);
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, NULL), -EINVAL);
+    o.argv = NULL;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    o.argv = (const char *const[]){NULL};
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    o.argv = ARGV("true");
+    o.stdin_mode = CA_STDOUT;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    o.stdin_mode = CA_INHERIT;
+    o.stdout_mode = CA_STDOUT;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    o.stdout_mode = (ca_stdio_mode)42;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    o.stdout_mode = CA_FD;
+    o.stdout_fd = -1;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    close(fd);
+    o.stdout_fd = fd; /* not open */
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EBADF);
+    CHECK(p == (ca_process *)0x1);
+    CHECK(no_children());
+
+    /* The process functions. */
+    ca_future *f;
+    const void *b;
+    size_t n;
+    int rc;
+    CHECK_ERR(ca_process_wait(NULL, &f), -EINVAL);
+    CHECK_ERR(ca_process_write(NULL, "x", 1), -EINVAL);
+    CHECK_ERR(ca_process_close_stdin(NULL), -EINVAL);
+    CHECK_ERR(ca_process_kill(NULL), -EINVAL);
+    CHECK_ERR(ca_process_terminate(NULL), -EINVAL);
+    CHECK_ERR(ca_process_returncode(NULL, &rc), -EINVAL);
+    CHECK_ERR(ca_process_communicate(NULL, NULL, 0, &f), -EINVAL);
+    CHECK_ERR(ca_process_output(NULL, 1, &b, &n), -EINVAL);
+    CHECK_EQ(ca_process_pid(NULL), -EINVAL);
+    CHECK(ca_process_ref(NULL) == NULL);
+    CHECK(ca_process_unref(NULL) == NULL);
+
+    o = (ca_subprocess_options){.argv = ARGV("true")};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    CHECK_ERR(ca_process_wait(p, NULL), -EINVAL);
+    CHECK_ERR(ca_process_returncode(p, NULL), -EINVAL);
+    CHECK_ERR(ca_process_write(p, NULL, 1), -EINVAL);
+    CHECK_ERR(ca_process_write(p, "x", 1), -EINVAL);  /* stdin is not a pipe */
+    CHECK_ERR(ca_process_close_stdin(p), -EINVAL);
+    CHECK_ERR(ca_process_communicate(p, NULL, 1, &f), -EINVAL);
+    CHECK_ERR(ca_process_communicate(p, NULL, 0, NULL), -EINVAL);
+    CHECK_ERR(ca_process_output(p, 1, NULL, &n), -EINVAL);
+    CHECK_OK(ca_process_wait(p, &f));
+    CHECK_OK(ca_loop_run_until_complete(loop, f));
+    ca_future_unref(f);
+    ca_process_unref(p);
+
+    /* A closed loop. */
+    ca_loop *l;
+    CHECK_OK(t_new_loop(&l));
+    CHECK_OK(ca_loop_close(l));
+    CHECK_ERR(ca_loop_subprocess_exec(l, &o, NULL, NULL, &p), -EBADF);
+    ca_loop_unref(l);
+}
+
+/* In a child made by fork(), the parent's loop answers -ECHILD. */
+LOOP_TEST(forked_child_gets_echild)
+{
+    ca_subprocess_options o = {.argv = ARGV("true")};
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        ca_process *p;
+        _exit(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p) == -ECHILD ? 0 : 1);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
