@@ -305,7 +305,8 @@ LOOP_TEST(devnull)
     run_free(&r);
 
     o = (ca_subprocess_options){
-        .argv = ARGV("sh", "-c", "readlink /proc/$$/fd/0 /proc/$$/fd/1 >&2; echo lost"),
+        .argv = ARGV("sh", "-c", "a=$(readlink /proc/$$/fd/0 /proc/$$/fd/1); echo \"$a\" >&2; "
+                                  "echo lost"),
         .stdin_mode = CA_DEVNULL, .stdout_mode = CA_DEVNULL, .stderr_mode = CA_PIPE};
     start(&r, loop, &o);
     CHECK_EQ(finish(&r, 10), 0);
