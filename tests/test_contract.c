@@ -1033,3 +1033,1200 @@ LOOP_TEST(loop_call_soon_threadsafe_wakes)
     ca_handle_cancel(h);
     ca_handle_unref(h);
 }
+
+/* ===== Custom loops ======================================================================= */
+
+/* ca_loop_new_custom: NULL ops or NULL run_forever -EINVAL, out untouched. */
+TEST(custom_new_checks)
+{
+    ca_loop *l = SENT_LOOP;
+    CHECK_ERR(ca_loop_new_custom(NULL, NULL, &l), -EINVAL);
+    ca_loop_ops no_run = {.call_soon = spy_sched};
+    CHECK_ERR(ca_loop_new_custom(&no_run, NULL, &l), -EINVAL);
+    CHECK(l == SENT_LOOP);
+    struct spy s = {0};
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &s, &l));
+    CHECK(ca_loop_data(l) == &s);
+    CHECK(strcmp(ca_loop_kind(l), "custom") == 0);
+    ca_loop *e = new_epoll();
+    CHECK(ca_loop_data(e) == NULL);
+    loop_done(e);
+    CHECK(ca_loop_ref(l) == l);
+    ca_loop_unref(l);
+    CHECK_EQ(s.destroyed, 0);
+    loop_done(l);
+    CHECK_EQ(s.destroyed, 1); /* destroy once, at the last reference */
+}
+
+/* "The public functions do the argument checks, the closed and fork checks ... before calling
+ * the op, so ops do not repeat them." */
+TEST(custom_checks_before_ops)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &s, &l));
+    ca_handle *h = SENT_HANDLE;
+    ca_future *f = SENT_FUT;
+    char buf[4];
+    CHECK_ERR(ca_loop_call_soon(l, NULL, NULL, &h), -EINVAL);
+    CHECK_ERR(ca_loop_call_soon_threadsafe(l, NULL, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_call_later(l, 1, NULL, NULL, &h), -EINVAL);
+    CHECK_ERR(ca_loop_call_at(l, NAN, noop, NULL, &h), -EINVAL);
+    CHECK_ERR(ca_loop_add_reader(l, -1, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_add_writer(l, -1, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_remove_reader(l, -1), -EINVAL);
+    CHECK_ERR(ca_loop_remove_writer(l, -1), -EINVAL);
+    CHECK_ERR(ca_loop_add_signal_handler(l, 0, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_add_signal_handler(l, SIGKILL, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_remove_signal_handler(l, 999), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(l, -1, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(l, -1, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(l, -1, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(l, 3, NULL, 0, &f), -EINVAL);
+    CHECK_EQ(s.calls, 0);
+    CHECK(h == SENT_HANDLE && f == SENT_FUT);
+    /* Valid calls reach the ops. */
+    CHECK_OK(ca_loop_call_soon(l, noop, NULL, NULL));
+    CHECK_OK(ca_loop_call_soon_threadsafe(l, noop, NULL));
+    CHECK_OK(ca_loop_call_later(l, 1, noop, NULL, NULL));
+    CHECK_OK(ca_loop_call_at(l, 1, noop, NULL, NULL));
+    CHECK_EQ(s.calls, 4);
+    /* Closed: -EBADF (remove_*: 0) without calling the ops. */
+    CHECK_OK(ca_loop_close(l));
+    CHECK_EQ(s.closes, 1);
+    CHECK_OK(ca_loop_close(l));
+    CHECK_EQ(s.closes, 1);
+    s.calls = 0;
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    CHECK_ERR(ca_loop_call_soon(l, noop, NULL, &h), -EBADF);
+    CHECK_ERR(ca_loop_call_soon_threadsafe(l, noop, NULL), -EBADF);
+    CHECK_ERR(ca_loop_call_later(l, 1, noop, NULL, &h), -EBADF);
+    CHECK_ERR(ca_loop_add_reader(l, p[0], noop, NULL), -EBADF);
+    CHECK_ERR(ca_loop_add_writer(l, p[1], noop, NULL), -EBADF);
+    CHECK_ERR(ca_loop_remove_reader(l, p[0]), 0);
+    CHECK_ERR(ca_loop_remove_writer(l, p[1]), 0);
+    CHECK_ERR(ca_loop_add_signal_handler(l, SIGUSR1, noop, NULL), -EBADF);
+    CHECK_ERR(ca_loop_remove_signal_handler(l, SIGUSR1), 0);
+    CHECK_ERR(ca_loop_sock_recv(l, p[0], buf, 4, &f), -EBADF);
+    CHECK_ERR(ca_loop_run_forever(l), -EBADF);
+    CHECK_EQ(s.calls, 0);
+    ca_loop_stop(l);
+    CHECK(h == SENT_HANDLE && f == SENT_FUT);
+    close(p[0]);
+    close(p[1]);
+    ca_loop_unref(l);
+}
+
+/* "A NULL member means 'not provided' (-ENOTSUP; stop and close then do only the core's
+ * part), except the sock_* members" */
+TEST(custom_null_members_enotsup)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&bare_ops, &s, &l));
+    ca_handle *h = SENT_HANDLE;
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    CHECK_ERR(ca_loop_call_soon(l, noop, NULL, &h), -ENOTSUP);
+    CHECK_ERR(ca_loop_call_soon(l, noop, NULL, NULL), -ENOTSUP);
+    CHECK_ERR(ca_loop_call_soon_threadsafe(l, noop, NULL), -ENOTSUP);
+    CHECK_ERR(ca_loop_call_later(l, 0.1, noop, NULL, &h), -ENOTSUP);
+    CHECK_ERR(ca_loop_call_at(l, 0.1, noop, NULL, &h), -ENOTSUP);
+    CHECK(h == SENT_HANDLE);
+    CHECK_ERR(ca_loop_add_reader(l, p[0], noop, NULL), -ENOTSUP);
+    CHECK_ERR(ca_loop_remove_reader(l, p[0]), -ENOTSUP);
+    CHECK_ERR(ca_loop_add_writer(l, p[1], noop, NULL), -ENOTSUP);
+    CHECK_ERR(ca_loop_remove_writer(l, p[1]), -ENOTSUP);
+    CHECK_ERR(ca_loop_add_signal_handler(l, SIGUSR1, noop, NULL), -ENOTSUP);
+    CHECK_ERR(ca_loop_remove_signal_handler(l, SIGUSR1), -ENOTSUP);
+    /* stop and close: the core's part only. */
+    ca_loop_stop(l);
+    CHECK(!ca_loop_is_closed(l));
+    CHECK_OK(ca_loop_close(l));
+    CHECK(ca_loop_is_closed(l));
+    CHECK_OK(ca_loop_close(l));
+    close(p[0]);
+    close(p[1]);
+    ca_loop_unref(l);
+    CHECK_EQ(s.destroyed, 1);
+}
+
+/* call_later "uses" call_at: the op receives loop time + delay. */
+static double seen_when;
+static int at_rec(ca_loop *self, double when, ca_handle *h)
+{
+    seen_when = when;
+    return 0;
+}
+static const ca_loop_ops at_ops = {.run_forever = spy_run, .call_at = at_rec};
+
+TEST(custom_call_later_uses_call_at)
+{
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&at_ops, NULL, &l));
+    double t = ca_loop_time(l);
+    CHECK_OK(ca_loop_call_later(l, 5.0, noop, NULL, NULL));
+    CHECK(fabs(seen_when - (t + 5.0)) < 0.05);
+    seen_when = 0;
+    CHECK_OK(ca_loop_call_later(l, -3.0, noop, NULL, NULL));
+    CHECK(seen_when <= ca_loop_time(l) + 0.001 && seen_when >= t - 0.001);
+    loop_done(l);
+}
+
+/* "Scheduling ops receive a handle made by the core (borrowed: an op that keeps it takes
+ * ca_handle_ref) and run it with ca_handle_run when due." ca_handle_run "runs the callback
+ * unless cancelled". */
+static ca_handle *kept[8];
+static int nkept;
+static int keep_soon(ca_loop *self, ca_handle *h)
+{
+    kept[nkept++] = ca_handle_ref(h);
+    return 0;
+}
+static const ca_loop_ops keep_ops = {.run_forever = spy_run, .call_soon = keep_soon};
+
+TEST(custom_handle_run)
+{
+    ca_loop *l = NULL;
+    nkept = 0;
+    CHECK_OK(ca_loop_new_custom(&keep_ops, NULL, &l));
+    int a = 0, b = 0, c = 0;
+    ca_handle *hb = NULL;
+    CHECK_OK(ca_loop_call_soon(l, count_cb, &a, NULL)); /* caller declines the handle */
+    CHECK_OK(ca_loop_call_soon(l, count_cb, &b, &hb));
+    CHECK_OK(ca_loop_call_soon(l, count_cb, &c, NULL));
+    CHECK_EQ(nkept, 3);
+    CHECK(kept[1] == hb);
+    ca_handle_cancel(hb);
+    for (int i = 0; i < 3; i++) ca_handle_run(kept[i]);
+    CHECK_EQ(a, 1);
+    CHECK_EQ(b, 0);
+    CHECK_EQ(c, 1);
+    for (int i = 0; i < 3; i++) ca_handle_unref(kept[i]);
+    ca_handle_unref(hb);
+    loop_done(l);
+}
+
+/* "except the sock_* members, which the core then implements with readers/writers" */
+TEST(custom_sock_ops_through_readers)
+{
+    ca_loop *loop = NULL;
+    CHECK_OK(t_custom_loop_new(&loop));
+    int sv[2];
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+    char buf[16] = {0};
+    ca_future *r = NULL, *s = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &r));
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[1], "hello", 5, &s));
+    CHECK_ERR(ca_loop_run_until_complete(loop, r), 0);
+    CHECK_ERR(ca_loop_run_until_complete(loop, s), 0);
+    void *res = SENT_PTR;
+    CHECK_OK(ca_future_result(r, &res));
+    CHECK_EQ((intptr_t)res, 5);
+    CHECK(memcmp(buf, "hello", 5) == 0);
+    CHECK_OK(ca_future_result(s, &res));
+    CHECK_EQ((intptr_t)res, 0);
+    ca_future_unref(r);
+    ca_future_unref(s);
+    close(sv[0]);
+    close(sv[1]);
+    loop_done(loop);
+}
+
+/* enter/exit_running: "for a foreign loop run by foreign code" */
+TEST(custom_enter_exit_running)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &s, &l));
+    CHECK(!ca_loop_is_running(l));
+    CHECK_ERR(ca_loop_exit_running(l), -EINVAL); /* not running here */
+    CHECK_OK(ca_loop_enter_running(l));
+    CHECK(ca_loop_is_running(l));
+    CHECK(ca_get_running_loop() == l);
+    CHECK_ERR(ca_loop_enter_running(l), -EBUSY);
+    CHECK_ERR(ca_loop_close(l), -EBUSY);
+    CHECK_ERR(ca_loop_run_forever(l), -EBUSY);
+    ca_loop *other = new_epoll();
+    CHECK_ERR(ca_loop_enter_running(other), -EBUSY);
+    CHECK_ERR(ca_loop_run_forever(other), -EBUSY);
+    CHECK_ERR(ca_loop_exit_running(other), -EINVAL);
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == l);
+    CHECK_OK(ca_loop_exit_running(l));
+    CHECK(!ca_loop_is_running(l));
+    CHECK(ca_get_running_loop() == NULL);
+    CHECK_ERR(ca_loop_exit_running(l), -EINVAL);
+    loop_done(other);
+    CHECK_OK(ca_loop_close(l));
+    CHECK_ERR(ca_loop_enter_running(l), -EBADF);
+    ca_loop_unref(l);
+}
+
+/* run_until_complete on a custom loop: bookkeeping done by the core around run_forever. */
+struct cr {
+    int nrun;
+    ca_future *f;
+    ca_loop *seen_running;
+    bool is_running;
+};
+static int cr_run(ca_loop *self)
+{
+    struct cr *c = ca_loop_data(self);
+    c->nrun++;
+    c->seen_running = ca_get_running_loop();
+    c->is_running = ca_loop_is_running(self);
+    ca_future_set_result(c->f, (void *)7);
+    return 0;
+}
+static const ca_loop_ops cr_ops = {.run_forever = cr_run};
+
+TEST(custom_running_bookkeeping)
+{
+    struct cr c = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&cr_ops, &c, &l));
+    CHECK_OK(ca_future_new(l, &c.f));
+    CHECK_OK(ca_loop_run_forever(l));
+    CHECK_EQ(c.nrun, 1);
+    CHECK(c.seen_running == l);
+    CHECK(c.is_running);
+    CHECK(!ca_loop_is_running(l));
+    CHECK(ca_get_running_loop() == NULL);
+    ca_future_unref(c.f);
+    loop_done(l);
+}
+
+/* ===== Futures ============================================================================ */
+
+LOOP_TEST(future_lines)
+{
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK(!ca_future_done(f));
+    CHECK(!ca_future_cancelled(f));
+    void *res = SENT_PTR;
+    CHECK_ERR(ca_future_result(f, &res), -EAGAIN);
+    CHECK(res == SENT_PTR);
+    CHECK_ERR(ca_future_set_error(f, 0), -EINVAL);
+    CHECK_ERR(ca_future_set_error(f, 5), -EINVAL);
+    CHECK(!ca_future_done(f));
+    CHECK_OK(ca_future_set_result(f, (void *)(intptr_t)-3));
+    CHECK(ca_future_done(f));
+    CHECK_ERR(ca_future_set_result(f, NULL), -EINVAL);
+    CHECK_ERR(ca_future_set_error(f, -EIO), -EINVAL);
+    CHECK(!ca_future_cancel(f));
+    CHECK(!ca_future_cancelled(f));
+    CHECK_OK(ca_future_result(f, &res));
+    CHECK_EQ((intptr_t)res, -3);
+    CHECK_OK(ca_future_result(f, NULL));
+    ca_future_unref(f);
+
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_set_error(f, -EIO));
+    res = SENT_PTR;
+    CHECK_ERR(ca_future_result(f, &res), -EIO);
+    CHECK(res == SENT_PTR);
+    CHECK(ca_future_done(f));
+    CHECK(!ca_future_cancel(f));
+    CHECK_ERR(ca_future_set_result(f, NULL), -EINVAL);
+    ca_future_unref(f);
+
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK(ca_future_cancel(f));
+    CHECK(ca_future_done(f));
+    CHECK(ca_future_cancelled(f));
+    CHECK(!ca_future_cancel(f));
+    CHECK_ERR(ca_future_result(f, &res), -ECANCELED);
+    CHECK(res == SENT_PTR);
+    CHECK_ERR(ca_future_set_result(f, NULL), -EINVAL);
+    CHECK_ERR(ca_future_set_error(f, -EIO), -EINVAL);
+    ca_future_unref(f);
+
+    /* NULLs */
+    CHECK_ERR(ca_future_set_result(NULL, NULL), -EINVAL);
+    CHECK_ERR(ca_future_set_error(NULL, -EIO), -EINVAL);
+    CHECK(!ca_future_cancel(NULL));
+    CHECK(!ca_future_done(NULL));
+    CHECK(!ca_future_cancelled(NULL));
+    CHECK_ERR(ca_future_result(NULL, &res), -EINVAL);
+    CHECK_ERR(ca_future_add_done_callback(NULL, fut_noop, NULL), -EINVAL);
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_ERR(ca_future_add_done_callback(f, NULL, NULL), -EINVAL);
+    CHECK(ca_future_loop(f) == loop);
+    ca_future_unref(f);
+}
+
+/* "Done callbacks run through the loop (call_soon), never inside set_result." */
+struct dcb {
+    int n;
+    ca_future *seen;
+    int order[4], k;
+};
+static void dcb_fn(ca_future *f, void *arg)
+{
+    struct dcb *d = arg;
+    d->n++;
+    d->seen = f;
+}
+static void dcb_order(ca_future *f, void *arg)
+{
+    struct dcb *d = *(struct dcb **)arg;
+    d->order[d->k++] = (int)(((struct dcb **)arg) - (struct dcb **)arg);
+}
+
+LOOP_TEST(future_done_callbacks_through_loop)
+{
+    (void)dcb_order;
+    struct dcb d = {0};
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    CHECK_OK(ca_future_set_result(f, NULL));
+    CHECK_EQ(d.n, 0);
+    run_once(loop);
+    CHECK_EQ(d.n, 2);
+    CHECK(d.seen == f);
+    /* Already done: "at once, through the loop". */
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    CHECK_EQ(d.n, 2);
+    run_once(loop);
+    CHECK_EQ(d.n, 3);
+    ca_future_unref(f);
+    /* Cancel and set_error schedule them too. */
+    d.n = 0;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    CHECK(ca_future_cancel(f));
+    CHECK_EQ(d.n, 0);
+    run_once(loop);
+    CHECK_EQ(d.n, 1);
+    ca_future_unref(f);
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    CHECK_OK(ca_future_set_error(f, -EIO));
+    CHECK_EQ(d.n, 1);
+    run_once(loop);
+    CHECK_EQ(d.n, 2);
+    ca_future_unref(f);
+}
+
+/* Done callbacks run in the order they were added (asyncio). */
+static int dorder[8], ndorder;
+static void dorder_fn(ca_future *f, void *arg) { dorder[ndorder++] = (int)(intptr_t)arg; }
+
+LOOP_TEST(future_done_callbacks_fifo)
+{
+    ca_future *f = NULL;
+    ndorder = 0;
+    CHECK_OK(ca_future_new(loop, &f));
+    for (int i = 0; i < 5; i++) CHECK_OK(ca_future_add_done_callback(f, dorder_fn, (void *)(intptr_t)i));
+    CHECK_OK(ca_future_set_result(f, NULL));
+    run_once(loop);
+    CHECK_EQ(ndorder, 5);
+    for (int i = 0; i < 5; i++) CHECK_EQ(dorder[i], i);
+    ca_future_unref(f);
+}
+
+/* The caller may drop its reference to a pending future with a done callback. */
+LOOP_TEST(future_unref_pending_then_complete)
+{
+    ca_future *f = NULL;
+    struct dcb d = {0};
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_add_done_callback(f, dcb_fn, &d));
+    ca_future *keep = ca_future_ref(f);
+    ca_future_unref(f);
+    CHECK_OK(ca_future_set_result(keep, NULL));
+    ca_future_unref(keep);
+    run_once(loop);
+    CHECK_EQ(d.n, 1);
+}
+
+/* ===== Policy ============================================================================= */
+
+/* "ca_get_event_loop_policy() ... never NULL: creates the default lazily"; borrowed. */
+TEST(policy_get_never_null_borrowed)
+{
+    ca_policy *p = ca_get_event_loop_policy();
+    CHECK(p != NULL);
+    CHECK(ca_get_event_loop_policy() == p);
+    CHECK(ca_policy_data(p) == NULL);
+    CHECK(ca_policy_base(p) == NULL);
+    /* Borrowed: a ref/unref pair of ours does not free it. */
+    ca_policy_unref(ca_policy_ref(p));
+    ca_loop *l = NULL;
+    CHECK_OK(ca_policy_new_event_loop(p, &l));
+    loop_done(l);
+}
+
+/* "ca_set_event_loop_policy: NULL restores a default policy"; the setter takes its own
+ * reference. */
+static int cnt_new;
+static int cnt_new_loop(ca_policy *self, ca_loop **out)
+{
+    cnt_new++;
+    return ca_policy_new_event_loop(ca_policy_base(self), out);
+}
+static const ca_policy_ops cnt_ops = {.new_event_loop = cnt_new_loop};
+
+TEST(policy_set_takes_reference_and_null_restores)
+{
+    ca_policy *def = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&def));
+    CHECK_OK(ca_policy_new(&cnt_ops, NULL, def, &p));
+    ca_policy_unref(def); /* the new policy holds base */
+    CHECK_OK(ca_set_event_loop_policy(p));
+    ca_policy_unref(p); /* the process holds it */
+    CHECK(ca_get_event_loop_policy() == p);
+    cnt_new = 0;
+    ca_loop *l = NULL;
+    CHECK_OK(ca_new_event_loop(&l));
+    CHECK_EQ(cnt_new, 1);
+    CHECK(l != NULL);
+    loop_done(l);
+    /* The main thread's automatic loop goes through the derived new_event_loop. */
+    CHECK_OK(ca_get_event_loop(&l));
+    CHECK_EQ(cnt_new, 2);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    ca_policy *d = ca_get_event_loop_policy();
+    CHECK(d != NULL);
+    CHECK(ca_policy_data(d) == NULL);
+    CHECK(ca_policy_base(d) == NULL);
+    CHECK_OK(ca_new_event_loop(&l));
+    CHECK_EQ(cnt_new, 2);
+    CHECK(strcmp(ca_loop_kind(l), "epoll") == 0);
+    loop_done(l);
+}
+
+/* "In the main thread, get_event_loop with no loop set, when set_event_loop was never called
+ * in it, creates and sets one (once); in every other case no loop set gives -ENOENT." */
+TEST(policy_main_thread_auto_loop_once)
+{
+    ca_loop *a = SENT_LOOP, *b = SENT_LOOP;
+    CHECK_OK(ca_get_event_loop(&a));
+    CHECK(a != SENT_LOOP && a != NULL);
+    CHECK(strcmp(ca_loop_kind(a), "epoll") == 0);
+    CHECK_OK(ca_get_event_loop(&b));
+    CHECK(a == b);
+    /* Borrowed: the policy keeps it; close it but it stays set (asyncio). */
+    CHECK_OK(ca_loop_close(a));
+    CHECK_OK(ca_get_event_loop(&b));
+    CHECK(b == a);
+    CHECK_OK(ca_set_event_loop(NULL));
+    b = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&b), -ENOENT);
+    CHECK(b == SENT_LOOP);
+    CHECK_ERR(ca_get_event_loop(&b), -ENOENT);
+}
+
+TEST(policy_main_thread_no_auto_after_set)
+{
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == l);
+    CHECK_OK(ca_set_event_loop(NULL));
+    got = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    CHECK(got == SENT_LOOP);
+    loop_done(l);
+}
+
+/* set_event_loop(NULL) first: counts as "set_event_loop was called". */
+TEST(policy_main_thread_set_null_first_enoent)
+{
+    CHECK_OK(ca_set_event_loop(NULL));
+    ca_loop *got = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    CHECK(got == SENT_LOOP);
+}
+
+/* The same through an explicit policy object. */
+TEST(policy_object_get_event_loop_auto_once)
+{
+    ca_policy *p = NULL;
+    CHECK_OK(ca_poll_policy_new(&p));
+    ca_loop *a = NULL, *b = NULL;
+    CHECK_OK(ca_policy_get_event_loop(p, &a));
+    CHECK(strcmp(ca_loop_kind(a), "poll") == 0);
+    CHECK_OK(ca_policy_get_event_loop(p, &b));
+    CHECK(a == b);
+    CHECK_OK(ca_policy_set_event_loop(p, NULL));
+    b = SENT_LOOP;
+    CHECK_ERR(ca_policy_get_event_loop(p, &b), -ENOENT);
+    CHECK(b == SENT_LOOP);
+    /* The process policy is separate. */
+    CHECK_OK(ca_get_event_loop(&b));
+    CHECK(b != a);
+    ca_policy_unref(p);
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+/* Other threads: -ENOENT; they never get the main thread's loop. */
+static void *thr_get(void *arg)
+{
+    ca_loop *l = SENT_LOOP;
+    int r = ca_get_event_loop(&l);
+    ((int *)arg)[0] = r;
+    ((int *)arg)[1] = l == SENT_LOOP;
+    return NULL;
+}
+
+TEST(policy_other_thread_enoent)
+{
+    ca_loop *m = NULL;
+    CHECK_OK(ca_get_event_loop(&m));
+    int res[2] = {1, 0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, thr_get, res), 0);
+    pthread_join(t, NULL);
+    CHECK_ERR(res[0], -ENOENT);
+    CHECK(res[1]);
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+/* A thread's own set loop. */
+struct thrset {
+    ca_loop *loop;
+    int r;
+    ca_loop *got;
+};
+static void *thr_set_get(void *arg)
+{
+    struct thrset *t = arg;
+    CHECK_OK(ca_set_event_loop(t->loop));
+    t->r = ca_get_event_loop(&t->got);
+    CHECK_OK(ca_set_event_loop(NULL));
+    return NULL;
+}
+
+TEST(policy_thread_context)
+{
+    struct thrset t = {.loop = new_epoll()};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, thr_set_get, &t), 0);
+    pthread_join(th, NULL);
+    CHECK_OK(t.r);
+    CHECK(t.got == t.loop);
+    ca_loop *m = NULL;
+    CHECK_OK(ca_get_event_loop(&m));
+    CHECK(m != t.loop);
+    loop_done(t.loop);
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+/* "ca_get_event_loop: running loop first, else the policy's" (the policy is not asked). */
+static int gel_calls;
+static int gel_op(ca_policy *self, ca_loop **out)
+{
+    gel_calls++;
+    return ca_policy_get_event_loop(ca_policy_base(self), out);
+}
+static const ca_policy_ops gel_ops = {.get_event_loop = gel_op};
+static void gel_cb(void *arg)
+{
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    *(ca_loop **)arg = got;
+}
+
+TEST(policy_get_event_loop_running_first)
+{
+    ca_policy *def = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&def));
+    CHECK_OK(ca_policy_new(&gel_ops, NULL, def, &p));
+    ca_policy_unref(def);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    ca_policy_unref(p);
+    ca_loop *cur = new_epoll(), *run = new_epoll();
+    CHECK_OK(ca_set_event_loop(cur));
+    ca_loop *got = NULL;
+    gel_calls = 0;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == cur);
+    CHECK_EQ(gel_calls, 1);
+    CHECK_OK(ca_loop_call_soon(run, gel_cb, &got, NULL));
+    run_once(run);
+    CHECK(got == run);
+    CHECK_EQ(gel_calls, 1);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(cur);
+    loop_done(run);
+}
+
+/* "Setters take their own reference": ca_set_event_loop. */
+TEST(policy_set_event_loop_takes_reference)
+{
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    ca_loop_unref(l); /* the policy holds it */
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == l);
+    int n = 0;
+    CHECK_OK(ca_loop_call_soon(got, count_cb, &n, NULL));
+    run_once(got);
+    CHECK_EQ(n, 1);
+    CHECK_OK(ca_loop_close(got));
+    CHECK_OK(ca_set_event_loop(NULL)); /* drops the last reference */
+}
+
+/* ca_policy_new: NULL ops -EINVAL; delegation; base/data; -ENOTSUP with no base. */
+static const ca_policy_ops empty_ops = {0};
+
+TEST(policy_new_and_enotsup)
+{
+    ca_policy *p = SENT_POL;
+    CHECK_ERR(ca_policy_new(NULL, NULL, NULL, &p), -EINVAL);
+    CHECK_ERR(ca_policy_new(&empty_ops, NULL, NULL, NULL), -EINVAL);
+    CHECK(p == SENT_POL);
+    int data = 5;
+    CHECK_OK(ca_policy_new(&empty_ops, &data, NULL, &p));
+    CHECK(ca_policy_data(p) == &data);
+    CHECK(ca_policy_base(p) == NULL);
+    ca_loop *l = SENT_LOOP;
+    ca_child_watcher *w = SENT_W;
+    CHECK_ERR(ca_policy_get_event_loop(p, &l), -ENOTSUP);
+    CHECK_ERR(ca_policy_set_event_loop(p, NULL), -ENOTSUP);
+    CHECK_ERR(ca_policy_new_event_loop(p, &l), -ENOTSUP);
+    CHECK_ERR(ca_policy_get_child_watcher(p, &w), -ENOTSUP);
+    CHECK_ERR(ca_policy_set_child_watcher(p, NULL), -ENOTSUP);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    /* Module-level functions through it. */
+    CHECK_OK(ca_set_event_loop_policy(p));
+    CHECK_ERR(ca_get_event_loop(&l), -ENOTSUP);
+    CHECK_ERR(ca_set_event_loop(NULL), -ENOTSUP);
+    CHECK_ERR(ca_new_event_loop(&l), -ENOTSUP);
+    CHECK_ERR(ca_get_child_watcher(&w), -ENOTSUP);
+    CHECK_ERR(ca_set_child_watcher(NULL), -ENOTSUP);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    ca_policy_unref(p);
+    /* NULL policy / out. */
+    CHECK_ERR(ca_policy_get_event_loop(NULL, &l), -EINVAL);
+    CHECK_ERR(ca_policy_set_event_loop(NULL, NULL), -EINVAL);
+    CHECK_ERR(ca_policy_new_event_loop(NULL, &l), -EINVAL);
+    CHECK_ERR(ca_policy_get_child_watcher(NULL, &w), -EINVAL);
+    CHECK_ERR(ca_policy_set_child_watcher(NULL, NULL), -EINVAL);
+    ca_policy *d = NULL;
+    CHECK_OK(ca_default_policy_new(&d));
+    CHECK_ERR(ca_policy_get_event_loop(d, NULL), -EINVAL);
+    CHECK_ERR(ca_policy_new_event_loop(d, NULL), -EINVAL);
+    CHECK_ERR(ca_policy_get_child_watcher(d, NULL), -EINVAL);
+    ca_policy_unref(d);
+    CHECK(ca_policy_data(NULL) == NULL);
+    CHECK(ca_policy_base(NULL) == NULL);
+}
+
+/* Delegation: NULL ops are "called on base, so the state they keep lives in base". */
+TEST(policy_subclass_state_in_base)
+{
+    ca_policy *base = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&base));
+    CHECK_OK(ca_policy_new(&gel_ops, NULL, base, &p));
+    CHECK(ca_policy_base(p) == base);
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_policy_set_event_loop(p, l));
+    ca_loop *got = NULL;
+    CHECK_OK(ca_policy_get_event_loop(base, &got));
+    CHECK(got == l);
+    gel_calls = 0;
+    CHECK_OK(ca_policy_get_event_loop(p, &got));
+    CHECK(got == l);
+    CHECK_EQ(gel_calls, 1);
+    ca_child_watcher *w1 = NULL, *w2 = NULL;
+    CHECK_OK(ca_policy_get_child_watcher(p, &w1));
+    CHECK_OK(ca_policy_get_child_watcher(base, &w2));
+    CHECK(w1 == w2);
+    ca_policy_unref(base); /* p holds it */
+    CHECK_OK(ca_policy_get_event_loop(ca_policy_base(p), &got));
+    CHECK(got == l);
+    CHECK_OK(ca_policy_set_event_loop(p, NULL));
+    ca_policy_unref(p);
+    loop_done(l);
+}
+
+/* Ops returning 0 with NULL: get_event_loop -> -ENOENT, new_event_loop -> -EINVAL,
+ * get_child_watcher -> -ENOENT (header). Out untouched. */
+static int null_get(ca_policy *self, ca_loop **out)
+{
+    *out = NULL;
+    return 0;
+}
+static int null_new(ca_policy *self, ca_loop **out)
+{
+    *out = NULL;
+    return 0;
+}
+static int null_gw(ca_policy *self, ca_child_watcher **out)
+{
+    *out = NULL;
+    return 0;
+}
+static const ca_policy_ops nullret_ops = {
+    .get_event_loop = null_get, .new_event_loop = null_new, .get_child_watcher = null_gw};
+
+TEST(policy_op_returning_null)
+{
+    ca_policy *p = NULL;
+    CHECK_OK(ca_policy_new(&nullret_ops, NULL, NULL, &p));
+    ca_loop *l = SENT_LOOP;
+    ca_child_watcher *w = SENT_W;
+    CHECK_ERR(ca_policy_get_event_loop(p, &l), -ENOENT);
+    CHECK_ERR(ca_policy_new_event_loop(p, &l), -EINVAL);
+    CHECK_ERR(ca_policy_get_child_watcher(p, &w), -ENOENT);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    CHECK_ERR(ca_get_event_loop(&l), -ENOENT);
+    CHECK_ERR(ca_new_event_loop(&l), -EINVAL);
+    CHECK_ERR(ca_get_child_watcher(&w), -ENOENT);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    CHECK_ERR(ca_run(NULL, NULL, NULL), -EINVAL);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    ca_policy_unref(p);
+}
+
+/* Built-in policies: which loops new_event_loop makes. */
+TEST(policy_builtins_make_their_loops)
+{
+    int (*mk[])(ca_policy **) = {ca_default_policy_new, ca_selector_policy_new, ca_poll_policy_new,
+                                 ca_proactor_policy_new};
+    const char *kind[] = {"epoll", "epoll", "poll", "io_uring"};
+    for (int i = 0; i < 4; i++) {
+        ca_policy *p = SENT_POL;
+        int r = mk[i](&p);
+        if (i == 3 && (r == -ENOSYS || r == -EPERM)) {
+            CHECK(p == SENT_POL);
+            continue;
+        }
+        CHECK_OK(r);
+        ca_loop *l = NULL;
+        CHECK_OK(ca_policy_new_event_loop(p, &l));
+        CHECK(strcmp(ca_loop_kind(l), kind[i]) == 0);
+        ca_loop *l2 = NULL;
+        CHECK_OK(ca_policy_new_event_loop(p, &l2));
+        CHECK(l2 != l);
+        loop_done(l);
+        loop_done(l2);
+        ca_policy_unref(p);
+    }
+}
+
+/* Child watcher: "created lazily by get_child_watcher: ThreadedChildWatcher"; borrowed; one
+ * per policy; always active. */
+TEST(policy_lazy_threaded_watcher)
+{
+    ca_child_watcher *w = SENT_W, *w2 = NULL;
+    CHECK_OK(ca_get_child_watcher(&w));
+    CHECK(w != SENT_W && w != NULL);
+    CHECK(strcmp(ca__child_watcher_kind(w), "threaded") == 0);
+    CHECK(ca_child_watcher_is_active(w));
+    CHECK_OK(ca_get_child_watcher(&w2));
+    CHECK(w == w2);
+    ca_child_watcher_unref(ca_child_watcher_ref(w));
+    CHECK(ca_child_watcher_is_active(w));
+}
+
+/* "set_event_loop in the main thread attaches the policy's child watcher (if one exists) to
+ * that loop, or detaches it for NULL" — seen through a Safe watcher's is_active. */
+TEST(policy_set_event_loop_attaches_watcher)
+{
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_safe_child_watcher_new(&w));
+    CHECK_OK(ca_set_child_watcher(w));
+    CHECK(!ca_child_watcher_is_active(w)); /* "does not attach the new one" */
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    CHECK(ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_event_loop(NULL));
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_event_loop(l));
+    CHECK(ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_child_watcher(NULL)); /* closes w */
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, 1, NULL, NULL), -EINVAL);
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+}
+
+/* The setter takes its own reference to the watcher: unref ours, the policy's still works. */
+static void wcb_count(pid_t pid, int rc, void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+TEST(policy_set_child_watcher_takes_reference)
+{
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_threaded_child_watcher_new(&w));
+    CHECK_OK(ca_set_child_watcher(w));
+    ca_child_watcher_unref(w);
+    ca_child_watcher *got = NULL;
+    CHECK_OK(ca_get_child_watcher(&got));
+    CHECK(got == w);
+    CHECK(ca_child_watcher_is_active(got));
+    pid_t pid = fork();
+    if (pid == 0) t_child_exit(3);
+    atomic_int n = 0;
+    CHECK_OK(ca_child_watcher_add_child_handler(got, pid, wcb_count, &n));
+    CHECK(t_run_until(l, t_flag_set, &n, 5.0));
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+}
+
+/* "set_child_watcher closes the previous watcher (as 3.11 does) and does not attach the new
+ * one." Also not when it is the same watcher. */
+TEST(policy_set_child_watcher_closes_previous)
+{
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    ca_child_watcher *old = NULL;
+    CHECK_OK(ca_get_child_watcher(&old));
+    ca_child_watcher_ref(old);
+    ca_child_watcher *fast = NULL;
+    CHECK_OK(ca_fast_child_watcher_new(&fast));
+    CHECK_OK(ca_set_child_watcher(fast));
+    CHECK_ERR(ca_child_watcher_add_child_handler(old, getpid(), wcb_count, NULL), -EBADF);
+    CHECK(!ca_child_watcher_is_active(old));
+    ca_child_watcher_unref(old);
+    CHECK(!ca_child_watcher_is_active(fast)); /* not attached */
+    CHECK_OK(ca_set_child_watcher(fast));     /* the same: not closed */
+    CHECK_OK(ca_child_watcher_attach_loop(fast, l));
+    CHECK(ca_child_watcher_is_active(fast));
+    CHECK_OK(ca_set_child_watcher(NULL));
+    CHECK(!ca_child_watcher_is_active(fast)); /* closed */
+    CHECK_ERR(ca_child_watcher_attach_loop(fast, l), -EBADF);
+    ca_child_watcher_unref(fast);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+}
+
+/* get_child_watcher in the main thread attaches the lazily-made watcher to the main loop;
+ * the lazily-made watcher after set_child_watcher(NULL) is a new Threaded one. */
+TEST(policy_watcher_recreated_after_null)
+{
+    ca_child_watcher *w1 = NULL, *w2 = NULL;
+    CHECK_OK(ca_get_child_watcher(&w1));
+    ca_child_watcher_ref(w1);
+    CHECK_OK(ca_set_child_watcher(NULL));
+    CHECK_OK(ca_get_child_watcher(&w2));
+    CHECK(w2 != NULL);
+    CHECK(strcmp(ca__child_watcher_kind(w2), "threaded") == 0);
+    CHECK(ca_child_watcher_is_active(w2));
+    ca_child_watcher_unref(w1);
+}
+
+/* "In a child made by fork(), the current and running loops inherited from the parent are
+ * never returned." */
+static void fork_in_cb(void *arg)
+{
+    ca_loop *parent = arg;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int bad = 0;
+        if (ca_get_running_loop() != NULL) bad |= 1;
+        ca_loop *got = NULL;
+        int r = ca_get_event_loop(&got);
+        if (r == 0 && got == parent) bad |= 2;
+        if (ca_loop_is_running(parent)) bad |= 4;
+        t_child_exit(bad);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+}
+
+TEST(policy_fork_child_never_sees_parent_loops)
+{
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    pid_t pid = fork();
+    if (pid == 0) {
+        int bad = 0;
+        ca_loop *got = NULL;
+        int r = ca_get_event_loop(&got);
+        /* Main thread of the child, nothing set there: a new loop (or -ENOENT); never l. */
+        if (r == 0 && got == l) bad |= 1;
+        if (r == 0 && got && ca_loop_call_soon(got, noop, NULL, NULL) != 0) bad |= 2;
+        if (r != 0 && r != -ENOENT) bad |= 4;
+        ca_loop *cur = NULL;
+        if (ca_policy_get_event_loop(ca_get_event_loop_policy(), &cur) == 0 && cur == l) bad |= 8;
+        t_child_exit(bad);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+    CHECK_OK(ca_loop_call_soon(l, fork_in_cb, l, NULL));
+    run_once(l);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+}
+
+/* "the module-level functions are safe from any thread, also while another thread replaces
+ * the policy" (short). */
+static atomic_int race_stop;
+static void *policy_replacer(void *arg)
+{
+    for (int i = 0; i < 200 && !atomic_load(&race_stop); i++) {
+        ca_policy *p = NULL;
+        CHECK_OK(ca_default_policy_new(&p));
+        CHECK_OK(ca_set_event_loop_policy(p));
+        ca_policy_unref(p);
+    }
+    return NULL;
+}
+static void *policy_user(void *arg)
+{
+    for (int i = 0; i < 400; i++) {
+        ca_policy *p = ca_get_event_loop_policy();
+        CHECK(p != NULL);
+        ca_loop *l = NULL;
+        int r = ca_get_event_loop(&l);
+        CHECK(r == -ENOENT);
+        CHECK_OK(ca_new_event_loop(&l));
+        loop_done(l);
+    }
+    return NULL;
+}
+
+TEST(policy_replace_while_used) /* timeout: 60 */
+{
+    pthread_t a, b, c;
+    CHECK_EQ(pthread_create(&a, NULL, policy_replacer, NULL), 0);
+    CHECK_EQ(pthread_create(&b, NULL, policy_user, NULL), 0);
+    CHECK_EQ(pthread_create(&c, NULL, policy_user, NULL), 0);
+    pthread_join(b, NULL);
+    pthread_join(c, NULL);
+    atomic_store(&race_stop, 1);
+    pthread_join(a, NULL);
+}
+
+/* ===== Runner ============================================================================= */
+
+struct rstate {
+    ca_loop *loop;
+    ca_loop *running, *current;
+    int outcome; /* 0 result, <0 error, 1 cancel, 2 NULL, 3 other loop's future */
+    int called;
+    ca_loop *other;
+};
+
+static ca_future *rmain(ca_loop *loop, void *arg)
+{
+    struct rstate *s = arg;
+    s->called++;
+    s->loop = ca_loop_ref(loop);
+    s->running = ca_get_running_loop();
+    ca_loop *cur = NULL;
+    if (ca_get_event_loop(&cur) == 0) s->current = cur;
+    if (s->outcome == 2) return NULL;
+    if (s->outcome == 3) {
+        ca_future *f = NULL;
+        CHECK_OK(ca_future_new(s->other, &f));
+        return f;
+    }
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    if (s->outcome == 0) CHECK_OK(ca_loop_call_later(loop, 0.001, set_res_cb, f, NULL));
+    else if (s->outcome == 1) CHECK_OK(ca_loop_call_soon(loop, cancel_cb, f, NULL));
+    else CHECK_OK(ca_future_set_error(f, s->outcome));
+    return f;
+}
+
+TEST(run_outcomes_and_running_loop)
+{
+    struct rstate s = {.outcome = 0};
+    CHECK_ERR(ca_run(rmain, &s, NULL), 0);
+    CHECK_EQ(s.called, 1);
+    CHECK(s.running == s.loop);
+    CHECK(s.current == s.loop);
+    CHECK(ca_loop_is_closed(s.loop));
+    CHECK(!ca_loop_is_running(s.loop));
+    CHECK(ca_get_running_loop() == NULL);
+    ca_loop_unref(s.loop);
+    struct rstate e = {.outcome = -EPIPE};
+    CHECK_ERR(ca_run(rmain, &e, NULL), -EPIPE);
+    CHECK(ca_loop_is_closed(e.loop));
+    ca_loop_unref(e.loop);
+    struct rstate c = {.outcome = 1};
+    CHECK_ERR(ca_run(rmain, &c, NULL), -ECANCELED);
+    ca_loop_unref(c.loop);
+}
+
+/* "NULL counts as an immediate -EINVAL error"; NULL main -EINVAL. */
+TEST(run_null_future_and_main)
+{
+    struct rstate s = {.outcome = 2};
+    CHECK_ERR(ca_run(rmain, &s, NULL), -EINVAL);
+    CHECK_EQ(s.called, 1);
+    CHECK(ca_loop_is_closed(s.loop));
+    ca_loop_unref(s.loop);
+    CHECK_ERR(ca_run(NULL, NULL, NULL), -EINVAL);
+    struct rstate o = {.outcome = 3, .other = new_epoll()};
+    CHECK_ERR(ca_run(rmain, &o, NULL), -EINVAL);
+    ca_loop_unref(o.loop);
+    loop_done(o.other);
+}
+
+/* "It refuses (-EBUSY) to run inside a running loop, without calling the factory." */
+static int fact_calls;
+static int counting_factory(ca_loop **out)
+{
+    fact_calls++;
+    return ca_poll_loop_new(out);
+}
+static int failing_factory(ca_loop **out)
+{
+    fact_calls++;
+    return -EMFILE;
+}
+static int null_factory(ca_loop **out)
+{
+    fact_calls++;
+    *out = NULL;
+    return 0;
+}
+static void run_inside_cb(void *arg)
+{
+    struct rstate s = {.outcome = 0};
+    *(int *)arg = ca_run(rmain, &s, counting_factory);
+    CHECK_EQ(s.called, 0);
+}
+
+TEST(run_inside_running_loop_ebusy)
+{
+    ca_loop *l = new_epoll();
+    int r = 1;
+    fact_calls = 0;
+    CHECK_OK(ca_loop_call_soon(l, run_inside_cb, &r, NULL));
+    run_once(l);
+    CHECK_ERR(r, -EBUSY);
+    CHECK_EQ(fact_calls, 0);
+    loop_done(l);
+    /* Also inside a loop entered with enter_running. */
+    ca_loop *c = NULL;
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &(struct spy){0}, &c));
+    CHECK_OK(ca_loop_enter_running(c));
+    struct rstate s = {0};
+    CHECK_ERR(ca_run(rmain, &s, counting_factory), -EBUSY);
+    CHECK_EQ(fact_calls, 0);
+    CHECK_OK(ca_loop_exit_running(c));
+    loop_done(c);
+}
+
+/* The factory is used; its error is returned and main not called; 0 without loop: -EINVAL. */
+TEST(run_factory)
+{
+    struct rstate s = {.outcome = 0};
+    fact_calls = 0;
+    CHECK_ERR(ca_run(rmain, &s, counting_factory), 0);
+    CHECK_EQ(fact_calls, 1);
+    CHECK(strcmp(ca_loop_kind(s.loop), "poll") == 0);
+    ca_loop_unref(s.loop);
+    struct rstate f = {0};
+    CHECK_ERR(ca_run(rmain, &f, failing_factory), -EMFILE);
+    CHECK_EQ(f.called, 0);
+    CHECK_ERR(ca_run(rmain, &f, null_factory), -EINVAL);
+    CHECK_EQ(f.called, 0);
+}
+
+/* NULL factory: "policy's new_event_loop". */
+TEST(run_null_factory_uses_policy)
+{
+    ca_policy *def = NULL, *p = NULL;
+    CHECK_OK(ca_poll_policy_new(&def));
+    CHECK_OK(ca_policy_new(&cnt_ops, NULL, def, &p));
+    ca_policy_unref(def);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    ca_policy_unref(p);
+    cnt_new = 0;
+    struct rstate s = {.outcome = 0};
+    CHECK_ERR(ca_run(rmain, &s, NULL), 0);
+    CHECK_EQ(cnt_new, 1);
+    CHECK(strcmp(ca_loop_kind(s.loop), "poll") == 0);
+    ca_loop_unref(s.loop);
+}
+
+/* "restores the previous current loop" */
+TEST(run_restores_previous_current_loop)
+{
+    ca_loop *prev = new_epoll();
+    CHECK_OK(ca_set_event_loop(prev));
+    struct rstate s = {.outcome = 0};
+    CHECK_ERR(ca_run(rmain, &s, NULL), 0);
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == prev);
+    ca_loop_unref(s.loop);
+    CHECK_OK(ca_set_event_loop(NULL));
+    /* None before: none after (-ENOENT, no automatic loop). */
+    struct rstate t = {.outcome = 0};
+    CHECK_ERR(ca_run(rmain, &t, NULL), 0);
+    got = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    ca_loop_unref(t.loop);
+    loop_done(prev);
+}
+
+TEST(run_fresh_process_main_thread_enoent_after)
+{
+    struct rstate t = {.outcome = 0};
+    CHECK_ERR(ca_run(rmain, &t, NULL), 0);
+    ca_loop *got = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    CHECK(got == SENT_LOOP);
+    ca_loop_unref(t.loop);
+}
+
+/* ca_run in another thread: independent. */
+static void *run_thread(void *arg)
+{
+    struct rstate *s = arg;
+    s->outcome = ca_run(rmain, s, NULL);
+    return NULL;
+}
+
+TEST(run_in_thread)
+{
+    struct rstate s = {.outcome = 0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, run_thread, &s), 0);
+    pthread_join(t, NULL);
+    CHECK_ERR(s.outcome, 0);
+    CHECK(s.running == s.loop);
+    CHECK(ca_loop_is_closed(s.loop));
+    ca_loop_unref(s.loop);
+}
+
+/* ca_run attaches the (Safe) watcher in the main thread. */
+struct rw {
+    ca_child_watcher *w;
+    bool active;
+};
+static ca_future *rmain_w(ca_loop *loop, void *arg)
+{
+    struct rw *r = arg;
+    r->active = ca_child_watcher_is_active(r->w);
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_set_result(f, NULL));
+    return f;
+}
+
+TEST(run_attaches_watcher_main_thread)
+{
+    struct rw r = {0};
+    CHECK_OK(ca_safe_child_watcher_new(&r.w));
+    CHECK_OK(ca_set_child_watcher(r.w));
+    CHECK_ERR(ca_run(rmain_w, &r, NULL), 0);
+    CHECK(r.active);
+    CHECK(!ca_child_watcher_is_active(r.w));
+    ca_child_watcher_unref(r.w);
+}
