@@ -238,9 +238,10 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
 int ca_loop_enter_running(ca_loop *loop);
 int ca_loop_exit_running(ca_loop *loop);
 
-/* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket and the buffer
- * must stay valid until the future is done. *out receives a new future (reference): the result
- * is (void *)(intptr_t) of: bytes read (0 at EOF) for recv; 0 when all was sent for sendall;
+/* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket; it must stay
+ * open, and the buffer valid, until the future is done (cancel it before closing the fd).
+ * *out receives a new future (reference): the result is (void *)(intptr_t) of: bytes read
+ * (0 at EOF) for recv; 0 when all was sent for sendall;
  * the new fd (O_CLOEXEC|O_NONBLOCK, the caller's) for accept; 0 when connected for connect.
  * The future fails with the operation's negative errno (-ECONNREFUSED, -EPIPE: sends never
  * raise SIGPIPE...). On the selector loops these are readiness + non-blocking calls; on the
