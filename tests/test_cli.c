@@ -420,7 +420,7 @@ TEST(exit_status_counts_failures)
     struct {
         const char *a[200];
     } args = {{"run", "-j", "8", "false", ":::"}};
-    static char nums[150][8];
+    static char nums[150][16];
     for (int i = 0; i < 150; i++) {
         snprintf(nums[i], sizeof nums[i], "%d", i);
         args.a[5 + i] = nums[i];
@@ -645,6 +645,24 @@ TEST(second_sigint_kills) /* timeout: 30 */
     check_no_orphans();
     res_free(&r);
     unlink(pids);
+}
+
+TEST(closed_stdout_ends_the_jobs) /* timeout: 30 */
+{
+    CHECK_OK(prctl(PR_SET_CHILD_SUBREAPER, 1));
+    int in, out, err;
+    double t0 = now_s();
+    pid_t pid = start_cli((const char *const[]){"run", "--line-buffer", "yes", ":::", "1", "2",
+                                                NULL},
+                          &in, &out, &err, -1);
+    char buf[16];
+    CHECK(read(out, buf, sizeof buf) > 0);
+    close(out); /* as `| head -1` does */
+    struct res r;
+    finish_cli(pid, in, -1, err, NULL, &r, t0, 20);
+    CHECK_EQ(r.status, 141);
+    check_no_orphans();
+    res_free(&r);
 }
 
 /* ----- scale ------------------------------------------------------------------------------- */

@@ -214,7 +214,9 @@ static void refill(struct runner *r)
 static void on_data(ca_process *p, int fd, const void *buf, size_t n, void *arg)
 {
     struct job *j = arg;
-    output_data(j->r, j, fd, buf, n);
+    struct runner *r = j->r;
+    output_data(r, j, fd, buf, n);
+    if (r->pending_stop) after_event(r); /* output_data found stdout closed */
 }
 
 static void job_event(struct job *j)
@@ -453,6 +455,14 @@ static void after_event(struct runner *r)
         if (r->pending_stop) {
             r->pending_stop = 0;
             begin_stop(r);
+            /* Nobody reads our output any more: the running jobs' work is lost, end them. */
+            if (r->output_broken) {
+                for (struct job *j = r->running; j; j = j->rnext) {
+                    if (j->stopped) continue;
+                    j->stopped = true;
+                    terminate_job(r, j);
+                }
+            }
         }
         schedule(r);
         if (!r->pending_stop) break;
