@@ -2112,7 +2112,8 @@ TEST(run_inside_running_loop_ebusy)
     loop_done(l);
     /* Also inside a loop entered with enter_running. */
     ca_loop *c = NULL;
-    CHECK_OK(ca_loop_new_custom(&spy_ops, &(struct spy){0}, &c));
+    struct spy sp = {0};
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &sp, &c));
     CHECK_OK(ca_loop_enter_running(c));
     struct rstate s = {0};
     CHECK_ERR(ca_run(rmain, &s, counting_factory), -EBUSY);
@@ -3900,4 +3901,255 @@ LOOP_TEST(sock_bad_args)
     CHECK(f == SENT_FUT);
     close(sv[0]);
     close(sv[1]);
+}
+
+/* ===== More statements ==================================================================== */
+
+/* Forked child: "close and unref ... free memory without touching the parent's kernel
+ * objects": the parent's reader registration survives the child's close. */
+LOOP_TEST(conv_fork_child_close_leaves_parent_intact)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    struct lvl l = {p[0], 0};
+    CHECK_OK(ca_loop_add_reader(loop, p[0], lvl_cb, &l));
+    t_run_for(loop, 0.01);
+    CHECK_EQ(l.n, 0);
+    ca_loop_ref(loop);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int r = ca_loop_close(loop);
+        ca_loop_unref(loop);
+        t_child_exit(r == 0 ? 0 : 1);
+    }
+    ca_loop_unref(loop);
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+    CHECK(!ca_loop_is_closed(loop));
+    CHECK_EQ(write(p[1], "x", 1), 1);
+    CHECK(t_run_until(loop, t_flag_set, &l.n, 2.0));
+    int n = 0;
+    CHECK_OK(ca_loop_call_soon_threadsafe(loop, count_cb, &n));
+    CHECK(t_run_until(loop, t_flag_set, &n, 2.0));
+    CHECK_EQ(ca_loop_remove_reader(loop, p[0]), 1);
+    close(p[0]);
+    close(p[1]);
+}
+
+/* set_event_loop attaches the watcher only "in the main thread". */
+static void *thr_set_loop(void *arg)
+{
+    ca_loop *l = arg;
+    CHECK_OK(ca_set_event_loop(l));
+    CHECK_OK(ca_set_event_loop(NULL));
+    CHECK_OK(ca_set_event_loop(l));
+    return NULL;
+}
+
+TEST(policy_set_event_loop_other_thread_does_not_attach)
+{
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_safe_child_watcher_new(&w));
+    CHECK_OK(ca_set_child_watcher(w));
+    ca_loop *m = new_epoll(), *o = new_epoll();
+    CHECK_OK(ca_set_event_loop(m));
+    CHECK(ca_child_watcher_is_active(w));
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, thr_set_loop, o), 0);
+    pthread_join(t, NULL);
+    CHECK(ca_child_watcher_is_active(w)); /* still attached to m */
+    CHECK_OK(ca_loop_close(m));
+    CHECK(!ca_child_watcher_is_active(w)); /* not to o */
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_event_loop(NULL));
+    ca_loop_unref(m);
+    loop_done(o);
+}
+
+/* ca_run: -EAGAIN when the loop was stopped before the future was done (header). */
+static ca_future *rmain_stop(ca_loop *loop, void *arg)
+{
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    ca_loop_stop(loop);
+    *(ca_loop **)arg = ca_loop_ref(loop);
+    return f;
+}
+
+TEST(run_stopped_eagain)
+{
+    ca_loop *l = NULL;
+    CHECK_ERR(ca_run(rmain_stop, &l, NULL), -EAGAIN);
+    CHECK(ca_loop_is_closed(l));
+    ca_loop_unref(l);
+}
+
+/* MultiLoop "registers a SIGCHLD signal handler on instantiation" (until close); Pidfd: "no
+ * signals, no threads". */
+static int nthreads(void)
+{
+    int n = 0;
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "Threads: %d", &n) == 1) break;
+    if (f) fclose(f);
+    return n;
+}
+
+TEST(watcher_multiloop_sigchld_handler_from_creation)
+{
+    struct sigaction before, during, after;
+    sigaction(SIGCHLD, NULL, &before);
+    CHECK(before.sa_handler == SIG_DFL);
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_multiloop_child_watcher_new(&w));
+    sigaction(SIGCHLD, NULL, &during);
+    CHECK(during.sa_handler != SIG_DFL && during.sa_handler != SIG_IGN);
+    CHECK_OK(ca_child_watcher_close(w));
+    sigaction(SIGCHLD, NULL, &after);
+    CHECK(after.sa_handler == SIG_DFL);
+    ca_child_watcher_unref(w);
+}
+
+TEST(watcher_pidfd_no_signals_no_threads)
+{
+    ca_loop *l = new_epoll();
+    ca_child_watcher *w = wmake(W_PIDFD, l);
+    if (!w) SKIP("no pidfd");
+    struct sigaction before, during;
+    sigaction(SIGCHLD, NULL, &before);
+    int t0 = nthreads();
+    struct wrec rec[2];
+    memset(rec, 0, sizeof rec);
+    rec[1].tag = -1;
+    pid_t pid = spawn_sh("sleep 0.05; exit 1");
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, wrec_cb, &rec[0]));
+    CHECK_EQ(nthreads(), t0);
+    sigaction(SIGCHLD, NULL, &during);
+    CHECK(during.sa_handler == before.sa_handler);
+    CHECK(t_run_until(l, wrec_all, rec, 5.0));
+    CHECK_EQ(nthreads(), t0);
+    wdone(w);
+    loop_done(l);
+}
+
+/* Threaded, MultiLoop, Safe, Pidfd never reap a child they were not given: other code's
+ * waitpid() keeps working. */
+TEST(watcher_others_waitpid_undisturbed)
+{
+    ca_loop *l = new_epoll();
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD};
+    for (int i = 0; i < 4; i++) {
+        ca_child_watcher *w = wmake(kinds[i], l);
+        if (!w) continue;
+        struct wrec rec[2];
+        memset(rec, 0, sizeof rec);
+        rec[1].tag = -1;
+        pid_t mine = spawn_sh("sleep 0.05; exit 1");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, mine, wrec_cb, &rec[0]));
+        pid_t other = spawn_sh("exit 9");
+        wait_exited(other);
+        CHECK(t_run_until(l, wrec_all, rec, 5.0));
+        t_run_for(l, 0.02);
+        int st = 0;
+        pid_t r = waitpid(other, &st, WNOHANG);
+        if (r != other) t_fail(__FILE__, __LINE__, "%s reaped a child it was not given", wname[kinds[i]]);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 9);
+        wdone(w);
+    }
+    loop_done(l);
+}
+
+/* close_stdin "after the buffered data is written"; CA_DEVNULL stdin reads EOF. */
+LOOP_TEST(proc_write_big_then_close_stdin)
+{
+    const char *argv[] = {"wc", "-c", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
+    struct pstat s = {.loop = loop};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, &pproto, &s, &p));
+    size_t n = 1u << 20;
+    char *buf = malloc(n);
+    memset(buf, 'a', n);
+    CHECK_OK(ca_process_write(p, buf, n));
+    free(buf); /* the process keeps its own copy */
+    CHECK_OK(ca_process_write(p, "tail", 4));
+    CHECK_OK(ca_process_close_stdin(p));
+    CHECK_EQ(pwait(loop, p), 0);
+    s.out[s.nout] = 0;
+    CHECK_EQ(atol(s.out), (long)n + 4);
+    ca_process_unref(p);
+    const char *argv2[] = {"sh", "-c", "cat; echo done", NULL};
+    ca_subprocess_options o2 = {.argv = argv2, .stdin_mode = CA_DEVNULL, .stdout_mode = CA_PIPE};
+    struct pstat s2 = {.loop = loop};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o2, &pproto, &s2, &p));
+    CHECK_EQ(pwait(loop, p), 0);
+    CHECK(s2.nout == 5 && memcmp(s2.out, "done\n", 5) == 0);
+    ca_process_unref(p);
+}
+
+/* Subprocesses on a loop in another thread, default policy (Threaded watcher). */
+static void *proc_thread(void *arg)
+{
+    int *rc = arg;
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    const char *argv[] = {"sh", "-c", "exit 8", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(l, &o, NULL, NULL, &p));
+    *rc = pwait(l, p);
+    ca_process_unref(p);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+    return NULL;
+}
+
+TEST(proc_in_other_thread)
+{
+    int rc = -1;
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, proc_thread, &rc), 0);
+    pthread_join(t, NULL);
+    CHECK_EQ(rc, 8);
+}
+
+/* A process whose loop is never set current (only running) still works: delivery goes to the
+ * running loop. */
+struct pr_run {
+    ca_process *p;
+    int rc;
+    ca_loop *loop;
+};
+static void pr_exec_cb(void *arg)
+{
+    struct pr_run *x = arg;
+    const char *argv[] = {"sh", "-c", "exit 6", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    CHECK_OK(ca_loop_subprocess_exec(x->loop, &o, NULL, NULL, &x->p));
+}
+
+static void *proc_thread_running_only(void *arg)
+{
+    struct pr_run *x = arg;
+    x->loop = new_epoll();
+    CHECK_OK(ca_loop_call_soon(x->loop, pr_exec_cb, x, NULL));
+    run_once(x->loop);
+    x->rc = pwait(x->loop, x->p);
+    ca_process_unref(x->p);
+    loop_done(x->loop);
+    return NULL;
+}
+
+TEST(proc_thread_running_loop_not_current)
+{
+    struct pr_run x = {0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, proc_thread_running_only, &x), 0);
+    pthread_join(t, NULL);
+    CHECK_EQ(x.rc, 6);
 }
