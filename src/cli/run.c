@@ -6,6 +6,7 @@
 #include "run.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -217,6 +218,7 @@ static void on_data(ca_process *p, int fd, const void *buf, size_t n, void *arg)
     struct runner *r = j->r;
     output_data(r, j, fd, buf, n);
     if (r->pending_stop) after_event(r); /* output_data found stdout closed */
+    else if (r->bar && !r->bar_drawn) bar_draw(r);
 }
 
 static void job_event(struct job *j)
@@ -399,7 +401,8 @@ static void start_job(struct runner *r, struct job *j)
     }
     ca_subprocess_options so = {
         .argv = (const char *const *)argv,
-        .stdin_mode = CA_DEVNULL,
+        .stdin_mode = r->devnull >= 0 ? CA_FD : CA_DEVNULL,
+        .stdin_fd = r->devnull,
         .stdout_mode = CA_PIPE,
         .stderr_mode = CA_PIPE,
         .start_new_session = true,
@@ -471,6 +474,8 @@ static void after_event(struct runner *r)
     if (r->nrunning == 0 && !input_left && !r->blocked) {
         r->finished = true;
         ca_loop_stop(r->loop);
+    } else if (r->bar && !r->bar_drawn) {
+        bar_draw(r); /* printing output cleared it */
     }
     r->in_after = false;
 }
@@ -615,7 +620,7 @@ static int exit_status(struct runner *r)
 
 int run_main(const struct run_options *o)
 {
-    struct runner r = {.o = o, .next_seq = 1, .next_print = 1};
+    struct runner r = {.o = o, .next_seq = 1, .next_print = 1, .devnull = -1};
     cmd_template_init(&r.tmpl, o);
     int e = input_open(&r.in, o);
     if (e < 0) {
@@ -635,6 +640,7 @@ int run_main(const struct run_options *o)
     for (int i = 0; i < o->jobs; i++) r.free_slots[i] = o->jobs - i;
     r.nfree = o->jobs;
     raise_fd_limit(o->jobs);
+    r.devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (o->joblog && joblog_open(&r) < 0) goto out;
     if ((e = setup_loop(&r)) < 0) {
         fprintf(stderr, "casyncio: setting up the event loop: %s\n", ca_strerror(e));
@@ -642,6 +648,8 @@ int run_main(const struct run_options *o)
     }
     /* Input from a pipe or terminal is read through the loop; regular files (which epoll
      * refuses, and which never block) are read directly. */
+    if (r.in.fd == STDIN_FILENO && isatty(STDIN_FILENO))
+        fprintf(stderr, "casyncio: reading inputs from the terminal (end them with Ctrl-D)\n");
     if (r.in.fd >= 0) {
         r.in_async = true;
         if (ca_loop_add_reader(r.loop, r.in.fd, reader_cb, &r) == 0) r.in_reading = true;
@@ -679,6 +687,7 @@ out:
         free(r.ring);
     }
     input_close(&r.in);
+    if (r.devnull >= 0) close(r.devnull);
     free(r.free_slots);
     buf_free(&r.scratch);
     report_free(&r);

@@ -66,6 +66,7 @@ struct runner {
     ca_child_watcher *watcher;
     enum watcher_kind watcher_kind;
 
+    int devnull;             /* every job's stdin, opened once rather than per job */
     struct input in;
     bool in_async;           /* stdin/file read through a loop reader */
     bool in_reading;         /* the reader is installed */
