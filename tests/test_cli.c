@@ -665,6 +665,51 @@ TEST(closed_stdout_ends_the_jobs) /* timeout: 30 */
     res_free(&r);
 }
 
+TEST(sigterm_is_forwarded) /* timeout: 30 */
+{
+    CHECK_OK(prctl(PR_SET_CHILD_SUBREAPER, 1));
+    char pids[128], script[256];
+    tmp_path(pids, sizeof pids, "pids3");
+    snprintf(script, sizeof script, "echo $$ >> %s; exec sleep 20", pids);
+    int in, out, err;
+    double t0 = now_s();
+    pid_t pid = start_cli((const char *const[]){"run", "-j", "2", "--summary", ":::", script,
+                                                script, "echo never", NULL},
+                          &in, &out, &err, -1);
+    wait_for_lines(pids, 2);
+    CHECK_OK(kill(pid, SIGTERM));
+    struct res r;
+    finish_cli(pid, in, out, err, NULL, &r, t0, 20);
+    CHECK_EQ(r.status, 143);
+    CHECK(r.secs < 8 * t_slow());
+    CHECK_EQ(r.nout, 0);
+    CHECK_HAS(r.err, "2 stopped");
+    CHECK_HAS(r.err, "1 not started");
+    check_no_orphans();
+    res_free(&r);
+    unlink(pids);
+}
+
+TEST(input_is_read_as_it_comes)
+{
+    /* The first job runs (and prints) before the second input line exists. */
+    int in, out, err;
+    double t0 = now_s();
+    pid_t pid = start_cli((const char *const[]){"run", "echo", "got", NULL}, &in, &out, &err, -1);
+    CHECK_EQ(write(in, "one\n", 4), 4);
+    char buf[64];
+    ssize_t n = read(out, buf, sizeof buf - 1);
+    CHECK(n > 0);
+    buf[n] = 0;
+    CHECK_STR(buf, "got one\n");
+    CHECK_EQ(write(in, "two\n", 4), 4);
+    struct res r;
+    finish_cli(pid, in, out, err, NULL, &r, t0, 20);
+    CHECK_EQ(r.status, 0);
+    CHECK_STR(r.out, "got two\n");
+    res_free(&r);
+}
+
 /* ----- scale ------------------------------------------------------------------------------- */
 
 /* The runner's open fds and resident memory, as seen by a job (its parent is the runner). */
