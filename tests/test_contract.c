@@ -4153,3 +4153,230 @@ TEST(proc_thread_running_loop_not_current)
     pthread_join(t, NULL);
     CHECK_EQ(x.rc, 6);
 }
+
+/* set_event_loop in the main thread "returns that call's [attach_loop's] error, the loop being
+ * set all the same" (header). A custom loop without signal handlers cannot take a Safe watcher. */
+TEST(policy_set_event_loop_attach_error_loop_still_set)
+{
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_safe_child_watcher_new(&w));
+    CHECK_OK(ca_set_child_watcher(w));
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&bare_ops, &s, &l));
+    int r = ca_set_event_loop(l);
+    CHECK(r < 0);
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == l);
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(l);
+}
+
+/* A child forked from a non-main thread: that thread is the child's main thread, and nothing
+ * inherited is returned. */
+static void *fork_from_thread(void *arg)
+{
+    ca_loop *parent_loop = arg;
+    pid_t pid = fork();
+    if (pid == 0) {
+        ca_loop *got = NULL;
+        int r = ca_get_event_loop(&got);
+        int bad = 0;
+        if (r != 0) bad |= 1; /* main thread here: an automatic loop */
+        if (r == 0 && got == parent_loop) bad |= 2;
+        t_child_exit(bad);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    return (void *)(intptr_t)(WIFEXITED(st) ? WEXITSTATUS(st) : 100);
+}
+
+TEST(policy_fork_from_thread_child_main_thread)
+{
+    ca_loop *m = new_epoll();
+    CHECK_OK(ca_set_event_loop(m));
+    pthread_t t;
+    void *res = NULL;
+    CHECK_EQ(pthread_create(&t, NULL, fork_from_thread, m), 0);
+    pthread_join(t, &res);
+    CHECK_EQ((intptr_t)res, 0);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(m);
+}
+
+/* "A thread's reference to its loop is dropped when the thread exits" (header). */
+static void *set_and_exit(void *arg)
+{
+    CHECK_OK(ca_set_event_loop(arg));
+    return NULL;
+}
+
+TEST(policy_thread_exit_drops_its_loop)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&bare_ops, &s, &l));
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, set_and_exit, l), 0);
+    pthread_join(t, NULL);
+    CHECK_OK(ca_loop_close(l));
+    ca_loop_unref(l);
+    for (int i = 0; i < 100 && s.destroyed == 0; i++) sleep_s(0.01);
+    CHECK_EQ(s.destroyed, 1);
+}
+
+/* run_until_complete: stopped before the future is done -> -EAGAIN, future left pending. */
+LOOP_TEST(loop_run_until_complete_stopped_eagain)
+{
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_loop_call_later(loop, 0.005, stop_cb, loop, NULL));
+    CHECK_ERR(ca_loop_run_until_complete(loop, f), -EAGAIN);
+    CHECK(!ca_future_done(f));
+    CHECK_OK(ca_loop_call_later(loop, 0.005, set_res_cb, f, NULL));
+    CHECK_ERR(ca_loop_run_until_complete(loop, f), 0);
+    ca_future_unref(f);
+}
+
+/* Removing the last handler of a signal restores the disposition; with two loops on the signal,
+ * removing one keeps the other's. */
+TEST(loop_signal_disposition_restore_two_loops)
+{
+    ca_loop *a = new_epoll(), *b = NULL;
+    CHECK_OK(ca_poll_loop_new(&b));
+    struct sigaction sa;
+    int na = 0, nb = 0;
+    CHECK_OK(ca_loop_add_signal_handler(a, SIGUSR1, count_cb, &na));
+    CHECK_OK(ca_loop_add_signal_handler(b, SIGUSR1, count_cb, &nb));
+    CHECK_EQ(ca_loop_remove_signal_handler(a, SIGUSR1), 1);
+    sigaction(SIGUSR1, NULL, &sa);
+    CHECK(sa.sa_handler != SIG_DFL);
+    kill(getpid(), SIGUSR1);
+    CHECK(t_run_until(b, t_flag_set, &nb, 2.0));
+    t_run_for(a, 0.01);
+    CHECK_EQ(na, 0);
+    CHECK_EQ(ca_loop_remove_signal_handler(b, SIGUSR1), 1);
+    sigaction(SIGUSR1, NULL, &sa);
+    CHECK(sa.sa_handler == SIG_DFL);
+    /* Closing a loop removes its handlers and restores too. */
+    CHECK_OK(ca_loop_add_signal_handler(a, SIGUSR2, count_cb, &na));
+    loop_done(a);
+    sigaction(SIGUSR2, NULL, &sa);
+    CHECK(sa.sa_handler == SIG_DFL);
+    loop_done(b);
+}
+
+/* Provided sock_* ops are called (after the checks) and their result returned. */
+TEST(custom_sock_ops_called)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &s, &l));
+    int sv[2];
+    sockpair(sv);
+    char buf[4];
+    ca_future *f = SENT_FUT;
+    CHECK_ERR(ca_loop_sock_recv(l, sv[0], buf, 4, &f), -ENOSYS);
+    CHECK_ERR(ca_loop_sock_sendall(l, sv[0], buf, 4, &f), -ENOSYS);
+    CHECK_ERR(ca_loop_sock_accept(l, sv[0], &f), -ENOSYS);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    CHECK_ERR(ca_loop_sock_connect(l, sv[0], (struct sockaddr *)&sa, sizeof sa, &f), -ENOSYS);
+    CHECK_EQ(s.calls, 4);
+    CHECK(f == SENT_FUT);
+    close(sv[0]);
+    close(sv[1]);
+    loop_done(l);
+}
+
+/* Custom loop: ca_loop_stop and ca_loop_close call the ops once (core part + op). */
+TEST(custom_stop_close_ops_called)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&spy_ops, &s, &l));
+    ca_loop_stop(l);
+    CHECK(s.stops <= 1);
+    CHECK_OK(ca_loop_enter_running(l));
+    ca_loop_stop(l);
+    CHECK(s.stops >= 1);
+    CHECK_OK(ca_loop_exit_running(l));
+    CHECK_OK(ca_loop_close(l));
+    CHECK_EQ(s.closes, 1);
+    ca_loop_unref(l);
+    CHECK_EQ(s.destroyed, 1);
+}
+
+/* set_event_loop_policy(NULL): a new default policy, as asyncio: the main thread's
+ * get_event_loop makes a fresh loop there; the old policy's loops are dropped. */
+TEST(policy_set_null_fresh_default)
+{
+    struct spy s = {0};
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&bare_ops, &s, &l));
+    CHECK_OK(ca_set_event_loop(l));
+    ca_loop_unref(l); /* the policy holds the only reference */
+    ca_policy *old = ca_get_event_loop_policy();
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    CHECK(s.destroyed == 1);
+    ca_policy *now = ca_get_event_loop_policy();
+    CHECK(now != NULL);
+    (void)old;
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got != NULL && strcmp(ca_loop_kind(got), "epoll") == 0);
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+/* The loop's own SIGCHLD handler and MultiLoop's share the process-wide fan-out: adding and
+ * removing a loop's SIGCHLD handler does not break MultiLoop, nor does a Safe watcher's detach. */
+TEST(watcher_multiloop_with_loop_sigchld_handler)
+{
+    ca_loop *l = new_epoll();
+    ca_child_watcher *w = wmake(W_MULTILOOP, l);
+    int n = 0;
+    CHECK_OK(ca_loop_add_signal_handler(l, SIGCHLD, count_cb, &n));
+    CHECK_EQ(ca_loop_remove_signal_handler(l, SIGCHLD), 1);
+    ca_child_watcher *safe = NULL;
+    CHECK_OK(ca_safe_child_watcher_new(&safe));
+    CHECK_OK(ca_child_watcher_attach_loop(safe, l));
+    CHECK_OK(ca_child_watcher_close(safe));
+    ca_child_watcher_unref(safe);
+    struct wrec rec[2];
+    memset(rec, 0, sizeof rec);
+    rec[1].tag = -1;
+    pid_t pid = spawn_sh("sleep 0.02; exit 3");
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, wrec_cb, &rec[0]));
+    CHECK(t_run_until(l, wrec_all, rec, 5.0));
+    CHECK_EQ(rec[0].rc, 3);
+    wdone(w);
+    loop_done(l);
+}
+
+/* ca_run with a custom-loop factory: subprocesses and watchers use only the public loop API,
+ * "so they work on any loop, built-in or custom". */
+static ca_future *rmain_custom(ca_loop *loop, void *arg)
+{
+    const char *argv[] = {"sh", "-c", "echo hi; exit 4", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_PIPE};
+    struct pstat *s = arg;
+    s->loop = loop;
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, &pproto, s, &p));
+    ca_future *f = NULL;
+    CHECK_OK(ca_process_wait(p, &f));
+    ca_process_unref(p);
+    return f;
+}
+
+TEST(run_custom_loop_factory_subprocess)
+{
+    struct pstat s = {0};
+    CHECK_ERR(ca_run(rmain_custom, &s, t_custom_loop_new), 0);
+    CHECK(s.nout == 3 && memcmp(s.out, "hi\n", 3) == 0);
+    CHECK_EQ(s.exited, 1);
+    CHECK_EQ(s.wrong_loop, 0);
+}
