@@ -11,9 +11,20 @@ for t in "$bdir"/tests/test_*; do
     [ -x "$t" ] || continue
     echo "== $(basename "$t") ($mode)"
     if [ "$wrap" = valgrind ]; then
-        CA_TEST_SLOW=${CA_TEST_SLOW:-8} valgrind -q --error-exitcode=99 --leak-check=full \
-            --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
-            --trace-children=no "$t" > "$out" 2>&1
+        # valgrind's own messages go to files, not to fd 2: a child spawned by a test is
+        # still valgrind's until it execs, and its stderr may be a pipe the test reads.
+        # valgrind 3.19 cannot follow io_uring (the kernel writes through a shared ring it
+        # does not see), so the io_uring loop kind is skipped here; ASan and TSan cover it.
+        vgdir=$(mktemp -d)
+        CASYNCIO_NO_IO_URING=1 CA_TEST_SLOW=${CA_TEST_SLOW:-8} valgrind -q --error-exitcode=99 \
+            --leak-check=full --errors-for-leak-kinds=definite,indirect \
+            --show-leak-kinds=definite,indirect --trace-children=no \
+            --log-file="$vgdir/vg.%p" "$t" > "$out" 2>&1
+        for f in "$vgdir"/vg.*; do
+            [ -f "$f" ] || continue
+            grep -qvE 'unhandled syscall|^--[0-9]+-- |^==[0-9]+== *$' "$f" && { echo "--- valgrind: $f"; cat "$f"; } >> "$out"
+        done
+        rm -rf "$vgdir"
     else
         "$t" > "$out" 2>&1
     fi
