@@ -1068,3 +1068,34 @@ LOOP_TEST(burst_then_idle_reuses_and_trims_pool)
         t_run_for(loop, 0.005); /* blocks: the idle loop gives back its spare chunks */
     }
 }
+
+TEST(signal_slots_exhausted_enospc) /* timeout: 60 */
+{
+    enum { N = 1030 };
+    static ca_loop *loops[N];
+    struct sig_state s = {0};
+    int made = 0, r = 0;
+    for (; made < N; made++) {
+        CHECK_OK(ca_selector_loop_new(&loops[made]));
+        r = ca_loop_add_signal_handler(loops[made], SIGUSR1, on_sig, &s);
+        if (r < 0) {
+            made++;
+            break;
+        }
+    }
+    CHECK_ERR(r, -ENOSPC);
+    CHECK_EQ(made, 1025); /* 1024 loops watch, the next is refused */
+    for (int i = 0; i < made; i++) {
+        CHECK_OK(ca_loop_close(loops[i]));
+        ca_loop_unref(loops[i]);
+    }
+    /* every slot is free again */
+    ca_loop *l = NULL;
+    CHECK_OK(ca_selector_loop_new(&l));
+    CHECK_OK(ca_loop_add_signal_handler(l, SIGUSR1, on_sig, &s));
+    CHECK_OK(ca_loop_close(l));
+    ca_loop_unref(l);
+    struct sigaction now;
+    sigaction(SIGUSR1, NULL, &now);
+    CHECK(now.sa_handler == SIG_DFL);
+}
