@@ -433,8 +433,74 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * Child watchers (asyncio's AbstractChildWatcher)
  * ------------------------------------------------------------------------------------------- */
 
+/* A child watcher learns when child processes exit and reports each exit once, to a callback.
+ * asyncio's subprocess machinery (and ours: see Subprocesses) spawns a child and then calls
+ * add_child_handler on the policy's watcher. Five built-in watchers, one interface:
+ *
+ *   Threaded  (the default, created lazily by ca_get_child_watcher) One detached waiting thread
+ *             per child, blocked in waitpid(pid): 32 KiB stack, every signal blocked, named
+ *             "ca-wait-PID". O(1) per exit, no signal handler, works for loops in any thread.
+ *             Costs a thread per running child (about 10-15 KiB of resident memory; it holds
+ *             10,000 children at once); pthread_create failing (thread limits) makes
+ *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
+ *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
+ *             until close, and its own reaping thread, woken by that handler, which polls every
+ *             registered pid with waitpid(pid, WNOHANG): O(n) per SIGCHLD. Never reaps a child
+ *             it does not watch. Works for loops in any thread. Changes the process's SIGCHLD
+ *             disposition while it lives (the previous one is restored by close).
+ *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
+ *             then waitpid(pid, WNOHANG) for every registered pid: O(n) per SIGCHLD, never
+ *             reaps other code's children. Active only while attached to a loop that is not
+ *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
+ *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
+ *   Fast      As Safe for attachment, but waitpid(-1, WNOHANG) until nothing is left: O(1) per
+ *             exit. It reaps EVERY child of the process: other code's waitpid(pid) then fails
+ *             with ECHILD and system() returns -1; such an exit is logged ("Caught subprocess
+ *             termination from unknown pid") and dropped, except between enter and exit, where
+ *             it is kept in case its handler comes next. A child reaped by someone else before
+ *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
+ *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
+ *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
+ *             running child (RLIMIT_NOFILE applies). Linux 5.4+.
+ *
+ * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
+ * a signal handler and never with a watcher lock held (it may call any watcher function).
+ *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop" of the thread that called
+ *     add_child_handler: the loop running in that thread, or else that thread's current loop
+ *     (ca_get_event_loop). The callback runs ON that loop's thread: Threaded's and MultiLoop's
+ *     threads only reap, and post the exit with ca_loop_call_soon_threadsafe (as asyncio 3.11
+ *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
+ *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
+ *   - Safe and Fast call it on the attached loop's thread.
+ * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
+ * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
+ * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
+ * returncode 255"), unless the handler was removed by then.
+ * A removed callback is never called, even if the child's exit was already reaped and posted;
+ * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe and
+ * Pidfd then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
+ * reaps it, quietly; Fast reaps it and logs it as unknown.
+ *
+ * bpo-32115: a SIGCHLD disposition of SIG_IGN (or SA_NOCLDWAIT), for instance inherited from
+ * the parent process, makes the kernel reap children itself, so no exit status could be read.
+ * Every watcher, when it becomes active (Threaded, MultiLoop and Pidfd at creation, Safe and
+ * Fast when attached), detects it, sets SIG_DFL while any watcher is active, logs a warning, and
+ * puts the old disposition back when the last one is closed or detached.
+ *
+ * Threads: every function of this section is safe from any thread. Errors common to all:
+ * -EINVAL NULL watcher (or NULL cb, pid <= 0 where a pid is taken); -ECHILD the watcher was made
+ * before fork() and this is the child (only close and unref work there: they free memory and
+ * touch none of the parent's threads, fds or signal handlers); -EBADF the watcher is closed
+ * (everything but close and unref). In that order. */
+
 typedef void (*ca_child_fn)(pid_t pid, int returncode, void *arg);
 
+/* A custom watcher's operations (an AbstractChildWatcher subclass). The public functions check
+ * the arguments, the fork state and the closed state before calling an op, so ops do not repeat
+ * those checks; close is called at most once (by ca_child_watcher_close or by the last unref),
+ * destroy once when the last reference goes (to free `data`). Required: add_child_handler,
+ * remove_child_handler, is_active. Optional (NULL: nothing to do, the function returns 0):
+ * attach_loop, close, enter, exit, destroy. The callback contract above is the op's to keep. */
 typedef struct ca_child_watcher_ops {
     int (*add_child_handler)(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg);
     int (*remove_child_handler)(ca_child_watcher *self, pid_t pid);
@@ -446,22 +512,75 @@ typedef struct ca_child_watcher_ops {
     void (*destroy)(ca_child_watcher *self);
 } ca_child_watcher_ops;
 
+/* Make a built-in watcher; *out receives one reference. -EINVAL NULL out; -ENOMEM.
+ *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
+ *     -ENOSPC (too many signal slots in the process).
+ *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
+ *     checked once per process. */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
 int ca_fast_child_watcher_new(ca_child_watcher **out);
 int ca_pidfd_child_watcher_new(ca_child_watcher **out);
+/* Makes a custom watcher around ops (which must outlive it) and data. -EINVAL NULL ops/out or a
+ * NULL required member; -ENOMEM. */
 int ca_child_watcher_new_custom(const ca_child_watcher_ops *ops, void *data,
                                 ca_child_watcher **out);
+/* The custom watcher's data; NULL for built-in watchers and for NULL. */
 void *ca_child_watcher_data(ca_child_watcher *watcher);
 ca_child_watcher *ca_child_watcher_ref(ca_child_watcher *watcher);
+/* Drops a reference; the last one closes the watcher if needed and frees it. Threads a closed
+ * Threaded watcher still has (children still running) keep what they need alive, and end when
+ * their child exits. */
 ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
+
+/* Calls cb(pid, returncode, arg) once when child pid exits (see "Delivery" above). Adding a
+ * pid that is already registered replaces its callback and arg (and, for Threaded and
+ * MultiLoop, its delivery loop, unless the exit is already on its way). A child that exited
+ * before this call is reported too (Fast: only if it exited inside enter/exit, or has not been
+ * reaped yet). The callback must be thread-safe with respect to the caller's code, as asyncio
+ * says. Errors besides the common ones:
+ *   -ENOENT   Threaded, MultiLoop, Pidfd: no running or current loop in this thread (or it is
+ *             closed).
+ *   -ENOTCONN Safe, Fast: not active (not attached, or the attached loop is closed).
+ *   -EAGAIN   Threaded: no thread could be made (other pthread_create errors likewise).
+ *   -EPERM    Pidfd: the delivery loop runs in another thread (the reader must be added on its
+ *             thread); Threaded, MultiLoop: the same, the first time a loop is used by this
+ *             watcher. Pidfd also passes pidfd_open's EMFILE, ENFILE, ENOMEM and EPERM (seccomp):
+ *             the child is then not watched, and the caller still owns its exit.
+ *   -ENOMEM.
+ * On any error cb is never called. */
 int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
                                        void *arg);
+/* 1 if a handler was removed (its callback will never be called), 0 if there was none (never
+ * registered, already delivered, or being delivered right now). Pidfd closes the child's fd on
+ * its loop's thread (at once if called there). */
 int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
+/* Attaches the watcher to loop (NULL detaches); takes its own reference to the loop. Only Safe
+ * and Fast use it: they install a SIGCHLD handler on the loop and remove it from the previous
+ * one, then check every registered child once on the new loop (one may have exited during the
+ * switch). Call it from the loop's thread, or while the loop is not running (as the default
+ * policy's ca_set_event_loop does in the main thread). The others do nothing and return 0.
+ * Errors (Safe, Fast): -EPERM a loop concerned runs in another thread; -EBADF the new loop is
+ * closed; -ENOTSUP a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
 int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
+/* Whether add_child_handler can work: Threaded and Pidfd always; MultiLoop from creation until
+ * close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed
+ * watcher, or in a forked child. */
 bool ca_child_watcher_is_active(ca_child_watcher *watcher);
+/* Closes the watcher: every handler is cancelled (no callback after close returns), MultiLoop's
+ * thread is joined and its SIGCHLD handler removed, Safe/Fast are detached, Pidfd's fds are
+ * released (on their loops' threads), and the SIGCHLD disposition is restored. Threaded's
+ * waiting threads are detached: each ends, quietly, when its child exits (and reaps it).
+ * Children are not killed. Idempotent (0). -EINVAL NULL. In a forked child: 0, frees nothing
+ * of the parent's. If a Safe/Fast watcher's loop runs in another thread, its SIGCHLD handler
+ * stays on that loop (doing nothing) until that loop closes. */
 int ca_child_watcher_close(ca_child_watcher *watcher);
+/* The `with watcher:` protocol (asyncio's __enter__/__exit__), which the subprocess code calls
+ * around every spawn. Only Fast uses it: between enter and exit, exit statuses of pids that are
+ * not registered yet are kept for their add_child_handler; the last exit logs and drops the ones
+ * nobody claimed. Nestable (a counter). Fast's exit without enter gives -EINVAL. The others:
+ * 0. */
 int ca_child_watcher_enter(ca_child_watcher *watcher);
 int ca_child_watcher_exit(ca_child_watcher *watcher);
 

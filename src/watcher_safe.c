@@ -63,6 +63,7 @@ static int detach_bind(ca__wbind *b, ca_loop *loop, bool force)
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
 {
     ca__wattach *a = att(c);
+    if (loop && ca_loop_is_closed(loop)) return -EBADF;
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;
