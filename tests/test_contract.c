@@ -1556,6 +1556,7 @@ TEST(policy_object_get_event_loop_auto_once)
     CHECK(strcmp(ca_loop_kind(a), "poll") == 0);
     CHECK_OK(ca_policy_get_event_loop(p, &b));
     CHECK(a == b);
+    ca_loop_ref(a); /* keep it alive: pointer comparisons below */
     CHECK_OK(ca_policy_set_event_loop(p, NULL));
     b = SENT_LOOP;
     CHECK_ERR(ca_policy_get_event_loop(p, &b), -ENOENT);
@@ -1565,6 +1566,7 @@ TEST(policy_object_get_event_loop_auto_once)
     CHECK(b != a);
     ca_policy_unref(p);
     CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(a);
 }
 
 /* Other threads: -ENOENT; they never get the main thread's loop. */
@@ -4379,4 +4381,118 @@ TEST(run_custom_loop_factory_subprocess)
     CHECK(s.nout == 3 && memcmp(s.out, "hi\n", 3) == 0);
     CHECK_EQ(s.exited, 1);
     CHECK_EQ(s.wrong_loop, 0);
+}
+
+/* "deliver to the loop running in the thread that added the handler, or, when none runs there,
+ * to that thread's current loop": running wins over current. */
+struct rvc {
+    ca_child_watcher *w;
+    ca_loop *run;
+    pid_t pid;
+    int add_r;
+    struct wrec rec[2];
+    ca_loop *cb_loop;
+};
+static void rvc_cb(pid_t pid, int rc, void *arg)
+{
+    struct rvc *x = arg;
+    x->cb_loop = ca_get_running_loop();
+    wrec_cb(pid, rc, &x->rec[0]);
+}
+static void rvc_add(void *arg)
+{
+    struct rvc *x = arg;
+    x->add_r = ca_child_watcher_add_child_handler(x->w, x->pid, rvc_cb, x);
+}
+
+TEST(watcher_running_loop_wins_over_current)
+{
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    ca_loop *cur = new_epoll();
+    CHECK_OK(ca_set_event_loop(cur));
+    for (int i = 0; i < 3; i++) {
+        struct rvc x;
+        memset(&x, 0, sizeof x);
+        x.rec[1].tag = -1;
+        int r = wnew(kinds[i], &x.w);
+        if (r == -ENOSYS) continue;
+        CHECK_OK(r);
+        x.run = new_epoll();
+        x.pid = spawn_sh("sleep 0.02; exit 2");
+        CHECK_OK(ca_loop_call_soon(x.run, rvc_add, &x, NULL));
+        run_once(x.run);
+        CHECK_OK(x.add_r);
+        if (!t_run_until(x.run, wrec_all, x.rec, 5.0))
+            t_fail(__FILE__, __LINE__, "%s: not delivered to the running loop", wname[kinds[i]]);
+        if (kinds[i] != W_THREADED && kinds[i] != W_MULTILOOP) CHECK(x.cb_loop == x.run);
+        CHECK_OK(ca_child_watcher_close(x.w));
+        ca_child_watcher_unref(x.w);
+        loop_done(x.run);
+    }
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(cur);
+}
+
+/* exec on a loop that is neither running nor current (another loop is current): everything is
+ * delivered on `loop`. */
+TEST(proc_loop_not_current_not_running)
+{
+    ca_loop *cur = new_epoll(), *l = NULL;
+    CHECK_OK(ca_poll_loop_new(&l));
+    CHECK_OK(ca_set_event_loop(cur));
+    const char *argv[] = {"sh", "-c", "echo a; exit 9", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_PIPE};
+    struct pstat s = {.loop = l};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(l, &o, &pproto, &s, &p));
+    CHECK_EQ(pwait(l, p), 9);
+    CHECK_EQ(s.wrong_loop, 0);
+    CHECK_EQ(s.exited, 1);
+    ca_process_unref(p);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(cur);
+    loop_done(l);
+}
+
+static void *proc_thread_no_loop(void *arg)
+{
+    int *rc = arg;
+    ca_loop *l = new_epoll();
+    const char *argv[] = {"sh", "-c", "exit 12", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    ca_process *p = NULL;
+    int r = ca_loop_subprocess_exec(l, &o, NULL, NULL, &p);
+    CHECK_OK(r);
+    *rc = pwait(l, p);
+    ca_process_unref(p);
+    loop_done(l);
+    return NULL;
+}
+
+TEST(proc_thread_loop_neither_current_nor_running)
+{
+    int rc = -1;
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, proc_thread_no_loop, &rc), 0);
+    pthread_join(t, NULL);
+    CHECK_EQ(rc, 12);
+}
+
+/* Threaded = "one waiting thread per child". */
+TEST(watcher_threaded_one_thread_per_child)
+{
+    ca_loop *l = new_epoll();
+    ca_child_watcher *w = wmake(W_THREADED, l);
+    int t0 = nthreads();
+    struct wrec rec[4];
+    memset(rec, 0, sizeof rec);
+    rec[3].tag = -1;
+    for (int i = 0; i < 3; i++) {
+        pid_t pid = spawn_sh("sleep 0.2");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, wrec_cb, &rec[i]));
+    }
+    CHECK_EQ(nthreads() - t0, 3);
+    CHECK(t_run_until(l, wrec_all, rec, 5.0));
+    wdone(w);
+    loop_done(l);
 }
