@@ -588,15 +588,78 @@ int ca_child_watcher_exit(ca_child_watcher *watcher);
  * Subprocesses
  * ------------------------------------------------------------------------------------------- */
 
-typedef enum { CA_INHERIT = 0, CA_PIPE, CA_DEVNULL, CA_STDOUT /* stderr only */, CA_FD } ca_stdio_mode;
+/* Child processes: asyncio's loop.subprocess_exec() with its SubprocessTransport and
+ * SubprocessProtocol. A ca_process is the transport; the protocol is a table of three callbacks.
+ *
+ * Spawning. The child is made with clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD) on a small stack
+ * (what glibc's posix_spawn does, plus a pidfd): no copy of the parent's memory, however large.
+ * In the child, before execve: every signal handler reset to SIG_DFL (so are SIGPIPE and
+ * SIGXFSZ when ignored, as Python's restore_signals; other ignored signals stay ignored), an
+ * empty signal mask, setsid() if asked, the stdio fds set up, the working directory changed,
+ * and every fd above 2 marked close-on-exec (Python's close_fds): the program gets fds 0, 1
+ * and 2 and nothing else. The library's own fds are all O_CLOEXEC as well.
+ *
+ * stdio modes (ca_stdio_mode), per stdin_mode / stdout_mode / stderr_mode:
+ *   CA_INHERIT  (0) the child shares ours. A zero-initialised ca_subprocess_options inherits
+ *               all three.
+ *   CA_PIPE     a pipe to us: data from the child's stdout (1) and stderr (2) arrives through
+ *               pipe_data_received; its stdin (0) is fed with ca_process_write.
+ *   CA_DEVNULL  /dev/null.
+ *   CA_STDOUT   stderr only: the child's stderr goes where its stdout goes (merged).
+ *   CA_FD       the caller's open fd stdin_fd / stdout_fd / stderr_fd (dup'ed onto 0/1/2 in the
+ *               child; the caller keeps its fd, and only the copy on 0/1/2 reaches the program,
+ *               even when the fd is not O_CLOEXEC).
+ *
+ * Protocol callbacks (each member may be NULL), all on the loop's thread, never inside a
+ * ca_process_* call:
+ *   pipe_data_received(proc, fd, buf, n, arg)  fd 1 or 2; buf is valid during the call only.
+ *   pipe_connection_lost(proc, fd, err, arg)   once per CA_PIPE fd: err 0 at EOF (or when stdin
+ *       was closed by ca_process_close_stdin or by the child), -EPIPE when the child closed its
+ *       stdin while written data was still queued (the rest is dropped), another -errno on a
+ *       read or write error.
+ *   process_exited(proc, arg)                  once, when the watcher reports the exit;
+ *       ca_process_returncode works from then on.
+ * Order, as asyncio: for each pipe, all its data before its pipe_connection_lost; the wait
+ * futures complete after process_exited and after every pipe_connection_lost. When the exit is
+ * reported, whatever the child left in its pipes (and their end of file) is delivered before
+ * process_exited, so a child whose pipes were only its own gives: pipe_data_received...,
+ * pipe_connection_lost for each pipe, process_exited, then the wait futures. A grandchild that
+ * keeps a pipe open keeps the wait futures pending after process_exited until it closes it
+ * (asyncio 3.11's behaviour).
+ *
+ * Ownership and lifetime. ca_loop_subprocess_exec gives the caller one reference. The loop
+ * holds another one until the process is finished (exited and every pipe closed) or the loop is
+ * closed, so dropping yours early is fine: the callbacks still come. The process holds a
+ * reference to its loop until it is freed. The protocol table is copied; arg is the caller's.
+ *
+ * Closing the loop ends the processes it still has, as asyncio's transport close() does: their
+ * pipes are closed, a child that is still running is killed with SIGKILL and reaped (one
+ * warning through the log handler for each), their pending wait futures are cancelled, and no
+ * protocol callback runs after the close. The ca_process objects stay valid for their holders:
+ * returncode then gives -9 for a killed child (255 if the exit was reaped by the watcher but
+ * lost with the loop, as asyncio reports an unknown status). No zombie is left.
+ *
+ * Threads: ca_process_ref, ca_process_unref and ca_process_pid from any thread; the other
+ * ca_process_* functions and ca_loop_subprocess_exec from the loop's thread (or any single
+ * thread while the loop does not run); -EPERM from another thread while the loop runs.
+ * In a child made by fork(), every function but ref/unref/pid gives -ECHILD. */
+typedef enum {
+    CA_INHERIT = 0,
+    CA_PIPE,
+    CA_DEVNULL,
+    CA_STDOUT, /* stderr only */
+    CA_FD
+} ca_stdio_mode;
 
 typedef struct ca_subprocess_options {
-    const char *const *argv;
-    const char *const *envp;
-    const char *cwd;
-    ca_stdio_mode stdin_mode, stdout_mode, stderr_mode;
-    int stdin_fd, stdout_fd, stderr_fd;
-    bool start_new_session;
+    const char *const *argv;        /* NULL-terminated, argv[0] the program: looked up in PATH
+                                       unless it contains a '/' (envp's PATH when envp is given
+                                       and has one, else ours; "/bin:/usr/bin" when neither) */
+    const char *const *envp;        /* NULL-terminated; NULL: inherit our environment */
+    const char *cwd;                /* NULL: inherit */
+    ca_stdio_mode stdin_mode, stdout_mode, stderr_mode;   /* zero: inherit */
+    int stdin_fd, stdout_fd, stderr_fd;                   /* used with CA_FD */
+    bool start_new_session;         /* setsid() in the child */
 } ca_subprocess_options;
 
 typedef struct ca_subprocess_protocol {
@@ -605,19 +668,80 @@ typedef struct ca_subprocess_protocol {
     void (*process_exited)(ca_process *proc, void *arg);
 } ca_subprocess_protocol;
 
+/* Starts argv as a child process whose events are delivered on loop (running or not: nothing
+ * is delivered before the loop runs). *out receives a reference to the process. The options
+ * are read during the call only.
+ * The exit is learned through the current policy's child watcher (ca_get_child_watcher), as
+ * asyncio does: ca_child_watcher_enter, a check that it is active, the spawn, add_child_handler,
+ * ca_child_watcher_exit. With the Threaded, MultiLoop and Pidfd watchers the exit goes to the
+ * loop running in the calling thread, so call this from loop's thread (if no loop runs here,
+ * loop is made the delivery loop for the registration). The Pidfd watcher is handed the pidfd
+ * obtained at spawn. A watcher that reports from another thread is fine: the exit is passed on
+ * to loop with ca_loop_call_soon_threadsafe.
+ * Errors (nothing is left behind: no child, no zombie, no fd):
+ *   -EINVAL    NULL loop, opts or out; argv NULL or empty; a mode out of range; CA_STDOUT for
+ *              stdin or stdout; CA_FD with a negative fd.
+ *   -ECHILD    loop was made by the parent of this process (fork()).
+ *   -EBADF     loop is closed; or a CA_FD fd is not open.
+ *   -EPERM     called from another thread while loop runs.
+ *   -ENOTCONN  the policy's child watcher is not active (e.g. Safe or Fast not attached to a
+ *              loop): refused before anything is spawned.
+ *   -ENOENT    the program was not found (or cwd does not exist), or, from the watcher, no
+ *              loop to deliver to.
+ *   -EACCES    the program (or a directory on the way) is not executable / searchable.
+ *   -ENOTDIR   cwd (or a directory on the way) is not a directory.
+ *   other negative errno values of the child's execve (-ENOEXEC, -E2BIG, -ETXTBSY...), of
+ *   clone (-EAGAIN process limit, -ENOMEM), of pipe2/open (-EMFILE, -ENFILE), of the loop
+ *   (-ENOTSUP: a custom loop without readers, for CA_PIPE) and of the watcher's
+ *   add_child_handler (-EAGAIN no thread, -EMFILE...): then the child was killed and reaped. */
 int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *opts,
                             const ca_subprocess_protocol *proto, void *arg, ca_process **out);
-ca_process *ca_process_ref(ca_process *proc);
-ca_process *ca_process_unref(ca_process *proc);
+ca_process *ca_process_ref(ca_process *proc);    /* NULL gives NULL */
+ca_process *ca_process_unref(ca_process *proc);  /* accepts NULL; returns NULL */
+/* The child's pid; -EINVAL for NULL. Any thread. */
 pid_t ca_process_pid(const ca_process *proc);
+/* The returncode once known (process_exited ran, or the loop closed): the exit status, -signal
+ * when killed, 255 when it could not be read. -EAGAIN while running; -EINVAL NULL; -ECHILD. */
 int ca_process_returncode(const ca_process *proc, int *rc);
+/* A new future (a new reference at each call) that completes with the returncode, as
+ * (void *)(intptr_t)rc, once the exit is known and every pipe is closed; already done (its
+ * callbacks still run through the loop) if that is the case. -EINVAL NULL; -ECHILD; -EPERM;
+ * -EBADF the loop is closed (the returncode is still there); -ENOMEM. */
 int ca_process_wait(ca_process *proc, ca_future **out);
+/* Queues n bytes for the child's stdin (copied: buf may be reused at once) and returns at once:
+ * the data is written in order as the pipe drains, never blocking the caller, and never raising
+ * SIGPIPE in this process. If the child closed its stdin, the error comes through
+ * pipe_connection_lost(proc, 0, -EPIPE) and the queued data is dropped. n == 0 does nothing.
+ * -EINVAL NULL proc, NULL buf with n > 0, or stdin is not CA_PIPE; -EPIPE stdin is closed or
+ * being closed (close_stdin, the child, an error); -EBADF the loop is closed; -ECHILD; -EPERM;
+ * -ENOMEM. */
 int ca_process_write(ca_process *proc, const void *buf, size_t n);
+/* Closes the child's stdin once the queued data is written (at once if none), after which
+ * pipe_connection_lost(proc, 0, 0) comes through the loop. Idempotent: 0 if it is already
+ * closed or closing, also after the loop closed. -EINVAL NULL or stdin is not CA_PIPE;
+ * -ECHILD; -EPERM. */
 int ca_process_close_stdin(ca_process *proc);
+/* Sends sig (1..64) to the child: through its pidfd where the kernel gave one, so a recycled
+ * pid is never hit (cpython#127049). Once the exit is known (or the watcher reaped the child,
+ * or the loop closed), does nothing and returns 0, as subprocess.Popen.send_signal does.
+ * terminate is SIGTERM, kill is SIGKILL. -EINVAL NULL or a bad signal (0 included); -ECHILD;
+ * -EPERM; other errors of kill(2) (-EPERM). */
 int ca_process_send_signal(ca_process *proc, int sig);
 int ca_process_terminate(ca_process *proc);
 int ca_process_kill(ca_process *proc);
+/* asyncio's Process.communicate(): writes len bytes of input (copied) to the child's stdin and
+ * closes it (input is ignored when stdin is not CA_PIPE, as asyncio does; the child closing
+ * its stdin early is not an error), collects what the child writes to its CA_PIPE stdout and
+ * stderr from now on, and returns a new future that completes with the returncode when the
+ * process is finished (as ca_process_wait's; it fails with -ENOMEM if the output could not be
+ * kept). The protocol still receives everything. Read the output with ca_process_output.
+ * Once per process. -EINVAL NULL proc or out, NULL input with len > 0; -EBUSY called before;
+ * -EBADF the loop is closed; -ECHILD; -EPERM; -ENOMEM. */
 int ca_process_communicate(ca_process *proc, const void *input, size_t len, ca_future **out);
+/* What communicate collected from fd 1 (stdout) or 2 (stderr) so far: *buf (never NULL; "" when
+ * empty) and *len. The buffer belongs to proc: valid until more output arrives or proc is
+ * freed (stable once the communicate future is done). -EINVAL NULL proc/buf/len or fd not 1 or
+ * 2; -ECHILD. */
 int ca_process_output(const ca_process *proc, int fd, const void **buf, size_t *len);
 
 #ifdef __cplusplus
