@@ -57,31 +57,35 @@ void bar_draw(struct runner *r)
     char left[64], right[128], eta[32];
     if (total_known && total > 0) {
         fmt_duration(eta, sizeof eta, done ? elapsed / (double)done * (double)(total - done) : -1);
-        snprintf(left, sizeof left, "%3lu%% %lu/%lu", done * 100 / total, done, total);
+        snprintf(left, sizeof left, "%3lu%% %lu/%lu done,", done * 100 / total, done, total);
     } else {
         fmt_duration(eta, sizeof eta, -1);
-        snprintf(left, sizeof left, "%lu/?", done);
+        snprintf(left, sizeof left, "%lu/? done,", done);
     }
     char el[32];
     fmt_duration(el, sizeof el, elapsed);
-    snprintf(right, sizeof right, "  %d running, %lu failed, %s elapsed, ETA %s", r->nrunning,
+    snprintf(right, sizeof right, " %d running, %lu failed, %s elapsed, ETA %s", r->nrunning,
              failed_count(r), el, r->finished ? "0:00" : eta);
+    /* A bar of steady width; dropped when the line would not fit the terminal. */
     int width = term_width() - 1;
-    int fixed = (int)strlen(left) + (int)strlen(right) + 3;
+    int bw = width - 66;
+    bw = bw < 10 ? 10 : bw > 40 ? 40 : bw;
+    int text = (int)strlen(left) + (int)strlen(right);
+    if (text + bw + 3 > width) bw = 0;
     char line[512];
-    int bw = width - fixed;
-    if (bw > 50) bw = 50;
     size_t pos = 0;
     line[pos++] = '\r';
-    if (bw >= 10 && total_known && total > 0) {
+    if (bw > 0 && total_known && total > 0) {
         int fill = (int)((double)bw * (double)done / (double)total);
         line[pos++] = '[';
         for (int i = 0; i < bw; i++) line[pos++] = i < fill ? '#' : (i == fill ? '>' : '.');
         line[pos++] = ']';
         line[pos++] = ' ';
     }
-    pos += (size_t)snprintf(line + pos, sizeof line - pos - 8, "%s%s", left, right);
-    if (pos > sizeof line - 8) pos = sizeof line - 8;
+    size_t room = (size_t)width + 1 > pos ? (size_t)width + 1 - pos : 1;
+    if (room > sizeof line - pos - 8) room = sizeof line - pos - 8;
+    int k = snprintf(line + pos, room, "%s%s", left, right);
+    pos += k < 0 ? 0 : (size_t)k < room ? (size_t)k : room - 1;
     memcpy(line + pos, "\033[K", 3);
     pos += 3;
     write_all(2, line, pos);
