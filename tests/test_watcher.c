@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdatomic.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -1008,4 +1009,37 @@ LOOP_TEST(forked_child_gets_echild)
         CHECK(ca_child_watcher_is_active(w));
         wdone(w);
     }
+}
+
+/* Out of fds: Pidfd says so, and the child is still ours to reap (never silently lost). */
+LOOP_TEST(pidfd_emfile_is_an_error)
+{
+    ca_child_watcher *w = wmake(W_PIDFD, loop);
+    if (!w) SKIP("pidfd is unavailable");
+    pid_t pid = spawn("exit 3");
+    struct rlimit old, low;
+    CHECK_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+    /* Fill the fd table up to a low limit. */
+    int fds[64], nfds = 0;
+    low = old;
+    int probe = dup(0);
+    CHECK(probe >= 0);
+    close(probe);
+    low.rlim_cur = (rlim_t)probe + 8;
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+    for (;;) {
+        int fd = dup(0);
+        if (fd < 0) break;
+        CHECK(nfds < 64);
+        fds[nfds++] = fd;
+    }
+    rec r = {0};
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r), -EMFILE);
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+    t_run_for(loop, 0.02);
+    CHECK_EQ(atomic_load(&r.calls), 0);
+    int st = reap(pid);
+    CHECK(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 3);
+    wdone(w);
 }
