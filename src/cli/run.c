@@ -313,9 +313,9 @@ static void check_halt(struct runner *r)
 static enum outcome attempt_outcome(struct job *j)
 {
     if (j->outcome == O_NOEXEC) return O_NOEXEC;
+    if (j->timed_out) return O_TIMEOUT; /* even if it then exited 0: it overran */
     if (j->rc == 0) return O_OK;
     if (j->stopped) return O_STOPPED;
-    if (j->timed_out) return O_TIMEOUT;
     return j->rc < 0 ? O_SIGNAL : O_FAILED;
 }
 
@@ -340,6 +340,8 @@ static void finish_attempt(struct runner *r, struct job *j)
         j->state = J_QUEUED;
         j->slot = 0;
         j->exited = j->timed_out = j->stopped = false;
+        free(j->display); /* {%} may differ next time */
+        j->display = NULL;
         q_push_front(r, j);
         return;
     }
