@@ -421,7 +421,7 @@ static int reap_now(pid_t pid, int pidfd)
             r = waitid(P_PIDFD, (id_t)pidfd, &si, WEXITED);
         } while (r < 0 && errno == EINTR);
         if (r == 0) return si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
-        if (errno != EINVAL) return 255;
+        if (errno != EINVAL && errno != ENOSYS) return 255;
         /* A kernel without P_PIDFD: by pid. */
     }
     int st;
@@ -715,13 +715,17 @@ static void child_exited(pid_t pid, int returncode, void *arg)
     ca_loop_unref(loop);
 }
 
+static atomic_bool no_pidfd_send_signal; /* valgrind (3.19) and kernels before 5.1 */
+
 /* 0, or -errno (-ESRCH: the child is gone, reaped by somebody). */
 static int raw_signal(ca_process *p, int sig)
 {
-    int r;
-    if (p->pidfd >= 0) r = (int)syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0);
-    else r = kill(p->pid, sig);
-    return r == 0 ? 0 : -errno;
+    if (p->pidfd >= 0 && !atomic_load_explicit(&no_pidfd_send_signal, memory_order_relaxed)) {
+        if (syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0) == 0) return 0;
+        if (errno != ENOSYS) return -errno;
+        atomic_store_explicit(&no_pidfd_send_signal, true, memory_order_relaxed);
+    }
+    return kill(p->pid, sig) == 0 ? 0 : -errno;
 }
 
 static int send_sig(ca_process *p, int sig)
