@@ -4560,3 +4560,83 @@ TEST(watcher_sigchld_ignored_still_reads_status)
     CHECK(sa.sa_handler == SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
 }
+
+/* "one log line each" with the default handler: exactly one stderr line per killed process. */
+TEST(proc_loop_close_default_handler_one_line_each)
+{
+    ca_loop *l = new_epoll();
+    const char *argv[] = {"sleep", "30", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    ca_process *p[2] = {NULL, NULL};
+    for (int i = 0; i < 2; i++) CHECK_OK(ca_loop_subprocess_exec(l, &o, NULL, NULL, &p[i]));
+    t_run_for(l, 0.02);
+    int saved;
+    int rfd = capture_stderr_begin(&saved);
+    CHECK_OK(ca_loop_close(l));
+    char buf[4096];
+    size_t n = capture_stderr_end(rfd, saved, buf, sizeof buf);
+    int lines = 0;
+    for (size_t i = 0; i < n; i++) lines += buf[i] == '\n';
+    if (lines != 2) t_fail(__FILE__, __LINE__, "%d stderr lines for 2 killed processes: [%s]", lines, buf);
+    for (int i = 0; i < 2; i++) ca_process_unref(p[i]);
+    ca_loop_unref(l);
+}
+
+/* Bad argument before closed: a future of another loop. */
+TEST(conv_precedence_other_loops_future_on_closed_loop)
+{
+    ca_loop *a = new_epoll(), *b = new_epoll();
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(b, &f));
+    CHECK_OK(ca_loop_close(a));
+    CHECK_ERR(ca_loop_run_until_complete(a, f), -EINVAL);
+    ca_future_unref(f);
+    ca_loop_unref(a);
+    loop_done(b);
+}
+
+/* Bad argument before closed: more of the header's -EINVAL cases (fd not open, NULL buf). */
+LOOP_TEST(conv_precedence_more_bad_args_on_closed_loop)
+{
+    CHECK_OK(ca_loop_close(loop));
+    char buf[4];
+    ca_future *f = SENT_FUT;
+    int sv[2];
+    sockpair(sv);
+    CHECK_ERR(ca_loop_add_reader(loop, 1000, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_add_writer(loop, 1000, noop, NULL), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, sv[0], NULL, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, sv[0], NULL, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, 1000, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(loop, 1000, &f), -EINVAL);
+    CHECK(f == SENT_FUT);
+    const char *argv[] = {"/bin/true", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_STDOUT};
+    ca_process *p = SENT_PROC;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -EINVAL);
+    CHECK(p == SENT_PROC);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* Fork before closed, bad argument before fork: a future of another loop in a forked child. */
+TEST(conv_precedence_fork_other_loops_future)
+{
+    ca_loop *a = new_epoll(), *b = new_epoll();
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(b, &f));
+    pid_t pid = fork();
+    if (pid == 0) {
+        int bad = 0;
+        if (ca_loop_run_until_complete(a, f) != -EINVAL) bad |= 1;
+        if (ca_loop_run_until_complete(a, NULL) != -EINVAL) bad |= 2;
+        t_child_exit(bad);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+    ca_future_unref(f);
+    loop_done(a);
+    loop_done(b);
+}
