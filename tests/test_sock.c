@@ -814,3 +814,41 @@ LOOP_TEST(proactor_runs_sock_ops_through_the_ring)
     close(sv[0]);
     close(sv[1]);
 }
+
+/* ----- the example ------------------------------------------------------------------------------ */
+
+static void run_echo_example(const char *policy)
+{
+    char self[4096], path[4200];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    CHECK(n > 0);
+    self[n] = 0;
+    char *slash = strrchr(self, '/');
+    CHECK(slash != NULL);
+    *slash = 0;
+    snprintf(path, sizeof path, "%s/../examples/echo_server", self);
+    if (access(path, X_OK) != 0) SKIP("examples not built (make examples)");
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        int fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) dup2(fd, 1);
+        execl(path, "echo_server", policy, "-c", "50", "-t", "20", (char *)NULL);
+        _exit(127);
+    }
+    int st = 0;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+}
+
+TEST(echo_server_example_on_every_policy) /* timeout: 90 */
+{
+    /* 50 clients on the server's own loop, each checking its echo: the same code on the
+     * readiness loops and on the proactor (which falls back where io_uring is unusable). */
+    run_echo_example("default");
+    run_echo_example("selector");
+    run_echo_example("poll");
+    run_echo_example("proactor");
+}
