@@ -605,6 +605,9 @@ TEST(sigint_is_forwarded_and_nothing_is_left) /* timeout: 30 */
     finish_cli(pid, in, out, err, NULL, &r, t0, 20);
     CHECK_EQ(r.status, 130);
     CHECK(r.secs < 8 * t_slow());
+    CHECK_HAS(r.err, "stopped by Interrupt"); /* the summary, printed after an interrupt */
+    CHECK_HAS(r.err, "3 stopped");
+    CHECK_HAS(r.err, "2 not started");
     char *g = read_file(got);
     CHECK(g != NULL);
     CHECK_EQ(count_lines(g), 3);

@@ -667,7 +667,10 @@ int run_main(const struct run_options *o)
         goto out;
     }
     bar_finish(&r);
-    bool summary = o->summary == 1 || (o->summary == -1 && isatty(2));
+    /* By default the summary is for people: shown on a terminal, and after an interrupt,
+     * which says what became of the jobs. */
+    bool interrupted = r.stop_signal && r.stop_signal != SIGPIPE;
+    bool summary = o->summary == 1 || (o->summary == -1 && (isatty(2) || interrupted));
     if (summary) print_summary(&r, ca_loop_time(r.loop) - r.t0);
     status = exit_status(&r);
 out:
