@@ -4640,3 +4640,45 @@ TEST(conv_precedence_fork_other_loops_future)
     loop_done(a);
     loop_done(b);
 }
+
+/* "*out is never written on failure" even when an op writes it and then fails. */
+static int bad_get(ca_policy *self, ca_loop **out)
+{
+    *out = (ca_loop *)(uintptr_t)0x1234;
+    return -EIO;
+}
+static int bad_new(ca_policy *self, ca_loop **out)
+{
+    *out = (ca_loop *)(uintptr_t)0x1234;
+    return -EIO;
+}
+static int bad_gw(ca_policy *self, ca_child_watcher **out)
+{
+    *out = (ca_child_watcher *)(uintptr_t)0x1234;
+    return -EIO;
+}
+static const ca_policy_ops bad_ops = {.get_event_loop = bad_get, .new_event_loop = bad_new,
+                                      .get_child_watcher = bad_gw};
+
+TEST(policy_out_untouched_when_op_fails)
+{
+    ca_policy *p = NULL;
+    CHECK_OK(ca_policy_new(&bad_ops, NULL, NULL, &p));
+    ca_loop *l = SENT_LOOP;
+    ca_child_watcher *w = SENT_W;
+    CHECK_ERR(ca_policy_get_event_loop(p, &l), -EIO);
+    CHECK_ERR(ca_policy_new_event_loop(p, &l), -EIO);
+    CHECK_ERR(ca_policy_get_child_watcher(p, &w), -EIO);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    CHECK_ERR(ca_get_event_loop(&l), -EIO);
+    CHECK_ERR(ca_new_event_loop(&l), -EIO);
+    CHECK_ERR(ca_get_child_watcher(&w), -EIO);
+    CHECK(l == SENT_LOOP && w == SENT_W);
+    /* ca_run with the policy's failing new_event_loop: its error, main not called. */
+    struct rstate s = {0};
+    CHECK_ERR(ca_run(rmain, &s, NULL), -EIO);
+    CHECK_EQ(s.called, 0);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    ca_policy_unref(p);
+}
