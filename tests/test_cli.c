@@ -348,7 +348,8 @@ TEST(stdin_file_and_shell_inputs)
     /* -0: NUL-separated inputs. */
     int in, out, err;
     double t0 = now_s();
-    pid_t pid = start_cli((const char *const[]){"run", "-0", "-k", "echo", NULL}, &in, &out, &err, -1);
+    pid_t pid =
+        start_cli((const char *const[]){"run", "-0", "-k", "echo", NULL}, &in, &out, &err, -1);
     CHECK_EQ(write(in, "x y\0z\n", 6), 6);
     finish_cli(pid, in, out, err, NULL, &r, t0, 30);
     CHECK_STR(r.out, "x y\nz\n\n");
@@ -616,7 +617,8 @@ TEST(sigint_is_forwarded_and_nothing_is_left) /* timeout: 30 */
     char *p = read_file(pids);
     for (char *s = p; s && *s;) {
         pid_t sleeper = (pid_t)strtol(s, &s, 10);
-        if (sleeper > 0 && kill(sleeper, 0) == 0) t_fail(__FILE__, __LINE__, "sleep %d lives", (int)sleeper);
+        if (sleeper > 0 && kill(sleeper, 0) == 0)
+            t_fail(__FILE__, __LINE__, "sleep %d lives", (int)sleeper);
         while (*s == '\n') s++;
     }
     free(p);
@@ -716,7 +718,9 @@ TEST(input_is_read_as_it_comes)
 /* ----- scale ------------------------------------------------------------------------------- */
 
 /* The runner's open fds and resident memory, as seen by a job (its parent is the runner). */
-#define PROBE "sleep 0.5; echo fds=$(ls /proc/$PPID/fd | wc -l) rss=$(awk '/VmRSS/{print $2}' /proc/$PPID/status)"
+#define PROBE                                                                              \
+    "sleep 0.5; echo fds=$(ls /proc/$PPID/fd | wc -l) "                                     \
+    "rss=$(awk '/VmRSS/{print $2}' /proc/$PPID/status)"
 
 static void probe_run(int njobs, int *fds, long *rss_kb, double *secs)
 {
@@ -766,15 +770,16 @@ TEST(every_loop_and_watcher) /* timeout: 60 */
                 fprintf(stderr, "    --loop %s --watcher %s: unavailable here\n", loops[i], ws[k]);
             } else {
                 if (r.status != 0 || strcmp(r.out, "1\n2\n3\n4\n5\n6\n") != 0)
-                    t_fail(__FILE__, __LINE__, "--loop %s --watcher %s: exit %d, out:\n%s\nerr:\n%s",
-                           loops[i], ws[k], r.status, r.out, r.err);
+                    t_fail(__FILE__, __LINE__,
+                           "--loop %s --watcher %s: exit %d, out:\n%s\nerr:\n%s", loops[i],
+                           ws[k], r.status, r.out, r.err);
             }
             res_free(&r);
         }
     }
 }
 
-/* ----- the progress bar in a pseudo-terminal --------------------------------------------------- */
+/* ----- the progress bar in a pseudo-terminal ------------------------------------------------ */
 
 TEST(progress_bar_in_a_terminal) /* timeout: 30 */
 {

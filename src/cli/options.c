@@ -32,7 +32,7 @@ void print_run_usage(FILE *f)
           "      --tag             prefix output lines with the input and a tab\n"
           "      --joblog FILE     log every job (GNU parallel's format)\n"
           "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal)\n"
-          "      --summary, --no-summary   summary on stderr (default: on a terminal, or interrupted)\n"
+          "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
           "      --loop KIND       epoll (default), poll or uring\n"
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"

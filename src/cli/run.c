@@ -293,12 +293,14 @@ static void check_halt(struct runner *r)
     unsigned long n = o->halt_on == HALT_ON_FAIL ? failed
                       : o->halt_on == HALT_ON_SUCCESS ? r->counts[O_OK]
                                                       : r->ndone;
-    bool hit = o->halt_percent ? r->ndone >= 3 && n * 100 >= (unsigned long)o->halt_percent * r->ndone
-                               : n >= (unsigned long)o->halt_count;
+    bool hit = o->halt_percent
+                   ? r->ndone >= 3 && n * 100 >= (unsigned long)o->halt_percent * r->ndone
+                   : n >= (unsigned long)o->halt_count;
     if (!hit) return;
     r->halted = true;
     bar_clear(r);
-    fprintf(stderr, "casyncio: halting (--halt %s): %lu failed, %lu succeeded, %d still running%s\n",
+    fprintf(stderr,
+            "casyncio: halting (--halt %s): %lu failed, %lu succeeded, %d still running%s\n",
             o->halt_when == HALT_NOW ? "now" : "soon", failed, r->counts[O_OK], r->nrunning,
             o->halt_when == HALT_NOW && r->nrunning ? ": ending them" : "");
     runner_request_stop(r, 0);
