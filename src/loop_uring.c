@@ -570,9 +570,15 @@ static int ur_poll(ca_loop *loop, int64_t timeout_ns)
         all = backlog_flush(u) && arm_flush(u);
         if (!all) timeout_ns = 0;
     }
-    int r;
+    int r = 0;
     if (timeout_ns == 0) {
-        r = io_uring_submit_and_get_events(&u->ring);
+        /* A busy iteration: enter the kernel only when there is something to submit or the
+         * kernel has completions it posts only when we enter (IORING_SQ_TASKRUN with
+         * COOP_TASKRUN) or holds back (IORING_SQ_CQ_OVERFLOW). Otherwise the CQ is all there
+         * is, and a chain of callbacks costs no system call per iteration. */
+        unsigned flags = IO_URING_READ_ONCE(*u->ring.sq.kflags);
+        if (io_uring_sq_ready(&u->ring) || (flags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)))
+            r = io_uring_submit_and_get_events(&u->ring);
     } else if (u->ppoll_wait) {
         r = ppoll_wait(u, timeout_ns);
     } else {
