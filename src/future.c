@@ -67,11 +67,18 @@ static void run_done_cb(void *arg)
 
 /* Hands one callback to the loop; if the loop cannot take it (closed), it is dropped, as
  * asyncio's call_soon on a closed loop would refuse it. */
+/* The loop closed with the callback still queued: it never runs, its references go. */
+static void drop_done_cb(void *arg)
+{
+    struct done_cb *c = arg;
+    ca_future_unref(c->fut);
+    free(c);
+}
+
 static int schedule_cb(ca_future *f, struct done_cb *c)
 {
     c->fut = ca_future_ref(f);
-    int r = ca__loop_in_own_thread(f->loop) ? ca_loop_call_soon(f->loop, run_done_cb, c, NULL)
-                                            : ca_loop_call_soon_threadsafe(f->loop, run_done_cb, c);
+    int r = ca__loop_schedule(f->loop, run_done_cb, c, drop_done_cb);
     if (r) {
         ca_future_unref(f);
         free(c);

@@ -56,6 +56,11 @@ static inline unsigned ca__fork_gen(void)
  * or NULL on ENOMEM. */
 void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg);
 void ca__loop_remove_close_hook(ca_loop *loop, void *token);
+/* Schedules fn(arg) on loop from any thread (call_soon in the loop's own thread, else
+ * call_soon_threadsafe). If the callback never runs (the loop closes first), drop(arg) is
+ * called instead, once, so whatever arg owns (references, memory) is released. On error
+ * neither is called. */
+int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop);
 /* Whether the calling thread may use loop's thread-bound functions now. */
 bool ca__loop_in_own_thread(const ca_loop *loop);
 
@@ -73,6 +78,8 @@ int ca__sigslot_watch(ca__sigslot *slot, int sig);
 void ca__sigslot_unwatch(ca__sigslot *slot, int sig);
 /* Takes and clears the pending mask: bit (sig - 1) for each signal that arrived. */
 uint64_t ca__sigslot_take(ca__sigslot *slot);
+/* Whether a signal arrived since the last take (a load, no exchange). */
+bool ca__sigslot_pending(ca__sigslot *slot);
 /* Unwatches everything and frees the slot; waits until no handler can still be using its
  * fd, so the caller may close the fd afterwards. forked: we are in a child, do not touch
  * dispositions. */

@@ -184,10 +184,22 @@ static inline void handle_init(ca_handle *h, ca_callback_fn fn, void *arg)
     h->escaped = false;
     h->scheduled = false;
     h->in_heap = false;
+    h->ran = false;
     h->fn = fn;
     h->arg = arg;
+    h->drop = NULL;
     h->loop = NULL;
     h->next = NULL;
+}
+
+/* A handle is going away: if it never ran, its drop function releases what arg owns. */
+static inline void handle_dispose(ca_handle *h)
+{
+    if (CA_UNLIKELY(h->drop != NULL) && !h->ran) {
+        ca_callback_fn drop = h->drop;
+        h->drop = NULL;
+        drop(h->arg);
+    }
 }
 
 /* From the pool when loop is given (its thread only), else malloc'ed. */
@@ -213,6 +225,7 @@ static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
 
 static void handle_recycle(ca_loop *loop, ca_handle *h)
 {
+    handle_dispose(h);
     if (!h->pooled) {
         free(h);
         return;
@@ -244,7 +257,10 @@ ca_handle *ca_handle_ref(ca_handle *h)
 
 ca_handle *ca_handle_unref(ca_handle *h)
 {
-    if (h && atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) free(h);
+    if (h && atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) {
+        handle_dispose(h);
+        free(h);
+    }
     return NULL;
 }
 
@@ -252,7 +268,10 @@ bool ca_handle_cancelled(const ca_handle *h) { return h && h->cancelled; }
 
 void ca_handle_run(ca_handle *h)
 {
-    if (h && !h->cancelled) h->fn(h->arg);
+    if (h && !h->cancelled) {
+        h->ran = true;
+        h->fn(h->arg);
+    }
 }
 
 /* ----- timer heap: 4-ary, keys inline, lazy cancellation ------------------------------------ */
@@ -391,6 +410,7 @@ static void ts_drain(ca_loop *loop)
     pthread_mutex_unlock(&loop->ts_lock);
     for (size_t i = 0; i < n; i++) {
         ca_handle *h = handle_alloc(loop, items[i].fn, items[i].arg);
+        if (h) h->drop = items[i].drop;
         if (CA_UNLIKELY(!h)) {
             /* Out of memory for a handle: keep the rest for the next iteration. */
             pthread_mutex_lock(&loop->ts_lock);
@@ -407,7 +427,7 @@ static void ts_drain(ca_loop *loop)
 }
 
 /* Appends under the lock; -EBADF once the loop closed (then fn is never called). */
-static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg)
+static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
 {
     pthread_mutex_lock(&loop->ts_lock);
     if (loop->ts_closed) {
@@ -424,7 +444,7 @@ static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg)
         loop->ts_buf = n;
         loop->ts_cap = cap;
     }
-    loop->ts_buf[loop->ts_len++] = (struct ca__ts_item){fn, arg};
+    loop->ts_buf[loop->ts_len++] = (struct ca__ts_item){fn, arg, drop};
     atomic_store(&loop->ts_pending, true);
     pthread_mutex_unlock(&loop->ts_lock);
     return 0;
@@ -569,7 +589,7 @@ int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
 int ca__core_call_soon_threadsafe(ca_loop *self, ca_handle *h)
 {
     /* The core keeps (fn, arg), not the handle: the caller still owns h. */
-    int r = ts_push(self, h->fn, h->arg);
+    int r = ts_push(self, h->fn, h->arg, NULL);
     if (r == 0) wake(self);
     return r;
 }
@@ -612,10 +632,15 @@ int ca__core_remove_signal_handler(ca_loop *self, int sig)
 
 /* ----- run, stop, close, destroy --------------------------------------------------------------- */
 
-/* After this many iterations that had callbacks ready, the loop polls its fds even though it
- * has work: skipping the zero-timeout poll makes chained callbacks cheap, polling now and
- * then keeps I/O from starving. */
-#define POLL_SKIP_MAX 64
+/* Whether this busy iteration may skip its zero-timeout poll: only when no reader or writer
+ * is registered (asyncio polls every iteration, and readers are called on every iteration
+ * while their fd is ready), the backend has nothing of its own in flight, and no signal is
+ * pending. Then a chain of callbacks costs no system call per iteration. */
+static inline bool skip_poll(ca_loop *loop)
+{
+    return loop->be->may_skip_poll && loop->n_watched == 0 &&
+           !(loop->sigslot && ca__sigslot_pending(loop->sigslot));
+}
 
 static int run_once(ca_loop *loop)
 {
@@ -631,8 +656,7 @@ static int run_once(ca_loop *loop)
         double d = loop->heap[0].when - ca__monotonic();
         timeout = d <= 0 ? 0 : d > 9e9 ? INT64_C(9000000000000000000) : (int64_t)ceil(d * 1e9);
     }
-    if (!busy || ++loop->iter_since_poll >= POLL_SKIP_MAX) {
-        loop->iter_since_poll = 0;
+    if (!busy || !skip_poll(loop)) {
         int r;
         if (timeout != 0) {
             if (loop->nchunks > CHUNK_KEEP) pool_trim(loop);
@@ -658,7 +682,10 @@ static int run_once(ca_loop *loop)
      * iteration. */
     for (size_t n = loop->ready_len; n > 0 && loop->ready_head; n--) {
         ca_handle *h = ready_pop(loop);
-        if (!h->cancelled) h->fn(h->arg);
+        if (!h->cancelled) {
+            h->ran = true;
+            h->fn(h->arg);
+        }
         handle_release(loop, h);
     }
     return 0;
@@ -688,9 +715,16 @@ static void drop_handles(ca_loop *loop, bool forked)
     /* In a child of fork() the lock may be held by a thread that does not exist here. */
     if (!forked) pthread_mutex_lock(&loop->ts_lock);
     loop->ts_closed = true;
+    struct ca__ts_item *items = loop->ts_buf;
+    size_t n = loop->ts_len;
+    loop->ts_buf = NULL;
+    loop->ts_cap = 0;
     loop->ts_len = 0;
     atomic_store(&loop->ts_pending, false);
     if (!forked) pthread_mutex_unlock(&loop->ts_lock);
+    for (size_t i = 0; i < n; i++)
+        if (items[i].drop) items[i].drop(items[i].arg);
+    free(items);
     while (loop->ready_head) handle_release(loop, ready_pop(loop));
     while (loop->heap_len) {
         ca_handle *h = loop->heap[--loop->heap_len].h;
@@ -952,10 +986,9 @@ static void ruc_done(ca_future *fut, void *arg)
 
 int ca_loop_run_until_complete(ca_loop *loop, ca_future *fut)
 {
-    if (!loop || !fut) return -EINVAL;
+    if (!loop || !fut || ca_future_loop(fut) != loop) return -EINVAL; /* bad argument first */
     int r = ca__loop_check(loop);
     if (r) return r;
-    if (ca_future_loop(fut) != loop) return -EINVAL;
     if (atomic_load(&loop->running) || ca_get_running_loop()) return -EBUSY;
     ca_future_ref(fut);
     r = ca_future_add_done_callback(fut, ruc_done, loop);
@@ -1055,7 +1088,7 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
         atomic_fetch_add(&loop->ts_inflight, 1);
-        r = ts_push(loop, fn, arg);
+        r = ts_push(loop, fn, arg, NULL);
         if (r == 0) wake(loop);
         atomic_fetch_sub(&loop->ts_inflight, 1);
         return r;
@@ -1066,6 +1099,43 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     atomic_fetch_add(&loop->ts_inflight, 1);
     r = loop->ops->call_soon_threadsafe(loop, h);
     atomic_fetch_sub(&loop->ts_inflight, 1);
+    ca_handle_unref(h);
+    return r;
+}
+
+int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
+{
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if (!fn) return -EINVAL;
+    bool own = ca__loop_in_own_thread(loop);
+    if (loop->be) {
+        /* Built-in loops: straight into the core's queues, whatever their ops table. */
+        if (!own) {
+            atomic_fetch_add(&loop->ts_inflight, 1);
+            r = ts_push(loop, fn, arg, drop);
+            if (r == 0) wake(loop);
+            atomic_fetch_sub(&loop->ts_inflight, 1);
+            return r;
+        }
+        ca_handle *h = handle_alloc(loop, fn, arg);
+        if (!h) return -ENOMEM;
+        h->drop = drop;
+        ready_push(loop, h);
+        return 0;
+    }
+    /* Custom loops: a reference-counted handle; whoever drops the last reference without
+     * running it calls drop. */
+    int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
+    if (!op) return -ENOTSUP;
+    ca_handle *h = handle_alloc(NULL, fn, arg);
+    if (!h) return -ENOMEM;
+    h->escaped = true;
+    h->drop = drop;
+    atomic_fetch_add(&loop->ts_inflight, 1);
+    r = op(loop, h);
+    atomic_fetch_sub(&loop->ts_inflight, 1);
+    if (r) h->drop = NULL; /* refused: the caller keeps arg */
     ca_handle_unref(h);
     return r;
 }

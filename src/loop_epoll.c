@@ -102,4 +102,5 @@ const ca__backend ca__backend_epoll = {
     .fini = ep_fini,
     .modify = ep_modify,
     .poll = ep_poll,
+    .may_skip_poll = true,
 };

@@ -29,6 +29,11 @@ typedef struct ca__backend {
      * ca__loop_io(loop, fd, CA__READ|CA__WRITE|CA__ERR). Returns 0 or a negative errno
      * (EINTR is not an error: return 0). */
     int (*poll)(ca_loop *loop, int64_t timeout_ns);
+    /* True when the only thing poll() could report with no user fd watched is the core's
+     * wakeup fd: the core then skips the zero-timeout poll while callbacks are ready (it
+     * drains the thread-safe queue and checks the signal mask without a system call). A
+     * backend with operations of its own in flight (io_uring) leaves it false. */
+    bool may_skip_poll;
 } ca__backend;
 
 extern const ca__backend ca__backend_epoll;
@@ -40,8 +45,10 @@ struct ca_handle {
     bool escaped;            /* a user (or a custom loop's op) may hold references */
     bool pooled;             /* carved from one of the loop's chunks (see loop.c) */
     bool scheduled;          /* in the ready queue or the timer heap of `loop` */
+    bool ran;
     ca_callback_fn fn;
     void *arg;
+    ca_callback_fn drop;     /* internal: frees arg when the handle goes without running */
     ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
     double when;             /* timers */
     uint64_t seq;            /* FIFO among equal times */
@@ -52,6 +59,7 @@ struct ca_handle {
 struct ca__ts_item {
     ca_callback_fn fn;
     void *arg;
+    ca_callback_fn drop;
 };
 
 struct ca__timer {
@@ -120,7 +128,6 @@ struct ca_loop {
     /* signals */
     ca__sigslot *sigslot;
     ca_handle *sig_handlers[65];       /* per signal, escaped handles owned by the loop */
-    unsigned iter_since_poll;
     atomic_int ts_inflight;            /* threads between the closed check and the wakeup write */
     ca_future *ruc_future;             /* what run_until_complete waits for */
 };

@@ -130,4 +130,5 @@ const ca__backend ca__backend_poll = {
     .fini = pl_fini,
     .modify = pl_modify,
     .poll = pl_poll,
+    .may_skip_poll = true,
 };

@@ -147,6 +147,11 @@ uint64_t ca__sigslot_take(ca__sigslot *s)
     return s ? atomic_exchange(&s->pending, 0) : 0;
 }
 
+bool ca__sigslot_pending(ca__sigslot *s)
+{
+    return atomic_load_explicit(&s->pending, memory_order_relaxed) != 0;
+}
+
 void ca__sigslot_free(ca__sigslot *s, bool forked)
 {
     (void)forked; /* dispositions are per process: restoring ours in a child is right too */
