@@ -7,6 +7,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <sys/resource.h>
@@ -678,6 +679,42 @@ LOOP_TEST(forked_child_gets_echild)
     CHECK_OK(await(loop, f, NULL));
     CHECK_EQ(c, 'z');
     ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+struct other_thread {
+    ca_loop *loop;
+    int fd;
+    int rc;
+};
+
+static void *recv_from_other_thread(void *arg)
+{
+    struct other_thread *o = arg;
+    char buf[4];
+    ca_future *f = NULL;
+    o->rc = ca_loop_sock_recv(o->loop, o->fd, buf, sizeof buf, &f);
+    return NULL;
+}
+
+static void start_other_thread(void *arg)
+{
+    struct other_thread *o = arg;
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, recv_from_other_thread, o), 0);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    ca_loop_stop(o->loop);
+}
+
+LOOP_TEST(wrong_thread_eperm)
+{
+    int sv[2];
+    pair(sv);
+    struct other_thread o = {.loop = loop, .fd = sv[0], .rc = 1};
+    CHECK_OK(ca_loop_call_soon(loop, start_other_thread, &o, NULL));
+    CHECK_OK(ca_loop_run_forever(loop));
+    CHECK_ERR(o.rc, -EPERM);
     close(sv[0]);
     close(sv[1]);
 }
