@@ -331,6 +331,17 @@ void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q
     ca__wreg_unregister(c, r);
 }
 
+ca__wreg *ca__wtable_get_live(ca__wcore *c, pid_t pid)
+{
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (r && r->registered && ((r->state == CA__W_EXITED && !r->posted) ||
+                               (r->state == CA__W_WAITING && r->pidfd_lost))) {
+        ca__wreg_unregister(c, r);
+        r = NULL;
+    }
+    return r;
+}
+
 bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg)
 {
     if (!r->registered || r->state == CA__W_ZOMBIE || r->state == CA__W_DONE) return false;
@@ -439,14 +450,15 @@ static void bind_hook(void *arg)
     for (ca__wreg *r = b->regs; r;) {
         ca__wreg_ref(r);
         if (r->posted) {
+            /* The exit will never be delivered. It stays registered, so that whoever owns the
+             * child (the subprocess code, in its own close hook) learns from remove returning
+             * 1 that the callback will never come; a new handler for the pid replaces it. */
             r->posted = false;
-            if (r->registered && r->state == CA__W_EXITED) {
-                ca__wlog_add(&q, CA_LOG_WARNING,
+            if (r->registered && r->state == CA__W_EXITED)
+                ca__wlog_add(&q, CA_LOG_DEBUG,
                              "Loop that handles pid %d was closed before its exit "
                              "(returncode %d) was delivered",
                              (int)r->pid, r->rc);
-                ca__wreg_unregister(c, r);
-            }
             ca__wreg_unref(c, r);
         }
         if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);

@@ -28,12 +28,12 @@ static void fast_reap(ca__wcore *c, ca__wreg **list, ca__wlog *q)
         if (pid < 0 && errno == EINTR) continue;
         if (pid <= 0) return; /* 0: the others still run; ECHILD: no child left */
         int rc = ca__returncode_from_status(status);
-        ca__wreg *r = ca__wtable_get(c, pid);
+        ca__wreg *r = ca__wtable_get_live(c, pid);
         if (r && r->registered && r->state == CA__W_WAITING) {
             ca__wreg_take_into(c, r, rc, list);
         } else if (r && r->state == CA__W_ZOMBIE) {
             r->rc = rc; /* a stale zombie whose pid was reused */
-        } else if (att(c)->forks > 0) {
+        } else if (!r && att(c)->forks > 0) {
             /* Inside enter/exit: the handler may come next. */
             ca__wreg *z;
             if (ca__wreg_register(c, pid, NULL, NULL, NULL, &z) == 0) {
@@ -60,7 +60,7 @@ static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     ca__wlog q = {0};
     int err = 0;
     ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
+    ca__wreg *r = ca__wtable_get_live(c, pid);
     if (!ca__wattach_active(c)) {
         err = -ENOTCONN;
     } else if (r && r->state == CA__W_ZOMBIE) {

@@ -60,6 +60,7 @@ struct ca__wreg {
     bool registered;             /* in the pid table: its callback may still be called */
     bool posted;                 /* a callback posted to bind->loop holds a reference */
     bool in_wait;                /* in the core's waiting list */
+    bool pidfd_lost;             /* Pidfd: its loop closed, the fd was released */
     ca_child_fn cb;
     void *arg;
     ca__wbind *bind;             /* delivery binding, or NULL */
@@ -121,6 +122,10 @@ static inline void ca__wcore_lock(ca__wcore *c) { pthread_mutex_lock(&c->lock); 
 static inline void ca__wcore_unlock(ca__wcore *c) { pthread_mutex_unlock(&c->lock); }
 
 ca__wreg *ca__wtable_get(ca__wcore *c, pid_t pid);
+/* As ca__wtable_get, but first drops a registration whose delivery can never happen any more
+ * (its loop closed with the exit posted, or Pidfd's loop closed): kept until then so that
+ * remove answers 1 for it, replaced by a new handler for the pid. For add. Lock held. */
+ca__wreg *ca__wtable_get_live(ca__wcore *c, pid_t pid);
 
 /* A new registration (refs 1: the table's), put in the table and the waiting list, bound to b
  * (may be NULL). -ENOMEM. Lock held. */

@@ -74,7 +74,7 @@ static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     ca__wcore_lock(c);
     ca__wbind *b;
     err = ca__wbind_get(c, loop, &b);
-    ca__wreg *r = ca__wtable_get(c, pid);
+    ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
         r->cb = cb;
         r->arg = arg;

@@ -132,14 +132,16 @@ static void pidfd_cancel(ca__wcore *c, ca__wreg *r)
     }
 }
 
+/* Its loop is closing: the fd goes. The registration stays (remove answers 1 for it: the
+ * child's owner, such as the subprocess code in its own close hook, then reaps it). */
 static void pidfd_loop_closed(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q)
 {
-    if (r->registered && r->state == CA__W_WAITING) {
-        ca__wlog_add(q, CA_LOG_WARNING,
+    if (r->registered && r->state == CA__W_WAITING && r->pidfd >= 0) {
+        ca__wlog_add(q, CA_LOG_DEBUG,
                      "Loop that handles pid %d is closed while the child runs: "
                      "its exit will not be reported",
                      (int)r->pid);
-        ca__wreg_unregister(c, r);
+        r->pidfd_lost = true;
     }
     pidfd_release(c, r, loop);
 }
@@ -162,7 +164,7 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, 
     }
     ca__wlog q = {0};
     ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
+    ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
         r->cb = cb;
         r->arg = arg;

@@ -160,7 +160,7 @@ static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     ca__wlog q = {0};
     int err = 0;
     ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
+    ca__wreg *r = ca__wtable_get_live(c, pid);
     if (!ca__wattach_active(c)) {
         err = -ENOTCONN;
     } else if (r) {

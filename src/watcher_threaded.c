@@ -71,7 +71,7 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
     ca__wcore_lock(c);
     ca__wbind *b;
     err = ca__wbind_get(c, loop, &b);
-    ca__wreg *r = ca__wtable_get(c, pid);
+    ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
         /* Already watched: replace the callback (and the loop, if it has not exited yet). */
         r->cb = cb;
