@@ -4736,3 +4736,197 @@ TEST(watcher_shared_by_threads) /* timeout: 60 */
     ca_child_watcher_unref(a);
     ca_child_watcher_unref(b);
 }
+
+/* ca_get_event_loop always answers for the current process policy and its current state
+ * (whatever caching is done underneath). */
+static ca_loop *fixed_loop;
+static int fixed_get(ca_policy *self, ca_loop **out)
+{
+    *out = fixed_loop;
+    return 0;
+}
+static const ca_policy_ops fixed_ops = {.get_event_loop = fixed_get};
+
+TEST(policy_get_event_loop_follows_every_change)
+{
+    ca_loop *a = new_epoll(), *b = new_epoll(), *got = NULL;
+    CHECK_OK(ca_set_event_loop(a));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == a);
+    /* Set through the policy object rather than the module function. */
+    CHECK_OK(ca_policy_set_event_loop(ca_get_event_loop_policy(), b));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == b);
+    /* A new process policy whose get_event_loop is custom. */
+    ca_policy *def = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&def));
+    fixed_loop = a;
+    CHECK_OK(ca_policy_new(&fixed_ops, NULL, def, &p));
+    CHECK_OK(ca_set_event_loop_policy(p));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == a);
+    fixed_loop = b;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == b);
+    /* Back to a plain default policy: nothing set in it, main thread: a new automatic loop. */
+    ca_policy *d2 = NULL;
+    CHECK_OK(ca_default_policy_new(&d2));
+    CHECK_OK(ca_policy_set_event_loop(d2, a));
+    CHECK_OK(ca_set_event_loop_policy(d2));
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == a);
+    CHECK_OK(ca_policy_set_event_loop(def, b)); /* another policy: no effect here */
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == a);
+    CHECK_OK(ca_set_event_loop(NULL));
+    got = SENT_LOOP;
+    CHECK_ERR(ca_get_event_loop(&got), -ENOENT);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+    CHECK_OK(ca_policy_set_event_loop(def, NULL));
+    ca_policy_unref(def);
+    ca_policy_unref(p);
+    ca_policy_unref(d2);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(a);
+    loop_done(b);
+}
+
+/* A loop set in one thread's context is not seen by another thread, even after the other
+ * thread looked it up before. */
+struct cachethr {
+    ca_loop *mine;
+    pthread_barrier_t *bar;
+    int ok;
+};
+static void *cache_thread(void *arg)
+{
+    struct cachethr *c = arg;
+    ca_loop *got = SENT_LOOP;
+    int r1 = ca_get_event_loop(&got);
+    pthread_barrier_wait(c->bar); /* main sets its loop */
+    pthread_barrier_wait(c->bar);
+    int r2 = ca_get_event_loop(&got);
+    CHECK_OK(ca_set_event_loop(c->mine));
+    ca_loop *g2 = NULL;
+    int r3 = ca_get_event_loop(&g2);
+    c->ok = r1 == -ENOENT && r2 == -ENOENT && r3 == 0 && g2 == c->mine;
+    CHECK_OK(ca_set_event_loop(NULL));
+    return NULL;
+}
+
+TEST(policy_thread_contexts_separate)
+{
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, 2);
+    struct cachethr c = {.mine = new_epoll(), .bar = &bar};
+    ca_loop *m = new_epoll();
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, cache_thread, &c), 0);
+    pthread_barrier_wait(&bar);
+    CHECK_OK(ca_set_event_loop(m));
+    pthread_barrier_wait(&bar);
+    pthread_join(t, NULL);
+    CHECK(c.ok);
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == m);
+    CHECK_OK(ca_set_event_loop(NULL));
+    pthread_barrier_destroy(&bar);
+    loop_done(m);
+    loop_done(c.mine);
+}
+
+/* Writing to the stdin pipe of a child that does not read and exits: no SIGPIPE for us (the
+ * caller's disposition may be the default), the pipe is reported lost, wait completes. */
+LOOP_TEST(proc_stdin_to_dead_child_no_sigpipe)
+{
+    signal(SIGPIPE, SIG_DFL);
+    const char *argv[] = {"sh", "-c", "exec 0<&-; sleep 0.05; exit 2", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdin_mode = CA_PIPE};
+    struct pstat s = {.loop = loop};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, &pproto, &s, &p));
+    size_t n = 1u << 20;
+    char *buf = calloc(1, n);
+    int r = ca_process_write(p, buf, n);
+    CHECK(r == 0 || r == -EPIPE);
+    free(buf);
+    CHECK_EQ(pwait(loop, p), 2);
+    r = ca_process_write(p, "x", 1);
+    CHECK(r == -EPIPE || r == 0 || r == -EBADF);
+    CHECK_EQ(s.lost[0], 1);
+    ca_process_unref(p);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* CA_FD targets that collide: the child's stdout is our fd 2 and its stderr our fd 1. */
+TEST(proc_ca_fd_swapped_stdout_stderr)
+{
+    ca_loop *l = new_epoll();
+    int po[2], pe[2];
+    CHECK_EQ(pipe2(po, O_CLOEXEC), 0);
+    CHECK_EQ(pipe2(pe, O_CLOEXEC), 0);
+    fflush(stdout);
+    fflush(stderr);
+    int s1 = dup(1), s2 = dup(2);
+    dup2(po[1], 1); /* our 1 -> pipe "o" */
+    dup2(pe[1], 2); /* our 2 -> pipe "e" */
+    const char *argv[] = {"sh", "-c", "echo out; echo err >&2", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_FD, .stdout_fd = 2,
+                               .stderr_mode = CA_FD, .stderr_fd = 1};
+    ca_process *p = NULL;
+    int r = ca_loop_subprocess_exec(l, &o, NULL, NULL, &p);
+    dup2(s1, 1);
+    dup2(s2, 2);
+    close(s1);
+    close(s2);
+    close(po[1]);
+    close(pe[1]);
+    CHECK_OK(r);
+    CHECK_EQ(pwait(l, p), 0);
+    char a[32] = {0}, b[32] = {0};
+    CHECK(read(po[0], a, sizeof a - 1) > 0);
+    CHECK(read(pe[0], b, sizeof b - 1) > 0);
+    if (strcmp(a, "err\n") != 0 || strcmp(b, "out\n") != 0)
+        t_fail(__FILE__, __LINE__, "our fd1 got [%s], our fd2 got [%s]", a, b);
+    close(po[0]);
+    close(pe[0]);
+    ca_process_unref(p);
+    loop_done(l);
+}
+
+/* The child gets only its three stdio fds (and what CA_FD names): none of ours leak into it. */
+TEST(proc_child_fds_only_stdio)
+{
+    ca_loop *l = new_epoll();
+    int keep[2];
+    CHECK_EQ(pipe(keep), 0); /* not close-on-exec: still must not be inherited? asyncio: close_fds */
+    const char *argv[] = {"sh", "-c", "ls /proc/self/fd | wc -l", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_PIPE};
+    struct pstat s = {.loop = l};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(l, &o, &pproto, &s, &p));
+    CHECK_EQ(pwait(l, p), 0);
+    s.out[s.nout] = 0;
+    /* 0, 1, 2 and the fd ls uses for the directory: 4 */
+    if (atoi(s.out) != 4) t_fail(__FILE__, __LINE__, "the child had %d fds open", atoi(s.out) - 1);
+    ca_process_unref(p);
+    close(keep[0]);
+    close(keep[1]);
+    loop_done(l);
+}
+
+/* With PATH unset in our environment and no envp, a bare command name is still found on the
+ * default path (as execvp and Python do). */
+TEST(proc_no_path_default_search)
+{
+    unsetenv("PATH");
+    ca_loop *l = new_epoll();
+    const char *argv[] = {"true", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(l, &o, NULL, NULL, &p));
+    CHECK_EQ(pwait(l, p), 0);
+    ca_process_unref(p);
+    loop_done(l);
+}
