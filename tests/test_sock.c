@@ -10,7 +10,12 @@
 #include <pthread.h>
 #include <netinet/in.h>
 #include <stdint.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -769,6 +774,7 @@ TEST(cq_overflow_with_tiny_ring_loses_nothing) /* timeout: 60 */
     /* 2 SQEs and 4 CQEs for 256 receives and 256 level-triggered readers that all complete
      * at once: the SQ fills while submitting and the CQ overflows into the kernel's list. */
     setenv("CASYNCIO_URING_ENTRIES", "2", 1);
+    unsetenv("CASYNCIO_NO_IO_URING"); /* single-threaded: fine under valgrind too */
     ca_loop *loop = NULL;
     new_proactor(&loop);
     static int sv[NOVER][2], rv[NOVER][2];
@@ -829,6 +835,43 @@ TEST(forced_unavailable_gives_enosys)
     CHECK_OK(r);
     CHECK(strcmp(ca_loop_kind(loop), "io_uring") == 0);
     ca_loop_unref(loop);
+}
+
+/* Makes io_uring_setup fail with err in this (test) process, as a seccomp profile would. */
+static void forbid_io_uring(int err)
+{
+    struct sock_filter prog[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ((unsigned)err & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog fprog = {.len = sizeof prog / sizeof prog[0], .filter = prog};
+    unsetenv("CASYNCIO_NO_IO_URING"); /* the valgrind pass sets it; here the kernel decides */
+    CHECK_OK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+    CHECK_OK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0));
+}
+
+TEST(seccomp_eperm_is_reported)
+{
+    forbid_io_uring(EPERM);
+    ca_loop *loop = NULL;
+    CHECK_ERR(ca_proactor_loop_new(&loop), -EPERM);
+    CHECK(loop == NULL);
+    ca_policy *p = NULL;
+    CHECK_ERR(ca_proactor_policy_new(&p), -EPERM);
+    CHECK(p == NULL);
+    /* The advice of the header: fall back to the selector loop. */
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_loop_unref(loop);
+}
+
+TEST(kernel_without_io_uring_gives_enosys)
+{
+    forbid_io_uring(ENOSYS);
+    ca_loop *loop = NULL;
+    CHECK_ERR(ca_proactor_loop_new(&loop), -ENOSYS);
+    CHECK(loop == NULL);
 }
 
 LOOP_TEST(proactor_runs_sock_ops_through_the_ring)
