@@ -4930,3 +4930,64 @@ TEST(proc_no_path_default_search)
     ca_process_unref(p);
     loop_done(l);
 }
+
+/* ca_proactor_loop_new "-ENOSYS if unusable" (header: also when CASYNCIO_NO_IO_URING=1);
+ * the proactor policy returns that error; out untouched. */
+TEST(proactor_enosys_when_unusable)
+{
+    setenv("CASYNCIO_NO_IO_URING", "1", 1);
+    ca_loop *l = SENT_LOOP;
+    CHECK_ERR(ca_proactor_loop_new(&l), -ENOSYS);
+    CHECK(l == SENT_LOOP);
+    ca_policy *p = SENT_POL;
+    CHECK_ERR(ca_proactor_policy_new(&p), -ENOSYS);
+    CHECK(p == SENT_POL);
+    unsetenv("CASYNCIO_NO_IO_URING");
+}
+
+/* CA_STDOUT for stderr follows whatever stdout is: inherited, /dev/null, or a CA_FD. */
+TEST(proc_stderr_to_stdout_any_stdout_mode)
+{
+    ca_loop *l = new_epoll();
+    const char *argv[] = {"sh", "-c", "echo e >&2", NULL};
+    int pp[2];
+    CHECK_EQ(pipe2(pp, O_CLOEXEC | O_NONBLOCK), 0);
+    /* inherited stdout (our fd 1 = the pipe during the spawn) */
+    fflush(stdout);
+    int s1 = dup(1);
+    dup2(pp[1], 1);
+    ca_subprocess_options o = {.argv = argv, .stderr_mode = CA_STDOUT};
+    ca_process *p = NULL;
+    int r = ca_loop_subprocess_exec(l, &o, NULL, NULL, &p);
+    dup2(s1, 1);
+    close(s1);
+    CHECK_OK(r);
+    CHECK_EQ(pwait(l, p), 0);
+    ca_process_unref(p);
+    char buf[16] = {0};
+    CHECK_EQ(read(pp[0], buf, sizeof buf), 2);
+    /* CA_FD stdout */
+    ca_subprocess_options o2 = {.argv = argv, .stdout_mode = CA_FD, .stdout_fd = pp[1],
+                                .stderr_mode = CA_STDOUT};
+    CHECK_OK(ca_loop_subprocess_exec(l, &o2, NULL, NULL, &p));
+    CHECK_EQ(pwait(l, p), 0);
+    ca_process_unref(p);
+    memset(buf, 0, sizeof buf);
+    CHECK_EQ(read(pp[0], buf, sizeof buf), 2);
+    CHECK(strcmp(buf, "e\n") == 0);
+    /* /dev/null stdout: nothing anywhere */
+    ca_subprocess_options o3 = {.argv = argv, .stdout_mode = CA_DEVNULL, .stderr_mode = CA_STDOUT};
+    int s2 = dup(2);
+    fflush(stderr);
+    dup2(pp[1], 2);
+    r = ca_loop_subprocess_exec(l, &o3, NULL, NULL, &p);
+    dup2(s2, 2);
+    close(s2);
+    CHECK_OK(r);
+    CHECK_EQ(pwait(l, p), 0);
+    ca_process_unref(p);
+    CHECK_EQ(read(pp[0], buf, sizeof buf), -1);
+    close(pp[0]);
+    close(pp[1]);
+    loop_done(l);
+}
