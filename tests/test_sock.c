@@ -724,7 +724,7 @@ LOOP_TEST(wrong_thread_eperm)
     close(sv[1]);
 }
 
-/* ----- readers on the proactor ------------------------------------------------------------------ */
+/* ----- readers on the proactor ---------------------------------------------------------------- */
 
 struct sipper {
     ca_loop *loop;
@@ -757,7 +757,7 @@ LOOP_TEST(reader_that_does_not_drain_is_called_again)
     close(sv[1]);
 }
 
-/* ----- io_uring specifics ----------------------------------------------------------------------- */
+/* ----- io_uring specifics --------------------------------------------------------------------- */
 
 static int new_proactor(ca_loop **out)
 {
@@ -895,7 +895,7 @@ LOOP_TEST(proactor_runs_sock_ops_through_the_ring)
     close(sv[1]);
 }
 
-/* ----- the example ------------------------------------------------------------------------------ */
+/* ----- the example ---------------------------------------------------------------------------- */
 
 static void run_echo_example(const char *policy)
 {
