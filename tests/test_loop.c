@@ -78,18 +78,19 @@ LOOP_TEST(timers_by_time_then_fifo)
     struct tag t[6];
     for (int i = 0; i < 6; i++) t[i] = (struct tag){&rec, i};
     double now = ca_loop_time(loop);
-    CHECK_OK(ca_loop_call_at(loop, now + 0.030, record, &t[0], NULL));
-    CHECK_OK(ca_loop_call_later(loop, 0.010, record, &t[1], NULL));
-    CHECK_OK(ca_loop_call_at(loop, now + 0.020, record, &t[2], NULL));
-    CHECK_OK(ca_loop_call_at(loop, now + 0.020, record, &t[3], NULL));
-    CHECK_OK(ca_loop_call_at(loop, now + 0.020, record, &t[4], NULL));
+    double u = 0.010 * t_slow(); /* the gaps must dwarf the time between these calls */
+    CHECK_OK(ca_loop_call_at(loop, now + 3 * u, record, &t[0], NULL));
+    CHECK_OK(ca_loop_call_later(loop, u, record, &t[1], NULL));
+    CHECK_OK(ca_loop_call_at(loop, now + 2 * u, record, &t[2], NULL));
+    CHECK_OK(ca_loop_call_at(loop, now + 2 * u, record, &t[3], NULL));
+    CHECK_OK(ca_loop_call_at(loop, now + 2 * u, record, &t[4], NULL));
     CHECK_OK(ca_loop_call_later(loop, -5, record, &t[5], NULL)); /* negative: as soon as possible */
-    CHECK_OK(ca_loop_call_later(loop, 0.050, stop_cb, loop, NULL));
+    CHECK_OK(ca_loop_call_later(loop, 5 * u, stop_cb, loop, NULL));
     CHECK_OK(ca_loop_run_forever(loop));
     CHECK_EQ(rec.n, 6);
     int want[6] = {5, 1, 2, 3, 4, 0};
     for (int i = 0; i < 6; i++) CHECK_EQ(rec.order[i], want[i]);
-    CHECK(ca_loop_time(loop) >= now + 0.050);
+    CHECK(ca_loop_time(loop) >= now + 5 * u);
 }
 
 LOOP_TEST(timer_does_not_fire_early)
