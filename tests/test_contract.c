@@ -4991,3 +4991,121 @@ TEST(proc_stderr_to_stdout_any_stdout_mode)
     close(pp[1]);
     loop_done(l);
 }
+
+/* run_forever "-EBUSY if already running" also from another thread; close -EBUSY while
+ * running; is_running seen from any thread. */
+struct xthr {
+    ca_loop *loop;
+    int run_r, close_r;
+    bool running;
+};
+static void *xthr_main(void *arg)
+{
+    struct xthr *x = arg;
+    x->running = ca_loop_is_running(x->loop);
+    x->run_r = ca_loop_run_forever(x->loop);
+    x->close_r = ca_loop_close(x->loop);
+    ca_loop_stop(x->loop);
+    return NULL;
+}
+static void xthr_cb(void *arg)
+{
+    struct xthr *x = arg;
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, xthr_main, x), 0);
+    pthread_join(t, NULL);
+}
+
+LOOP_TEST(loop_busy_from_other_thread)
+{
+    struct xthr x = {.loop = loop};
+    ca_handle *h = NULL;
+    CHECK_OK(ca_loop_call_later(loop, 5.0, stop_cb, loop, &h));
+    CHECK_OK(ca_loop_call_soon(loop, xthr_cb, &x, NULL));
+    CHECK_OK(ca_loop_run_forever(loop));
+    ca_handle_cancel(h);
+    ca_handle_unref(h);
+    CHECK(x.running);
+    CHECK_ERR(x.run_r, -EBUSY);
+    CHECK_ERR(x.close_r, -EBUSY);
+    CHECK(!ca_loop_is_closed(loop));
+}
+
+/* "The exit is observed through the current policy's child watcher": a custom watcher set as
+ * the policy's gets the registration (inside enter/exit) and its callback completes the
+ * process. */
+struct cwp {
+    pid_t pid;
+    ca_child_fn cb;
+    void *arg;
+    int enters, exits, adds_inside;
+    bool active;
+};
+#define CWP(self) ((struct cwp *)ca_child_watcher_data(self))
+static int cwp_add(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg)
+{
+    struct cwp *c = CWP(self);
+    c->pid = pid;
+    c->cb = cb;
+    c->arg = arg;
+    if (c->enters > c->exits) c->adds_inside++;
+    return 0;
+}
+static int cwp_rm(ca_child_watcher *self, pid_t pid)
+{
+    struct cwp *c = CWP(self);
+    if (c->cb && c->pid == pid) {
+        c->cb = NULL;
+        return 1;
+    }
+    return 0;
+}
+static bool cwp_active(ca_child_watcher *self) { return CWP(self)->active; }
+static int cwp_enter(ca_child_watcher *self)
+{
+    CWP(self)->enters++;
+    return 0;
+}
+static int cwp_exit(ca_child_watcher *self)
+{
+    CWP(self)->exits++;
+    return 0;
+}
+static const ca_child_watcher_ops cwp_ops = {.add_child_handler = cwp_add,
+                                             .remove_child_handler = cwp_rm,
+                                             .is_active = cwp_active,
+                                             .enter = cwp_enter,
+                                             .exit = cwp_exit};
+
+LOOP_TEST(proc_uses_policy_watcher)
+{
+    struct cwp c = {.active = true};
+    ca_child_watcher *w = NULL;
+    CHECK_OK(ca_child_watcher_new_custom(&cwp_ops, &c, &w));
+    CHECK_OK(ca_set_child_watcher(w));
+    const char *argv[] = {"sh", "-c", "exit 21", NULL};
+    ca_subprocess_options o = {.argv = argv};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    CHECK_EQ(c.pid, ca_process_pid(p));
+    CHECK(c.cb != NULL);
+    CHECK_EQ(c.enters, 1);
+    CHECK_EQ(c.exits, 1);
+    CHECK_EQ(c.adds_inside, 1);
+    int st = 0;
+    CHECK_EQ(waitpid(c.pid, &st, 0), c.pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 21);
+    ca_child_fn cb = c.cb;
+    c.cb = NULL;
+    cb(c.pid, 21, c.arg); /* the watcher reports the exit */
+    CHECK_EQ(pwait(loop, p), 21);
+    ca_process_unref(p);
+    /* Inactive: -ENOTCONN, no child left. */
+    c.active = false;
+    p = SENT_PROC;
+    CHECK_ERR(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p), -ENOTCONN);
+    CHECK(p == SENT_PROC);
+    CHECK_EQ(waitpid(-1, NULL, WNOHANG), -1);
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
+}
