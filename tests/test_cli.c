@@ -316,6 +316,39 @@ TEST(replacement_strings_and_args)
     res_free(&r);
 }
 
+TEST(several_input_sources)
+{
+    struct res r;
+    /* Every combination, the last source varying fastest; {N} is the Nth value. */
+    RUN(&r, "run", "-k", "echo", "{2}{1}", ":::", "a", "b", ":::", "1", "2");
+    CHECK_EQ(r.status, 0);
+    CHECK_STR(r.out, "1a\n2a\n1b\n2b\n");
+    res_free(&r);
+    /* Without a replacement string each value is an argument of its own; --tag uses tabs. */
+    RUN(&r, "run", "-k", "--tag", "printf", "<%s>", ":::", "a b", ":::", "1");
+    CHECK_STR(r.out, "a b\t1\t<a b><1>");
+    res_free(&r);
+    char path[128];
+    tmp_path(path, sizeof path, "src");
+    FILE *f = fopen(path, "we");
+    CHECK(f != NULL);
+    fputs("x\ny\n", f);
+    fclose(f);
+    RUN(&r, "run", "-k", "echo", "::::", path, ":::", "1");
+    CHECK_STR(r.out, "x 1\ny 1\n");
+    res_free(&r);
+    unlink(path);
+    /* An empty source: no combination, no job. */
+    RUN(&r, "run", "echo", ":::", "a", ":::");
+    CHECK_EQ(r.status, 0);
+    CHECK_EQ(r.nout, 0);
+    res_free(&r);
+    RUN(&r, "run", "echo", "::::", "/nonexistent/casyncio-test", ":::", "a");
+    CHECK_EQ(r.status, 255);
+    CHECK_HAS(r.err, "/nonexistent/casyncio-test");
+    res_free(&r);
+}
+
 TEST(stdin_file_and_shell_inputs)
 {
     struct res r;

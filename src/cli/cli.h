@@ -15,6 +15,9 @@
 #define CLI_EXIT_USAGE 2
 #define CLI_EXIT_ERROR 255
 #define CLI_MAX_FAILED_STATUS 101
+#define CLI_MAX_SOURCES 9
+/* Separates the values of one input made of several sources (::: a b ::: 1 2). */
+#define CLI_VALUE_SEP '\x1f'
 
 /* ----- growable byte buffer (buf.c) ----------------------------------------------------- */
 
@@ -60,12 +63,16 @@ struct run_options {
     bool null_sep;               /* -0: inputs are NUL-separated */
     enum loop_kind loop;
     enum watcher_kind watcher;
-    const char *arg_file;        /* -a FILE / :::: FILE; NULL: stdin (unless ::: args) */
     char **cmd;                  /* COMMAND [ARG...], not NULL-terminated */
     int ncmd;
-    char **args;                 /* the inputs after ::: */
-    int nargs;
-    bool have_args;              /* ::: was given (even with no arguments after it) */
+    /* The input sources, in order: ::: words, or files (-a FILE, :::: FILE; "-" is stdin).
+     * None: stdin. Several: every combination, the last source varying fastest. */
+    struct source {
+        char **args;             /* NULL for a file */
+        int nargs;
+        const char *file;
+    } src[CLI_MAX_SOURCES];
+    int nsrc;
 };
 
 /* Parses argv (after the word "run"). Returns 0, or prints a message and returns
@@ -84,6 +91,7 @@ struct cmd_template {
     bool append_input;    /* no replacement string in COMMAND: the input is the last argument */
     bool shell;           /* run as sh -c SCRIPT */
     bool input_is_script; /* no COMMAND: each input is a shell command line */
+    bool multi;           /* inputs hold several values, separated by CLI_VALUE_SEP */
 };
 
 struct job_vars {

@@ -12,25 +12,112 @@
 
 #define CHUNK 65536
 
-int input_open(struct input *in, const struct run_options *o)
+static int open_stream(struct input *in, const char *file)
 {
-    memset(in, 0, sizeof *in);
-    in->fd = -1;
-    in->sep = o->null_sep ? '\0' : '\n';
-    if (o->have_args) {
-        in->args = o->args;
-        in->nargs = o->nargs;
-        in->eof = true;
-        return 0;
-    }
-    if (o->arg_file && strcmp(o->arg_file, "-") != 0) {
-        in->fd = open(o->arg_file, O_RDONLY | O_CLOEXEC);
-        if (in->fd < 0) return -errno;
+    if (file && strcmp(file, "-") != 0) {
+        in->fd = open(file, O_RDONLY | O_CLOEXEC);
+        if (in->fd < 0) {
+            in->failed = file;
+            return -errno;
+        }
         in->own_fd = true;
     } else {
         in->fd = STDIN_FILENO;
     }
     return 0;
+}
+
+/* Reads every record of file into a new array (*out, *n). */
+static int read_all(const char *file, char sep, char ***out, int *n)
+{
+    struct input f;
+    memset(&f, 0, sizeof f);
+    f.sep = sep;
+    int e = open_stream(&f, file);
+    char **v = NULL;
+    int k = 0, cap = 0;
+    while (e == 0) {
+        bool oom;
+        char *rec = input_take(&f, &oom);
+        if (rec) {
+            if (k == cap) {
+                cap = cap ? cap * 2 : 16;
+                char **nv = realloc(v, (size_t)cap * sizeof *v);
+                if (!nv) {
+                    free(rec);
+                    e = -ENOMEM;
+                    break;
+                }
+                v = nv;
+            }
+            v[k++] = rec;
+            continue;
+        }
+        if (oom) e = -ENOMEM;
+        else if (f.eof) break;
+        else if ((e = input_fill(&f)) > 0) e = 0;
+    }
+    input_close(&f);
+    if (e < 0) {
+        while (k > 0) free(v[--k]);
+        free(v);
+        return e;
+    }
+    *out = v;
+    *n = k;
+    return 0;
+}
+
+int input_open(struct input *in, const struct run_options *o)
+{
+    memset(in, 0, sizeof *in);
+    in->fd = -1;
+    in->sep = o->null_sep ? '\0' : '\n';
+    if (o->nsrc == 0) return open_stream(in, NULL);
+    if (o->nsrc == 1 && !o->src[0].args) return open_stream(in, o->src[0].file);
+    if (o->nsrc == 1) {
+        in->args = o->src[0].args;
+        in->nargs = o->src[0].nargs;
+        in->eof = true;
+        return 0;
+    }
+    in->eof = true;
+    in->nsrc = o->nsrc;
+    for (int i = 0; i < o->nsrc; i++) {
+        if (o->src[i].args) {
+            in->vals[i] = o->src[i].args;
+            in->nval[i] = o->src[i].nargs;
+            continue;
+        }
+        int e = read_all(o->src[i].file, in->sep, &in->vals[i], &in->nval[i]);
+        if (e < 0) {
+            in->failed = o->src[i].file;
+            return e;
+        }
+        in->owned[i] = true;
+    }
+    for (int i = 0; i < in->nsrc; i++)
+        if (in->nval[i] == 0) in->product_done = true;
+    return 0;
+}
+
+/* The next combination of several sources: its values joined by CLI_VALUE_SEP. */
+static char *take_product(struct input *in, bool *oom)
+{
+    if (in->product_done) return NULL;
+    struct buf b = {0};
+    bool ok = true;
+    for (int i = 0; i < in->nsrc && ok; i++)
+        ok = (i == 0 || buf_addc(&b, CLI_VALUE_SEP)) && buf_adds(&b, in->vals[i][in->idx[i]]);
+    if (!ok || !buf_addc(&b, 0)) {
+        buf_free(&b);
+        *oom = true;
+        return NULL;
+    }
+    int i = in->nsrc - 1;
+    while (i >= 0 && ++in->idx[i] == in->nval[i]) in->idx[i--] = 0;
+    if (i < 0) in->product_done = true;
+    return b.p;
 }
 
 int input_fill(struct input *in)
@@ -81,6 +168,7 @@ static char *dup_range(const char *p, size_t n)
 char *input_take(struct input *in, bool *oom)
 {
     *oom = false;
+    if (in->nsrc) return take_product(in, oom);
     if (in->args) {
         if (in->next >= in->nargs) return NULL;
         char *s = strdup(in->args[in->next++]);
@@ -124,12 +212,18 @@ char *input_take(struct input *in, bool *oom)
 
 bool input_done(const struct input *in)
 {
+    if (in->nsrc) return in->product_done;
     if (in->args) return in->next >= in->nargs;
     return in->eof && in->start >= in->buf.len;
 }
 
 long input_total(const struct input *in, unsigned long created)
 {
+    if (in->nsrc) {
+        long n = 1;
+        for (int i = 0; i < in->nsrc; i++) n *= in->nval[i];
+        return n;
+    }
     if (in->args) return in->nargs;
     return input_done(in) ? (long)created : -1;
 }
@@ -141,4 +235,11 @@ void input_close(struct input *in)
     in->eof = true;
     buf_free(&in->buf);
     in->start = in->scan = 0;
+    for (int i = 0; i < in->nsrc; i++) {
+        if (!in->owned[i]) continue;
+        for (int k = 0; k < in->nval[i]; k++) free(in->vals[i][k]);
+        free(in->vals[i]);
+        in->owned[i] = false;
+    }
+    in->product_done = true;
 }

@@ -13,9 +13,17 @@ struct input {
     size_t start, scan;  /* scan: where the search for the next separator resumes */
     char **args;         /* the ::: words */
     int nargs, next;
+    /* Several sources: all their values in memory, combined like an odometer. */
+    int nsrc;
+    char **vals[CLI_MAX_SOURCES];
+    int nval[CLI_MAX_SOURCES], idx[CLI_MAX_SOURCES];
+    bool owned[CLI_MAX_SOURCES]; /* read from a file: ours to free */
+    bool product_done;
+    const char *failed;  /* the file that could not be read */
 };
 
-/* 0, or -errno when -a FILE cannot be opened. */
+/* 0, or -errno when an input file cannot be opened (or, with several sources, read); in->failed
+ * names it. */
 int input_open(struct input *in, const struct run_options *o);
 /* One read(2): the byte count, 0 at end of input (eof is then set), or -errno. */
 int input_fill(struct input *in);

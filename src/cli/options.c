@@ -20,6 +20,7 @@ void print_run_usage(FILE *f)
           "options:\n"
           "  -j, --jobs N          jobs at once (default: CPUs; N% of CPUs; 0: as many as fit)\n"
           "  -a, --arg-file FILE   read inputs from FILE instead of stdin (also :::: FILE)\n"
+          "  several ::: / :::: sources: every combination; {1} {2}... are their values\n"
           "  -0, --null            inputs are separated by NUL, not newline\n"
           "      --shell           run COMMAND through sh -c (the input is quoted)\n"
           "      --timeout SECS    SIGTERM a job after SECS, SIGKILL it --grace SECS later\n"
@@ -266,26 +267,35 @@ static bool is_flag(const char *a)
     return false;
 }
 
-/* Splits the words after the options into COMMAND and the ::: inputs (or a :::: file). */
+static int add_source(struct run_options *o, char **args, int nargs, const char *file)
+{
+    if (o->nsrc == CLI_MAX_SOURCES) return usage_error("at most %s input sources", "9");
+    o->src[o->nsrc++] = (struct source){.args = args, .nargs = nargs, .file = file};
+    return 0;
+}
+
+static bool is_sep(const char *a) { return strcmp(a, ":::") == 0 || strcmp(a, "::::") == 0; }
+
+/* Splits the words after the options into COMMAND and the input sources: ::: WORDS...,
+ * :::: FILES... (each file is a source), repeated. */
 static int parse_rest(int argc, char **argv, int i, struct run_options *o)
 {
     o->cmd = argv + i;
-    while (i < argc && strcmp(argv[i], ":::") != 0 && strcmp(argv[i], "::::") != 0) i++;
+    while (i < argc && !is_sep(argv[i])) i++;
     o->ncmd = (int)(argv + i - o->cmd);
-    if (i == argc) return 0;
-    if (strcmp(argv[i], "::::") == 0) {
-        if (i + 2 != argc) return usage_error("%s needs exactly one FILE after it", "::::");
-        if (o->arg_file) return usage_error("%s", "give either -a FILE or :::: FILE, not both");
-        o->arg_file = argv[i + 1];
-        return 0;
+    while (i < argc) {
+        bool files = strcmp(argv[i], "::::") == 0;
+        int start = ++i;
+        while (i < argc && !is_sep(argv[i])) i++;
+        int r = 0;
+        if (!files) {
+            r = add_source(o, argv + start, i - start, NULL);
+        } else {
+            if (i == start) return usage_error("%s needs a FILE", "::::");
+            for (int k = start; k < i && !r; k++) r = add_source(o, NULL, 0, argv[k]);
+        }
+        if (r) return r;
     }
-    o->have_args = true;
-    o->args = argv + i + 1;
-    o->nargs = argc - i - 1;
-    for (int k = 0; k < o->nargs; k++)
-        if (strcmp(o->args[k], ":::") == 0 || strcmp(o->args[k], "::::") == 0)
-            return usage_error("%s", "only one input source (::: or :::: or -a) is supported");
-    if (o->arg_file) return usage_error("%s", "give either -a FILE or ::: INPUTS, not both");
     return 0;
 }
 
@@ -326,7 +336,8 @@ int parse_run_options(int argc, char **argv, struct run_options *o, bool *help)
         } else if (short_value(argv, argc, &i, 'a', &v, &missing) ||
                    long_value(argv, argc, &i, "--arg-file", &v, &missing)) {
             if (missing) return usage_error("%s needs a FILE", a);
-            o->arg_file = v;
+            int r = add_source(o, NULL, 0, v);
+            if (r) return r;
         } else if (long_value(argv, argc, &i, "--timeout", &v, &missing)) {
             if (missing) return usage_error("%s needs SECONDS", a);
             if (!parse_seconds(v, &o->timeout) || o->timeout <= 0)

@@ -224,7 +224,7 @@ int joblog_open(struct runner *r)
     r->joblog = fopen(r->o->joblog, "we");
     if (!r->joblog) {
         int e = -errno;
-        fprintf(stderr, "casyncio: --joblog %s: %s\n", r->o->joblog, ca_strerror(e));
+        fprintf(stderr, "casyncio: --joblog %s: %s\n", r->o->joblog, strerror(-e));
         return e;
     }
     fputs("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n", r->joblog);

@@ -30,7 +30,7 @@ const char *job_display(struct job *j)
 void runner_fail(struct runner *r, const char *what, int err)
 {
     bar_clear(r);
-    fprintf(stderr, "casyncio: %s: %s\n", what, ca_strerror(err));
+    fprintf(stderr, "casyncio: %s: %s\n", what, strerror(-err));
     r->error = true;
     runner_request_stop(r, 0);
 }
@@ -366,7 +366,7 @@ static void spawn_failed(struct runner *r, struct job *j, int err, const char *a
         j->rc = err == -ENOENT || err == -ENOTDIR ? 127 : 126;
         j->outcome = O_NOEXEC;
         snprintf(msg, sizeof msg, "casyncio: %s: %s\n", argv0,
-                 err == -ENOENT ? "command not found" : ca_strerror(err));
+                 err == -ENOENT ? "command not found" : strerror(-err));
         buf_adds(&j->err, msg);
         finish_attempt(r, j);
         return;
@@ -628,13 +628,15 @@ int run_main(const struct run_options *o)
     cmd_template_init(&r.tmpl, o);
     int e = input_open(&r.in, o);
     if (e < 0) {
-        fprintf(stderr, "casyncio: %s: %s\n", o->arg_file, ca_strerror(e));
+        fprintf(stderr, "casyncio: %s: %s\n", r.in.failed ? r.in.failed : "input",
+                strerror(-e));
+        input_close(&r.in);
         return CLI_EXIT_ERROR;
     }
     if (o->dry_run) {
         e = dry_run(&r);
         input_close(&r.in);
-        if (e < 0 && e != -EPIPE) fprintf(stderr, "casyncio: %s\n", ca_strerror(e));
+        if (e < 0 && e != -EPIPE) fprintf(stderr, "casyncio: %s\n", strerror(-e));
         return e < 0 ? CLI_EXIT_ERROR : 0;
     }
     int status = CLI_EXIT_ERROR;
