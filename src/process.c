@@ -360,7 +360,7 @@ fail:;
  * there is none). One allocation; *out is NULL-terminated. */
 static int exec_candidates(const char *argv0, const char *const *envp, char ***out)
 {
-    if (strchr(argv0, '/')) {
+    if (!*argv0 || strchr(argv0, '/')) { /* "" is not found, as execvp says */
         char **v = malloc(2 * sizeof *v);
         if (!v) return -ENOMEM;
         v[0] = (char *)argv0;
@@ -916,10 +916,10 @@ static int watch_child(ca_process *p, ca_child_watcher *w)
     int r = -ENOTSUP;
     if (p->pidfd >= 0 && strcmp(ca__child_watcher_kind(w), "pidfd") == 0) {
         /* The watcher takes over a copy; ours stays for signals. */
-        int dup = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
-        if (dup >= 0) {
-            r = ca__pidfd_watcher_add_with_pidfd(w, p->pid, dup, child_exited, p);
-            if (r == -ENOTSUP) close(dup);
+        int copy = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+        if (copy >= 0) {
+            r = ca__pidfd_watcher_add_with_pidfd(w, p->pid, copy, child_exited, p);
+            if (r == -ENOTSUP) close(copy);
         }
     }
     if (r == -ENOTSUP) r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);

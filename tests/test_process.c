@@ -563,6 +563,8 @@ LOOP_TEST(exec_errors)
         exec_fails(loop, &o, -ENOENT);
         o.argv = ARGV("ca-no-such-program-anywhere");
         exec_fails(loop, &o, -ENOENT);
+        o.argv = ARGV("");
+        exec_fails(loop, &o, -ENOENT);
         o.argv = ARGV(file);
         exec_fails(loop, &o, -EACCES);
         o.argv = ARGV(dir);
@@ -1096,4 +1098,26 @@ LOOP_TEST(forked_child_gets_echild)
     int st;
     CHECK_EQ(waitpid(pid, &st, 0), pid);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+/* The caller may drop its reference at once: the loop keeps the process until it is finished,
+ * and the protocol still hears everything. */
+static bool exited_and_lost(void *arg)
+{
+    struct run *r = arg;
+    return r->nexit == 1 && r->nlost[1] == 1;
+}
+
+LOOP_TEST(caller_drops_reference_early)
+{
+    struct run r;
+    memset(&r, 0, sizeof r);
+    ca_process *p;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "sleep 0.05; echo late"),
+                               .stdout_mode = CA_PIPE};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, &proto, &r, &p));
+    ca_process_unref(p);
+    CHECK(t_run_until(loop, exited_and_lost, &r, 10));
+    CHECK(strcmp(r.out[1].data, "late\n") == 0);
+    free(r.out[1].data);
 }
