@@ -5109,3 +5109,83 @@ LOOP_TEST(proc_uses_policy_watcher)
     CHECK_OK(ca_set_child_watcher(NULL));
     ca_child_watcher_unref(w);
 }
+
+/* Seed: attach_loop "If the watcher was previously attached to an event loop, then it is first
+ * detached before attaching to the new loop": Safe/Fast deliver on the new loop. */
+TEST(watcher_safe_fast_reattach)
+{
+    for (int k = W_SAFE; k <= W_FAST; k++) {
+        ca_loop *a = new_epoll(), *b = NULL;
+        CHECK_OK(ca_poll_loop_new(&b));
+        ca_child_watcher *w = NULL;
+        CHECK_OK(wnew(k, &w));
+        CHECK_OK(ca_child_watcher_attach_loop(w, a));
+        struct wrec rec[2];
+        memset(rec, 0, sizeof rec);
+        rec[1].tag = -1;
+        pid_t pid = spawn_sh("sleep 0.05; exit 6");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, wrec_cb, &rec[0]));
+        CHECK_OK(ca_child_watcher_attach_loop(w, b));
+        wait_exited(pid);
+        t_run_for(a, 0.05);
+        CHECK_EQ(atomic_load(&rec[0].n), 0); /* not through the old loop */
+        if (!t_run_until(b, wrec_all, rec, 5.0)) t_fail(__FILE__, __LINE__, "%s: not delivered on the new loop", wname[k]);
+        CHECK_EQ(rec[0].rc, 6);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+        loop_done(a);
+        loop_done(b);
+    }
+}
+
+/* Closing a watcher cancels its handlers: no callback after close. */
+LOOP_TEST(watcher_close_cancels_handlers)
+{
+    ca_set_log_handler(quiet_log, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        struct wrec rec = {0};
+        pid_t pid = spawn_sh("sleep 0.05");
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pid, wrec_cb, &rec));
+        CHECK_OK(ca_child_watcher_close(w));
+        wait_exited(pid);
+        t_run_for(loop, 0.05);
+        if (atomic_load(&rec.n) != 0) t_fail(__FILE__, __LINE__, "%s: callback after close", wname[k]);
+        waitpid(pid, NULL, WNOHANG);
+        ca_child_watcher_unref(w);
+        CHECK_OK(ca_set_event_loop(NULL));
+        sleep_s(0.02);
+        waitpid(pid, NULL, WNOHANG);
+    }
+}
+
+/* Threaded/MultiLoop/Pidfd: a current loop that is closed does not count (header: -ENOENT). */
+static void *closed_current_thread(void *arg)
+{
+    ca_child_watcher *w = arg;
+    ca_loop *l = new_epoll();
+    CHECK_OK(ca_set_event_loop(l));
+    CHECK_OK(ca_loop_close(l));
+    intptr_t r = ca_child_watcher_add_child_handler(w, getpid(), wrec_cb, NULL);
+    CHECK_OK(ca_set_event_loop(NULL));
+    ca_loop_unref(l);
+    return (void *)r;
+}
+
+TEST(watcher_closed_current_loop_enoent)
+{
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    for (int i = 0; i < 3; i++) {
+        ca_child_watcher *w = NULL;
+        if (wnew(kinds[i], &w) == -ENOSYS) continue;
+        pthread_t t;
+        void *res = NULL;
+        CHECK_EQ(pthread_create(&t, NULL, closed_current_thread, w), 0);
+        pthread_join(t, &res);
+        if ((intptr_t)res != -ENOENT)
+            t_fail(__FILE__, __LINE__, "%s: got %d", wname[kinds[i]], (int)(intptr_t)res);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+    }
+}
