@@ -553,8 +553,11 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
 int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
                                        void *arg);
 /* 1 if a handler was removed (its callback will never be called), 0 if there was none (never
- * registered, already delivered, or being delivered right now). Pidfd closes the child's fd on
- * its loop's thread (at once if called there). */
+ * registered, already delivered, or being delivered right now). A handler whose delivery loop
+ * was closed before the exit could be delivered stays registered until removed or replaced, so
+ * that remove answers 1 for it: the callback will never come, and the child is the remover's
+ * to reap if it is still there. Pidfd closes the child's fd on its loop's thread (at once if
+ * called there). */
 int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
 /* Attaches the watcher to loop (NULL detaches); takes its own reference to the loop. Only Safe
  * and Fast use it: they install a SIGCHLD handler on the loop and remove it from the previous
