@@ -1046,3 +1046,80 @@ LOOP_TEST(pidfd_emfile_is_an_error)
     CHECK(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 3);
     wdone(w);
 }
+
+/* Pidfd: removed from another thread while its loop runs: never called, fd released there. */
+LOOP_TEST(pidfd_remove_from_other_thread)
+{
+    ca_child_watcher *w = wmake(W_PIDFD, loop);
+    if (!w) SKIP("pidfd is unavailable");
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pid = spawn_cat(p[0]);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    runner rn = {loop, 0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, run_loop_thread, &rn), 0);
+    while (!atomic_load(&rn.started)) sleep_s(0.001);
+    CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
+    close(p[0]);
+    close(p[1]);
+    wait_zombie(pid);
+    sleep_s(0.05);
+    ca_loop_stop(loop);
+    pthread_join(t, NULL);
+    CHECK_EQ(atomic_load(&r.calls), 0);
+    int st = reap(pid); /* a removed child is not reaped by Pidfd */
+    CHECK(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    wdone(w); /* the harness checks that the pidfd is gone */
+}
+
+/* Safe and Fast: handlers added from another thread while the attached loop runs here. */
+typedef struct adder {
+    ca_child_watcher *w;
+    rec r[5];
+    int err;
+} adder;
+
+static void *adder_main(void *p)
+{
+    adder *a = p;
+    for (int i = 0; i < 5; i++) {
+        char cmd[32];
+        snprintf(cmd, sizeof cmd, "exit %d", 20 + i);
+        ca_child_watcher_enter(a->w);
+        pid_t pid = spawn(cmd);
+        int e = ca_child_watcher_add_child_handler(a->w, pid, on_exit_rec, &a->r[i]);
+        ca_child_watcher_exit(a->w);
+        if (e < 0) {
+            a->err = e;
+            reap(pid);
+        }
+    }
+    return NULL;
+}
+
+LOOP_TEST(safe_fast_add_from_other_thread)
+{
+    static const int kinds[] = {W_SAFE, W_FAST};
+    for (int i = 0; i < 2; i++) {
+        ca_child_watcher *w = wmake(kinds[i], loop);
+        if (!w) SKIP("the test's custom loop has no signal handlers");
+        adder a;
+        memset(&a, 0, sizeof a);
+        a.w = w;
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, adder_main, &a), 0);
+        recs rs = {a.r, 5};
+        bool ok = t_run_until(loop, all_called, &rs, 10);
+        pthread_join(t, NULL);
+        CHECK_OK(a.err);
+        CHECK(ok);
+        for (int j = 0; j < 5; j++) {
+            CHECK_EQ(atomic_load(&a.r[j].rc), 20 + j);
+            CHECK_EQ(atomic_load(&a.r[j].calls), 1);
+            CHECK(pthread_equal(a.r[j].thread, pthread_self()));
+        }
+        wdone(w);
+    }
+}
