@@ -5189,3 +5189,126 @@ TEST(watcher_closed_current_loop_enoent)
         ca_child_watcher_unref(w);
     }
 }
+
+/* ca_run "makes it current for this thread" also with a loop factory (through the policy's
+ * set_event_loop), and sets the previous one again afterwards. */
+static ca_loop *sel_seen[4];
+static int sel_n;
+static int sel_op(ca_policy *self, ca_loop *loop)
+{
+    if (sel_n < 4) sel_seen[sel_n++] = loop;
+    return ca_policy_set_event_loop(ca_policy_base(self), loop);
+}
+static const ca_policy_ops sel_ops = {.set_event_loop = sel_op};
+static ca_future *rmain_cur(ca_loop *loop, void *arg)
+{
+    ca_loop *cur = NULL;
+    if (ca_policy_get_event_loop(ca_get_event_loop_policy(), &cur) == 0) *(ca_loop **)arg = cur;
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    CHECK_OK(ca_future_set_result(f, loop));
+    return f;
+}
+
+TEST(run_with_factory_sets_current_loop)
+{
+    ca_policy *def = NULL, *p = NULL;
+    CHECK_OK(ca_default_policy_new(&def));
+    CHECK_OK(ca_policy_new(&sel_ops, NULL, def, &p));
+    ca_policy_unref(def);
+    CHECK_OK(ca_set_event_loop_policy(p));
+    ca_policy_unref(p);
+    ca_loop *prev = new_epoll();
+    CHECK_OK(ca_set_event_loop(prev));
+    sel_n = 0;
+    ca_loop *cur = NULL;
+    CHECK_ERR(ca_run(rmain_cur, &cur, counting_factory), 0);
+    CHECK(cur != NULL && cur != prev);
+    CHECK(sel_n >= 2);
+    CHECK(sel_seen[0] == cur);
+    CHECK(sel_seen[sel_n - 1] == prev);
+    ca_loop *got = NULL;
+    CHECK_OK(ca_get_event_loop(&got));
+    CHECK(got == prev);
+    CHECK_OK(ca_set_event_loop(NULL));
+    loop_done(prev);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+}
+
+/* A custom op's error is returned; out untouched; the callback never runs. */
+static ca_handle *failed_kept;
+static int fail_soon(ca_loop *self, ca_handle *h)
+{
+    failed_kept = h; /* borrowed, not kept: must not be used after */
+    return -EIO;
+}
+static int fail_at(ca_loop *self, double when, ca_handle *h) { return -EIO; }
+static int fail_fd(ca_loop *self, int fd, ca_callback_fn fn, void *arg) { return -EIO; }
+static const ca_loop_ops fail_ops = {.run_forever = spy_run,
+                                     .call_soon = fail_soon,
+                                     .call_soon_threadsafe = fail_soon,
+                                     .call_at = fail_at,
+                                     .add_reader = fail_fd,
+                                     .add_writer = fail_fd,
+                                     .add_signal_handler = fail_fd};
+
+TEST(custom_op_error_returned)
+{
+    ca_loop *l = NULL;
+    CHECK_OK(ca_loop_new_custom(&fail_ops, NULL, &l));
+    ca_handle *h = SENT_HANDLE;
+    int n = 0;
+    CHECK_ERR(ca_loop_call_soon(l, count_cb, &n, &h), -EIO);
+    CHECK_ERR(ca_loop_call_soon_threadsafe(l, count_cb, &n), -EIO);
+    CHECK_ERR(ca_loop_call_later(l, 1, count_cb, &n, &h), -EIO);
+    CHECK_ERR(ca_loop_call_at(l, 1, count_cb, &n, &h), -EIO);
+    CHECK(h == SENT_HANDLE);
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    CHECK_ERR(ca_loop_add_reader(l, p[0], count_cb, &n), -EIO);
+    CHECK_ERR(ca_loop_add_writer(l, p[1], count_cb, &n), -EIO);
+    CHECK_ERR(ca_loop_add_signal_handler(l, SIGUSR1, count_cb, &n), -EIO);
+    CHECK_EQ(n, 0);
+    close(p[0]);
+    close(p[1]);
+    loop_done(l);
+}
+
+/* "never NULL: creates the default lazily" — once, also when many threads ask first at once. */
+static pthread_barrier_t lazy_bar;
+static void *lazy_thread(void *arg)
+{
+    pthread_barrier_wait(&lazy_bar);
+    *(ca_policy **)arg = ca_get_event_loop_policy();
+    return NULL;
+}
+
+TEST(policy_lazy_default_race_free)
+{
+    enum { N = 8 };
+    pthread_t t[N];
+    ca_policy *got[N];
+    pthread_barrier_init(&lazy_bar, NULL, N);
+    for (int i = 0; i < N; i++) CHECK_EQ(pthread_create(&t[i], NULL, lazy_thread, &got[i]), 0);
+    for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&lazy_bar);
+    for (int i = 0; i < N; i++) {
+        CHECK(got[i] != NULL);
+        CHECK(got[i] == got[0]);
+    }
+    CHECK(ca_get_event_loop_policy() == got[0]);
+}
+
+/* ca_process_write: NULL buffer with n > 0 is a bad argument. */
+LOOP_TEST(proc_write_bad_args)
+{
+    const char *argv[] = {"cat", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdin_mode = CA_PIPE, .stdout_mode = CA_DEVNULL};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    CHECK_ERR(ca_process_write(p, NULL, 5), -EINVAL);
+    CHECK_OK(ca_process_write(p, NULL, 0));
+    CHECK_OK(ca_process_close_stdin(p));
+    CHECK_EQ(pwait(loop, p), 0);
+    ca_process_unref(p);
+}
