@@ -23,12 +23,15 @@ void output_write(struct runner *r, int fd, const char *p, size_t n)
     }
 }
 
-/* Prints the complete lines of b (all of it when final) and drops them from b. */
-static void emit(struct runner *r, struct job *j, int fd, struct buf *b, bool final)
+/* Prints the complete lines of b (all of it when final) and drops them from b. A newline is
+ * looked for from `from` on only: what precedes it is known to hold none, so that a long line
+ * arriving in many pieces is not scanned again and again. */
+static void emit(struct runner *r, struct job *j, int fd, struct buf *b, bool final, size_t from)
 {
     size_t end = b->len;
     if (!final) {
-        while (end > 0 && b->p[end - 1] != '\n') end--;
+        const char *nl = b->len > from ? memrchr(b->p + from, '\n', b->len - from) : NULL;
+        end = nl ? (size_t)(nl - b->p) + 1 : 0;
     }
     if (end == 0) return;
     if (!r->o->tag) {
@@ -60,11 +63,12 @@ static bool is_live(struct runner *r, struct job *j)
 void output_data(struct runner *r, struct job *j, int fd, const void *p, size_t n)
 {
     struct buf *b = fd == 2 ? &j->err : &j->out;
+    size_t old_len = b->len;
     if (!buf_add(b, p, n)) {
         runner_fail(r, "buffering a job's output", -ENOMEM);
         return;
     }
-    if (is_live(r, j)) emit(r, j, fd == 2 ? 2 : 1, b, false);
+    if (is_live(r, j)) emit(r, j, fd == 2 ? 2 : 1, b, false, old_len);
 }
 
 void job_free(struct job *j)
@@ -79,8 +83,8 @@ void job_free(struct job *j)
 
 static void emit_final(struct runner *r, struct job *j)
 {
-    emit(r, j, 1, &j->out, true);
-    emit(r, j, 2, &j->err, true);
+    emit(r, j, 1, &j->out, true, 0);
+    emit(r, j, 2, &j->err, true, 0);
 }
 
 bool ring_put(struct runner *r, struct job *j)
@@ -121,8 +125,8 @@ void output_job_done(struct runner *r, struct job *j)
     if (r->o->line_buffer && r->next_print < r->next_seq) {
         h = r->ring[r->next_print % r->ring_cap];
         if (h) {
-            emit(r, h, 1, &h->out, false);
-            emit(r, h, 2, &h->err, false);
+            emit(r, h, 1, &h->out, false, 0);
+            emit(r, h, 2, &h->err, false, 0);
         }
     }
 }
