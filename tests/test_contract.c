@@ -5312,3 +5312,61 @@ LOOP_TEST(proc_write_bad_args)
     CHECK_EQ(pwait(loop, p), 0);
     ca_process_unref(p);
 }
+
+/* Level-triggered with partial reads: a reader that takes one byte per call is called until
+ * the data is gone, then no more. */
+struct onebyte {
+    int fd, calls, got;
+};
+static void onebyte_cb(void *arg)
+{
+    struct onebyte *o = arg;
+    char c;
+    o->calls++;
+    if (read(o->fd, &c, 1) == 1) o->got++;
+}
+static bool onebyte_done(void *arg) { return ((struct onebyte *)arg)->got >= 10; }
+
+LOOP_TEST(loop_reader_partial_reads)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    struct onebyte o = {p[0], 0, 0};
+    CHECK_OK(ca_loop_add_reader(loop, p[0], onebyte_cb, &o));
+    CHECK_EQ(write(p[1], "0123456789", 10), 10);
+    CHECK(t_run_until(loop, onebyte_done, &o, 2.0));
+    t_run_for(loop, 0.02);
+    int calls = o.calls;
+    t_run_for(loop, 0.02);
+    CHECK_EQ(o.calls, calls); /* nothing left to read: not called */
+    CHECK_EQ(o.got, 10);
+    CHECK_EQ(write(p[1], "ab", 2), 2); /* readable again */
+    struct onebyte *op = &o;
+    double t0 = now_s();
+    while (op->got < 12 && now_s() - t0 < 2) t_run_for(loop, 0.005);
+    CHECK_EQ(o.got, 12);
+    CHECK_EQ(ca_loop_remove_reader(loop, p[0]), 1);
+    close(p[0]);
+    close(p[1]);
+}
+
+/* A writer on a full pipe is not called until there is room again. */
+LOOP_TEST(loop_writer_full_pipe)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    char buf[4096];
+    memset(buf, 'x', sizeof buf);
+    while (write(p[1], buf, sizeof buf) > 0) {
+    }
+    struct lvl l = {p[1], 0};
+    CHECK_OK(ca_loop_add_writer(loop, p[1], lvl_cb, &l));
+    t_run_for(loop, 0.03);
+    CHECK_EQ(l.n, 0);
+    while (read(p[0], buf, sizeof buf) > 0) {
+    }
+    CHECK(t_run_until(loop, t_flag_set, &l.n, 2.0));
+    CHECK_EQ(ca_loop_remove_writer(loop, p[1]), 1);
+    close(p[0]);
+    close(p[1]);
+}
