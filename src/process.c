@@ -27,6 +27,7 @@
 #include "loop_internal.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -60,6 +61,7 @@ extern char **environ;
 #define DRAIN_READS 64
 
 enum { RELAY_WAITING, RELAY_REPORTED, RELAY_ABANDONED };
+#define RC_UNKNOWN INT_MIN
 
 struct bytes {
     char *data;
@@ -79,8 +81,7 @@ struct ca_process {
 
     /* Written by the watcher's callback, possibly in another thread. */
     atomic_int relay;
-    atomic_int exit_rc;
-    atomic_bool exit_seen;
+    atomic_int exit_rc;             /* RC_UNKNOWN until the exit is known; set once */
 
     /* The loop's thread only. */
     int fd[3];                      /* our pipe ends; -1 when none or closed */
@@ -105,6 +106,17 @@ struct ca_process {
 };
 
 /* ----- small helpers -------------------------------------------------------------------------- */
+
+/* The exit as the watcher (or the close hook) learned it: the first one wins. */
+static void set_exit(ca_process *p, int rc)
+{
+    int unknown = RC_UNKNOWN;
+    atomic_compare_exchange_strong(&p->exit_rc, &unknown, rc);
+}
+
+static int exit_rc(const ca_process *p) { return atomic_load(&((ca_process *)p)->exit_rc); }
+
+static bool exit_known(const ca_process *p) { return exit_rc(p) != RC_UNKNOWN; }
 
 static void close_fd(int *fd)
 {
@@ -677,7 +689,7 @@ static void exit_on_loop(void *arg)
 {
     ca_process *p = ca_process_ref(arg);
     if (!p->closed && !p->have_rc) {
-        int rc = atomic_load(&p->exit_rc);
+        int rc = exit_rc(p);
         release_watcher(p);
         for (int i = 1; i <= 2; i++)
             if (p->fd[i] >= 0) read_pipe(p, i, true);
@@ -698,8 +710,7 @@ static void child_exited(pid_t pid, int returncode, void *arg)
 {
     (void)pid;
     ca_process *p = arg;
-    atomic_store(&p->exit_rc, returncode);
-    atomic_store(&p->exit_seen, true); /* no more signals to this pid from now on */
+    set_exit(p, returncode); /* no more signals to this pid from now on */
     ca_loop *loop = ca_loop_ref(p->loop);
     int expected = RELAY_WAITING;
     if (!atomic_compare_exchange_strong(&p->relay, &expected, RELAY_REPORTED)) {
@@ -736,6 +747,40 @@ static int send_sig(ca_process *p, int sig)
 
 /* ----- closing the loop ------------------------------------------------------------------------ */
 
+/* Whether the child still runs (not a zombie, not reaped), asked through its pidfd. */
+static bool still_running(const ca_process *p)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (p->pidfd < 0) return true;
+    if (waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG | WNOWAIT) < 0)
+        return errno == EINVAL || errno == ENOSYS; /* no P_PIDFD: assume it does */
+    return si.si_pid == 0;
+}
+
+static void log_killed(const ca_process *p)
+{
+    ca__log(CA_LOG_WARNING, "loop closed with child process %d (%s) still running: killed it",
+            (int)p->pid, p->name);
+}
+
+/* Kills the child if it still runs; reap: and reaps it (blocking: SIGKILL cannot be ignored).
+ * A child that the watcher reaped already (-ESRCH) had its exit on the way to this loop, lost
+ * with it: returncode 255, "unknown", as asyncio says. A zombie keeps its own status. */
+static void end_child(ca_process *p, bool reap)
+{
+    if (!reap) {
+        if (still_running(p) && raw_signal(p, SIGKILL) == 0) log_killed(p);
+        return;
+    }
+    int kr = raw_signal(p, SIGKILL);
+    int rc = reap_now(p->pid, p->pidfd);
+    /* A Threaded watcher's thread may win the reap of the child we killed. */
+    if (rc == 255 && kr == 0) rc = -SIGKILL;
+    set_exit(p, rc);
+    if (rc == -SIGKILL) log_killed(p);
+}
+
 /* The loop is closing (its thread, nothing runs on it any more): end the process as asyncio's
  * transport close() does. Pipes are closed, a running child is killed and reaped; the waiters
  * are cancelled and no protocol callback runs from now on. */
@@ -751,32 +796,20 @@ static void on_loop_close(void *arg)
         int r = p->watcher ? ca_child_watcher_remove_child_handler(p->watcher, p->pid) : -EBADF;
         int expected = RELAY_WAITING;
         if (r == 1) {
-            /* The callback will never be called: the child is ours to end. */
+            /* The callback will never be called: the child is ours to end and reap. */
             atomic_store(&p->relay, RELAY_ABANDONED);
-        } else if (!atomic_compare_exchange_strong(&p->relay, &expected, RELAY_ABANDONED)) {
-            /* Reported, but the loop closed before it ran the rest: the exit is known. */
-            r = 0;
-        } else {
-            /* The callback was taken (it is running in another thread) or the watcher is
-             * closed (it may never come): it owns the loop's reference now. */
+            end_child(p, true);
+        } else if (atomic_compare_exchange_strong(&p->relay, &expected, RELAY_ABANDONED)) {
+            /* The callback is on its way (r == 0), or may never come (r < 0: a closed
+             * watcher): when it runs, it drops the loop's reference. A custom watcher that
+             * cannot take a registration back leaves its child running: end it where that is
+             * safe (through the pidfd), and reap it only if no watcher will. */
             drop = false;
+            if (r < 0 || p->pidfd >= 0) end_child(p, r < 0);
         }
-        if (r != 0) {
-            /* -ESRCH: the watcher reaped it already, its exit was on the way to this loop and
-             * is lost with it (returncode 255, "unknown", as asyncio says). A zombie takes
-             * the signal and gives its own status. */
-            int kr = raw_signal(p, SIGKILL);
-            int rc = reap_now(p->pid, p->pidfd);
-            /* A Threaded watcher's thread may win the reap of the child we killed. */
-            if (rc == 255 && kr == 0) rc = -SIGKILL;
-            atomic_store(&p->exit_rc, rc);
-            atomic_store(&p->exit_seen, true);
-            if (rc == -SIGKILL)
-                ca__log(CA_LOG_WARNING, "loop closed with child process %d (%s) still "
-                        "running: killed it", (int)p->pid, p->name);
-        }
-        if (atomic_load(&p->exit_seen)) {
-            p->rc = atomic_load(&p->exit_rc);
+        /* Otherwise it was reported, but the loop closed before it ran the rest: known. */
+        if (exit_known(p)) {
+            p->rc = exit_rc(p);
             p->have_rc = true;
         }
     }
@@ -991,6 +1024,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     p->pidfd = -1;
     for (int i = 0; i < 3; i++) p->fd[i] = -1;
     atomic_init(&p->relay, RELAY_WAITING);
+    atomic_init(&p->exit_rc, RC_UNKNOWN);
 
     struct spawn_plan pl = {
         .argv = (char *const *)o->argv,
@@ -1066,8 +1100,8 @@ int ca_process_returncode(const ca_process *p, int *rc)
         *rc = p->rc;
         return 0;
     }
-    if (p->closed && atomic_load(&p->exit_seen)) {
-        *rc = atomic_load(&p->exit_rc);
+    if (p->closed && exit_known(p)) {
+        *rc = exit_rc(p);
         return 0;
     }
     return -EAGAIN;
@@ -1147,7 +1181,7 @@ int ca_process_send_signal(ca_process *p, int sig)
     if (r) return r;
     /* Once the exit is known the pid may belong to somebody else: do nothing, as
      * subprocess.Popen.send_signal does. */
-    if (p->have_rc || p->closed || atomic_load(&p->exit_seen)) return 0;
+    if (p->have_rc || p->closed || exit_known(p)) return 0;
     return send_sig(p, sig);
 }
 

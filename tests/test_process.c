@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -1120,4 +1121,117 @@ LOOP_TEST(caller_drops_reference_early)
     CHECK(t_run_until(loop, exited_and_lost, &r, 10));
     CHECK(strcmp(r.out[1].data, "late\n") == 0);
     free(r.out[1].data);
+}
+
+/* ----- custom watchers ---------------------------------------------------------------------------- */
+
+/* A custom watcher shaped like asyncio 3.11's ThreadedChildWatcher really is: a thread per
+ * child that calls the callback itself, from that thread, and that cannot take a registration
+ * back (remove answers 0). */
+struct raw_wait {
+    pid_t pid;
+    ca_child_fn cb;
+    void *arg;
+};
+
+static void *raw_wait_main(void *a)
+{
+    struct raw_wait *t = a;
+    int st = 0;
+    pid_t w;
+    do {
+        w = waitpid(t->pid, &st, 0);
+    } while (w < 0 && errno == EINTR);
+    int rc = w != t->pid ? 255 : WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
+    t->cb(t->pid, rc, t->arg);
+    free(t);
+    return NULL;
+}
+
+static int raw_add(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg)
+{
+    struct raw_wait *t = malloc(sizeof *t);
+    if (!t) return -ENOMEM;
+    *t = (struct raw_wait){pid, cb, arg};
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t th;
+    int e = pthread_create(&th, &attr, raw_wait_main, t);
+    pthread_attr_destroy(&attr);
+    if (e) free(t);
+    return -e;
+}
+
+static int raw_remove(ca_child_watcher *self, pid_t pid) { return 0; }
+static bool raw_active(ca_child_watcher *self) { return true; }
+static const ca_child_watcher_ops raw_ops = {
+    .add_child_handler = raw_add, .remove_child_handler = raw_remove, .is_active = raw_active};
+
+static int failing_add(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return -EMFILE;
+}
+static const ca_child_watcher_ops failing_ops = {
+    .add_child_handler = failing_add, .remove_child_handler = raw_remove, .is_active = raw_active};
+
+static void use_custom_watcher(const ca_child_watcher_ops *ops)
+{
+    ca_child_watcher *w;
+    CHECK_OK(ca_child_watcher_new_custom(ops, NULL, &w));
+    CHECK_OK(ca_set_child_watcher(w));
+    ca_child_watcher_unref(w);
+}
+
+static bool rc_known(void *arg)
+{
+    int rc;
+    return ca_process_returncode(arg, &rc) == 0;
+}
+
+LOOP_TEST(custom_watcher_calls_from_its_thread)
+{
+    use_custom_watcher(&raw_ops);
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "echo hi; exit 4"),
+                               .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 4);
+    CHECK(strcmp(r.out[1].data, "hi\n") == 0);
+    check_order(&r, (const bool[3]){false, true, false}, true);
+    run_free(&r);
+
+    /* Closing the loop while the child runs: the watcher cannot give the registration back,
+     * so the child is killed through its pidfd and the watcher's thread reaps it. */
+    ca_loop *l;
+    CHECK_OK(t_new_loop(&l));
+    o.argv = ARGV("sleep", "100");
+    start_(&r, l, &o, false);
+    t_run_for(l, 0.02);
+    ca_set_log_handler(NULL, NULL);
+    CHECK_OK(ca_loop_close(l));
+    CHECK(ca_future_cancelled(r.wait));
+    CHECK(no_children());
+    /* The exit arrives from the watcher's thread after the close. */
+    for (int i = 0; i < 200 * t_slow() && !rc_known(r.proc); i++) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    int rc;
+    CHECK_OK(ca_process_returncode(r.proc, &rc));
+    CHECK_EQ(rc, -SIGKILL);
+    CHECK_EQ(r.nexit, 0);
+    run_free(&r);
+    ca_loop_unref(l);
+    drop_watcher();
+}
+
+LOOP_TEST(watcher_registration_fails)
+{
+    /* The child is spawned, the registration fails: it is killed and reaped, nothing stays. */
+    use_custom_watcher(&failing_ops);
+    ca_subprocess_options o = {.argv = ARGV("sleep", "100"), .stdin_mode = CA_PIPE,
+                               .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
+    exec_fails(loop, &o, -EMFILE);
+    drop_watcher();
 }
