@@ -531,13 +531,13 @@ static void raise_fd_limit(int jobs)
     setrlimit(RLIMIT_NOFILE, &rl);
 }
 
-static int setup_loop(struct runner *r)
+static int setup_loop_steps(struct runner *r)
 {
     int e = make_policy(r->o->loop, &r->policy);
     if (e < 0) {
         fprintf(stderr, "casyncio: --loop %s is not usable here: %s\n", loop_kind_name(r->o->loop),
                 ca_strerror(e));
-        return e;
+        return -EALREADY; /* said */
     }
     if ((e = ca_set_event_loop_policy(r->policy)) < 0) return e;
     r->watcher_kind = r->o->watcher == W_DEFAULT ? pick_default_watcher() : r->o->watcher;
@@ -545,7 +545,7 @@ static int setup_loop(struct runner *r)
     if (e < 0) {
         fprintf(stderr, "casyncio: --watcher %s is not usable here: %s\n",
                 watcher_kind_name(r->watcher_kind), ca_strerror(e));
-        return e;
+        return -EALREADY; /* said */
     }
     if ((e = ca_set_child_watcher(r->watcher)) < 0) return e;
     if ((e = ca_new_event_loop(&r->loop)) < 0) return e;
@@ -559,6 +559,15 @@ static int setup_loop(struct runner *r)
     for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
         if ((e = ca_loop_add_signal_handler(r->loop, sigs[i], fns[i], r)) < 0) return e;
     return 0;
+}
+
+/* Policy, watcher, loop and signal handlers, through the public API. Says what failed. */
+static int setup_loop(struct runner *r)
+{
+    int e = setup_loop_steps(r);
+    if (e < 0 && e != -EALREADY)
+        fprintf(stderr, "casyncio: setting up the event loop: %s\n", ca_strerror(e));
+    return e;
 }
 
 static void teardown(struct runner *r)
@@ -648,10 +657,7 @@ int run_main(const struct run_options *o)
     raise_fd_limit(o->jobs);
     r.devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (o->joblog && joblog_open(&r) < 0) goto out;
-    if ((e = setup_loop(&r)) < 0) {
-        fprintf(stderr, "casyncio: setting up the event loop: %s\n", ca_strerror(e));
-        goto out;
-    }
+    if (setup_loop(&r) < 0) goto out;
     /* Input from a pipe or terminal is read through the loop; regular files (which epoll
      * refuses, and which never block) are read directly. */
     if (r.in.fd == STDIN_FILENO && isatty(STDIN_FILENO))
