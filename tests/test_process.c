@@ -1235,3 +1235,47 @@ LOOP_TEST(watcher_registration_fails)
     exec_fails(loop, &o, -EMFILE);
     drop_watcher();
 }
+
+/* ----- a loop in another thread ------------------------------------------------------------------- */
+
+struct thread_job {
+    int watcher;
+    int rc;
+    char out[64];
+    bool applies;
+};
+
+static void *thread_main(void *arg)
+{
+    struct thread_job *j = arg;
+    ca_loop *l;
+    CHECK_OK(t_new_loop(&l));
+    j->applies = use_watcher(l, j->watcher);
+    if (j->applies) {
+        struct run r;
+        ca_subprocess_options o = {.argv = ARGV("sh", "-c", "echo from-thread; exit 5"),
+                                   .stdout_mode = CA_PIPE};
+        start(&r, l, &o);
+        j->rc = finish(&r, 10);
+        snprintf(j->out, sizeof j->out, "%s", r.out[1].data ? r.out[1].data : "");
+        run_free(&r);
+    }
+    CHECK_OK(ca_loop_close(l));
+    ca_loop_unref(l);
+    return NULL;
+}
+
+/* Each watcher with a loop that runs in another thread (Safe and Fast attached to it). */
+TEST(loop_in_another_thread)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        struct thread_job j = {.watcher = k};
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, thread_main, &j), 0);
+        CHECK_EQ(pthread_join(t, NULL), 0);
+        if (!j.applies) continue;
+        if (j.rc != 5 || strcmp(j.out, "from-thread\n") != 0)
+            t_fail(__FILE__, __LINE__, "watcher %s: rc %d, output \"%s\"", wname[k], j.rc, j.out);
+        drop_watcher();
+    }
+}
