@@ -1,6 +1,7 @@
 /* Logging, error strings and the version: the library's only words to the outside world. */
 #include "internal.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -55,6 +56,7 @@ const char *ca_version(void) { return CA_VERSION_STRING; }
  * the library keeps its own table. */
 const char *ca_strerror(int err)
 {
+    if (err == INT_MIN) return "Unknown error";
     if (err < 0) err = -err;
     switch (err) {
     case 0: return "Success";
