@@ -414,18 +414,19 @@ TEST(keep_order_and_grouping)
 {
     struct res r;
     const char *script = "sleep $1; echo start $1; sleep 0.1; echo end $1";
-    RUN(&r, "run", "-j", "3", "sh", "-c", script, "sh", ":::", "0.4", "0.05", "0.2");
+    /* Gaps of 0.35 s between the jobs' ends, so that a busy machine keeps the order. */
+    RUN(&r, "run", "-j", "3", "sh", "-c", script, "sh", ":::", "0.75", "0.05", "0.4");
     CHECK_EQ(r.status, 0);
-    CHECK_STR(r.out, "start 0.05\nend 0.05\nstart 0.2\nend 0.2\nstart 0.4\nend 0.4\n");
+    CHECK_STR(r.out, "start 0.05\nend 0.05\nstart 0.4\nend 0.4\nstart 0.75\nend 0.75\n");
     res_free(&r);
-    RUN(&r, "run", "-j", "3", "--keep-order", "sh", "-c", script, "sh", ":::", "0.4", "0.05",
-        "0.2");
-    CHECK_STR(r.out, "start 0.4\nend 0.4\nstart 0.05\nend 0.05\nstart 0.2\nend 0.2\n");
+    RUN(&r, "run", "-j", "3", "--keep-order", "sh", "-c", script, "sh", ":::", "0.75", "0.05",
+        "0.4");
+    CHECK_STR(r.out, "start 0.75\nend 0.75\nstart 0.05\nend 0.05\nstart 0.4\nend 0.4\n");
     res_free(&r);
     /* --line-buffer: lines as they come, so the two jobs' lines interleave. */
     RUN(&r, "run", "-j", "2", "--line-buffer", "sh", "-c",
-        "sleep $1; echo a$1; sleep 0.3; echo b$1", "sh", ":::", "0", "0.15");
-    CHECK_STR(r.out, "a0\na0.15\nb0\nb0.15\n");
+        "sleep $1; echo a$1; sleep 0.8; echo b$1", "sh", ":::", "0", "0.4");
+    CHECK_STR(r.out, "a0\na0.4\nb0\nb0.4\n");
     res_free(&r);
     /* stderr is grouped too, on stderr. */
     RUN(&r, "run", "-k", "sh", "-c", "echo out$1; echo err$1 >&2", "sh", ":::", "1", "2");
