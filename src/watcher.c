@@ -119,8 +119,12 @@ void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)
     q->len += len + 1;
 }
 
+static void post_exit(ca__wcore *c, ca__wreg *r, ca__wlog *q);
+
 void ca__wlog_flush(ca__wlog *q)
 {
+    ca__wreg *pending = q->pending;
+    q->pending = NULL;
     size_t i = 0;
     while (i < q->len) {
         int level = q->buf[i++] * 10;
@@ -131,6 +135,19 @@ void ca__wlog_flush(ca__wlog *q)
     free(q->buf);
     q->buf = NULL;
     q->len = q->cap = 0;
+    if (!pending) return;
+    ca__wcore *c = q->core;
+    ca__wlog q2 = {0};
+    ca__wcore_lock(c);
+    while (pending) {
+        ca__wreg *r = pending;
+        pending = r->dnext;
+        r->pending = false;
+        if (r->registered && r->state == CA__W_EXITED) post_exit(c, r, &q2);
+        ca__wreg_unref(c, r);
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q2);
 }
 
 /* ----- core: pid table ------------------------------------------------------------------- */
@@ -301,15 +318,9 @@ void ca__wcore_cancel_all(ca__wcore *c)
 
 static void deliver_cb(void *arg);
 
-void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q)
+/* Posts r's delivery (lock held). */
+static void post_exit(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
-    if (!r->registered || r->state != CA__W_WAITING) return;
-    ca__wreg_unwait(c, r);
-    r->state = CA__W_EXITED;
-    r->rc = rc;
-    if (echild)
-        ca__wlog_add(q, CA_LOG_WARNING,
-                     "Unknown child process pid %d, will report returncode 255", (int)r->pid);
     ca__wbind *b = r->bind;
     int err = -EBADF;
     if (b && b->loop && !r->posted) {
@@ -323,18 +334,39 @@ void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q
     if (err == -EBADF)
         ca__wlog_add(q, CA_LOG_WARNING,
                      "Loop that handles pid %d is closed: its exit (returncode %d) is dropped",
-                     (int)r->pid, rc);
+                     (int)r->pid, r->rc);
     else
         ca__wlog_add(q, CA_LOG_ERROR,
                      "Cannot deliver the exit of pid %d (returncode %d) to its loop: %s",
-                     (int)r->pid, rc, ca_strerror(err));
+                     (int)r->pid, r->rc, ca_strerror(err));
     ca__wreg_unregister(c, r);
+}
+
+void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q)
+{
+    if (!r->registered || r->state != CA__W_WAITING) return;
+    ca__wreg_unwait(c, r);
+    r->state = CA__W_EXITED;
+    r->rc = rc;
+    if (echild) {
+        /* The warning comes before the callback, as in asyncio: the delivery is posted by
+         * ca__wlog_flush, after the line was logged. */
+        ca__wlog_add(q, CA_LOG_WARNING,
+                     "Unknown child process pid %d, will report returncode 255", (int)r->pid);
+        ca__wreg_ref(r);
+        r->pending = true;
+        r->dnext = q->pending;
+        q->pending = r;
+        q->core = c;
+        return;
+    }
+    post_exit(c, r, q);
 }
 
 ca__wreg *ca__wtable_get_live(ca__wcore *c, pid_t pid)
 {
     ca__wreg *r = ca__wtable_get(c, pid);
-    if (r && r->registered && ((r->state == CA__W_EXITED && !r->posted) ||
+    if (r && r->registered && ((r->state == CA__W_EXITED && !r->posted && !r->pending) ||
                                (r->state == CA__W_WAITING && r->pidfd_lost))) {
         ca__wreg_unregister(c, r);
         r = NULL;

@@ -46,6 +46,8 @@ enum {
 typedef struct ca__wlog {
     char *buf;                   /* "<level char><message>\0" records */
     size_t len, cap;
+    struct ca__wreg *pending;    /* deliveries to post once the lines are logged */
+    struct ca__wcore *core;
 } ca__wlog;
 typedef struct ca__wcore ca__wcore;
 typedef struct ca__wbind ca__wbind;
@@ -61,6 +63,7 @@ struct ca__wreg {
     bool posted;                 /* a callback posted to bind->loop holds a reference */
     bool in_wait;                /* in the core's waiting list */
     bool pidfd_lost;             /* Pidfd: its loop closed, the fd was released */
+    bool pending;                /* on a ca__wlog's pending list: to be posted */
     ca_child_fn cb;
     void *arg;
     ca__wbind *bind;             /* delivery binding, or NULL */
@@ -101,6 +104,8 @@ struct ca__wcore {
 };
 
 void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...) CA_PRINTF(3, 4);
+/* Logs the lines, then posts the deliveries that wait for them (taking the core's lock: call
+ * it without the lock, while holding a reference to the core). */
 void ca__wlog_flush(ca__wlog *q);
 
 /* ----- the public object ------------------------------------------------------------------ */
