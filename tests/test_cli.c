@@ -624,6 +624,25 @@ static void wait_for_lines(const char *path, int n)
     }
 }
 
+/* Reads fd (and drops what it read) until text has appeared in it. */
+static void wait_for_text(int fd, const char *text)
+{
+    char *seen = calloc(1, 1);
+    size_t len = 0;
+    double end = now_s() + 10 * t_slow();
+    while (!strstr(seen, text)) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int left = (int)((end - now_s()) * 1000);
+        if (left <= 0 || poll(&p, 1, left) <= 0)
+            t_fail(__FILE__, __LINE__, "no \"%s\" in:\n%s", text, seen);
+        char buf[512];
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) t_fail(__FILE__, __LINE__, "EOF before \"%s\" in:\n%s", text, seen);
+        append(&seen, &len, buf, (size_t)n);
+    }
+    free(seen);
+}
+
 TEST(sigint_is_forwarded_and_nothing_is_left) /* timeout: 30 */
 {
     CHECK_OK(prctl(PR_SET_CHILD_SUBREAPER, 1));
@@ -678,8 +697,8 @@ TEST(second_sigint_kills) /* timeout: 30 */
                           &in, &out, &err, -1);
     wait_for_lines(pids, 2);
     CHECK_OK(kill(pid, SIGINT));
-    struct timespec ts = {0, 200 * 1000 * 1000};
-    nanosleep(&ts, NULL);
+    /* Two signals before the loop wakes would count as one: wait for the first's message. */
+    wait_for_text(err, "waiting for 2 running jobs");
     CHECK_OK(kill(pid, SIGINT));
     struct res r;
     finish_cli(pid, in, out, err, NULL, &r, t0, 20);
