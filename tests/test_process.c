@@ -697,8 +697,9 @@ LOOP_TEST(wait_before_and_after_exit) /* timeout: 60 */
 LOOP_TEST(grandchild_keeps_pipe_open)
 {
     struct run r;
-    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "sleep 0.3 & echo parent-done"),
-                               .stdout_mode = CA_PIPE};
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "sleep %.1f & echo parent-done", 0.3 * t_slow());
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", cmd), .stdout_mode = CA_PIPE};
     start(&r, loop, &o);
     CHECK(t_run_until(loop, exited, &r, 10));
     CHECK(!ca_future_done(r.wait));
@@ -940,8 +941,16 @@ LOOP_TEST(loop_close_after_exit)
     struct run r;
     ca_subprocess_options o = {.argv = ARGV("true"), .stdout_mode = CA_PIPE};
     start_(&r, l, &o, false);
-    struct timespec ts = {0, 50 * 1000 * 1000};
-    nanosleep(&ts, NULL);
+    /* Until it exited (a zombie, or reaped by the watcher's thread). */
+    for (int i = 0; i < 1000 * t_slow(); i++) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        if (waitid(P_PID, (id_t)ca_process_pid(r.proc), &si, WEXITED | WNOHANG | WNOWAIT) < 0 ||
+            si.si_pid != 0)
+            break;
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     ca_set_log_handler(count_log, NULL);
     CHECK_OK(ca_loop_close(l));
     ca_set_log_handler(NULL, NULL);
