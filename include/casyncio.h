@@ -440,7 +440,7 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *   Threaded  (the default, created lazily by ca_get_child_watcher) One detached waiting thread
  *             per child, blocked in waitpid(pid): 32 KiB stack, every signal blocked, named
  *             "ca-wait-PID". O(1) per exit, no signal handler, works for loops in any thread.
- *             Costs a thread per running child (about 10-15 KiB of resident memory; it holds
+ *             Costs a thread per running child (about 8.5 KiB of resident memory; it holds
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
