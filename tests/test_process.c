@@ -739,7 +739,11 @@ LOOP_TEST(spawn_from_running_loop)
 
 /* ----- stdin ------------------------------------------------------------------------------------ */
 
-static bool said_closed(void *arg) { return ((struct run *)arg)->out[1].len > 0; }
+static bool said_closed(void *arg)
+{
+    struct run *r = arg;
+    return r->out[1].len > 0 && r->nlost[0] > 0;
+}
 
 LOOP_TEST(stdin_closed_by_child)
 {
@@ -767,7 +771,6 @@ LOOP_TEST(stdin_closed_by_child)
     o.argv = ARGV("sh", "-c", "exec 0<&-; echo closed; sleep 0.2");
     start(&r, loop, &o);
     CHECK(t_run_until(loop, said_closed, &r, 10));
-    t_run_for(loop, 0.01);
     CHECK_EQ(r.nlost[0], 1);
     CHECK_EQ(r.lost_err[0], 0);
     CHECK_ERR(ca_process_write(r.proc, "x", 1), -EPIPE);
