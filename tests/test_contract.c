@@ -53,6 +53,19 @@ static void count_cb(void *arg) { (*(int *)arg)++; }
 static void stop_cb(void *arg) { ca_loop_stop(arg); }
 static void fut_noop(ca_future *f, void *arg) {}
 
+struct logrec {
+    atomic_int n;
+    int level;
+    char last[256];
+};
+static void rec_log(int level, const char *msg, void *arg)
+{
+    struct logrec *r = arg;
+    r->level = level;
+    snprintf(r->last, sizeof r->last, "%s", msg);
+    atomic_fetch_add(&r->n, 1);
+}
+
 static ca_loop *new_epoll(void)
 {
     ca_loop *l = NULL;
@@ -2370,7 +2383,8 @@ static void quiet_log(int level, const char *msg, void *arg)
 
 TEST(watcher_echild_gives_255)
 {
-    ca_set_log_handler(quiet_log, NULL);
+    static struct logrec lr;
+    ca_set_log_handler(rec_log, &lr);
     ca_loop *l = new_epoll();
     int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD};
     for (int i = 0; i < 4; i++) {
@@ -2390,6 +2404,10 @@ TEST(watcher_echild_gives_255)
         if (atomic_load(&rec[0].n) != 1 || rec[0].rc != 255)
             t_fail(__FILE__, __LINE__, "%s: n=%d rc=%d, want 1 call with 255", wname[k],
                    atomic_load(&rec[0].n), rec[0].rc);
+        /* asyncio: logger.warning("Unknown child process pid %d, will report returncode 255") */
+        if (atomic_load(&lr.n) < 1 || lr.level != CA_LOG_WARNING)
+            t_fail(__FILE__, __LINE__, "%s: %d log calls, level %d", wname[k], atomic_load(&lr.n), lr.level);
+        atomic_store(&lr.n, 0);
         wdone(w);
     }
     loop_done(l);
@@ -2787,18 +2805,6 @@ TEST(watcher_fast_enter_exit_keeps_status)
 
 /* Fast outside enter/exit: "an exit reaped before the registration is logged as an unknown pid
  * and lost", but registration still "works" for a child that exits later. */
-struct logrec {
-    atomic_int n;
-    int level;
-    char last[256];
-};
-static void rec_log(int level, const char *msg, void *arg)
-{
-    struct logrec *r = arg;
-    r->level = level;
-    snprintf(r->last, sizeof r->last, "%s", msg);
-    atomic_fetch_add(&r->n, 1);
-}
 
 TEST(watcher_fast_outside_enter_unknown_pid_logged)
 {
