@@ -5383,3 +5383,31 @@ LOOP_TEST(loop_writer_full_pipe)
     close(p[0]);
     close(p[1]);
 }
+
+/* Loop close with a process whose exit is known but whose pipe is still open (a grandchild
+ * holds it): the pending wait future is cancelled, no protocol callback after the close. */
+LOOP_TEST(proc_loop_close_exited_child_pipe_open)
+{
+    ca_set_log_handler(quiet_log, NULL);
+    const char *argv[] = {"sh", "-c", "(sleep 0.3; echo late) & exit 0", NULL};
+    ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_PIPE};
+    struct pstat s = {.loop = loop};
+    ca_process *p = NULL;
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, &pproto, &s, &p));
+    ca_future *f = NULL;
+    CHECK_OK(ca_process_wait(p, &f));
+    int rc = -1;
+    double t0 = now_s();
+    while (ca_process_returncode(p, &rc) == -EAGAIN && now_s() - t0 < 5 * t_slow()) t_run_for(loop, 0.01);
+    CHECK_EQ(rc, 0);
+    CHECK(!ca_future_done(f));
+    s.closing = true;
+    CHECK_OK(ca_loop_close(loop));
+    CHECK(ca_future_cancelled(f));
+    CHECK_EQ(s.after_close, 0);
+    CHECK_OK(ca_process_returncode(p, &rc));
+    CHECK_EQ(rc, 0);
+    ca_future_unref(f);
+    ca_process_unref(p);
+    sleep_s(0.35); /* let the grandchild (not ours) finish before the leftover checks */
+}
