@@ -5411,3 +5411,31 @@ LOOP_TEST(proc_loop_close_exited_child_pipe_open)
     ca_process_unref(p);
     sleep_s(0.35); /* let the grandchild (not ours) finish before the leftover checks */
 }
+
+/* "a cancelled recv never writes the buffer afterwards (the caller may free it at once)":
+ * data that arrives right after the cancel, before any loop iteration, must not land in it. */
+LOOP_TEST(sock_cancelled_recv_buffer_untouched)
+{
+    int sv[2];
+    sockpair(sv);
+    char *b1 = malloc(64);
+    memset(b1, '-', 64);
+    ca_future *f1 = NULL, *f2 = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], b1, 64, &f1));
+    t_run_for(loop, 0.01); /* armed */
+    CHECK(ca_future_cancel(f1));
+    CHECK_EQ(write(sv[1], "data", 4), 4);
+    t_run_for(loop, 0.02);
+    for (int i = 0; i < 64; i++)
+        if (b1[i] != '-') t_fail(__FILE__, __LINE__, "the cancelled recv wrote its buffer");
+    free(b1);
+    char b2[8] = {0};
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], b2, sizeof b2, &f2));
+    CHECK_EQ(write(sv[1], "more", 4), 4);
+    CHECK_ERR(ca_loop_run_until_complete(loop, f2), 0);
+    CHECK(fut_int(f2) > 0);
+    ca_future_unref(f1);
+    ca_future_unref(f2);
+    close(sv[0]);
+    close(sv[1]);
+}
