@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -5438,4 +5439,110 @@ LOOP_TEST(sock_cancelled_recv_buffer_untouched)
     ca_future_unref(f2);
     close(sv[0]);
     close(sv[1]);
+}
+
+/* Ping-pong through sock_recv/sock_sendall (200 rounds) and a big transfer received with
+ * chained sock_recv calls: data arrives whole and in order on every loop kind. */
+struct chainrx {
+    ca_loop *loop;
+    int fd;
+    unsigned char *dst;
+    size_t got, want;
+    ca_future *f;
+    int err;
+};
+static void chainrx_next(struct chainrx *c);
+static void chainrx_done(ca_future *f, void *arg)
+{
+    struct chainrx *c = arg;
+    void *res = NULL;
+    int r = ca_future_result(f, &res);
+    ca_future_unref(c->f);
+    c->f = NULL;
+    if (r < 0 || (intptr_t)res == 0) {
+        c->err = r < 0 ? r : -EPIPE;
+        return;
+    }
+    c->got += (size_t)(intptr_t)res;
+    chainrx_next(c);
+}
+static void chainrx_next(struct chainrx *c)
+{
+    if (c->got >= c->want) return;
+    size_t n = c->want - c->got;
+    if (n > 100000) n = 100000;
+    CHECK_OK(ca_loop_sock_recv(c->loop, c->fd, c->dst + c->got, n, &c->f));
+    CHECK_OK(ca_future_add_done_callback(c->f, chainrx_done, c));
+}
+static bool chainrx_over(void *arg)
+{
+    struct chainrx *c = arg;
+    return c->got >= c->want || c->err;
+}
+
+LOOP_TEST(sock_ping_pong_and_big_transfer)
+{
+    int sv[2];
+    sockpair(sv);
+    for (int i = 0; i < 200; i++) {
+        char out[8], in[8] = {0};
+        snprintf(out, sizeof out, "%07d", i);
+        ca_future *s = NULL, *r = NULL;
+        CHECK_OK(ca_loop_sock_sendall(loop, sv[i % 2], out, 8, &s));
+        CHECK_OK(ca_loop_sock_recv(loop, sv[1 - i % 2], in, 8, &r));
+        CHECK_ERR(ca_loop_run_until_complete(loop, r), 0);
+        CHECK_ERR(ca_loop_run_until_complete(loop, s), 0);
+        CHECK_EQ(fut_int(r), 8);
+        CHECK(memcmp(in, out, 8) == 0);
+        ca_future_unref(s);
+        ca_future_unref(r);
+    }
+    size_t n = 8u << 20;
+    unsigned char *src = malloc(n), *dst = calloc(1, n);
+    for (size_t i = 0; i < n; i++) src[i] = (unsigned char)(i ^ (i >> 8) ^ (i >> 16));
+    struct chainrx c = {loop, sv[1], dst, 0, n, NULL, 0};
+    chainrx_next(&c);
+    ca_future *s = NULL;
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], src, n, &s));
+    CHECK(t_run_until(loop, chainrx_over, &c, 20.0));
+    CHECK_ERR(ca_loop_run_until_complete(loop, s), 0);
+    CHECK_EQ(c.err, 0);
+    CHECK_EQ(c.got, n);
+    CHECK(memcmp(src, dst, n) == 0);
+    ca_future_unref(s);
+    free(src);
+    free(dst);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* Several accepts on one listening socket are served in the order they were made. */
+LOOP_TEST(sock_accepts_in_order)
+{
+    int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path + 1, sizeof sa.sun_path - 1, "ca-contract-%d", (int)getpid());
+    socklen_t len = (socklen_t)(sizeof(sa_family_t) + 1 + strlen(sa.sun_path + 1));
+    CHECK_EQ(bind(ls, (struct sockaddr *)&sa, len), 0);
+    CHECK_EQ(listen(ls, 8), 0);
+    ca_future *a[3];
+    for (int i = 0; i < 3; i++) CHECK_OK(ca_loop_sock_accept(loop, ls, &a[i]));
+    int c[3];
+    for (int i = 0; i < 3; i++) {
+        c[i] = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK_EQ(connect(c[i], (struct sockaddr *)&sa, len), 0);
+        char b = (char)('a' + i);
+        CHECK_EQ(write(c[i], &b, 1), 1);
+        CHECK_ERR(ca_loop_run_until_complete(loop, a[i]), 0);
+        int fd = (int)fut_int(a[i]);
+        char got = 0;
+        CHECK_EQ(read(fd, &got, 1), 1);
+        CHECK_EQ(got, 'a' + i);
+        close(fd);
+        ca_future_unref(a[i]);
+    }
+    for (int i = 0; i < 3; i++) close(c[i]);
+    close(ls);
 }
