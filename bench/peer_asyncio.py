@@ -53,6 +53,37 @@ async def reap_all(procs):
         print("peer_asyncio: some killed children's exits were never delivered", file=sys.stderr)
 
 
+SPAWNED = []  # every child's pid, for the watchdog's clean-up
+WATCHDOG_S = 60.0
+
+
+def watchdog(name, work, param_s, unit):
+    """asyncio's MultiLoop watcher can wedge the loop for good (nested SIGCHLD handlers end in
+    RecursionError and lost exits): after WATCHDOG_S print NA, kill our children and leave"""
+    def fire():
+        time.sleep(WATCHDOG_S)
+        report(name, work, param_s, None, unit)
+        print("peer_asyncio: %s %s %s: NA: no result after %.0f s (the loop is wedged)"
+              % (name, work, param_s, WATCHDOG_S), file=sys.stderr, flush=True)
+        me = os.getpid()
+        for pid in SPAWNED:
+            try:  # only a pid that is still our child: a reaped one may be reused by now
+                with open("/proc/%d/stat" % pid) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == me:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+        os._exit(0)
+    threading.Thread(target=fire, daemon=True).start()
+
+
+async def spawn(*argv):
+    p = await asyncio.create_subprocess_exec(*argv)
+    SPAWNED.append(p.pid)
+    return p
+
+
 def now():
     return time.monotonic()
 
@@ -107,7 +138,7 @@ async def spawn_reap(n, k):
         nonlocal started
         while started < n:
             started += 1
-            p = await asyncio.create_subprocess_exec("/bin/true")
+            p = await spawn("/bin/true")
             await waited(p, "spawn_reap")
 
     t0 = now()
@@ -117,17 +148,17 @@ async def spawn_reap(n, k):
 
 async def warm_up():
     """one spawn+reap first, so lazy imports and allocations are neither timed nor counted"""
-    p = await asyncio.create_subprocess_exec("/bin/true")
+    p = await spawn("/bin/true")
     await waited(p, "warm-up")
 
 
 async def reap_scaling(m, n):
     await warm_up()
-    idle = [await asyncio.create_subprocess_exec("/bin/sleep", "600") for _ in range(m)]
+    idle = [await spawn("/bin/sleep", "600") for _ in range(m)]
     dt = 0.0
     for _ in range(n):
         t0 = now()
-        p = await asyncio.create_subprocess_exec("/bin/true")
+        p = await spawn("/bin/true")
         await waited(p, "reap_scaling")
         dt += now() - t0
     for p in idle:
@@ -139,7 +170,7 @@ async def reap_scaling(m, n):
 async def mem(m):
     await warm_up()
     before = rss_bytes()
-    procs = [await asyncio.create_subprocess_exec("/bin/sleep", "5") for _ in range(m)]
+    procs = [await spawn("/bin/sleep", "5") for _ in range(m)]
     after = rss_bytes()
     for p in procs:
         p.kill()
@@ -346,6 +377,7 @@ def main():
     if work in ("spawn_reap", "reap_scaling", "mem"):
         name = setup_watcher(loop, variant)
         unit = {"spawn_reap": "children/s", "reap_scaling": "us", "mem": "KB/child"}[work]
+        watchdog(name, work, param_s, unit)
         try:
             if work == "spawn_reap":
                 v = run(spawn_reap(n or SPAWN_N, max(param, 1)))

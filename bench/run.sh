@@ -111,6 +111,7 @@ RAW=$OUT/raw.txt
 : > "$RAW"
 FAILS=$OUT/failures.txt
 : > "$FAILS"
+: > "$OUT/timing.txt"
 {
     echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "nproc=$(nproc)"
@@ -168,8 +169,10 @@ run_one() { # rep workload param n runner
         return $?
     fi
     echo "== rep $rep: $*" >> "$log"
+    t0=$(date +%s.%N)
     res=$(timeout 600 "$@" 2>> "$log")
     rc=$?
+    echo "$w $p $r $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')" >> "$OUT/timing.txt"
     if [ $rc != 0 ] || ! echo "$res" | grep -q '^name='; then
         echo "FAIL rep=$rep $w $p $r (exit $rc; see $log)" | tee -a "$FAILS" >&2
         tail -n 5 "$log" >&2
