@@ -61,7 +61,9 @@ static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     int err = 0;
     ca__wcore_lock(c);
     ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (!ca__wattach_active(c)) {
+    if (c->closed) {
+        err = -EBADF; /* closed while this call was on its way in */
+    } else if (!ca__wattach_active(c)) {
         err = -ENOTCONN;
     } else if (r && r->state == CA__W_ZOMBIE) {
         /* It exited before its handler came: deliver on the attached loop. */

@@ -72,6 +72,10 @@ static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     if (err < 0) return err;
     ca__wlog q = {0};
     ca__wcore_lock(c);
+    if (c->closed) { /* closed while this call was on its way in */
+        ca__wcore_unlock(c);
+        return -EBADF;
+    }
     ca__wbind *b;
     err = ca__wbind_get(c, loop, &b);
     ca__wreg *r = ca__wtable_get_live(c, pid);
@@ -131,11 +135,11 @@ static void multiloop_stop(ca__wcore *c)
 static int multiloop_close(ca_child_watcher *w)
 {
     ca__wcore *c = ca__wcore_of(w);
-    multiloop_stop(c);
     ca__wcore_lock(c);
     c->closed = true;
     ca__wcore_cancel_all(c);
     ca__wcore_unlock(c);
+    multiloop_stop(c);
     ca__sigchld_keep_release();
     return 0;
 }

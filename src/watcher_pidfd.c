@@ -164,6 +164,11 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, 
     }
     ca__wlog q = {0};
     ca__wcore_lock(c);
+    if (c->closed) { /* closed while this call was on its way in */
+        ca__wcore_unlock(c);
+        if (pidfd >= 0) close(pidfd);
+        return -EBADF;
+    }
     ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
         r->cb = cb;

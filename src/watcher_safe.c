@@ -67,10 +67,11 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;
-    if (loop == old) {
+    if (loop == old || c->closed) {
+        int r = c->closed ? -EBADF : 0; /* closed while this call was on its way in */
         ca__wcore_unlock(c);
         if (loop) ca__sigchld_keep_release();
-        return 0;
+        return r;
     }
     int err = 0;
     ca__wbind *nb = NULL;
@@ -161,7 +162,9 @@ static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     int err = 0;
     ca__wcore_lock(c);
     ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (!ca__wattach_active(c)) {
+    if (c->closed) {
+        err = -EBADF; /* closed while this call was on its way in */
+    } else if (!ca__wattach_active(c)) {
         err = -ENOTCONN;
     } else if (r) {
         r->cb = cb;

@@ -69,6 +69,10 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
     if (err < 0) return err;
 
     ca__wcore_lock(c);
+    if (c->closed) { /* closed while this call was on its way in */
+        ca__wcore_unlock(c);
+        return -EBADF;
+    }
     ca__wbind *b;
     err = ca__wbind_get(c, loop, &b);
     ca__wreg *r = ca__wtable_get_live(c, pid);
