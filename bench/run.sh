@@ -5,6 +5,7 @@
 # environment:
 #   QUICK=1     reduced sizes, one repetition, results under build/bench only (< 2 minutes)
 #   REPS=N      repetitions (default 3; QUICK: 1)
+#   REPS_SLOW=N repetitions of the slow workloads, reap_scaling and jobs (default: min(REPS, 2))
 #   ONLY=REGEX  run only the workloads whose name matches (grep -E), e.g. ONLY='spawn|reap'
 #
 # Installs the missing peers (tools/deps.sh bench), builds every program into build/bench/,
@@ -19,6 +20,9 @@ B=${1:-build/release}
 QUICK=${QUICK:-0}
 if [ "$QUICK" != 0 ]; then REPS=${REPS:-1}; else REPS=${REPS:-3}; fi
 ONLY=${ONLY:-.}
+[ "$REPS" -lt 2 ] && REPS_SLOW=${REPS_SLOW:-$REPS}
+REPS_SLOW=${REPS_SLOW:-2}
+SLOW="reap_scaling jobs"
 OUT=build/bench
 PY=/usr/bin/python3   # Debian's python: python3-uvloop is installed for it, not for pyenv's
 cd "$(dirname "$0")/.." || exit 1
@@ -74,7 +78,7 @@ else
     K_LIST="1 16 128"; SPAWN_N=2000; M_LIST="0 1000 4000"; SCALE_N=500; MEM_N=1000
     SOON_N=1000000; TIMER_N=1000000; PY_TIMER_N=200000; SD_TIMER_N=100000; PING_N=200000
     CONN_LIST="1 100 1000"; STREAM_MIB=256; TS_N=200000; POLICY_N=10000000; PY_POLICY_N=1000000
-    J_LIST="2 16 128"; JOBS_N=10000; PAR_N=1000; CG=1
+    J_LIST="2 16 128"; JOBS_N=10000; PAR_N=500; CG=1
     CA_SPAWN="$CA_W"
     for l in poll uring; do for w in $WATCHERS; do CA_SPAWN="$CA_SPAWN ca:$w-$l"; done; done
 fi
@@ -118,7 +122,7 @@ FAILS=$OUT/failures.txt
     echo "kernel=$(uname -r)"
     echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
     echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "quick=$QUICK reps=$REPS"
+    echo "quick=$QUICK reps=$REPS (reap_scaling and jobs: $REPS_SLOW)"
     echo "versions=libuv $(pkg-config --modversion libuv), libev $(grep -m1 'define EV_VERSION_MAJOR' /usr/include/ev.h | awk '{print $3}').$(grep -m1 'define EV_VERSION_MINOR' /usr/include/ev.h | awk '{print $3}'), glib $(pkg-config --modversion glib-2.0), libsystemd $(pkg-config --modversion libsystemd), python $($PY -c 'import sys; print(sys.version.split()[0])'), uvloop $($PY -c 'import uvloop; print(uvloop.__version__)')"
 } > "$OUT/machine.txt"
 
@@ -189,6 +193,7 @@ while [ "$rep" -le "$REPS" ]; do
     # groups of (workload, param) in plan order; runners within a group alternate direction
     for g in $(awk '{print $1 "|" $2}' "$PLAN" | awk '!seen[$0]++'); do
         w=${g%|*} p=${g#*|}
+        case " $SLOW " in *" $w "*) [ "$rep" -gt "$REPS_SLOW" ] && continue ;; esac
         runners=$(awk -v w="$w" -v p="$p" '$1 == w && $2 == p {print $3 " " $4}' "$PLAN")
         if [ $((rep % 2)) = 0 ]; then
             runners=$(echo "$runners" | awk '{a[NR] = $0} END {for (i = NR; i > 0; i--) print a[i]}')
