@@ -206,8 +206,11 @@ struct spawn_plan {
     char *const *envp;
     const char *cwd;       /* NULL: inherit */
     int src[3];            /* per stdio fd: SRC_INHERIT, SRC_STDOUT, or an fd >= 3 to dup */
-    int errfd;             /* write end of the O_CLOEXEC error pipe */
+    int errfd;             /* write end of the O_CLOEXEC error pipe, or -1 */
     bool setsid;
+    /* Written by the child, read by the parent once the clone returned. */
+    volatile int started;  /* the child ran on our memory (real CLONE_VM | CLONE_VFORK) */
+    volatile int err;      /* its exec (or setup) errno, 0 if it did not fail */
 };
 
 #define SRC_INHERIT (-1)
@@ -308,8 +311,9 @@ struct ksigaction {
 
 CHILD_CODE static int child_main(void *arg)
 {
-    const struct spawn_plan *pl = arg;
+    struct spawn_plan *pl = arg;
     long r;
+    pl->started = 1;
 
     /* Signal handlers: ours or the application's must never run here (the child shares their
      * memory until it execs), so every caught signal goes back to SIG_DFL; so do SIGPIPE and
@@ -361,7 +365,8 @@ CHILD_CODE static int child_main(void *arg)
         r = -EACCES;
 fail:;
     int err = (int)-r;
-    RAW_SYSCALL(SYS_write, pl->errfd, &err, sizeof err, 0);
+    pl->err = err;
+    if (pl->errfd >= 0) RAW_SYSCALL(SYS_write, pl->errfd, &err, sizeof err, 0);
     return 127;
 }
 
@@ -446,11 +451,19 @@ static int reap_now(pid_t pid, int pidfd)
 
 /* Spawns the plan; *pid and *pidfd (-1 when the kernel gives none) on success, or the exec
  * error of the child (reaped) or of clone. */
+/* Whether the child really shares our memory until it execs: 0 not known yet, 1 yes, -1 no
+ * (valgrind runs CLONE_VM | CLONE_VFORK as a fork). Until it is known to, exec errors also
+ * travel through a pipe; once it is, they are read from the plan, four system calls fewer. */
+static atomic_int shared_vfork;
+
 static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
 {
-    int ep[2];
-    if (pipe2(ep, O_CLOEXEC) < 0) return -errno;
+    int mode = atomic_load_explicit(&shared_vfork, memory_order_relaxed);
+    int ep[2] = {-1, -1};
+    if (mode <= 0 && pipe2(ep, O_CLOEXEC) < 0) return -errno;
     pl->errfd = ep[1];
+    pl->started = 0;
+    pl->err = 0;
 
     /* The child's stack: a part of ours that the parent does not use while the child runs
      * (CLONE_VFORK suspends this thread until the child execs or exits). */
@@ -472,18 +485,24 @@ static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
     if (atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed) && pid < 0)
         pid = do_clone(flags, stack + sizeof stack, NULL, child_main, pl);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    close(ep[1]);
+    if (ep[1] >= 0) close(ep[1]);
     if (pid < 0) {
-        close(ep[0]);
+        if (ep[0] >= 0) close(ep[0]);
         return (int)pid;
     }
     int err = 0;
-    ssize_t n;
-    do {
-        n = read(ep[0], &err, sizeof err);
-    } while (n < 0 && errno == EINTR);
-    close(ep[0]);
-    if (n == (ssize_t)sizeof err) {
+    if (ep[0] >= 0) {
+        ssize_t n;
+        do {
+            n = read(ep[0], &err, sizeof err);
+        } while (n < 0 && errno == EINTR);
+        close(ep[0]);
+        if (n != (ssize_t)sizeof err) err = 0;
+        if (mode == 0) atomic_store(&shared_vfork, pl->started ? 1 : -1);
+    } else {
+        err = pl->err;
+    }
+    if (err != 0) {
         /* The exec failed: the child exits 127 at once; do not leave it as a zombie. */
         reap_now((pid_t)pid, pidfd);
         if (pidfd >= 0) close(pidfd);
