@@ -298,7 +298,10 @@ def gnuplot(script, cwd):
 
 def plots(st, out, plotdir):
     made = []
-    term = "set terminal pngcairo size 1000,600 font 'sans,10'\n"
+    term = "set terminal pngcairo size 1000,600 font 'sans,10' noenhanced\n"
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+              "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a",
+              "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"]
     dat = os.path.abspath(out)
     pdir = os.path.abspath(plotdir)
     # 1. reap cost against M, one line per peer
@@ -312,8 +315,9 @@ def plots(st, out, plotdir):
                     ("%.2f" % st.get("reap_scaling", m, n)) if st.get("reap_scaling", m, n) else "NaN"
                     for n in names) + "\n")
         lines = ", ".join(
-            "'%s/reap_scaling.dat' using 1:%d with linespoints lw %d title '%s'" % (
-                dat, i + 2, 3 if n.startswith("casyncio") else 1, n) for i, n in enumerate(names))
+            "'%s/reap_scaling.dat' using 1:%d with linespoints lw %d dt %d lc rgb '%s' title '%s'" % (
+                dat, i + 2, 3 if n.startswith("casyncio") else 1, 1 if n.startswith(("casyncio", "floor")) else 2,
+                colors[i % len(colors)], n) for i, n in enumerate(names))
         s = term + ("set output '%s/bench-reap-scaling.png'\nset title 'Cost of one spawn+reap with M idle "
                     "watched children (lower is better)'\nset xlabel 'M (idle watched children)'\n"
                     "set ylabel 'microseconds per spawn+reap'\nset key outside right\nset grid\n"
@@ -326,7 +330,7 @@ def plots(st, out, plotdir):
               "asyncio", "uvloop"]
     if benches:
         with open(os.path.join(dat, "loop.dat"), "w") as f:
-            f.write("bench " + " ".join(lnames) + "\n")
+            f.write("# bench " + " ".join(lnames) + "\n")
             for b in benches:
                 p = "1" if b.startswith("pingpong") else "0"
                 fv = st.get(b, p, "floor-epoll")
@@ -335,8 +339,8 @@ def plots(st, out, plotdir):
                     v = st.get(b, p, n)
                     row.append("%.4f" % (v / fv) if v and fv else "NaN")
                 f.write(b + " " + " ".join(row) + "\n")
-        cols = ", ".join("'%s/loop.dat' using %d:xtic(1) title '%s'" % (dat, i + 2, n)
-                         for i, n in enumerate(lnames))
+        cols = ", ".join("'%s/loop.dat' using %d:xtic(1) lc rgb '%s' title '%s'" % (
+            dat, i + 2, colors[i % len(colors)], n) for i, n in enumerate(lnames))
         s = term + ("set output '%s/bench-loop.png'\nset title 'Loop throughput relative to a bare epoll "
                     "loop (higher is better; 1 = the floor)'\nset style data histograms\n"
                     "set style histogram clustered gap 1\nset style fill solid 0.8 border -1\n"
@@ -350,7 +354,7 @@ def plots(st, out, plotdir):
         snames = sorted({n for k in ks for n in st.data[("spawn_reap", k)]},
                         key=lambda n: (0 if n.startswith("floor") else 1 if n.startswith("casyncio") else 2, n))
         with open(os.path.join(dat, "spawn.dat"), "w") as f:
-            f.write("name " + " ".join("k%s" % k for k in ks) + "\n")
+            f.write("# name " + " ".join("k%s" % k for k in ks) + "\n")
             for n in snames:
                 f.write(n + " " + " ".join(
                     ("%.1f" % st.get("spawn_reap", k, n)) if st.get("spawn_reap", k, n) else "NaN"
@@ -361,7 +365,8 @@ def plots(st, out, plotdir):
             "set output '%s/bench-spawn.png'\nset title 'spawn+reap of /bin/true (higher is better)'\n"
             "set style data histograms\nset style histogram clustered gap 1\n"
             "set style fill solid 0.8 border -1\nset ylabel 'children per second'\n"
-            "set xtics rotate by -45\nset grid ytics\nset key top right\nplot %s\n") % (pdir, cols)
+            "set xtics rotate by -45\nset grid ytics\nset key top right\nset yrange [0:*]\n"
+            "plot %s\n") % (pdir, cols)
         if gnuplot(s, dat):
             made.append("bench-spawn.png")
     return made
