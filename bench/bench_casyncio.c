@@ -333,6 +333,13 @@ static int loop_workload(const bench_args *a, const char *kind)
         b_report(name, a, (double)target / (b_now() - t0), unit);
     } else if (b_is(a, "chain")) {
         NEED(HAVE(ca_loop_call_soon), unit);
+        /* param 1: one idle fd registered, so a loop has to poll every iteration */
+        int sv[2];
+        if (a->param > 0) {
+            NEED(HAVE(ca_loop_add_reader), unit);
+            b_socketpair(sv);
+            TRY(ca_loop_add_reader(loop, sv[0], count_cb, NULL), unit);
+        }
         target = b_n(a, B_SOON_N);
         double t0 = b_now();
         MUST(ca_loop_call_soon(loop, chain_cb, NULL, NULL));

@@ -277,6 +277,8 @@ static void chain_cb(void *arg)
 {
     if (++counter < target)
         fl_call_soon(chain_cb, arg);
+    else
+        L.stop = 1;
 }
 
 typedef struct conn {
@@ -376,6 +378,12 @@ static int loop_workload(const bench_args *a)
         fl_run();
         b_report(nm, a, (double)target / (b_now() - t0), "calls/s");
     } else if (b_is(a, "chain")) {
+        /* param 1: one idle fd registered (the floor polls every iteration either way) */
+        int sv[2];
+        if (a->param > 0) {
+            b_socketpair(sv);
+            fl_add_reader(sv[0], count_cb, NULL);
+        }
         target = b_n(a, B_SOON_N);
         double t0 = b_now();
         fl_call_soon(chain_cb, NULL);

@@ -195,8 +195,11 @@ def burst(loop, n):
     return n / (now() - t0)
 
 
-def chain(loop, n):
+def chain(loop, n, idle_fds):
     count = 0
+    keep = pairs(idle_fds)  # param 1: one idle fd registered, so the loop polls every iteration
+    for a, _ in keep:
+        loop.add_reader(a, lambda: None)
 
     def cb():
         nonlocal count
@@ -395,7 +398,7 @@ def main():
     elif work == "burst":
         report(name, work, param_s, burst(loop, n or SOON_N), "calls/s")
     elif work == "chain":
-        report(name, work, param_s, chain(loop, n or SOON_N), "calls/s")
+        report(name, work, param_s, chain(loop, n or SOON_N, param), "calls/s")
     elif work == "timers":
         report(name, work, param_s, timers(loop, n or TIMER_N), "timers/s")
     elif work == "pingpong":

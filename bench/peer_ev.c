@@ -24,8 +24,18 @@ static void burst_cb(struct ev_loop *l, ev_idle *w, int revents)
 static void chain_cb(struct ev_loop *l, ev_idle *w, int revents)
 {
     (void)revents;
-    if (++counter == target)
+    if (++counter == target) {
         ev_idle_stop(l, w);
+        ev_break(l, EVBREAK_ALL); /* an idle fd may still be registered */
+    }
+}
+
+static void never_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+    (void)l;
+    (void)w;
+    (void)revents;
+    b_die("the idle fd became readable");
 }
 
 static void timer_cb(struct ev_loop *l, ev_timer *w, int revents)
@@ -141,6 +151,14 @@ static int loop_workload(const bench_args *a)
             b_die("burst: %ld of %ld", counter, target);
         b_report(NM, a, (double)target / dt, "calls/s");
     } else if (b_is(a, "chain")) {
+        /* param 1: one idle fd registered, so a loop has to poll every iteration */
+        int sv[2];
+        ev_io idle_fd;
+        if (a->param > 0) {
+            b_socketpair(sv);
+            ev_io_init(&idle_fd, never_cb, sv[0], EV_READ);
+            ev_io_start(loop, &idle_fd);
+        }
         target = b_n(a, B_SOON_N);
         ev_idle w;
         double t0 = b_now();

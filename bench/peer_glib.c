@@ -92,6 +92,12 @@ static int loop_workload(const bench_args *a)
         g_main_loop_run(ml);
         b_report(NM, a, (double)target / (b_now() - t0), "calls/s");
     } else if (b_is(a, "chain")) {
+        /* param 1: one idle fd registered, so a loop has to poll every iteration */
+        int sv[2];
+        if (a->param > 0) {
+            b_socketpair(sv);
+            g_unix_fd_add(sv[0], G_IO_IN, fd_echo, NULL);
+        }
         target = b_n(a, B_SOON_N);
         double t0 = b_now();
         g_idle_add_full(G_PRIORITY_DEFAULT, chain_cb, NULL, NULL);

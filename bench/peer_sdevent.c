@@ -163,6 +163,12 @@ static int loop_workload(const bench_args *a)
         CHECK(sd_event_loop(ev));
         b_report(NM, a, (double)target / (b_now() - t0), "calls/s");
     } else if (b_is(a, "chain")) {
+        /* param 1: one idle fd registered, so a loop has to poll every iteration */
+        int sv[2];
+        if (a->param > 0) {
+            b_socketpair(sv);
+            CHECK(sd_event_add_io(ev, NULL, sv[0], EPOLLIN, io_echo, NULL));
+        }
         target = b_n(a, B_SOON_N);
         sd_event_source *s;
         double t0 = b_now();

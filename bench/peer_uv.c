@@ -30,8 +30,10 @@ static void burst_cb(uv_idle_t *h)
 
 static void chain_cb(uv_idle_t *h)
 {
-    if (++counter == target)
+    if (++counter == target) {
         uv_idle_stop(h);
+        uv_stop(loop); /* an idle fd may still be registered */
+    }
 }
 
 static void timer_cb(uv_timer_t *t)
@@ -242,6 +244,14 @@ static int loop_workload(const bench_args *a)
             b_die("burst: %ld of %ld", counter, target);
         b_report(NM, a, (double)target / dt, "calls/s");
     } else if (b_is(a, "chain")) {
+        /* param 1: one idle fd registered, so a loop has to poll every iteration */
+        int sv[2];
+        uv_poll_t idle_fd;
+        if (a->param > 0) {
+            b_socketpair(sv);
+            CHECK(uv_poll_init(loop, &idle_fd, sv[0]));
+            CHECK(uv_poll_start(&idle_fd, UV_READABLE, NULL));
+        }
         target = b_n(a, B_SOON_N);
         uv_idle_t h;
         double t0 = b_now();

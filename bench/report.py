@@ -23,7 +23,7 @@ TITLE = {
     "fd_cost": "one posix_spawn+waitpid with F extra close-on-exec fds open (param: F)",
     "mem": "resident memory per watched child (param: children)",
     "burst": "call_soon, all scheduled up front",
-    "chain": "chained call_soon (each callback schedules the next)",
+    "chain": "chained call_soon (each callback schedules the next; param: idle fds registered)",
     "timers": "timers with delays 0-100 ms",
     "pingpong": "socketpair ping-pong, readiness callbacks (param: connections)",
     "pingpong_sock": "socketpair ping-pong through sock_recv/sock_sendall or streams (param: connections)",
@@ -39,6 +39,8 @@ for _b in ("burst", "chain", "timers", "pingpong", "pingpong_sock", "stream", "t
     FLOOR[_b] = "floor-epoll"
 C_PEERS = ("libuv", "libev", "glib", "sd-event")
 LOOP_BENCH = ("burst", "chain", "timers", "pingpong", "pingpong_sock", "threadsafe")
+LOOP_CASES = (("burst", "0"), ("chain", "0"), ("chain", "1"), ("timers", "0"), ("pingpong", "1"),
+              ("pingpong_sock", "1"), ("threadsafe", "0"))
 
 
 def higher_better(unit):
@@ -193,15 +195,14 @@ def check(results, what, ok, detail):
 def targets(st):
     res = []
     # loop workloads: ahead of the best C peer, >= 0.8x floor (0.5x for the burst)
-    for b in LOOP_BENCH:
-        v = st.get(b, 1 if b.startswith("pingpong") else 0, "casyncio-epoll")
-        p = 1 if b.startswith("pingpong") else 0
+    for b, p in LOOP_CASES:
+        v = st.get(b, p, "casyncio-epoll")
         bp, bv = st.best_peer(b, p, C_PEERS)
         fv = st.get(b, p, "floor-epoll")
         need = 0.5 if b == "burst" else 0.8
         xb, xf = st.ratio(b, p, v, bv), st.ratio(b, p, v, fv)
         ok = None if xb is None or xf is None else (xb > 1.0 and xf >= need)
-        check(res, "%s: casyncio-epoll ahead of the best C peer and >= %.1fx the floor" % (b, need), ok,
+        check(res, "%s %s: casyncio-epoll ahead of the best C peer and >= %.1fx the floor" % (b, p, need), ok,
               "%s vs %s %s (x%s), floor %s (x%s)" % (fmt(v, "/s"), bp, fmt(bv, "/s"), r2(xb),
                                                      fmt(fv, "/s"), r2(xf)))
     # spawn_reap
@@ -325,20 +326,20 @@ def plots(st, out, plotdir):
         if gnuplot(s, dat):
             made.append("bench-reap-scaling.png")
     # 2. loop throughput relative to the floor, one cluster per workload
-    benches = [b for b in LOOP_BENCH if (b, "1" if b.startswith("pingpong") else "0") in st.data]
+    benches = [bp for bp in LOOP_CASES if bp in st.data]
     lnames = ["casyncio-epoll", "casyncio-poll", "casyncio-uring", "libuv", "libev", "glib", "sd-event",
               "asyncio", "uvloop"]
     if benches:
         with open(os.path.join(dat, "loop.dat"), "w") as f:
             f.write("# bench " + " ".join(lnames) + "\n")
-            for b in benches:
-                p = "1" if b.startswith("pingpong") else "0"
+            for b, p in benches:
                 fv = st.get(b, p, "floor-epoll")
                 row = []
                 for n in lnames:
                     v = st.get(b, p, n)
                     row.append("%.4f" % (v / fv) if v and fv else "NaN")
-                f.write(b + " " + " ".join(row) + "\n")
+                label = "chain+fd" if (b, p) == ("chain", "1") else b
+                f.write(label + " " + " ".join(row) + "\n")
         cols = ", ".join("'%s/loop.dat' using %d:xtic(1) lc rgb '%s' title '%s'" % (
             dat, i + 2, colors[i % len(colors)], n) for i, n in enumerate(lnames))
         s = term + ("set output '%s/bench-loop.png'\nset title 'Loop throughput relative to a bare epoll "

@@ -92,6 +92,7 @@ for m in $M_LIST; do plan fd_cost "$m" "$SCALE_N" floor:spawn; done
 plan mem "$MEM_N" - floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
 plan burst 0 "$SOON_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
 plan chain 0 "$SOON_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
+plan chain 1 "$SOON_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
 plan timers 0 "$TIMER_N" floor:epoll uv ev glib "sd@$SD_TIMER_N" "py:asyncio@$PY_TIMER_N" \
     "py:uvloop@$PY_TIMER_N" $LOOPS
 plan pingpong 1 "$PING_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
