@@ -136,12 +136,12 @@ static void sleep_s(double s)
     nanosleep(&ts, NULL);
 }
 
+/* Written by the callback, in whatever thread the watcher calls it from: all atomic. */
 typedef struct rec {
     atomic_int calls;
     atomic_int rc;
     atomic_int pid;
-    pthread_t thread;
-    int tag;
+    _Atomic unsigned long thread;
 } rec;
 
 static void on_exit_rec(pid_t pid, int rc, void *arg)
@@ -149,9 +149,17 @@ static void on_exit_rec(pid_t pid, int rc, void *arg)
     rec *r = arg;
     atomic_store(&r->rc, rc);
     atomic_store(&r->pid, (int)pid);
-    r->thread = pthread_self();
+    atomic_store(&r->thread, (unsigned long)pthread_self());
     atomic_fetch_add(&r->calls, 1);
 }
+
+static bool on_this_thread(rec *r)
+{
+    return pthread_equal((pthread_t)atomic_load(&r->thread), pthread_self());
+}
+
+/* Predicate: the callback of *(rec *)arg ran. */
+static bool called(void *arg) { return atomic_load(&((rec *)arg)->calls) != 0; }
 
 typedef struct recs {
     rec *r;
@@ -230,7 +238,7 @@ LOOP_TEST(exit_codes) /* timeout: 60 */
                        want[i]);
             CHECK_EQ(atomic_load(&r[i].pid), pids[i]);
             /* Every watcher calls back on the delivery loop's thread: this one. */
-            CHECK(pthread_equal(r[i].thread, pthread_self()));
+            CHECK(on_this_thread(&r[i]));
         }
         CHECK_EQ(ca_child_watcher_remove_child_handler(w, pids[0]), 0);
         wdone(w);
@@ -248,7 +256,7 @@ LOOP_TEST(exited_before_add)
         wait_zombie(pid);
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
         CHECK_OK(ca_child_watcher_exit(w));
-        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        CHECK(t_run_until(loop, called, &r, 5));
         CHECK_EQ(atomic_load(&r.rc), 3);
         t_run_for(loop, 0.02);
         CHECK_EQ(atomic_load(&r.calls), 1);
@@ -315,7 +323,7 @@ LOOP_TEST(handler_replaced)
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r1));
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r2));
         CHECK_OK(ca_child_watcher_exit(w));
-        CHECK(t_run_until(loop, t_flag_set, &r2.calls, 5));
+        CHECK(t_run_until(loop, called, &r2, 5));
         t_run_for(loop, 0.05);
         CHECK_EQ(atomic_load(&r1.calls), 0);
         CHECK_EQ(atomic_load(&r2.calls), 1);
@@ -411,7 +419,7 @@ LOOP_TEST(echild_gives_255)
             CHECK_EQ(atomic_load(&r.calls), 0);
             CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
         } else {
-            CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+            CHECK(t_run_until(loop, called, &r, 5));
             CHECK_EQ(atomic_load(&r.rc), 255);
             char needle[64];
             snprintf(needle, sizeof needle, "pid %d", (int)pid);
@@ -461,7 +469,7 @@ LOOP_TEST(other_code_waitpid_and_system) /* timeout: 60 */
         }
         close(p[0]);
         close(p[1]);
-        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        CHECK(t_run_until(loop, called, &r, 5));
         CHECK_EQ(atomic_load(&r.rc), 0);
         wdone(w);
     }
@@ -499,9 +507,9 @@ static void *thr_main(void *p)
             snprintf(a->why, sizeof a->why, "add: %s", ca_strerror(e));
             a->fails++;
             reap(pid);
-            r[i].calls = 1;
-            r[i].rc = i + 1;
-            r[i].thread = pthread_self();
+            atomic_store(&r[i].calls, 1);
+            atomic_store(&r[i].rc, i + 1);
+            atomic_store(&r[i].thread, (unsigned long)pthread_self());
         }
     }
     recs rs = {r, PER_THREAD};
@@ -510,9 +518,9 @@ static void *thr_main(void *p)
         a->fails++;
     }
     for (int i = 0; i < PER_THREAD; i++) {
-        if (atomic_load(&r[i].rc) != i + 1 || !pthread_equal(r[i].thread, pthread_self())) {
+        if (atomic_load(&r[i].rc) != i + 1 || !on_this_thread(&r[i])) {
             snprintf(a->why, sizeof a->why, "child %d: rc %d, right thread %d", i,
-                     atomic_load(&r[i].rc), pthread_equal(r[i].thread, pthread_self()));
+                     atomic_load(&r[i].rc), on_this_thread(&r[i]));
             a->fails++;
         }
     }
@@ -617,7 +625,7 @@ LOOP_TEST(safe_fast_attach_detach)
         CHECK_OK(ca_child_watcher_exit(w));
         CHECK_OK(ca_child_watcher_attach_loop(w, l2));
         t_run_for(loop, 0.05);
-        CHECK(t_run_until(l2, t_flag_set, &r.calls, 5));
+        CHECK(t_run_until(l2, called, &r, 5));
         CHECK_EQ(atomic_load(&r.rc), 6);
 
         /* The attached loop closed: inactive. */
@@ -647,7 +655,7 @@ LOOP_TEST(fast_keeps_early_exits_inside_enter_exit)
     rec r = {0};
     CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
     CHECK_OK(ca_child_watcher_exit(w));
-    CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+    CHECK(t_run_until(loop, called, &r, 5));
     CHECK_EQ(atomic_load(&r.rc), 9);
     CHECK(!log_has("unknown"));
 
@@ -793,7 +801,7 @@ LOOP_TEST(sigchld_disposition_restored)
         pid_t pid = spawn("exit 7");
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
         CHECK_OK(ca_child_watcher_exit(w));
-        CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+        CHECK(t_run_until(loop, called, &r, 5));
         if (atomic_load(&r.rc) != 7)
             t_fail(__FILE__, __LINE__, "%s: rc %d under SIG_IGN", wname[k], atomic_load(&r.rc));
         wdone(w);
@@ -1118,8 +1126,80 @@ LOOP_TEST(safe_fast_add_from_other_thread)
         for (int j = 0; j < 5; j++) {
             CHECK_EQ(atomic_load(&a.r[j].rc), 20 + j);
             CHECK_EQ(atomic_load(&a.r[j].calls), 1);
-            CHECK(pthread_equal(a.r[j].thread, pthread_self()));
+            CHECK(on_this_thread(&a.r[j]));
         }
         wdone(w);
+    }
+}
+
+/* Removal races with delivery: remove answering 1 means never called, 0 means called once. */
+#define RACE_N 40
+
+typedef struct racer {
+    ca_child_watcher *w;
+    pid_t pids[RACE_N];
+    int removed[RACE_N];
+    atomic_int go, done;
+} racer;
+
+static void *racer_main(void *p)
+{
+    racer *rc = p;
+    while (!atomic_load(&rc->go)) sleep_s(0.0005);
+    for (int i = 0; i < RACE_N; i += 2) {
+        rc->removed[i] = ca_child_watcher_remove_child_handler(rc->w, rc->pids[i]);
+        sleep_s(0.0002 * (i % 5));
+    }
+    atomic_store(&rc->done, 1);
+    return NULL;
+}
+
+static void start_racer(void *arg) { atomic_store(&((racer *)arg)->go, 1); }
+
+static bool racer_done(void *arg) { return atomic_load(&((racer *)arg)->done) != 0; }
+
+LOOP_TEST(remove_races_with_delivery) /* timeout: 60 */
+{
+    ca_set_log_handler(log_capture, NULL); /* Fast logs the removed children it reaps */
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        racer rc;
+        memset(&rc, 0, sizeof rc);
+        rc.w = w;
+        rec r[RACE_N];
+        memset(r, 0, sizeof r);
+        int p[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        for (int i = 0; i < RACE_N; i++) {
+            CHECK_OK(ca_child_watcher_enter(w));
+            rc.pids[i] = spawn_fds("read x; exit 1", p[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, rc.pids[i], on_exit_rec, &r[i]));
+            CHECK_OK(ca_child_watcher_exit(w));
+        }
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, racer_main, &rc), 0);
+        close(p[0]);
+        close(p[1]); /* they all exit now, while the racer removes every other one */
+        CHECK_OK(ca_loop_call_soon(loop, start_racer, &rc, NULL));
+        CHECK(t_run_until(loop, racer_done, &rc, 10));
+        pthread_join(t, NULL);
+        /* Everything not removed gets delivered. */
+        for (int i = 0; i < RACE_N; i++) {
+            if (rc.removed[i] == 1) continue;
+            CHECK(t_run_until(loop, called, &r[i], 10));
+        }
+        t_run_for(loop, 0.05);
+        for (int i = 0; i < RACE_N; i++) {
+            int calls = atomic_load(&r[i].calls);
+            if (rc.removed[i] == 1 && calls != 0)
+                t_fail(__FILE__, __LINE__, "%s: child %d removed (1) but called", wname[k], i);
+            if (rc.removed[i] == 0 && calls != 1)
+                t_fail(__FILE__, __LINE__, "%s: child %d: %d calls", wname[k], i, calls);
+            if (calls) CHECK_EQ(atomic_load(&r[i].rc), 1);
+        }
+        wdone(w);
+        for (int i = 0; i < RACE_N; i++)
+            if (rc.removed[i] == 1) reap(rc.pids[i]);
     }
 }
