@@ -370,7 +370,7 @@ fail:;
     return 127;
 }
 
-/* ----- spawning (parent side) --------------------------------------------------------------------- */
+/* ----- spawning (parent side) ----------------------------------------------------------------- */
 
 /* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash,
  * else each PATH directory (envp's PATH when envp has one, else ours; glibc's default when
@@ -513,7 +513,7 @@ static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
     return 0;
 }
 
-/* ----- delivering to the protocol --------------------------------------------------------------- */
+/* ----- delivering to the protocol ------------------------------------------------------------- */
 
 static void try_finish(ca_process *p);
 
@@ -670,7 +670,7 @@ static void post_stdin_lost(ca_process *p, int err)
     }
 }
 
-/* ----- the exit ---------------------------------------------------------------------------------- */
+/* ----- the exit ------------------------------------------------------------------------------- */
 
 static void release_watcher(ca_process *p)
 {
@@ -764,7 +764,7 @@ static int send_sig(ca_process *p, int sig)
     return r == -ESRCH ? 0 : r;
 }
 
-/* ----- closing the loop ------------------------------------------------------------------------ */
+/* ----- closing the loop ----------------------------------------------------------------------- */
 
 /* Whether the child still runs (not a zombie, not reaped), asked through its pidfd. */
 static bool still_running(const ca_process *p)
@@ -844,7 +844,7 @@ static void on_loop_close(void *arg)
     if (drop) ca_process_unref(p);
 }
 
-/* ----- creating a process ------------------------------------------------------------------------ */
+/* ----- creating a process --------------------------------------------------------------------- */
 
 static bool mode_ok(ca_stdio_mode m, int i, int fd)
 {
@@ -1095,7 +1095,7 @@ out:
     return 0;
 }
 
-/* ----- the public process functions -------------------------------------------------------------- */
+/* ----- the public process functions ----------------------------------------------------------- */
 
 ca_process *ca_process_ref(ca_process *p)
 {

@@ -240,7 +240,7 @@ static size_t scaled(size_t n, size_t min)
     return s < min ? min : s;
 }
 
-/* ----- echo through cat ------------------------------------------------------------------------ */
+/* ----- echo through cat ----------------------------------------------------------------------- */
 
 static void echo_through_cat(ca_loop *loop, size_t n)
 {
@@ -279,7 +279,7 @@ LOOP_TEST(echo_cat_every_watcher) /* timeout: 60 */
     }
 }
 
-/* ----- stdio modes ----------------------------------------------------------------------------- */
+/* ----- stdio modes ---------------------------------------------------------------------------- */
 
 LOOP_TEST(stdout_stderr_apart_and_merged)
 {
@@ -457,7 +457,7 @@ LOOP_TEST(child_sees_only_std_fds)
     close(leak2);
 }
 
-/* ----- cwd, envp, PATH, sessions ---------------------------------------------------------------- */
+/* ----- cwd, envp, PATH, sessions -------------------------------------------------------------- */
 
 LOOP_TEST(cwd_and_envp)
 {
@@ -546,7 +546,7 @@ LOOP_TEST(start_new_session)
     }
 }
 
-/* ----- exec errors ------------------------------------------------------------------------------ */
+/* ----- exec errors ---------------------------------------------------------------------------- */
 
 static void exec_fails(ca_loop *loop, const ca_subprocess_options *o, int err)
 {
@@ -594,7 +594,7 @@ LOOP_TEST(exec_errors)
     rmdir(dir);
 }
 
-/* ----- signals and callback order ---------------------------------------------------------------- */
+/* ----- signals and callback order ------------------------------------------------------------- */
 
 static bool both_greeted(void *arg)
 {
@@ -737,7 +737,7 @@ LOOP_TEST(spawn_from_running_loop)
     }
 }
 
-/* ----- stdin ------------------------------------------------------------------------------------ */
+/* ----- stdin ---------------------------------------------------------------------------------- */
 
 static bool said_closed(void *arg)
 {
@@ -787,7 +787,7 @@ LOOP_TEST(stdin_closed_by_child)
     run_free(&r);
 }
 
-/* ----- many at once ------------------------------------------------------------------------------ */
+/* ----- many at once --------------------------------------------------------------------------- */
 
 struct many {
     struct run *runs;
@@ -860,7 +860,7 @@ LOOP_TEST(concurrent_every_watcher) /* timeout: 120 */
     }
 }
 
-/* ----- inactive watcher ------------------------------------------------------------------------- */
+/* ----- inactive watcher ----------------------------------------------------------------------- */
 
 LOOP_TEST(inactive_watcher_refused)
 {
@@ -877,7 +877,7 @@ LOOP_TEST(inactive_watcher_refused)
     }
 }
 
-/* ----- closing the loop -------------------------------------------------------------------------- */
+/* ----- closing the loop ----------------------------------------------------------------------- */
 
 static int logged;
 static void count_log(int level, const char *msg, void *arg)
@@ -968,7 +968,7 @@ LOOP_TEST(loop_close_after_exit)
     ca_loop_unref(l);
 }
 
-/* ----- communicate ------------------------------------------------------------------------------- */
+/* ----- communicate ---------------------------------------------------------------------------- */
 
 LOOP_TEST(communicate)
 {
@@ -1033,7 +1033,7 @@ LOOP_TEST(communicate)
     ca_process_unref(p);
 }
 
-/* ----- bad input -------------------------------------------------------------------------------- */
+/* ----- bad input ------------------------------------------------------------------------------ */
 
 LOOP_TEST(bad_input)
 {
@@ -1141,7 +1141,7 @@ LOOP_TEST(caller_drops_reference_early)
     free(r.out[1].data);
 }
 
-/* ----- custom watchers ---------------------------------------------------------------------------- */
+/* ----- custom watchers ------------------------------------------------------------------------ */
 
 /* A custom watcher shaped like asyncio 3.11's ThreadedChildWatcher really is: a thread per
  * child that calls the callback itself, from that thread, and that cannot take a registration
@@ -1254,7 +1254,7 @@ LOOP_TEST(watcher_registration_fails)
     drop_watcher();
 }
 
-/* ----- a loop in another thread ------------------------------------------------------------------- */
+/* ----- a loop in another thread --------------------------------------------------------------- */
 
 struct thread_job {
     int watcher;
