@@ -94,8 +94,15 @@ static int pl_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
 static int pl_poll(ca_loop *loop, int64_t timeout_ns)
 {
     struct pl *p = loop->be_data;
-    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
-    int n = ppoll(p->pfds, (nfds_t)p->n, timeout_ns < 0 ? NULL : &ts, NULL);
+    int n;
+    if (timeout_ns <= 0) {
+        /* poll(2) for the common no-wait and wait-forever cases: no timespec to copy in. */
+        n = poll(p->pfds, (nfds_t)p->n, timeout_ns < 0 ? -1 : 0);
+    } else {
+        struct timespec ts = {.tv_sec = timeout_ns / 1000000000,
+                              .tv_nsec = timeout_ns % 1000000000};
+        n = ppoll(p->pfds, (nfds_t)p->n, &ts, NULL);
+    }
     if (n < 0) return errno == EINTR ? 0 : -errno;
     if (n == 0) return 0;
     int r = grow((void **)&p->ready, &p->ready_cap, n, sizeof *p->ready);
