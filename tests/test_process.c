@@ -1297,3 +1297,29 @@ TEST(loop_in_another_thread)
         drop_watcher();
     }
 }
+
+/* The child starts with an empty signal mask and SIGPIPE back to its default, although the
+ * spawning thread blocks SIGUSR1 and the process ignores SIGPIPE (as this test runner does). */
+LOOP_TEST(child_signal_state)
+{
+    sigset_t usr1, old;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    CHECK_EQ(pthread_sigmask(SIG_BLOCK, &usr1, &old), 0);
+    struct sigaction ign = {.sa_handler = SIG_IGN}, prev;
+    CHECK_OK(sigaction(SIGPIPE, &ign, &prev));
+    struct run r;
+    ca_subprocess_options o = {.argv = ARGV("grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"),
+                               .stdout_mode = CA_PIPE};
+    start(&r, loop, &o);
+    CHECK_EQ(finish(&r, 10), 0);
+    unsigned long long blk = ~0ULL, ignored = ~0ULL;
+    const char *b = strstr(r.out[1].data, "SigBlk:"), *i = strstr(r.out[1].data, "SigIgn:");
+    CHECK(b && i);
+    CHECK(sscanf(b + 7, "%llx", &blk) == 1 && sscanf(i + 7, "%llx", &ignored) == 1);
+    CHECK_EQ(blk, 0);
+    CHECK_EQ(ignored & (1ULL << (SIGPIPE - 1)), 0);
+    run_free(&r);
+    CHECK_OK(sigaction(SIGPIPE, &prev, NULL));
+    CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0);
+}
