@@ -6,7 +6,8 @@
 #   QUICK=1     reduced sizes, one repetition, results under build/bench only (< 2 minutes)
 #   REPS=N      repetitions (default 3; QUICK: 1)
 #   REPS_SLOW=N repetitions of the slow workloads, reap_scaling and jobs (default: min(REPS, 2))
-#   ONLY=REGEX  run only the workloads whose name matches (grep -E), e.g. ONLY='spawn|reap'
+#   ONLY=REGEX  run only the workloads whose name matches (grep -E), e.g. ONLY='spawn|reap';
+#               results then stay under build/bench (docs/ is written by complete runs only)
 #
 # Installs the missing peers (tools/deps.sh bench), builds every program into build/bench/,
 # runs every workload REPS times interleaving the peers (the order is reversed on every other
@@ -70,13 +71,13 @@ LOOPS="ca:epoll ca:poll ca:uring"
 C_PEERS="uv ev glib sd"
 if [ "$QUICK" != 0 ]; then
     K_LIST="1 16"; SPAWN_N=200; M_LIST="0 100"; SCALE_N=50; MEM_N=100
-    SOON_N=100000; TIMER_N=100000; PY_TIMER_N=20000; SD_TIMER_N=20000; PING_N=20000
+    SOON_N=100000; TIMER_N=100000; PY_TIMER_N=20000; SD_TIMER_N=20000; PING_N=20000; PY_SOCK_N=10000
     CONN_LIST="1 100"; STREAM_MIB=16; TS_N=20000; POLICY_N=1000000; PY_POLICY_N=100000
     J_LIST="16"; JOBS_N=200; PAR_N=100; CG=0
     CA_SPAWN="$CA_W ca:pidfd-poll ca:pidfd-uring"
 else
     K_LIST="1 16 128"; SPAWN_N=2000; M_LIST="0 1000 4000"; SCALE_N=500; MEM_N=1000
-    SOON_N=1000000; TIMER_N=1000000; PY_TIMER_N=200000; SD_TIMER_N=100000; PING_N=200000
+    SOON_N=1000000; TIMER_N=1000000; PY_TIMER_N=200000; SD_TIMER_N=100000; PING_N=200000; PY_SOCK_N=50000
     CONN_LIST="1 100 1000"; STREAM_MIB=256; TS_N=200000; POLICY_N=10000000; PY_POLICY_N=1000000
     J_LIST="2 16 128"; JOBS_N=10000; PAR_N=500; CG=1
     CA_SPAWN="$CA_W"
@@ -98,7 +99,7 @@ plan timers 0 "$TIMER_N" floor:epoll uv ev glib "sd@$SD_TIMER_N" "py:asyncio@$PY
 plan pingpong 1 "$PING_N" floor:epoll $C_PEERS py:asyncio py:uvloop $LOOPS
 for c in $CONN_LIST; do
     if [ "$c" = 1 ]; then
-        plan pingpong_sock 1 "$PING_N" floor:epoll uv py:asyncio py:uvloop $LOOPS
+        plan pingpong_sock 1 "$PING_N" floor:epoll uv "py:asyncio@$PY_SOCK_N" "py:uvloop@$PY_SOCK_N" $LOOPS
     else
         plan pingpong_sock "$c" "$PING_N" floor:epoll uv $LOOPS
     fi
@@ -209,7 +210,7 @@ echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 echo "elapsed_s=$(($(date +%s) - t_start))" >> "$OUT/machine.txt"
 
 # ---- report -----------------------------------------------------------------------------
-if [ "$QUICK" != 0 ]; then
+if [ "$QUICK" != 0 ] || [ "$ONLY" != . ]; then   # docs/ only from a complete full run
     $PY bench/report.py "$OUT" "$OUT" || { echo "bench: report failed" >&2; exit 1; }
 else
     $PY bench/report.py "$OUT" docs docs/benchmarks.md || { echo "bench: report failed" >&2; exit 1; }
