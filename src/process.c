@@ -15,8 +15,9 @@
  * a CLONE_VM child corrupts the parent's sanitizer state; TSan even intercepts glibc's clone()
  * itself, which is why x86-64 has its own few lines of assembly below). Everything the child
  * needs (the candidate paths of the PATH search, the stdio plan) is prepared by the parent.
- * An exec failure travels back through an O_CLOEXEC pipe rather than shared memory: valgrind
- * turns CLONE_VM | CLONE_VFORK into a plain fork, and the pipe works either way.
+ * An exec failure is written into that shared plan; valgrind turns CLONE_VM | CLONE_VFORK into
+ * a plain fork, where the write is lost, so the first spawn also sends it through an O_CLOEXEC
+ * pipe and checks that the child really ran on our memory (see spawn()).
  *
  * Threads. Everything here runs on the loop's thread, except the watcher's callback, which some
  * watchers call from another thread: it only stores the exit in atomics and posts the rest to
