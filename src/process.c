@@ -504,8 +504,9 @@ static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
         err = pl->err;
     }
     if (err != 0) {
-        /* The exec failed: the child exits 127 at once; do not leave it as a zombie. */
-        reap_now((pid_t)pid, pidfd);
+        /* The exec failed: the child exits 127 at once; do not leave it as a zombie. 255: a
+         * Fast watcher reaped it first (from its loop's thread); *pid_out tells the caller. */
+        if (reap_now((pid_t)pid, pidfd) == 255) *pid_out = (pid_t)pid;
         if (pidfd >= 0) close(pidfd);
         return err > 0 ? -err : -ENOEXEC;
     }
@@ -980,6 +981,8 @@ static int watch_child(ca_process *p, ca_child_watcher *w)
     return r;
 }
 
+static void ignore_exit(pid_t pid, int returncode, void *arg) {}
+
 static int check_options(const ca_subprocess_options *o)
 {
     if (!o->argv || !o->argv[0]) return -EINVAL;
@@ -1060,7 +1063,13 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     for (int i = 0; i < 3; i++)
         if (p->fd[i] >= 0 && (r = ca_loop_add_reader(loop, p->fd[i], readers[i], p)) < 0)
             goto out;
-    if ((r = spawn(&pl, &p->pid, &p->pidfd)) < 0) goto out;
+    if ((r = spawn(&pl, &p->pid, &p->pidfd)) < 0) {
+        /* A Fast watcher keeps the exits it reaps between enter and exit: claim this one, or
+         * it would be logged as an unknown pid. */
+        if (p->pid > 0 && strcmp(ca__child_watcher_kind(w), "fast") == 0)
+            ca_child_watcher_add_child_handler(w, p->pid, ignore_exit, NULL);
+        goto out;
+    }
     /* asyncio's order: the handler right after the spawn, inside enter/exit; then our close
      * hook, which thus runs before the watcher's own hook on this loop (hooks run newest
      * first) and can still take the registration back. */
