@@ -547,9 +547,10 @@ static int child_workload(const bench_args *a, const char *variant)
         }
         if (m > 0)
             run_loop();
-        if (mem)
+        if (mem) {
             b_report(name, a, (double)(after - before) / (double)m / 1024.0, unit);
-        else
+            b_report_vsz(name, a, m);
+        } else
             b_report(name, a, dt / (double)n * 1e6, unit);
     }
     ca_set_event_loop(NULL);

@@ -110,7 +110,9 @@ static inline void b_raise_limits(void)
     }
 }
 
-/* Resident set size in bytes (from /proc/self/statm). */
+/* Resident set size in bytes (from /proc/self/statm).  It also remembers the virtual size
+ * at its first and its latest call, for b_report_vsz (the mem workload calls it twice). */
+static long b_vsz_first = -1, b_vsz_last;
 static inline long b_rss_bytes(void)
 {
     FILE *f = fopen("/proc/self/statm", "r");
@@ -120,7 +122,20 @@ static inline long b_rss_bytes(void)
     if (fscanf(f, "%ld %ld", &size, &res) != 2)
         res = -1;
     fclose(f);
-    return res < 0 ? -1 : res * sysconf(_SC_PAGESIZE);
+    long pg = sysconf(_SC_PAGESIZE);
+    if (b_vsz_first < 0)
+        b_vsz_first = size * pg;
+    b_vsz_last = size * pg;
+    return res < 0 ? -1 : res * pg;
+}
+
+/* mem_virt: virtual memory per child between the two b_rss_bytes calls (thread stacks are
+ * reserved whole: this is what a Threaded watcher's stacks cost in address space) */
+static inline void b_report_vsz(const char *name, const bench_args *a, long n)
+{
+    printf("name=%s bench=mem_virt param=%s value=%.6g unit=KB/child\n", name, a->param_s,
+           (double)(b_vsz_last - b_vsz_first) / (double)n / 1024.0);
+    fflush(stdout);
 }
 
 /* Deterministic pseudo-random numbers (xorshift64*), the same in every program. */

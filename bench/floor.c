@@ -589,6 +589,7 @@ static int child_workload(const bench_args *a)
                 wait_one(pids[i]);
         }
         b_report(nm, a, (double)(after - before) / (double)n / 1024.0, "KB/child");
+        b_report_vsz(nm, a, n);
     } else
         return -1;
     close(ep);

@@ -88,9 +88,15 @@ def now():
     return time.monotonic()
 
 
+VSZ = []
+
+
 def rss_bytes():
+    """resident bytes; also remembers the virtual size for mem_virt"""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE")
+        size, res = f.read().split()[:2]
+    VSZ.append(int(size) * os.sysconf("SC_PAGESIZE"))
+    return int(res) * os.sysconf("SC_PAGESIZE")
 
 
 def delays(n):
@@ -395,6 +401,8 @@ def main():
             sys.stdout.flush()
             os._exit(0)
         report(name, work, param_s, v, unit)
+        if work == "mem" and len(VSZ) >= 2:
+            report(name, "mem_virt", param_s, (VSZ[-1] - VSZ[0]) / (param or MEM_N) / 1024.0, unit)
     elif work == "burst":
         report(name, work, param_s, burst(loop, n or SOON_N), "calls/s")
     elif work == "chain":

@@ -310,9 +310,10 @@ static int child_workload(const bench_args *a)
             kill(idle[i]->pid, SIGKILL);
         while (reaped - r0 < m)
             ev_run(loop, EVRUN_ONCE);
-        if (mem)
+        if (mem) {
             b_report(NM, a, (double)(after - before) / (double)m / 1024.0, "KB/child");
-        else
+            b_report_vsz(NM, a, m);
+        } else
             b_report(NM, a, dt / (double)n * 1e6, "us");
     } else
         return -1;

@@ -226,9 +226,10 @@ static int child_workload(const bench_args *a)
             kill(idle[i], SIGKILL);
         while (reaped - r0 < m)
             g_main_context_iteration(ctx, TRUE);
-        if (mem)
+        if (mem) {
             b_report(NM, a, (double)(after - before) / (double)m / 1024.0, "KB/child");
-        else
+            b_report_vsz(NM, a, m);
+        } else
             b_report(NM, a, dt / (double)n * 1e6, "us");
     } else
         return -1;

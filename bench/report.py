@@ -15,12 +15,13 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ["spawn_reap", "reap_scaling", "fd_cost", "mem", "burst", "chain", "timers", "pingpong",
+ORDER = ["spawn_reap", "reap_scaling", "fd_cost", "mem", "mem_virt", "burst", "chain", "timers", "pingpong",
          "pingpong_sock", "stream", "threadsafe", "policy", "policy_instr", "jobs"]
 TITLE = {
     "spawn_reap": "spawn+reap of /bin/true (param: children in flight)",
     "reap_scaling": "one spawn+reap with M idle watched children (param: M)",
     "fd_cost": "one posix_spawn+waitpid with F extra close-on-exec fds open (param: F)",
+    "mem_virt": "virtual memory per watched child (thread stacks count whole here)",
     "mem": "resident memory per watched child (param: children)",
     "burst": "call_soon, all scheduled up front",
     "chain": "chained call_soon (each callback schedules the next; param: idle fds registered)",
