@@ -51,9 +51,11 @@ static inline unsigned ca__fork_gen(void)
 
 /* ----- loop internals used by other units ------------------------------------------------ */
 /* Close hooks: fn(arg) runs once when the loop is closed (before its kernel objects are
- * released, in the closing thread), or never if removed first. process.c uses them to end a
- * loop's processes. Works on every loop kind, custom included. Returns a token for removal,
- * or NULL on ENOMEM. */
+ * released, in the closing thread), or never if removed first. Hooks run newest first
+ * (process.c relies on it: its hook, added after the watcher's, takes posted exits back before
+ * the watcher's hook drops them). process.c uses them to end a loop's processes. Works on every
+ * loop kind, custom included. Not run in a child of fork(). Loop's thread. Returns a token for
+ * removal, or NULL on ENOMEM. */
 void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg);
 void ca__loop_remove_close_hook(ca_loop *loop, void *token);
 /* Schedules fn(arg) on loop from any thread (call_soon in the loop's own thread, else
