@@ -1,6 +1,7 @@
 /* Child watchers: every watcher on every loop kind, with real children. */
 #include "harness.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -1202,4 +1203,51 @@ LOOP_TEST(remove_races_with_delivery) /* timeout: 60 */
         for (int i = 0; i < RACE_N; i++)
             if (rc.removed[i] == 1) reap(rc.pids[i]);
     }
+}
+
+/* Threaded: one waiting thread per child, named after its pid, gone once the child exited. */
+static bool thread_named(const char *name)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return false;
+    bool found = false;
+    struct dirent *e;
+    while (!found && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[300], comm[32];
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (fgets(comm, sizeof comm, f) && strncmp(comm, name, strlen(name)) == 0) found = true;
+        fclose(f);
+    }
+    closedir(d);
+    return found;
+}
+
+TEST(threaded_thread_per_child_named_after_pid)
+{
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_child_watcher *w = wmake(W_THREADED, loop);
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pid = spawn_cat(p[0]);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    char name[16];
+    snprintf(name, sizeof name, "ca-wait-%d", (int)pid);
+    double t0 = ca_loop_time(loop);
+    while (!thread_named(name) && ca_loop_time(loop) - t0 < 2 * t_slow()) sleep_s(0.005);
+    CHECK(thread_named(name));
+    close(p[0]);
+    close(p[1]);
+    CHECK(t_run_until(loop, called, &r, 5));
+    CHECK_EQ(atomic_load(&r.rc), 0);
+    t0 = ca_loop_time(loop);
+    while (thread_named(name) && ca_loop_time(loop) - t0 < 2 * t_slow()) sleep_s(0.005);
+    CHECK(!thread_named(name));
+    wdone(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
 }
