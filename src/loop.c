@@ -803,6 +803,7 @@ static ca_loop *loop_alloc(const ca_loop_ops *ops, const char *kind)
     loop->ops = ops;
     loop->kind = kind;
     atomic_init(&loop->refs, 1);
+    pthread_mutex_init(&loop->hooks_lock, NULL);
     loop->fork_gen = ca__fork_gen();
     loop->wake_fd = -1;
     return loop;
@@ -873,21 +874,26 @@ void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg)
     if (!hk) return NULL;
     hk->fn = fn;
     hk->arg = arg;
+    pthread_mutex_lock(&loop->hooks_lock);
     hk->next = loop->close_hooks;
     loop->close_hooks = hk;
+    pthread_mutex_unlock(&loop->hooks_lock);
     return hk;
 }
 
 void ca__loop_remove_close_hook(ca_loop *loop, void *token)
 {
+    pthread_mutex_lock(&loop->hooks_lock);
     for (struct ca__close_hook **p = &loop->close_hooks; *p; p = &(*p)->next) {
         if (*p == token) {
             struct ca__close_hook *hk = *p;
             *p = hk->next;
+            pthread_mutex_unlock(&loop->hooks_lock);
             free(hk);
             return;
         }
     }
+    pthread_mutex_unlock(&loop->hooks_lock);
 }
 
 static void free_close_hooks(ca_loop *loop)
@@ -927,6 +933,7 @@ ca_loop *ca_loop_unref(ca_loop *loop)
     else if (!atomic_load(&loop->closed)) ca_loop_close(loop);
     if (loop->ops->destroy) loop->ops->destroy(loop);
     free_close_hooks(loop);
+    if (loop->fork_gen == ca__fork_gen()) pthread_mutex_destroy(&loop->hooks_lock);
     free(loop);
     return NULL;
 }
@@ -940,10 +947,14 @@ int ca_loop_close(ca_loop *loop)
     }
     if (atomic_load(&loop->running)) return -EBUSY;
     if (atomic_load(&loop->closed)) return 0;
-    /* Hooks run while the loop still works: they remove readers, end processes... */
-    while (loop->close_hooks) {
+    /* Hooks run while the loop still works: they remove readers, end processes... One at a
+     * time, popped under the lock and called without it (a hook may remove other hooks). */
+    for (;;) {
+        pthread_mutex_lock(&loop->hooks_lock);
         struct ca__close_hook *hk = loop->close_hooks;
-        loop->close_hooks = hk->next;
+        if (hk) loop->close_hooks = hk->next;
+        pthread_mutex_unlock(&loop->hooks_lock);
+        if (!hk) break;
         void (*fn)(void *) = hk->fn;
         void *arg = hk->arg;
         free(hk);

@@ -92,6 +92,7 @@ struct ca_loop {
     atomic_bool stopping;
     _Atomic(const void *) owner;       /* token of the thread that runs it */
     struct ca__close_hook *close_hooks;
+    pthread_mutex_t hooks_lock;        /* close hooks may be added by any thread while idle */
     struct ca__sock_state *sock;       /* sock.c's generic sock_* state (freed by a close hook) */
 
     /* ----- built-in loops only (be != NULL) ----- */
