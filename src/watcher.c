@@ -539,6 +539,13 @@ int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out)
 
 /* ----- core: lifetime ---------------------------------------------------------------------- */
 
+void ca__wcore_destroy_op(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
+    else ca__wcore_unref(c);
+}
+
 int ca__wcore_new(ca__wcore **out)
 {
     ca__wcore *c = calloc(1, sizeof *c);

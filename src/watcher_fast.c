@@ -157,13 +157,6 @@ static int fast_exit(ca_child_watcher *w)
 
 static int fast_close(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
 
-static void fast_destroy(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
-    else ca__wcore_unref(c);
-}
-
 static const ca_child_watcher_ops fast_ops = {
     .add_child_handler = fast_add,
     .remove_child_handler = fast_remove,
@@ -172,23 +165,10 @@ static const ca_child_watcher_ops fast_ops = {
     .close = fast_close,
     .enter = fast_enter,
     .exit = fast_exit,
-    .destroy = fast_destroy,
+    .destroy = ca__wcore_destroy_op,
 };
 
 int ca_fast_child_watcher_new(ca_child_watcher **out)
 {
-    if (!out) return -EINVAL;
-    ca__wcore *c;
-    int err = ca__wcore_new(&c);
-    if (err < 0) return err;
-    ca__wattach *a = calloc(1, sizeof *a);
-    if (!a) {
-        ca__wcore_unref(c);
-        return -ENOMEM;
-    }
-    a->reap = fast_reap;
-    c->impl = a;
-    err = ca__child_watcher_make(&fast_ops, "fast", c, out);
-    if (err < 0) ca__wcore_unref(c);
-    return err;
+    return ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
 }

@@ -116,6 +116,10 @@ static inline ca__wcore *ca__wcore_of(ca_child_watcher *w) { return (ca__wcore *
 /* In the destroy op: true when we are in a child made by fork() since the watcher was made. */
 bool ca__child_watcher_forked(const ca_child_watcher *w);
 
+/* The destroy op of the built-ins that keep nothing but their core: frees it (forked: without
+ * touching the parent's threads, loops or dispositions). */
+void ca__wcore_destroy_op(ca_child_watcher *w);
+
 /* ----- core -------------------------------------------------------------------------------- */
 int ca__wcore_new(ca__wcore **out);
 void ca__wcore_ref(ca__wcore *c);
@@ -200,5 +204,9 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
 bool ca__wattach_active(ca__wcore *c);
 /* close for both: cancels everything, detaches. */
 int ca__wattach_close(ca__wcore *c);
+/* Makes a Safe or Fast watcher: a core whose impl is a ca__wattach with this reap. */
+int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
+                            void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),
+                            ca_child_watcher **out);
 
 #endif

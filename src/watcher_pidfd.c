@@ -246,13 +246,6 @@ static int pidfd_close(ca_child_watcher *w)
     return 0;
 }
 
-static void pidfd_destroy(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
-    else ca__wcore_unref(c);
-}
-
 static const ca_child_watcher_ops pidfd_ops = {
     .add_child_handler = pidfd_add_handler,
     .remove_child_handler = pidfd_remove,
@@ -261,7 +254,7 @@ static const ca_child_watcher_ops pidfd_ops = {
     .close = pidfd_close,
     .enter = NULL,
     .exit = NULL,
-    .destroy = pidfd_destroy,
+    .destroy = ca__wcore_destroy_op,
 };
 
 int ca__pidfd_watcher_add_with_pidfd(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb,

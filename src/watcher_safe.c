@@ -118,6 +118,26 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     return 0;
 }
 
+int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
+                            void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),
+                            ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    ca__wcore *c;
+    int err = ca__wcore_new(&c);
+    if (err < 0) return err;
+    ca__wattach *a = calloc(1, sizeof *a);
+    if (!a) {
+        ca__wcore_unref(c);
+        return -ENOMEM;
+    }
+    a->reap = reap;
+    c->impl = a;
+    err = ca__child_watcher_make(ops, kind, c, out);
+    if (err < 0) ca__wcore_unref(c);
+    return err;
+}
+
 int ca__wattach_close(ca__wcore *c)
 {
     ca__wattach *a = att(c);
@@ -211,13 +231,6 @@ static bool safe_is_active(ca_child_watcher *w)
 
 static int safe_close(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
 
-static void safe_destroy(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
-    else ca__wcore_unref(c);
-}
-
 static const ca_child_watcher_ops safe_ops = {
     .add_child_handler = safe_add,
     .remove_child_handler = safe_remove,
@@ -226,23 +239,10 @@ static const ca_child_watcher_ops safe_ops = {
     .close = safe_close,
     .enter = NULL,
     .exit = NULL,
-    .destroy = safe_destroy,
+    .destroy = ca__wcore_destroy_op,
 };
 
 int ca_safe_child_watcher_new(ca_child_watcher **out)
 {
-    if (!out) return -EINVAL;
-    ca__wcore *c;
-    int err = ca__wcore_new(&c);
-    if (err < 0) return err;
-    ca__wattach *a = calloc(1, sizeof *a);
-    if (!a) {
-        ca__wcore_unref(c);
-        return -ENOMEM;
-    }
-    a->reap = safe_reap;
-    c->impl = a;
-    err = ca__child_watcher_make(&safe_ops, "safe", c, out);
-    if (err < 0) ca__wcore_unref(c);
-    return err;
+    return ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
 }

@@ -141,13 +141,6 @@ static int threaded_close(ca_child_watcher *w)
     return 0;
 }
 
-static void threaded_destroy(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    if (ca__child_watcher_forked(w)) ca__wcore_free_forked(c);
-    else ca__wcore_unref(c);
-}
-
 static const ca_child_watcher_ops threaded_ops = {
     .add_child_handler = threaded_add,
     .remove_child_handler = threaded_remove,
@@ -156,7 +149,7 @@ static const ca_child_watcher_ops threaded_ops = {
     .close = threaded_close,
     .enter = NULL,
     .exit = NULL,
-    .destroy = threaded_destroy,
+    .destroy = ca__wcore_destroy_op,
 };
 
 int ca_threaded_child_watcher_new(ca_child_watcher **out)
