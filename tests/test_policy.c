@@ -481,7 +481,8 @@ static const ca_policy_ops race_ops = {
 static void *race_writer(void *arg)
 {
     unsigned i = 0;
-    while (!atomic_load(&race_done)) {
+    /* At least a few rounds each, even where threads barely get scheduled (valgrind). */
+    while (!atomic_load(&race_done) || i < 6) {
         ca_policy *p = NULL, *base = NULL;
         switch (i++ % 3) {
         case 0:
@@ -512,7 +513,7 @@ static void *race_reader(void *arg)
     ca_loop *mine = NULL, *got = NULL;
     CHECK_OK(ca_selector_loop_new(&mine));
     unsigned n = 0;
-    while (!atomic_load(&race_done)) {
+    while (!atomic_load(&race_done) || n < 6) {
         CHECK(ca_get_event_loop_policy() != NULL);
         CHECK_OK(ca_set_event_loop(mine));
         for (int k = 0; k < 8; k++) {
