@@ -310,7 +310,7 @@ static void heap_down(ca_loop *loop, size_t i)
     loop->heap[i] = t;
 }
 
-static int heap_push(ca_loop *loop, ca_handle *h)
+static int heap_push(ca_loop *loop, ca_handle *h, double when)
 {
     if (loop->heap_len == loop->heap_cap) {
         size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
@@ -319,7 +319,7 @@ static int heap_push(ca_loop *loop, ca_handle *h)
         loop->heap = n;
         loop->heap_cap = cap;
     }
-    loop->heap[loop->heap_len++] = (struct ca__timer){h->when, h->seq, h};
+    loop->heap[loop->heap_len++] = (struct ca__timer){when, loop->seq++, h};
     heap_up(loop, loop->heap_len - 1);
     h->in_heap = true;
     return 0;
@@ -577,10 +577,8 @@ int ca__core_call_soon(ca_loop *self, ca_handle *h)
 
 int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
 {
-    h->when = when;
-    h->seq = self->seq++;
     h->loop = self;
-    int r = heap_push(self, h);
+    int r = heap_push(self, h, when);
     if (r) return r;
     h->scheduled = true;
     return 0;

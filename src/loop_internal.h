@@ -45,15 +45,13 @@ struct ca_handle {
     bool escaped;            /* a user (or a custom loop's op) may hold references */
     bool pooled;             /* carved from one of the loop's chunks (see loop.c) */
     bool scheduled;          /* in the ready queue or the timer heap of `loop` */
+    bool in_heap;            /* a timer still in the heap (cancelled ones leave lazily) */
     bool ran;
     ca_callback_fn fn;
     void *arg;
     ca_callback_fn drop;     /* internal: frees arg when the handle goes without running */
     ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
-    double when;             /* timers */
-    uint64_t seq;            /* FIFO among equal times */
-    bool in_heap;            /* a timer still in the heap (cancelled ones leave lazily) */
-    struct ca_handle *next;  /* ready queue, free list, thread-safe stack */
+    struct ca_handle *next;  /* ready queue, free list */
 };
 
 struct ca__ts_item {
