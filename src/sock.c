@@ -21,10 +21,19 @@
  * callback only ever runs for a future that someone else completed (cancelled), and then it is
  * the callback that frees the operation. Nothing is touched in the user's buffer once the
  * future is done, since the system calls are made only while it is pending.
+ *
+ * The common path is kept short because a round trip is a handful of system calls: the first
+ * attempt is made before anything is allocated (an operation that completes at once needs
+ * only its future), finished operations go back to a small free list, and on an open loop in
+ * its own thread the fd is not checked with fcntl() up front: the first attempt's EBADF is
+ * the same answer, turned into -EINVAL before any future exists. Readers and writers are set
+ * through the loop's ops directly, since sock_check() already did what ca_loop_add_reader()
+ * would check again (with one more fcntl()).
  */
 #include "loop_internal.h"
 
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -57,8 +66,13 @@ struct ca__sock_state {
     struct gfd *fds;
     int nfds;
     struct gop *all;               /* every live operation, for the close hook */
+    struct gop *spare;             /* freed operations kept for reuse (linked by next) */
+    int nspare;
     void *close_token;
 };
+
+/* Enough spare operations for many sockets busy at once, few enough to stay small. */
+enum { SPARE_MAX = 64 };
 
 static void on_readable(void *arg);
 static void on_writable(void *arg);
@@ -81,6 +95,11 @@ static void state_close_hook(void *arg)
         if (!forked && ca__future_remove_done_callback(op->fut, on_done, op) == 1)
             ca_future_cancel(op->fut);
         ca_future_unref(op->fut);
+        free(op);
+    }
+    while (st->spare) {
+        struct gop *op = st->spare;
+        st->spare = op->next;
         free(op);
     }
     free(st->fds);
@@ -119,14 +138,25 @@ static struct gfd *state_fd(struct ca__sock_state *st, int fd)
 
 /* ----- operation lifetime ---------------------------------------------------------------- */
 
-static struct gop *op_new(struct ca__sock_state *st, enum gop_kind kind, int fd, ca_future *fut)
+/* Makes a live operation from the attempt made on the stack (tmp) and a reference to fut. */
+static struct gop *op_new(struct ca__sock_state *st, const struct gop *tmp, ca_future *fut)
 {
-    struct gop *op = calloc(1, sizeof *op);
-    if (!op) return NULL;
-    op->kind = kind;
-    op->fd = fd;
+    struct gop *op = st->spare;
+    if (op) {
+        st->spare = op->next;
+        st->nspare--;
+    } else {
+        op = malloc(sizeof *op);
+        if (!op) return NULL;
+    }
+    /* Only a connect uses the address: copying the rest of the storage would be wasted. */
+    memcpy(op, tmp, offsetof(struct gop, addr));
+    if (tmp->kind == GOP_CONNECT) memcpy(&op->addr, &tmp->addr, tmp->alen);
+    op->queued = false;
     op->st = st;
     op->fut = ca_future_ref(fut);
+    op->qnext = NULL;
+    op->prev = NULL;
     op->next = st->all;
     if (st->all) st->all->prev = op;
     st->all = op;
@@ -140,7 +170,23 @@ static void op_free(struct gop *op)
     else st->all = op->next;
     if (op->next) op->next->prev = op->prev;
     ca_future_unref(op->fut);
-    free(op);
+    if (st->nspare < SPARE_MAX) {
+        op->next = st->spare;
+        st->spare = op;
+        st->nspare++;
+    } else {
+        free(op);
+    }
+}
+
+/* The loop's own add_reader / add_writer, without the public wrappers' checks (and their
+ * fcntl()): the caller checked the loop, its thread and the fd already. */
+static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
+{
+    int (*add)(ca_loop *, int, ca_callback_fn, void *) =
+        writes ? loop->ops->add_writer : loop->ops->add_reader;
+    if (!add) return -ENOTSUP;
+    return add(loop, fd, fn, arg);
 }
 
 /* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
@@ -165,7 +211,7 @@ static void op_unqueue(struct gop *op)
          * of memory (the fd is already registered); if it did anyway, the waiting operations
          * would stall, so fail them rather than leave them hanging. */
         if (f->rhead) {
-            if (ca_loop_add_reader(loop, op->fd, on_readable, f->rhead) < 0)
+            if (arm(loop, false, op->fd, on_readable, f->rhead) < 0)
                 ca__log(CA_LOG_ERROR, "sock: cannot re-arm the reader of fd %d", op->fd);
         } else {
             ca_loop_remove_reader(loop, op->fd);
@@ -325,59 +371,76 @@ static void on_writable(void *arg)
 
 /* ----- starting an operation -------------------------------------------------------------- */
 
-/* Makes the future; if `first` settles the operation at once, completes it now. Otherwise
- * queues op behind the fd's reader or writer. */
+/* Tries the operation at once; if that settles it, *out is a completed future. Otherwise
+ * the operation is queued behind the fd's reader or writer. fd_checked: the caller made sure
+ * the fd is open (otherwise an EBADF from the first attempt means it is not: -EINVAL). */
 static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, size_t n,
-                         const struct sockaddr *addr, socklen_t alen, ca_future **out)
+                         const struct sockaddr *addr, socklen_t alen, bool fd_checked,
+                         ca_future **out)
 {
     struct ca__sock_state *st = state_get(loop);
     if (!st) return -ENOMEM;
-    struct gfd *f = state_fd(st, fd);
-    if (!f) return -ENOMEM;
+    /* The table only grows for an operation that has to wait: a bad fd number must not make
+     * it grow (a huge one would give -ENOMEM instead of -EINVAL). */
+    struct gfd *f = fd < st->nfds ? &st->fds[fd] : NULL;
     bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
-    if (writes && f->wop) return -EBUSY;
-    ca_future *fut = NULL;
-    int r = ca_future_new(loop, &fut);
-    if (r < 0) return r;
-    struct gop *op = op_new(st, kind, fd, fut);
-    if (!op) {
-        ca_future_unref(fut);
-        return -ENOMEM;
-    }
-    op->buf = buf;
-    op->n = n;
-    if (addr) {
-        memcpy(&op->addr, addr, alen);
-        op->alen = alen;
-    }
+    if (writes && f && f->wop) return -EBUSY;
+    struct gop tmp;
+    tmp.kind = kind;
+    tmp.fd = fd;
+    tmp.connect_again = false;
+    tmp.buf = buf;
+    tmp.n = n;
+    tmp.off = 0;
+    tmp.alen = alen;
+    if (addr) memcpy(&tmp.addr, addr, alen);
     /* Receives and accepts queued behind others must wait their turn, or they would take data
      * (or connections) meant for the earlier ones. */
-    bool try_now = !(f->rhead && !writes);
+    bool try_now = writes || !f || !f->rhead;
+    /* Without a system call to tell (a queued receive, an empty sendall), ask fcntl(). */
+    if (!fd_checked && (!try_now || (kind == GOP_SEND && n == 0))) {
+        if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+        fd_checked = true;
+    }
     intptr_t res = 0;
     int err = 0;
     int done = 0;
     if (try_now) {
-        if (kind == GOP_CONNECT) done = try_connect_first(op, &res, &err);
-        else done = try_op(op, &res, &err);
+        if (kind == GOP_CONNECT) done = try_connect_first(&tmp, &res, &err);
+        else done = try_op(&tmp, &res, &err);
+        /* Nothing was sent before an EBADF (the first call failed): the fd is not open. */
+        if (done && err == -EBADF && !fd_checked) return -EINVAL;
     }
+    ca_future *fut = NULL;
+    int r = ca_future_new(loop, &fut);
+    if (r < 0) return r;
     if (done) {
         if (err < 0) ca_future_set_error(fut, err);
         else ca_future_set_result(fut, (void *)res);
-        op_free(op);
         *out = fut;
         return 0;
+    }
+    if (!f && !(f = state_fd(st, fd))) {
+        r = -ENOMEM;
+        goto fail_fut;
+    }
+    struct gop *op = op_new(st, &tmp, fut);
+    if (!op) {
+        r = -ENOMEM;
+        goto fail_fut;
     }
     r = ca_future_add_done_callback(fut, on_done, op);
     if (r < 0) goto fail;
     if (writes) {
-        r = ca_loop_add_writer(loop, fd, on_writable, op);
+        r = arm(loop, true, fd, on_writable, op);
         if (r < 0) goto fail_cb;
         f = &st->fds[fd];
         f->wop = op;
     } else {
         if (!f->rhead) {
-            r = ca_loop_add_reader(loop, fd, on_readable, op);
+            r = arm(loop, false, fd, on_readable, op);
             if (r < 0) goto fail_cb;
+            f = &st->fds[fd];
             f->rhead = op;
         } else {
             f->rtail->qnext = op;
@@ -392,16 +455,27 @@ fail_cb:
 fail:
     /* A connect that was started cannot be taken back; the socket is the caller's to close. */
     op_free(op);
+fail_fut:
     ca_future_unref(fut);
     return r;
 }
 
 /* ----- public functions --------------------------------------------------------------------- */
 
-/* Checks shared by the four functions: bad argument, then fork, then closed, then thread. */
-static int sock_check(ca_loop *loop, int fd, const void *out)
+/* Checks shared by the four functions: bad argument, then fork, then closed, then thread.
+ * *fd_checked tells whether the fd was found open here. On an open loop in its own thread
+ * that hands the operation to the generic code, the check is left to the first attempt
+ * (generic_start); every other case (an error to report, a loop with sock_* ops of its own)
+ * asks fcntl() first, so that a bad fd still comes before the other errors. */
+static int sock_check(ca_loop *loop, int fd, const void *out, bool generic, bool *fd_checked)
 {
-    if (!loop || fd < 0 || !out || fcntl(fd, F_GETFD) < 0) return -EINVAL;
+    if (!loop || fd < 0 || !out) return -EINVAL;
+    if (CA_LIKELY(generic && ca__loop_check(loop) == 0 && ca__loop_in_own_thread(loop))) {
+        *fd_checked = false;
+        return 0;
+    }
+    if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+    *fd_checked = true;
     int r = ca__loop_check(loop);
     if (r < 0) return r;
     if (!ca__loop_in_own_thread(loop)) return -EPERM;
@@ -411,35 +485,39 @@ static int sock_check(ca_loop *loop, int fd, const void *out)
 int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out)
 {
     if (!buf && n > 0) return -EINVAL;
-    int r = sock_check(loop, fd, out);
+    bool checked;
+    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_recv, &checked);
     if (r < 0) return r;
     if (loop->ops->sock_recv) return loop->ops->sock_recv(loop, fd, buf, n, out);
-    return generic_start(loop, GOP_RECV, fd, buf, n, NULL, 0, out);
+    return generic_start(loop, GOP_RECV, fd, buf, n, NULL, 0, checked, out);
 }
 
 int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_future **out)
 {
     if (!buf && n > 0) return -EINVAL;
-    int r = sock_check(loop, fd, out);
+    bool checked;
+    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_sendall, &checked);
     if (r < 0) return r;
     if (loop->ops->sock_sendall) return loop->ops->sock_sendall(loop, fd, buf, n, out);
-    return generic_start(loop, GOP_SEND, fd, (void *)buf, n, NULL, 0, out);
+    return generic_start(loop, GOP_SEND, fd, (void *)buf, n, NULL, 0, checked, out);
 }
 
 int ca_loop_sock_accept(ca_loop *loop, int fd, ca_future **out)
 {
-    int r = sock_check(loop, fd, out);
+    bool checked;
+    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_accept, &checked);
     if (r < 0) return r;
     if (loop->ops->sock_accept) return loop->ops->sock_accept(loop, fd, out);
-    return generic_start(loop, GOP_ACCEPT, fd, NULL, 0, NULL, 0, out);
+    return generic_start(loop, GOP_ACCEPT, fd, NULL, 0, NULL, 0, checked, out);
 }
 
 int ca_loop_sock_connect(ca_loop *loop, int fd, const struct sockaddr *addr, socklen_t len,
                          ca_future **out)
 {
     if (!addr || len == 0 || len > sizeof(struct sockaddr_storage)) return -EINVAL;
-    int r = sock_check(loop, fd, out);
+    bool checked;
+    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_connect, &checked);
     if (r < 0) return r;
     if (loop->ops->sock_connect) return loop->ops->sock_connect(loop, fd, addr, len, out);
-    return generic_start(loop, GOP_CONNECT, fd, NULL, 0, addr, len, out);
+    return generic_start(loop, GOP_CONNECT, fd, NULL, 0, addr, len, checked, out);
 }

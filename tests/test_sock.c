@@ -657,6 +657,37 @@ LOOP_TEST(bad_arguments_einval)
     close(sv[1]);
 }
 
+/* On an open loop the fd is not checked up front: the first attempt's EBADF must still give
+ * -EINVAL, before any future exists, for every operation, and a huge fd number must not make
+ * the per-fd table grow (which would say -ENOMEM). */
+LOOP_TEST(not_open_fd_einval_for_every_operation)
+{
+    int sv[2];
+    pair(sv);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    char buf[4] = "abc";
+    ca_future *f = NULL;
+    int gone = dup(sv[0]);
+    close(gone);
+    CHECK_ERR(ca_loop_sock_sendall(loop, gone, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, gone, buf, 0, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_accept(loop, gone, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_connect(loop, gone, (struct sockaddr *)&addr, sizeof addr, &f),
+              -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, gone, buf, 0, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_recv(loop, INT32_MAX - 1, buf, 4, &f), -EINVAL);
+    CHECK_ERR(ca_loop_sock_sendall(loop, INT32_MAX - 1, buf, 4, &f), -EINVAL);
+    CHECK(f == NULL);
+    /* The socket itself still works afterwards. */
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &f));
+    CHECK_EQ(write(sv[1], "q", 1), 1);
+    CHECK_OK(await(loop, f, NULL));
+    CHECK_EQ(buf[0], 'q');
+    ca_future_unref(f);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 LOOP_TEST(forked_child_gets_echild)
 {
     int sv[2];
