@@ -83,31 +83,6 @@ static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     return err;
 }
 
-static int fast_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    bool found = r && r->state != CA__W_ZOMBIE;
-    if (found) ca__wreg_unregister(c, r);
-    ca__wcore_unlock(c);
-    return found;
-}
-
-static int fast_attach(ca_child_watcher *w, ca_loop *loop)
-{
-    return ca__wattach_attach(ca__wcore_of(w), loop);
-}
-
-static bool fast_is_active(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    bool on = ca__wattach_active(c);
-    ca__wcore_unlock(c);
-    return on;
-}
-
 static int fast_enter(ca_child_watcher *w)
 {
     ca__wcore *c = ca__wcore_of(w);
@@ -155,14 +130,12 @@ static int fast_exit(ca_child_watcher *w)
     return err;
 }
 
-static int fast_close(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
-
 static const ca_child_watcher_ops fast_ops = {
     .add_child_handler = fast_add,
-    .remove_child_handler = fast_remove,
-    .attach_loop = fast_attach,
-    .is_active = fast_is_active,
-    .close = fast_close,
+    .remove_child_handler = ca__wattach_remove_op,
+    .attach_loop = ca__wattach_attach_op,
+    .is_active = ca__wattach_is_active_op,
+    .close = ca__wattach_close_op,
     .enter = fast_enter,
     .exit = fast_exit,
     .destroy = ca__wcore_destroy_op,

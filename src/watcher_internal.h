@@ -204,6 +204,12 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
 bool ca__wattach_active(ca__wcore *c);
 /* close for both: cancels everything, detaches. */
 int ca__wattach_close(ca__wcore *c);
+/* The ops Safe and Fast share: remove (a Fast zombie has no handler to remove), attach_loop,
+ * is_active, close. */
+int ca__wattach_remove_op(ca_child_watcher *w, pid_t pid);
+int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop);
+bool ca__wattach_is_active_op(ca_child_watcher *w);
+int ca__wattach_close_op(ca_child_watcher *w);
 /* Makes a Safe or Fast watcher: a core whose impl is a ca__wattach with this reap. */
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
                             void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),

@@ -118,6 +118,34 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     return 0;
 }
 
+/* The ops Safe and Fast share. */
+int ca__wattach_remove_op(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    bool found = r && r->state != CA__W_ZOMBIE;
+    if (found) ca__wreg_unregister(c, r);
+    ca__wcore_unlock(c);
+    return found;
+}
+
+int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop)
+{
+    return ca__wattach_attach(ca__wcore_of(w), loop);
+}
+
+bool ca__wattach_is_active_op(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    bool on = ca__wattach_active(c);
+    ca__wcore_unlock(c);
+    return on;
+}
+
+int ca__wattach_close_op(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
+
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
                             void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),
                             ca_child_watcher **out)
@@ -204,39 +232,12 @@ static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     return err;
 }
 
-static int safe_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    bool found = r && r->state != CA__W_ZOMBIE;
-    if (found) ca__wreg_unregister(c, r);
-    ca__wcore_unlock(c);
-    return found;
-}
-
-static int safe_attach(ca_child_watcher *w, ca_loop *loop)
-{
-    return ca__wattach_attach(ca__wcore_of(w), loop);
-}
-
-static bool safe_is_active(ca_child_watcher *w)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    bool on = ca__wattach_active(c);
-    ca__wcore_unlock(c);
-    return on;
-}
-
-static int safe_close(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
-
 static const ca_child_watcher_ops safe_ops = {
     .add_child_handler = safe_add,
-    .remove_child_handler = safe_remove,
-    .attach_loop = safe_attach,
-    .is_active = safe_is_active,
-    .close = safe_close,
+    .remove_child_handler = ca__wattach_remove_op,
+    .attach_loop = ca__wattach_attach_op,
+    .is_active = ca__wattach_is_active_op,
+    .close = ca__wattach_close_op,
     .enter = NULL,
     .exit = NULL,
     .destroy = ca__wcore_destroy_op,
