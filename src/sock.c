@@ -217,7 +217,7 @@ static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
  *
  * Adding a reader for each receive that has to wait and removing it when the receive is done costs
  * two epoll_ctl() calls per operation, and a stream usually asks for the next receive within an
- * iteration or two. So on the epoll loop the reader stays registered when the queue becomes
+ * iteration or two. So on the built-in loops the reader stays registered when the queue becomes
  * empty, and sweep(), run through the loop, removes it if no operation came by its second run: in
  * the iteration after the one in which the queue emptied (the one after that when it emptied in a
  * callback rather than in the poll, e.g. by a cancellation). The user may close the fd meanwhile
@@ -228,8 +228,8 @@ static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
  * kernel again (a MOD, which the epoll backend turns into an ADD when the number now names another
  * file), so a reused fd number is watched. If the kept reader fires with nothing waiting, it is
  * removed at once rather than polled again. A reader the user removed or replaced meanwhile is left
- * alone: only an entry that is still ours (callback and argument) is removed. On the other loops
- * the reader goes as soon as the queue is empty, as before. */
+ * alone: only an entry that is still ours (callback and argument) is removed. Custom loops' tables
+ * cannot be looked into, so there the reader goes as soon as the queue is empty, as before. */
 
 static void on_readable(void *arg);
 
@@ -293,9 +293,7 @@ static void reader_idle(struct gfd *g)
 {
     struct ca__sock_state *st = g->st;
     ca_loop *loop = st->loop;
-    /* Only epoll's interest set is in the kernel, where every change is a system call; the
-     * poll backend's is an array in memory, where keeping the reader would only add sweeps. */
-    if (loop->be != &ca__backend_epoll) {
+    if (!loop->be) {
         ca_loop_remove_reader(loop, g->fd);
         return;
     }

@@ -689,9 +689,9 @@ LOOP_TEST(not_open_fd_einval_for_every_operation)
     close(sv[1]);
 }
 
-/* ----- the reader kept between receives (epoll) -------------------------------------------
- * After a receive, the epoll loop keeps the socket's reader for an iteration or two in case
- * another receive follows. The user may close the fd as soon as the future is done, reuse its
+/* ----- the reader kept between receives (selector loops) ----------------------------------
+ * After a receive, the loop keeps the socket's reader for an iteration or two in case another
+ * receive follows. The user may close the fd as soon as the future is done, reuse its
  * number, or add and remove readers of their own on it: none of that may be disturbed. */
 
 struct reuse {
