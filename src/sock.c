@@ -56,26 +56,15 @@ struct gop {
     struct sockaddr_storage addr;
 };
 
-/* One per fd that had an operation, allocated once so that its address can be the reader's
- * argument for as long as the reader stays registered. */
 struct gfd {
-    struct ca__sock_state *st;
-    int fd;
-    bool rkept;                    /* our reader stays registered with the queue empty */
-    bool in_idle;                  /* on st->idle */
-    unsigned idle_gen;             /* st->sweep_gen when the queue became empty */
     struct gop *rhead, *rtail;     /* recv/accept, served in order */
     struct gop *wop;               /* sendall or connect */
-    struct gfd *idle_next;
 };
 
 struct ca__sock_state {
     ca_loop *loop;
-    struct gfd **fds;              /* by fd number; NULL: never used */
+    struct gfd *fds;
     int nfds;
-    struct gfd *idle;              /* fds whose reader is kept while nothing waits */
-    unsigned sweep_gen;            /* how many times sweep() ran */
-    bool sweep_scheduled;
     struct gop *all;               /* every live operation, for the close hook */
     struct gop *spare;             /* freed operations kept for reuse (linked by next) */
     int nspare;
@@ -113,7 +102,6 @@ static void state_close_hook(void *arg)
         st->spare = op->next;
         free(op);
     }
-    for (int i = 0; i < st->nfds; i++) free(st->fds[i]);
     free(st->fds);
     loop->sock = NULL;
     free(st);
@@ -134,30 +122,18 @@ static struct ca__sock_state *state_get(ca_loop *loop)
     return st;
 }
 
-static struct gfd *state_find(struct ca__sock_state *st, int fd)
-{
-    return fd < st->nfds ? st->fds[fd] : NULL;
-}
-
 static struct gfd *state_fd(struct ca__sock_state *st, int fd)
 {
     if (fd >= st->nfds) {
         int n = st->nfds ? st->nfds : 64;
         while (n <= fd) n *= 2;
-        struct gfd **p = realloc(st->fds, (size_t)n * sizeof *p);
+        struct gfd *p = realloc(st->fds, (size_t)n * sizeof *p);
         if (!p) return NULL;
         memset(p + st->nfds, 0, (size_t)(n - st->nfds) * sizeof *p);
         st->fds = p;
         st->nfds = n;
     }
-    if (!st->fds[fd]) {
-        struct gfd *g = calloc(1, sizeof *g);
-        if (!g) return NULL;
-        g->st = st;
-        g->fd = fd;
-        st->fds[fd] = g;
-    }
-    return st->fds[fd];
+    return &st->fds[fd];
 }
 
 /* ----- operation lifetime ---------------------------------------------------------------- */
@@ -213,110 +189,13 @@ static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
     return add(loop, fd, fn, arg);
 }
 
-/* ----- the kept reader ---------------------------------------------------------------------
- *
- * Adding a reader for each receive that has to wait and removing it when the receive is done costs
- * two epoll_ctl() calls per operation, and a stream usually asks for the next receive within an
- * iteration or two. So on the built-in loops the reader stays registered when the queue becomes
- * empty, and sweep(), run through the loop, removes it if no operation came by its second run: in
- * the iteration after the one in which the queue emptied (the one after that when it emptied in a
- * callback rather than in the poll, e.g. by a cancellation). The user may close the fd meanwhile
- * (its future is done): the kernel then forgets the fd, and the removal only clears the core's
- * entry. (Unless another descriptor still refers to the socket, a dup or a forked child's copy:
- * epoll then keeps watching it under the closed number until that one is closed too, which the
- * removal cannot undo.) A new operation always re-arms the reader through the core, which tells the
- * kernel again (a MOD, which the epoll backend turns into an ADD when the number now names another
- * file), so a reused fd number is watched. If the kept reader fires with nothing waiting, it is
- * removed at once rather than polled again. A reader the user removed or replaced meanwhile is left
- * alone: only an entry that is still ours (callback and argument) is removed. Custom loops' tables
- * cannot be looked into, so there the reader goes as soon as the queue is empty, as before. */
-
-static void on_readable(void *arg);
-
-static bool reader_is_ours(const struct gfd *g)
-{
-    const ca_loop *loop = g->st->loop;
-    return loop->be && g->fd < loop->nfds && loop->fds[g->fd].rfn == on_readable &&
-           loop->fds[g->fd].rarg == g;
-}
-
-static void drop_kept_reader(struct gfd *g)
-{
-    g->rkept = false;
-    if (reader_is_ours(g)) ca_loop_remove_reader(g->st->loop, g->fd);
-}
-
-static void sweep(void *arg);
-
-/* The sweep is a timer due at once rather than a call_soon: the core moves due timers to the
- * ready queue after the poll, behind everything the previous iteration scheduled, so each run
- * comes after the callbacks that the last iteration's completions scheduled (which are where
- * the next operation on a socket usually starts), whatever else shares the sweep. */
-static int schedule_sweep(struct ca__sock_state *st)
-{
-    int r = ca_loop_call_at(st->loop, 0.0, sweep, st, NULL);
-    if (r == 0) st->sweep_scheduled = true;
-    return r;
-}
-
-static void sweep(void *arg)
-{
-    struct ca__sock_state *st = arg;
-    st->sweep_scheduled = false;
-    struct gfd **pp = &st->idle;
-    while (*pp) {
-        struct gfd *g = *pp;
-        if (g->rkept && g->idle_gen == st->sweep_gen) {
-            pp = &g->idle_next;
-            continue;
-        }
-        /* Taken again by a new operation, or idle since before the previous run. */
-        if (g->rkept && !g->rhead) drop_kept_reader(g);
-        *pp = g->idle_next;
-        g->in_idle = false;
-        g->idle_next = NULL;
-    }
-    st->sweep_gen++;
-    if (st->idle) schedule_sweep(st);
-    /* Without a sweep to come (no memory for a handle), nothing may stay behind. */
-    while (!st->sweep_scheduled && st->idle) {
-        struct gfd *g = st->idle;
-        st->idle = g->idle_next;
-        g->in_idle = false;
-        g->idle_next = NULL;
-        if (g->rkept && !g->rhead) drop_kept_reader(g);
-    }
-}
-
-/* The read queue of g just became empty: keep the reader for a while, or remove it now. */
-static void reader_idle(struct gfd *g)
-{
-    struct ca__sock_state *st = g->st;
-    ca_loop *loop = st->loop;
-    if (!loop->be) {
-        ca_loop_remove_reader(loop, g->fd);
-        return;
-    }
-    if (!st->sweep_scheduled && schedule_sweep(st) < 0) {
-        ca_loop_remove_reader(loop, g->fd);
-        return;
-    }
-    g->rkept = true;
-    g->idle_gen = st->sweep_gen;
-    if (!g->in_idle) {
-        g->in_idle = true;
-        g->idle_next = st->idle;
-        st->idle = g;
-    }
-}
-
-/* Takes op out of its fd's queue and leaves the fd's reader or writer to whoever is next. */
+/* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
 static void op_unqueue(struct gop *op)
 {
     if (!op->queued) return;
     op->queued = false;
     ca_loop *loop = op->st->loop;
-    struct gfd *f = op->st->fds[op->fd];
+    struct gfd *f = &op->st->fds[op->fd];
     if (op->kind == GOP_RECV || op->kind == GOP_ACCEPT) {
         struct gop **pp = &f->rhead, *prev = NULL;
         while (*pp != op) {
@@ -327,8 +206,16 @@ static void op_unqueue(struct gop *op)
         *pp = op->qnext;
         if (f->rtail == op) f->rtail = prev;
         op->qnext = NULL;
-        /* The reader's argument is the fd's entry, so the next in line needs nothing. */
-        if (was_head && !f->rhead) reader_idle(f);
+        if (!was_head) return;
+        /* The reader's argument is the head of the queue. Re-pointing it cannot fail for lack
+         * of memory (the fd is already registered); if it did anyway, the waiting operations
+         * would stall, so fail them rather than leave them hanging. */
+        if (f->rhead) {
+            if (arm(loop, false, op->fd, on_readable, f->rhead) < 0)
+                ca__log(CA_LOG_ERROR, "sock: cannot re-arm the reader of fd %d", op->fd);
+        } else {
+            ca_loop_remove_reader(loop, op->fd);
+        }
     } else {
         f->wop = NULL;
         ca_loop_remove_writer(loop, op->fd);
@@ -451,13 +338,8 @@ static int try_op(struct gop *op, intptr_t *res, int *err)
 
 static void on_readable(void *arg)
 {
-    struct gfd *f = arg;
-    struct gop *op;
-    /* Readable with nobody waiting: the kept reader would fire again on every iteration. */
-    if (!f->rhead) {
-        drop_kept_reader(f);
-        return;
-    }
+    struct gop *op = arg;
+    struct gfd *f = &op->st->fds[op->fd];
     /* Serve the queue from its head while the fd has something for it: a cancelled head (its
      * done callback has not run yet) is taken out without touching its buffer. */
     while ((op = f->rhead) != NULL) {
@@ -500,7 +382,7 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
     if (!st) return -ENOMEM;
     /* The table only grows for an operation that has to wait: a bad fd number must not make
      * it grow (a huge one would give -ENOMEM instead of -EINVAL). */
-    struct gfd *f = state_find(st, fd);
+    struct gfd *f = fd < st->nfds ? &st->fds[fd] : NULL;
     bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
     if (writes && f && f->wop) return -EBUSY;
     struct gop tmp;
@@ -552,13 +434,13 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
     if (writes) {
         r = arm(loop, true, fd, on_writable, op);
         if (r < 0) goto fail_cb;
+        f = &st->fds[fd];
         f->wop = op;
     } else {
         if (!f->rhead) {
-            /* Also when the reader was kept: the number may name another file by now. */
-            r = arm(loop, false, fd, on_readable, f);
+            r = arm(loop, false, fd, on_readable, op);
             if (r < 0) goto fail_cb;
-            f->rkept = false;
+            f = &st->fds[fd];
             f->rhead = op;
         } else {
             f->rtail->qnext = op;
