@@ -498,7 +498,10 @@ static int pidfd_watch(int ep, pid_t pid)
 static int child_workload(const bench_args *a)
 {
     int pidfd = strcmp(a->variant, "pidfd") == 0;
-    const char *nm = pidfd ? "floor-pidfd" : "floor-spawn";
+    /* waitany: reap with waitpid(-1), as a SIGCHLD + waitpid(-1) loop (Fast, libev) does;
+     * the kernel walks the whole list of children for it */
+    int any = strcmp(a->variant, "waitany") == 0;
+    const char *nm = pidfd ? "floor-pidfd" : any ? "floor-waitany" : "floor-spawn";
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (b_is(a, "spawn_reap")) {
         long n = b_n(a, B_SPAWN_N), k = a->param > 0 ? a->param : 1, started = 0, done = 0;
@@ -539,6 +542,13 @@ static int child_workload(const bench_args *a)
                 pidfd_watch(ep, p);
                 if (pidfd_reap_one(ep) != p)
                     b_die("reaped the wrong child");
+            } else if (any) {
+                int st;
+                pid_t r;
+                while ((r = waitpid(-1, &st, 0)) < 0 && errno == EINTR)
+                    ;
+                if (r != p)
+                    b_die("waitpid(-1) reaped %d, not %d", (int)r, (int)p);
             } else
                 wait_one(p);
         }

@@ -57,6 +57,20 @@ SPAWNED = []  # every child's pid, for the watchdog's clean-up
 WATCHDOG_S = 60.0
 
 
+def kill_ours():
+    """SIGKILL every child we spawned that is still ours (alive or a zombie): a pid that was
+    reaped may be reused by now.  Left alive, they would hold the driver's output pipe."""
+    me = os.getpid()
+    for pid in SPAWNED:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == me:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
 def watchdog(name, work, param_s, unit):
     """asyncio's MultiLoop watcher can wedge the loop for good (nested SIGCHLD handlers end in
     RecursionError and lost exits): after WATCHDOG_S print NA, kill our children and leave"""
@@ -65,15 +79,7 @@ def watchdog(name, work, param_s, unit):
         report(name, work, param_s, None, unit)
         print("peer_asyncio: %s %s %s: NA: no result after %.0f s (the loop is wedged)"
               % (name, work, param_s, WATCHDOG_S), file=sys.stderr, flush=True)
-        me = os.getpid()
-        for pid in SPAWNED:
-            try:  # only a pid that is still our child: a reaped one may be reused by now
-                with open("/proc/%d/stat" % pid) as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid == me:
-                    os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError, IndexError):
-                pass
+        kill_ours()
         os._exit(0)
     threading.Thread(target=fire, daemon=True).start()
 
@@ -399,6 +405,7 @@ def main():
             report(name, work, param_s, None, unit)
             print("peer_asyncio: %s %s %s: NA: %s" % (name, work, param_s, e), file=sys.stderr)
             sys.stdout.flush()
+            kill_ours()
             os._exit(0)
         report(name, work, param_s, v, unit)
         if work == "mem" and len(VSZ) >= 2:

@@ -176,8 +176,10 @@ run_one() { # rep workload param n runner
     fi
     echo "== rep $rep: $*" >> "$log"
     t0=$(date +%s.%N)
-    res=$(timeout 600 "$@" 2>> "$log")
+    # to a file, not $(...): a child left behind by a crashed peer must not hold our pipe
+    timeout 600 "$@" > "$OUT/last.out" 2>> "$log"
     rc=$?
+    res=$(cat "$OUT/last.out")
     echo "$w $p $r $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')" >> "$OUT/timing.txt"
     if [ $rc != 0 ] || ! echo "$res" | grep -q '^name='; then
         echo "FAIL rep=$rep $w $p $r (exit $rc; see $log)" | tee -a "$FAILS" >&2
