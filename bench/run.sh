@@ -87,7 +87,7 @@ for k in $K_LIST; do
     plan spawn_reap "$k" "$SPAWN_N" floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_SPAWN
 done
 for m in $M_LIST; do
-    plan reap_scaling "$m" "$SCALE_N" floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
+    plan reap_scaling "$m" "$SCALE_N" floor:spawn floor:pidfd floor:waitany $C_PEERS $PY_W py:uvloop $CA_W
 done
 for m in $M_LIST; do plan fd_cost "$m" "$SCALE_N" floor:spawn; done
 plan mem "$MEM_N" - floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
