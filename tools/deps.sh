@@ -21,7 +21,7 @@ if [ "$what" = bench ]; then
     need_header systemd/sd-event.h libsystemd-dev
     need_cmd parallel parallel
     need_cmd gnuplot gnuplot-nox
-    python3 -c 'import uvloop' >/dev/null 2>&1 || missing="$missing python3-uvloop"
+    /usr/bin/python3 -c 'import uvloop' >/dev/null 2>&1 || missing="$missing python3-uvloop"
 fi
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
