@@ -1068,15 +1068,21 @@ int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **o
     return finish_schedule(loop, h, loop->ops->call_soon(loop, h), out);
 }
 
+/* call_at once the checks are done (call_later does them itself, once). */
+static int schedule_at(ca_loop *loop, double when, ca_callback_fn fn, void *arg, ca_handle **out)
+{
+    if (!loop->ops->call_at) return -ENOTSUP;
+    ca_handle *h = new_handle(loop, fn, arg, out != NULL);
+    if (!h) return -ENOMEM;
+    return finish_schedule(loop, h, loop->ops->call_at(loop, when, h), out);
+}
+
 int ca_loop_call_at(ca_loop *loop, double when, ca_callback_fn fn, void *arg, ca_handle **out)
 {
     if (!loop || !fn || isnan(when)) return -EINVAL;
     int r = check_owned(loop);
     if (r) return r;
-    if (!loop->ops->call_at) return -ENOTSUP;
-    ca_handle *h = new_handle(loop, fn, arg, out != NULL);
-    if (!h) return -ENOMEM;
-    return finish_schedule(loop, h, loop->ops->call_at(loop, when, h), out);
+    return schedule_at(loop, when, fn, arg, out);
 }
 
 int ca_loop_call_later(ca_loop *loop, double delay, ca_callback_fn fn, void *arg,
@@ -1085,7 +1091,7 @@ int ca_loop_call_later(ca_loop *loop, double delay, ca_callback_fn fn, void *arg
     if (!loop || !fn || isnan(delay)) return -EINVAL;
     int r = check_owned(loop);
     if (r) return r;
-    return ca_loop_call_at(loop, ca_loop_time(loop) + (delay > 0 ? delay : 0), fn, arg, out);
+    return schedule_at(loop, ca_loop_time(loop) + (delay > 0 ? delay : 0), fn, arg, out);
 }
 
 int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
