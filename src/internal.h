@@ -26,11 +26,19 @@
 #define CA_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define CA_LIKELY(x) __builtin_expect(!!(x), 1)
 #define CA_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define CA_PREFETCH(p) __builtin_prefetch(p)
+#if defined(__x86_64__) || defined(__i386__)
+#define CA_CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CA_CPU_RELAX() ((void)0)
+#endif
 #else
 #define CA_EXPORT
 #define CA_PRINTF(a, b)
 #define CA_LIKELY(x) (x)
 #define CA_UNLIKELY(x) (x)
+#define CA_PREFETCH(p) ((void)(p))
+#define CA_CPU_RELAX() ((void)0)
 #endif
 
 /* ----- logging (log.c) ------------------------------------------------------------- */
@@ -82,6 +90,8 @@ void ca__sigslot_unwatch(ca__sigslot *slot, int sig);
 uint64_t ca__sigslot_take(ca__sigslot *slot);
 /* Whether a signal arrived since the last take (a load, no exchange). */
 bool ca__sigslot_pending(ca__sigslot *slot);
+/* Marks sig pending again and wakes the loop (it could not be delivered: out of memory). */
+void ca__sigslot_repend(ca__sigslot *slot, int sig);
 /* Unwatches everything and frees the slot; waits until no handler can still be using its
  * fd, so the caller may close the fd afterwards. forked: we are in a child, do not touch
  * dispositions. */

@@ -236,6 +236,13 @@ static void handle_recycle(ca_loop *loop, ca_handle *h)
     loop->free_len++;
 }
 
+/* A handle that was never scheduled goes back; its arg stays the caller's. */
+static void handle_recycle_nodrop(ca_loop *loop, ca_handle *h)
+{
+    h->drop = NULL;
+    handle_recycle(loop, h);
+}
+
 /* The handle leaves the loop's structures (it ran, was cancelled out of the heap, or the
  * loop dropped it): the loop's reference goes. */
 static void handle_release(ca_loop *loop, ca_handle *h)
@@ -276,16 +283,25 @@ void ca_handle_run(ca_handle *h)
 
 /* ----- timer heap: 4-ary, keys inline, lazy cancellation ------------------------------------ */
 
+#define HEAP_D 4 /* children per node */
+#define HEAP_ALIGN (HEAP_D * sizeof(struct ca__timer))
+#define HEAP_SKIP (HEAP_D - 1)
+
 static inline bool tless(const struct ca__timer *a, const struct ca__timer *b)
 {
     return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+}
+
+static inline ca_handle *timer_handle(const struct ca__timer *t)
+{
+    return t->fn ? NULL : (ca_handle *)t->arg;
 }
 
 static void heap_up(ca_loop *loop, size_t i)
 {
     struct ca__timer t = loop->heap[i];
     while (i > 0) {
-        size_t p = (i - 1) / 4;
+        size_t p = (i - 1) / HEAP_D;
         if (!tless(&t, &loop->heap[p])) break;
         loop->heap[i] = loop->heap[p];
         i = p;
@@ -298,9 +314,9 @@ static void heap_down(ca_loop *loop, size_t i)
     struct ca__timer t = loop->heap[i];
     size_t n = loop->heap_len;
     for (;;) {
-        size_t c = 4 * i + 1;
+        size_t c = HEAP_D * i + 1;
         if (c >= n) break;
-        size_t best = c, end = c + 4 < n ? c + 4 : n;
+        size_t best = c, end = c + HEAP_D < n ? c + HEAP_D : n;
         for (size_t k = c + 1; k < end; k++)
             if (tless(&loop->heap[k], &loop->heap[best])) best = k;
         if (!tless(&loop->heap[best], &t)) break;
@@ -310,41 +326,85 @@ static void heap_down(ca_loop *loop, size_t i)
     loop->heap[i] = t;
 }
 
-static int heap_push(ca_loop *loop, ca_handle *h, double when)
+/* Entries 1-4, 5-8, ... (the children of one node) each fill one 128-byte block: the heap
+ * starts 3 entries (96 bytes) into a 128-byte aligned allocation. */
+
+static int heap_grow(ca_loop *loop)
 {
-    if (loop->heap_len == loop->heap_cap) {
-        size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
-        struct ca__timer *n = realloc(loop->heap, cap * sizeof *n);
-        if (!n) return -ENOMEM;
-        loop->heap = n;
-        loop->heap_cap = cap;
-    }
-    loop->heap[loop->heap_len++] = (struct ca__timer){when, loop->seq++, h};
-    heap_up(loop, loop->heap_len - 1);
-    h->in_heap = true;
+    size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
+    if (cap > (SIZE_MAX - HEAP_ALIGN) / sizeof(struct ca__timer) - HEAP_SKIP) return -ENOMEM;
+    size_t bytes = (cap + HEAP_SKIP) * sizeof(struct ca__timer);
+    bytes = (bytes + HEAP_ALIGN - 1) / HEAP_ALIGN * HEAP_ALIGN;
+    void *mem = aligned_alloc(HEAP_ALIGN, bytes);
+    if (!mem) return -ENOMEM;
+    struct ca__timer *heap = (struct ca__timer *)mem + HEAP_SKIP;
+    if (loop->heap_len) memcpy(heap, loop->heap, loop->heap_len * sizeof *heap);
+    free(loop->heap_mem);
+    loop->heap_mem = mem;
+    loop->heap = heap;
+    loop->heap_cap = cap;
     return 0;
 }
 
-/* Removes the earliest timer and returns its handle. */
-static ca_handle *heap_pop(ca_loop *loop)
+static inline int heap_push(ca_loop *loop, double when, ca_callback_fn fn, void *arg)
 {
-    ca_handle *h = loop->heap[0].h;
-    loop->heap[0] = loop->heap[--loop->heap_len];
-    if (loop->heap_len) heap_down(loop, 0);
-    h->in_heap = false;
-    if (h->cancelled) loop->heap_cancelled--;
-    return h;
+    if (CA_UNLIKELY(loop->heap_len == loop->heap_cap)) {
+        int r = heap_grow(loop);
+        if (r) return r;
+    }
+    loop->heap[loop->heap_len++] = (struct ca__timer){when, loop->seq++, fn, arg};
+    heap_up(loop, loop->heap_len - 1);
+    return 0;
 }
 
-static void handle_release(ca_loop *loop, ca_handle *h);
+/* Removes the earliest timer. The hole left at the root goes down to a leaf along the
+ * smaller children, then the last entry goes up from there: it nearly always belongs near
+ * the bottom, so this saves the comparisons with it on the way down. */
+static struct ca__timer heap_pop(ca_loop *loop)
+{
+    struct ca__timer *heap = loop->heap;
+    struct ca__timer top = heap[0];
+    size_t n = --loop->heap_len;
+    if (n) {
+        struct ca__timer last = heap[n];
+        size_t i = 0;
+        for (;;) {
+            size_t c = HEAP_D * i + 1;
+            if (c >= n) break;
+            /* The grandchildren are one contiguous run: fetch it while choosing. */
+            size_t g = HEAP_D * c + 1;
+            if (g < n)
+                for (size_t b = 0; b < HEAP_D * HEAP_D * sizeof *heap; b += 64)
+                    CA_PREFETCH((const char *)(heap + g) + b);
+            size_t best = c, end = c + HEAP_D < n ? c + HEAP_D : n;
+            for (size_t k = c + 1; k < end; k++)
+                if (tless(&heap[k], &heap[best])) best = k;
+            heap[i] = heap[best];
+            i = best;
+        }
+        while (i > 0) {
+            size_t p = (i - 1) / HEAP_D;
+            if (!tless(&last, &heap[p])) break;
+            heap[i] = heap[p];
+            i = p;
+        }
+        heap[i] = last;
+    }
+    ca_handle *h = timer_handle(&top);
+    if (h) {
+        h->in_heap = false;
+        if (h->cancelled) loop->heap_cancelled--;
+    }
+    return top;
+}
 
 /* Drops cancelled timers once they are the majority, so they cannot pile up. */
 static void heap_compact(ca_loop *loop)
 {
     size_t k = 0;
     for (size_t i = 0; i < loop->heap_len; i++) {
-        ca_handle *h = loop->heap[i].h;
-        if (h->cancelled) {
+        ca_handle *h = timer_handle(&loop->heap[i]);
+        if (h && h->cancelled) {
             h->in_heap = false;
             handle_release(loop, h);
         } else {
@@ -353,7 +413,7 @@ static void heap_compact(ca_loop *loop)
     }
     loop->heap_len = k;
     loop->heap_cancelled = 0;
-    for (size_t i = k / 4 + 1; i-- > 0;)
+    for (size_t i = k / HEAP_D + 1; i-- > 0;)
         if (i < k) heap_down(loop, i);
 }
 
@@ -373,86 +433,186 @@ void ca_handle_cancel(ca_handle *h)
 
 /* ----- ready queue and thread-safe queue ------------------------------------------------------ */
 
-static inline void ready_push(ca_loop *loop, ca_handle *h)
+#define RQ_KEEP 4096 /* entries kept when idle */
+
+static bool rq_grow(ca_loop *loop)
 {
-    h->next = NULL;
-    h->scheduled = true;
-    h->loop = loop;
-    if (loop->ready_tail) loop->ready_tail->next = h;
-    else loop->ready_head = h;
-    loop->ready_tail = h;
-    loop->ready_len++;
+    size_t cap = loop->rq_cap ? loop->rq_cap * 2 : 256;
+    if (cap > SIZE_MAX / sizeof(struct ca__entry)) return false;
+    struct ca__entry *n = malloc(cap * sizeof *n);
+    if (!n) return false;
+    size_t first = loop->rq_cap - loop->rq_head;
+    if (first > loop->rq_len) first = loop->rq_len;
+    if (first) memcpy(n, loop->rq + loop->rq_head, first * sizeof *n);
+    if (loop->rq_len > first) memcpy(n + first, loop->rq, (loop->rq_len - first) * sizeof *n);
+    free(loop->rq);
+    loop->rq = n;
+    loop->rq_cap = cap;
+    loop->rq_head = 0;
+    return true;
 }
 
-static inline ca_handle *ready_pop(ca_loop *loop)
+/* Appends to the ready ring; -ENOMEM only when it is full and cannot grow. */
+static inline int rq_push(ca_loop *loop, ca_callback_fn fn, void *arg)
 {
-    ca_handle *h = loop->ready_head;
-    loop->ready_head = h->next;
-    if (!loop->ready_head) loop->ready_tail = NULL;
-    loop->ready_len--;
-    return h;
-}
-
-/* Moves everything other threads submitted onto the ready queue, in arrival order. */
-static void ts_drain(ca_loop *loop)
-{
-    if (!atomic_load_explicit(&loop->ts_pending, memory_order_relaxed)) return;
-    pthread_mutex_lock(&loop->ts_lock);
-    struct ca__ts_item *items = loop->ts_buf;
-    size_t n = loop->ts_len;
-    loop->ts_buf = loop->ts_spare;
-    loop->ts_spare = items;
-    size_t cap = loop->ts_cap;
-    loop->ts_cap = loop->ts_spare_cap;
-    loop->ts_spare_cap = cap;
-    loop->ts_len = 0;
-    atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
-    pthread_mutex_unlock(&loop->ts_lock);
-    for (size_t i = 0; i < n; i++) {
-        ca_handle *h = handle_alloc(loop, items[i].fn, items[i].arg);
-        if (h) h->drop = items[i].drop;
-        if (CA_UNLIKELY(!h)) {
-            /* Out of memory for a handle: keep the rest for the next iteration. */
-            pthread_mutex_lock(&loop->ts_lock);
-            for (size_t j = i; j < n; j++) {
-                if (loop->ts_len == loop->ts_cap) break; /* cannot happen: spare >= n */
-                loop->ts_buf[loop->ts_len++] = items[j];
-            }
-            atomic_store(&loop->ts_pending, true);
-            pthread_mutex_unlock(&loop->ts_lock);
-            return;
-        }
-        ready_push(loop, h);
-    }
-}
-
-/* Appends under the lock; -EBADF once the loop closed (then fn is never called). */
-static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
-{
-    pthread_mutex_lock(&loop->ts_lock);
-    if (loop->ts_closed) {
-        pthread_mutex_unlock(&loop->ts_lock);
-        return -EBADF;
-    }
-    if (loop->ts_len == loop->ts_cap) {
-        size_t cap = loop->ts_cap ? loop->ts_cap * 2 : 256;
-        struct ca__ts_item *n = realloc(loop->ts_buf, cap * sizeof *n);
-        if (!n) {
-            pthread_mutex_unlock(&loop->ts_lock);
-            return -ENOMEM;
-        }
-        loop->ts_buf = n;
-        loop->ts_cap = cap;
-    }
-    loop->ts_buf[loop->ts_len++] = (struct ca__ts_item){fn, arg, drop};
-    atomic_store(&loop->ts_pending, true);
-    pthread_mutex_unlock(&loop->ts_lock);
+    if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) return -ENOMEM;
+    loop->rq[(loop->rq_head + loop->rq_len++) & (loop->rq_cap - 1)] = (struct ca__entry){fn, arg};
     return 0;
 }
 
+static inline int ready_push(ca_loop *loop, ca_handle *h)
+{
+    int r = rq_push(loop, NULL, h);
+    if (CA_UNLIKELY(r)) return r;
+    h->scheduled = true;
+    h->loop = loop;
+    return 0;
+}
+
+static inline struct ca__entry rq_pop(ca_loop *loop)
+{
+    struct ca__entry e = loop->rq[loop->rq_head];
+    loop->rq_head = (loop->rq_head + 1) & (loop->rq_cap - 1);
+    loop->rq_len--;
+    return e;
+}
+
+
+/* The thread-safe queue's lock: a spinlock, held for a few instructions (an append, a swap of
+ * two arrays, a realloc now and then, a write(2) to wake a blocked loop). A mutex here makes a
+ * producer that meets the draining loop sleep in futex(2); spinning, then yielding, does not. */
+static inline void ts_lock(ca_loop *loop)
+{
+    for (unsigned spins = 0;
+         atomic_flag_test_and_set_explicit(&loop->ts_lock, memory_order_acquire); spins++) {
+        if (spins < 64) CA_CPU_RELAX();
+        else sched_yield();
+    }
+}
+
+static inline void ts_unlock(ca_loop *loop)
+{
+    atomic_flag_clear_explicit(&loop->ts_lock, memory_order_release);
+}
+
+/* Moves everything other threads submitted onto the ready queue, in arrival order. When the
+ * ring is empty (the usual case for a loop that other threads feed) the submitted array
+ * becomes the ring and the old ring the spare: nothing is copied. */
+static void ts_drain_pending(ca_loop *loop)
+{
+    for (;;) {
+        ts_lock(loop);
+        struct ca__entry *items = loop->ts_buf;
+        size_t n = loop->ts_len, cap = loop->ts_cap;
+        if (loop->rq_len == 0 && n) {
+            /* Capacities are 256 << k on both sides, so the array is a valid ring. */
+            loop->ts_buf = loop->ts_spare;
+            loop->ts_cap = loop->ts_spare_cap;
+            loop->ts_spare = loop->rq;
+            loop->ts_spare_cap = loop->rq_cap;
+            loop->ts_len = 0;
+            atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
+            ts_unlock(loop);
+            loop->rq = items;
+            loop->rq_cap = cap;
+            loop->rq_head = 0;
+            loop->rq_len = n;
+            return;
+        }
+        if (loop->rq_cap - loop->rq_len >= n) {
+            loop->ts_buf = loop->ts_spare;
+            loop->ts_cap = loop->ts_spare_cap;
+            loop->ts_spare = items;
+            loop->ts_spare_cap = cap;
+            loop->ts_len = 0;
+            atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
+            ts_unlock(loop);
+            for (size_t i = 0; i < n; i++) rq_push(loop, items[i].fn, items[i].arg); /* fits */
+            return;
+        }
+        ts_unlock(loop);
+        /* Not enough room: grow the ring outside the lock, then look again. Out of memory,
+         * the items wait for the next iteration. */
+        if (!rq_grow(loop)) return;
+    }
+}
+
+/* The loop is about to block with nothing ready: a ring grown by a burst goes back, and so
+ * does a large spare of the thread-safe queue (the last ring it swapped out). */
+static void rq_trim(ca_loop *loop)
+{
+    if (loop->rq_len == 0 && loop->rq_cap > RQ_KEEP) {
+        free(loop->rq);
+        loop->rq = NULL;
+        loop->rq_cap = loop->rq_head = 0;
+    }
+    if (loop->ts_spare_cap > RQ_KEEP) {
+        ts_lock(loop);
+        struct ca__entry *spare = loop->ts_spare;
+        loop->ts_spare = NULL;
+        loop->ts_spare_cap = 0;
+        ts_unlock(loop);
+        free(spare);
+    }
+}
+
+static inline void ts_drain(ca_loop *loop)
+{
+    if (CA_UNLIKELY(atomic_load_explicit(&loop->ts_pending, memory_order_relaxed)))
+        ts_drain_pending(loop);
+}
+
+static void wake(ca_loop *loop);
+
+/* Appends under the lock; -EBADF once the loop closed (then fn is never called). The wakeup,
+ * when one is needed, is written under the lock too: close marks the queue closed under it
+ * before it closes wake_fd, so no count of writers in flight is needed here. */
+static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
+{
+    ca_handle *h = NULL;
+    if (drop) {
+        /* (fn, arg, drop) travels as a handle, so the queue's items stay two words. */
+        h = handle_alloc(NULL, fn, arg);
+        if (!h) return -ENOMEM;
+        h->escaped = true;
+        h->drop = drop;
+        fn = NULL;
+        arg = h;
+    }
+    int r = 0;
+    ts_lock(loop);
+    if (CA_UNLIKELY(loop->ts_closed)) {
+        r = -EBADF;
+    } else if (CA_UNLIKELY(loop->ts_len == loop->ts_cap)) {
+        size_t cap = loop->ts_cap ? loop->ts_cap * 2 : 256;
+        struct ca__entry *n = cap <= SIZE_MAX / sizeof *n ? realloc(loop->ts_buf, cap * sizeof *n)
+                                                          : NULL;
+        if (n) {
+            loop->ts_buf = n;
+            loop->ts_cap = cap;
+        } else {
+            r = -ENOMEM;
+        }
+    }
+    if (CA_LIKELY(r == 0)) {
+        loop->ts_buf[loop->ts_len++] = (struct ca__entry){fn, arg};
+        /* Only the first item of a batch publishes; the loop clears it when it drains. */
+        if (!atomic_load_explicit(&loop->ts_pending, memory_order_relaxed))
+            atomic_store(&loop->ts_pending, true);
+        wake(loop);
+    }
+    ts_unlock(loop);
+    if (CA_UNLIKELY(r) && h) {
+        h->drop = NULL; /* refused: the caller keeps arg */
+        ca_handle_unref(h);
+    }
+    return r;
+}
+
 /* Wakes a loop blocked in its backend. No system call when it is awake (it drains the queue
- * before it blocks) or when a wakeup is already on its way. The caller counts itself in
- * ts_inflight, so close cannot close wake_fd under it. */
+ * before it blocks) or when a wakeup is already on its way. The caller holds ts_lock (with
+ * the queue still open) or counts itself in ts_inflight, so close cannot close wake_fd under
+ * it. */
 static void wake(ca_loop *loop)
 {
     if (atomic_load(&loop->polling) && !atomic_exchange(&loop->wake_pending, true)) {
@@ -478,7 +638,11 @@ static void on_wakeup(void *arg)
         ca_handle *h = loop->sig_handlers[sig];
         if (h && !h->scheduled && !h->cancelled) {
             ca_handle_ref(h); /* the queue's reference; the registration keeps its own */
-            ready_push(loop, h);
+            if (CA_UNLIKELY(ready_push(loop, h))) {
+                /* Out of memory for the ring: the signal stays pending for next time. */
+                ca_handle_unref(h);
+                ca__sigslot_repend(loop->sigslot, sig);
+            }
         }
     }
 }
@@ -571,15 +735,16 @@ int ca__core_remove_writer(ca_loop *self, int fd) { return clear_io(self, fd, CA
 
 int ca__core_call_soon(ca_loop *self, ca_handle *h)
 {
-    ready_push(self, h);
-    return 0;
+    ts_drain(self);
+    return ready_push(self, h);
 }
 
 int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
 {
     h->loop = self;
-    int r = heap_push(self, h, when);
+    int r = heap_push(self, when, NULL, h);
     if (r) return r;
+    h->in_heap = true;
     h->scheduled = true;
     return 0;
 }
@@ -587,9 +752,7 @@ int ca__core_call_at(ca_loop *self, double when, ca_handle *h)
 int ca__core_call_soon_threadsafe(ca_loop *self, ca_handle *h)
 {
     /* The core keeps (fn, arg), not the handle: the caller still owns h. */
-    int r = ts_push(self, h->fn, h->arg, NULL);
-    if (r == 0) wake(self);
-    return r;
+    return ts_push(self, h->fn, h->arg, NULL);
 }
 
 /* ----- signals ---------------------------------------------------------------------------------- */
@@ -643,12 +806,16 @@ static inline bool skip_poll(ca_loop *loop)
 static int run_once(ca_loop *loop)
 {
     ts_drain(loop);
-    bool busy = loop->ready_head || atomic_load_explicit(&loop->stopping, memory_order_relaxed);
+    bool busy = loop->rq_len || atomic_load_explicit(&loop->stopping, memory_order_relaxed);
     int64_t timeout = -1;
     if (busy) {
         timeout = 0;
     } else if (loop->heap_len) {
-        while (loop->heap_len && loop->heap[0].h->cancelled) handle_release(loop, heap_pop(loop));
+        ca_handle *h;
+        while (loop->heap_len && (h = timer_handle(&loop->heap[0])) && h->cancelled) {
+            heap_pop(loop);
+            handle_release(loop, h);
+        }
     }
     if (!busy && loop->heap_len) {
         double d = loop->heap[0].when - ca__monotonic();
@@ -658,6 +825,7 @@ static int run_once(ca_loop *loop)
         int r;
         if (timeout != 0) {
             if (loop->nchunks > CHUNK_KEEP) pool_trim(loop);
+            rq_trim(loop);
             atomic_store(&loop->polling, true);
             if (atomic_load(&loop->ts_pending)) timeout = 0;
             r = loop->be->poll(loop, timeout);
@@ -671,15 +839,23 @@ static int run_once(ca_loop *loop)
     if (loop->heap_len) {
         double end = ca__monotonic() + 1e-9;
         while (loop->heap_len && loop->heap[0].when <= end) {
-            ca_handle *h = heap_pop(loop);
-            if (h->cancelled) handle_release(loop, h);
-            else ready_push(loop, h);
+            /* Out of memory for the ring: what is left stays due for the next iteration. */
+            if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) break;
+            struct ca__timer t = heap_pop(loop);
+            ca_handle *h = timer_handle(&t);
+            if (h && h->cancelled) handle_release(loop, h);
+            else rq_push(loop, t.fn, t.arg); /* a handle keeps its scheduled flag */
         }
     }
     /* Only what is ready now: a callback scheduled by a callback waits for the next
      * iteration. */
-    for (size_t n = loop->ready_len; n > 0 && loop->ready_head; n--) {
-        ca_handle *h = ready_pop(loop);
+    for (size_t n = loop->rq_len; n > 0 && loop->rq_len; n--) {
+        struct ca__entry e = rq_pop(loop);
+        if (e.fn) {
+            e.fn(e.arg);
+            continue;
+        }
+        ca_handle *h = e.arg;
         if (!h->cancelled) {
             h->ran = true;
             h->fn(h->arg);
@@ -711,23 +887,28 @@ void ca__core_stop(ca_loop *self)
 static void drop_handles(ca_loop *loop, bool forked)
 {
     /* In a child of fork() the lock may be held by a thread that does not exist here. */
-    if (!forked) pthread_mutex_lock(&loop->ts_lock);
+    if (!forked) ts_lock(loop);
     loop->ts_closed = true;
-    struct ca__ts_item *items = loop->ts_buf;
+    struct ca__entry *items = loop->ts_buf;
     size_t n = loop->ts_len;
     loop->ts_buf = NULL;
     loop->ts_cap = 0;
     loop->ts_len = 0;
     atomic_store(&loop->ts_pending, false);
-    if (!forked) pthread_mutex_unlock(&loop->ts_lock);
+    if (!forked) ts_unlock(loop);
     for (size_t i = 0; i < n; i++)
-        if (items[i].drop) items[i].drop(items[i].arg);
+        if (!items[i].fn) ca_handle_unref(items[i].arg); /* calls its drop */
     free(items);
-    while (loop->ready_head) handle_release(loop, ready_pop(loop));
+    while (loop->rq_len) {
+        struct ca__entry e = rq_pop(loop);
+        if (!e.fn) handle_release(loop, e.arg);
+    }
     while (loop->heap_len) {
-        ca_handle *h = loop->heap[--loop->heap_len].h;
-        h->in_heap = false;
-        handle_release(loop, h);
+        ca_handle *h = timer_handle(&loop->heap[--loop->heap_len]);
+        if (h) {
+            h->in_heap = false;
+            handle_release(loop, h);
+        }
     }
     loop->heap_cancelled = 0;
     for (int sig = 1; sig <= 64; sig++) {
@@ -767,11 +948,14 @@ int ca__core_close(ca_loop *self)
 void ca__core_destroy(ca_loop *self)
 {
     pool_free_all(self);
-    free(self->heap);
+    free(self->heap_mem);
+    self->heap_mem = NULL;
+    free(self->rq);
+    self->rq = NULL;
+    self->rq_cap = self->rq_head = 0;
     free(self->ts_buf);
     free(self->ts_spare);
     self->ts_buf = self->ts_spare = NULL;
-    if (self->fork_gen == ca__fork_gen()) pthread_mutex_destroy(&self->ts_lock);
     self->heap = NULL;
 }
 
@@ -814,7 +998,7 @@ int ca__builtin_loop_new(const ca__backend *be, const ca_loop_ops *ops, const ch
     ca_loop *loop = loop_alloc(ops, kind);
     if (!loop) return -ENOMEM;
     loop->be = be;
-    pthread_mutex_init(&loop->ts_lock, NULL);
+    atomic_flag_clear(&loop->ts_lock);
     int r = be->init(loop);
     if (r) {
         free(loop);
@@ -1056,11 +1240,10 @@ int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **o
     int r = check_owned(loop);
     if (CA_UNLIKELY(r)) return r;
     if (CA_LIKELY(loop->be && !out && loop->ops->call_soon == ca__core_call_soon)) {
-        /* The hot path of every built-in loop: a pooled handle onto the ready queue. */
-        ca_handle *h = handle_alloc(loop, fn, arg);
-        if (CA_UNLIKELY(!h)) return -ENOMEM;
-        ready_push(loop, h);
-        return 0;
+        /* The hot path of every built-in loop: (fn, arg) onto the ready ring, no handle.
+         * What other threads submitted before goes first: asyncio has one queue. */
+        ts_drain(loop);
+        return rq_push(loop, fn, arg);
     }
     if (!loop->ops->call_soon) return -ENOTSUP;
     ca_handle *h = new_handle(loop, fn, arg, out != NULL);
@@ -1071,6 +1254,8 @@ int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **o
 /* call_at once the checks are done (call_later does them itself, once). */
 static int schedule_at(ca_loop *loop, double when, ca_callback_fn fn, void *arg, ca_handle **out)
 {
+    if (CA_LIKELY(loop->be && !out && loop->ops->call_at == ca__core_call_at))
+        return heap_push(loop, when, fn, arg); /* nobody can cancel it: no handle yet */
     if (!loop->ops->call_at) return -ENOTSUP;
     ca_handle *h = new_handle(loop, fn, arg, out != NULL);
     if (!h) return -ENOMEM;
@@ -1102,11 +1287,7 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     if (!loop->ops->call_soon_threadsafe) return -ENOTSUP;
     if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
-        atomic_fetch_add(&loop->ts_inflight, 1);
-        r = ts_push(loop, fn, arg, NULL);
-        if (r == 0) wake(loop);
-        atomic_fetch_sub(&loop->ts_inflight, 1);
-        return r;
+        return ts_push(loop, fn, arg, NULL);
     }
     ca_handle *h = handle_alloc(NULL, fn, arg);
     if (!h) return -ENOMEM;
@@ -1127,17 +1308,16 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     if (loop->be) {
         /* Built-in loops: straight into the core's queues, whatever their ops table. */
         if (!own) {
-            atomic_fetch_add(&loop->ts_inflight, 1);
-            r = ts_push(loop, fn, arg, drop);
-            if (r == 0) wake(loop);
-            atomic_fetch_sub(&loop->ts_inflight, 1);
-            return r;
+            return ts_push(loop, fn, arg, drop);
         }
+        ts_drain(loop);
+        if (!drop) return rq_push(loop, fn, arg);
         ca_handle *h = handle_alloc(loop, fn, arg);
         if (!h) return -ENOMEM;
         h->drop = drop;
-        ready_push(loop, h);
-        return 0;
+        r = ready_push(loop, h);
+        if (r) handle_recycle_nodrop(loop, h); /* refused: the caller keeps arg */
+        return r;
     }
     /* Custom loops: a reference-counted handle; whoever drops the last reference without
      * running it calls drop. */

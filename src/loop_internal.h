@@ -51,19 +51,25 @@ struct ca_handle {
     void *arg;
     ca_callback_fn drop;     /* internal: frees arg when the handle goes without running */
     ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
-    struct ca_handle *next;  /* ready queue, free list */
+    struct ca_handle *next;  /* the pool's free list */
 };
 
-struct ca__ts_item {
+/* A ready callback: fn NULL means arg is a ca_handle (one a user may hold, or one with a drop
+ * function); plain call_soon and due timers need no handle at all. */
+struct ca__entry {
     ca_callback_fn fn;
     void *arg;
-    ca_callback_fn drop;
 };
 
+
+/* A timer: when nobody can hold its handle (call_at/call_later without `out`), the heap keeps
+ * (fn, arg) itself and a handle is made only when it comes due, from the hot end of the pool;
+ * otherwise fn is NULL and arg is the handle. */
 struct ca__timer {
     double when;
     uint64_t seq;
-    ca_handle *h;
+    ca_callback_fn fn;
+    void *arg;
 };
 
 struct ca__fdent {
@@ -96,12 +102,15 @@ struct ca_loop {
     /* ----- built-in loops only (be != NULL) ----- */
     const ca__backend *be;
     void *be_data;
-    /* ready queue (FIFO) */
-    ca_handle *ready_head, *ready_tail;
-    size_t ready_len;
+    /* ready queue: a FIFO ring of (fn, arg), grown by doubling, given back when idle */
+    struct ca__entry *rq;
+    size_t rq_cap, rq_head, rq_len;
     /* timer heap: a 4-ary min-heap on (when, seq) with the keys stored inline, so sifting
-     * never touches the handles; cancelled timers are dropped lazily (asyncio's scheme) */
+     * never touches the handles; the four children of a node share one 128-byte block
+     * (heap_mem is the allocation, heap points 3 entries into it); cancelled timers are
+     * dropped lazily (asyncio's scheme) */
     struct ca__timer *heap;
+    void *heap_mem;
     size_t heap_len, heap_cap, heap_cancelled;
     uint64_t seq;
     /* the handle pool (loop thread only): chunks of handles and the free ones among them */
@@ -116,8 +125,8 @@ struct ca_loop {
     /* thread-safe submissions: an array of (fn, arg) under a mutex, swapped out whole by the
      * loop (exact arrival order, no allocation per call); ts_pending lets the loop look
      * without the lock */
-    pthread_mutex_t ts_lock;
-    struct ca__ts_item *ts_buf, *ts_spare;
+    atomic_flag ts_lock;               /* a spinlock: see ts_lock() in loop.c */
+    struct ca__entry *ts_buf, *ts_spare;
     size_t ts_len, ts_cap, ts_spare_cap;
     bool ts_closed;
     atomic_bool ts_pending;

@@ -147,6 +147,15 @@ uint64_t ca__sigslot_take(ca__sigslot *s)
     return s ? atomic_exchange(&s->pending, 0) : 0;
 }
 
+void ca__sigslot_repend(ca__sigslot *s, int sig)
+{
+    if (!s || !ca__signal_valid(sig)) return;
+    atomic_fetch_or(&s->pending, UINT64_C(1) << (sig - 1));
+    uint64_t one = 1;
+    ssize_t w = write(atomic_load(&s->efd), &one, sizeof one);
+    (void)w;
+}
+
 bool ca__sigslot_pending(ca__sigslot *s)
 {
     return atomic_load_explicit(&s->pending, memory_order_relaxed) != 0;

@@ -58,6 +58,17 @@ static struct cl *CL(ca_loop *l) { return ca_loop_data(l); }
 static int cl_call_soon(ca_loop *self, ca_handle *h)
 {
     struct cl *c = CL(self);
+    /* What other threads submitted before comes first (asyncio has one queue). */
+    pthread_mutex_lock(&c->mu);
+    size_t moved = 0;
+    while (moved < c->nts &&
+           push((void **)&c->ready, &c->nready, &c->cap_ready, sizeof h, &c->ts[moved]) == 0)
+        moved++;
+    if (moved) {
+        memmove(c->ts, c->ts + moved, (c->nts - moved) * sizeof *c->ts);
+        c->nts -= moved;
+    }
+    pthread_mutex_unlock(&c->mu);
     ca_handle_ref(h);
     int r = push((void **)&c->ready, &c->nready, &c->cap_ready, sizeof h, &h);
     if (r) ca_handle_unref(h);

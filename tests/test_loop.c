@@ -1100,3 +1100,181 @@ TEST(signal_slots_exhausted_enospc) /* timeout: 60 */
     sigaction(SIGUSR1, NULL, &now);
     CHECK(now.sa_handler == SIG_DFL);
 }
+
+/* ----- the ready ring and the timer heap's two kinds of entries ----------------------------- */
+
+struct seq {
+    ca_loop *loop;
+    int *got;
+    int n, cap;
+    bool bad;
+};
+struct seq_item {
+    struct seq *s;
+    int id;
+};
+static void seq_cb(void *arg)
+{
+    struct seq_item *it = arg;
+    struct seq *s = it->s;
+    if (s->n < s->cap) s->got[s->n] = it->id;
+    s->n++;
+}
+
+/* call_soon without a handle, with one, cancelled, threadsafe from the loop's own thread:
+ * one FIFO. Enough of them that the ring grows (and wraps: the first ones ran before the
+ * last ones were queued). */
+LOOP_TEST(ready_ring_mixed_entries_fifo)
+{
+    enum { N = 3000 };
+    static int got[2 * N];
+    static struct seq_item items[2 * N];
+    static ca_handle *hs[2 * N];
+    struct seq s = {.loop = loop, .got = got, .cap = 2 * N};
+    int expect = 0;
+    for (int round = 0; round < 2; round++) {
+        for (int i = round * N; i < (round + 1) * N; i++) {
+            items[i] = (struct seq_item){&s, i};
+            hs[i] = NULL;
+            switch (i % 4) {
+            case 0: CHECK_OK(ca_loop_call_soon(loop, seq_cb, &items[i], NULL)); break;
+            case 1: CHECK_OK(ca_loop_call_soon(loop, seq_cb, &items[i], &hs[i])); break;
+            case 2: CHECK_OK(ca_loop_call_soon_threadsafe(loop, seq_cb, &items[i])); break;
+            default: CHECK_OK(ca_loop_call_soon(loop, seq_cb, &items[i], &hs[i])); break;
+            }
+            if (i % 8 == 7) ca_handle_cancel(hs[i]);
+        }
+        t_run_for(loop, 0.01);
+        for (int i = round * N; i < (round + 1) * N; i++) {
+            if (i % 8 == 7) continue;
+            CHECK_EQ(got[expect], i);
+            expect++;
+        }
+        CHECK_EQ(s.n, expect);
+    }
+    for (int i = 0; i < 2 * N; i++) ca_handle_unref(hs[i]);
+}
+
+/* The same instant for every timer: handle-less ones and ones with a handle keep the order
+ * they were scheduled in; a cancelled one is skipped; a timer due in the past, scheduled by
+ * a timer callback, runs in the next iteration after what that callback scheduled with
+ * call_soon (asyncio: due timers are moved to the ready queue once per iteration). */
+struct late {
+    ca_loop *loop;
+    struct rec *rec;
+    struct tag soon, past;
+};
+static void late_cb(void *arg)
+{
+    struct late *l = arg;
+    record(&l->soon); /* marks that late_cb ran */
+    ca_loop_call_soon(l->loop, record, &l->soon, NULL);
+    ca_loop_call_at(l->loop, ca_loop_time(l->loop) - 1, record, &l->past, NULL);
+}
+LOOP_TEST(timers_same_instant_fifo_across_kinds)
+{
+    struct rec rec = {.n = 0};
+    struct tag t[40];
+    ca_handle *h[40] = {0};
+    double when = ca_loop_time(loop) + 0.002;
+    for (int i = 0; i < 40; i++) {
+        t[i] = (struct tag){&rec, i};
+        CHECK_OK(ca_loop_call_at(loop, when, record, &t[i], i % 3 == 0 ? &h[i] : NULL));
+    }
+    ca_handle_cancel(h[9]);
+    struct late l = {.loop = loop, .rec = &rec, .soon = {&rec, 100}, .past = {&rec, 200}};
+    CHECK_OK(ca_loop_call_at(loop, when, late_cb, &l, NULL));
+    CHECK_OK(ca_loop_call_at(loop, when, record, &t[0], NULL)); /* after late_cb, same batch */
+    t_run_for(loop, 0.05);
+    int k = 0;
+    for (int i = 0; i < 40; i++)
+        if (i != 9) CHECK_EQ(rec.order[k++], i);
+    CHECK_EQ(rec.order[k++], 100); /* late_cb itself */
+    CHECK_EQ(rec.order[k++], 0);   /* the rest of its batch */
+    CHECK_EQ(rec.order[k++], 100); /* its call_soon */
+    CHECK_EQ(rec.order[k++], 200); /* its past-due timer */
+    CHECK_EQ(rec.n, k);
+    for (int i = 0; i < 40; i++) ca_handle_unref(h[i]);
+}
+
+/* Many timers at random instants: they run in time order (the heap's pop is checked against
+ * a sort). */
+struct tcheck {
+    double last;
+    int n;
+    bool bad;
+    ca_loop *loop;
+};
+struct titem {
+    struct tcheck *c;
+    double when;
+};
+static void tcheck_cb(void *arg)
+{
+    struct titem *it = arg;
+    if (it->when < it->c->last) it->c->bad = true;
+    it->c->last = it->when;
+    it->c->n++;
+}
+LOOP_TEST(timer_heap_pops_in_time_order)
+{
+    enum { N = 20000 };
+    static struct titem items[N];
+    struct tcheck c = {.last = -1, .loop = loop};
+    double base = ca_loop_time(loop);
+    uint64_t x = 88172645463325252u;
+    for (int i = 0; i < N; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        items[i] = (struct titem){&c, base + (double)(x % 20000) * 1e-6};
+        CHECK_OK(ca_loop_call_at(loop, items[i].when, tcheck_cb, &items[i], NULL));
+    }
+    t_run_for(loop, 0.05 + 0.2 * t_slow());
+    CHECK_EQ(c.n, N);
+    CHECK(!c.bad);
+}
+
+/* Another thread submits while the loop runs: the queue is taken whole when the ring is
+ * empty, copied behind when it is not; either way every call runs once, in order. */
+struct feeder {
+    ca_loop *loop;
+    struct seq *s;
+    struct seq_item *items;
+    int n;
+};
+static void *feeder_main(void *arg)
+{
+    struct feeder *f = arg;
+    for (int i = 0; i < f->n; i++) {
+        int r;
+        while ((r = ca_loop_call_soon_threadsafe(f->loop, seq_cb, &f->items[i])) == -ENOMEM)
+            sched_yield();
+        if (r) f->s->bad = true;
+        if (i % 1000 == 0) sched_yield();
+    }
+    return NULL;
+}
+static void keep_busy(void *arg)
+{
+    struct seq *s = arg;
+    /* something in the ring most of the time, so both drain paths are taken */
+    if (s->n < s->cap) ca_loop_call_soon(s->loop, keep_busy, s, NULL);
+    else ca_loop_stop(s->loop);
+}
+LOOP_TEST(threadsafe_drain_both_paths_in_order)
+{
+    enum { N = 50000 };
+    static int got[N];
+    static struct seq_item items[N];
+    struct seq s = {.loop = loop, .got = got, .cap = N};
+    for (int i = 0; i < N; i++) items[i] = (struct seq_item){&s, i};
+    struct feeder f = {loop, &s, items, N};
+    pthread_t th;
+    CHECK_OK(ca_loop_call_soon(loop, keep_busy, &s, NULL));
+    CHECK_EQ(pthread_create(&th, NULL, feeder_main, &f), 0);
+    CHECK_OK(ca_loop_run_forever(loop));
+    pthread_join(th, NULL);
+    t_run_for(loop, 0.01);
+    CHECK(!s.bad);
+    CHECK_EQ(s.n, N);
+    for (int i = 0; i < N; i++) CHECK_EQ(got[i], i);
+}
