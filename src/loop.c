@@ -980,8 +980,11 @@ const ca_loop_ops ca__selector_ops = {
 static ca_loop *loop_alloc(const ca_loop_ops *ops, const char *kind)
 {
     ca__fork_init();
-    ca_loop *loop = calloc(1, sizeof *loop);
+    /* aligned: the thread-safe queue's fields sit on cache lines of their own */
+    size_t bytes = (sizeof(ca_loop) + _Alignof(ca_loop) - 1) / _Alignof(ca_loop) * _Alignof(ca_loop);
+    ca_loop *loop = aligned_alloc(_Alignof(ca_loop), bytes);
     if (!loop) return NULL;
+    memset(loop, 0, sizeof *loop);
     loop->ops = ops;
     loop->kind = kind;
     atomic_init(&loop->refs, 1);

@@ -122,10 +122,10 @@ struct ca_loop {
     struct ca__fdent *fds;
     int nfds;
     size_t n_watched;                  /* user readers/writers */
-    /* thread-safe submissions: an array of (fn, arg) under a mutex, swapped out whole by the
+    /* thread-safe submissions: an array of (fn, arg) under a spinlock, taken whole by the
      * loop (exact arrival order, no allocation per call); ts_pending lets the loop look
-     * without the lock */
-    atomic_flag ts_lock;               /* a spinlock: see ts_lock() in loop.c */
+     * without the lock. On cache lines of their own: other threads write them. */
+    _Alignas(64) atomic_flag ts_lock;  /* see ts_lock() in loop.c */
     struct ca__entry *ts_buf, *ts_spare;
     size_t ts_len, ts_cap, ts_spare_cap;
     bool ts_closed;
@@ -134,7 +134,7 @@ struct ca_loop {
     atomic_bool wake_pending;          /* an eventfd write is in flight */
     int wake_fd;
     /* signals */
-    ca__sigslot *sigslot;
+    _Alignas(64) ca__sigslot *sigslot;
     ca_handle *sig_handlers[65];       /* per signal, escaped handles owned by the loop */
     atomic_int ts_inflight;            /* threads between the closed check and the wakeup write */
     ca_future *ruc_future;             /* what run_until_complete waits for */
