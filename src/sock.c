@@ -482,11 +482,21 @@ static int sock_check(ca_loop *loop, int fd, const void *out, bool generic, bool
     return 0;
 }
 
+/* The io_uring loop's recv and sendall try the system call first too, and tell a closed fd
+ * by its EBADF as generic_start does: no fcntl() for them either. */
+extern const ca__backend ca__backend_uring;
+
+static inline bool checks_fd_itself(const ca_loop *loop, bool has_op)
+{
+    return !has_op || loop->be == &ca__backend_uring;
+}
+
 int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out)
 {
     if (!buf && n > 0) return -EINVAL;
     bool checked;
-    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_recv, &checked);
+    int r = sock_check(loop, fd, out, loop && checks_fd_itself(loop, loop->ops->sock_recv),
+                       &checked);
     if (r < 0) return r;
     if (loop->ops->sock_recv) return loop->ops->sock_recv(loop, fd, buf, n, out);
     return generic_start(loop, GOP_RECV, fd, buf, n, NULL, 0, checked, out);
@@ -496,7 +506,8 @@ int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_fu
 {
     if (!buf && n > 0) return -EINVAL;
     bool checked;
-    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_sendall, &checked);
+    int r = sock_check(loop, fd, out, loop && checks_fd_itself(loop, loop->ops->sock_sendall),
+                       &checked);
     if (r < 0) return r;
     if (loop->ops->sock_sendall) return loop->ops->sock_sendall(loop, fd, buf, n, out);
     return generic_start(loop, GOP_SEND, fd, (void *)buf, n, NULL, 0, checked, out);
