@@ -39,12 +39,16 @@
  *   close (the peer must see the FIN) without waiting for our next iteration.
  * - Cancellation and buffers. Cancelling an operation (IORING_OP_ASYNC_CANCEL) is itself
  *   asynchronous: until the cancelled request completes, the kernel may still write into its
- *   buffer, and the user may free that buffer as soon as ca_future_cancel returns. So a recv
- *   lands in a bounce buffer we own (at most 64 KiB per operation; a recv may return fewer
- *   bytes than asked, as recv(2) does) and is copied to the user's buffer only while the
- *   future is still pending. A send copies its next chunk into the bounce buffer too, so a
- *   cancelled send never reads freed user memory. Closing the loop cancels every operation in
- *   flight and waits for their completions before the bounce buffers are freed.
+ *   buffer, and the user may free that buffer as soon as ca_future_cancel returns. So the
+ *   kernel is never given the user's memory: recv and sendall first try recv(2)/send(2) at
+ *   once (as the selector loops do: no ring trip, no copy); a small recv that has to wait
+ *   (at most 2 KiB) is an IORING_OP_RECV into a bounce buffer we own, copied out only while
+ *   the future is still pending; a larger one, and the rest of a sendall, is a one-shot
+ *   POLL_ADD after which we call recv(2)/send(2) on the user's buffer ourselves, while the
+ *   future is pending. (A 64 KiB bounce + memcpy per operation cost half the throughput of a
+ *   stream; registered or provided buffers would still need the copy.) A recv returns at
+ *   most 64 KiB, as the header says. Closing the loop cancels every operation in flight and
+ *   waits for their completions before the bounce buffers are freed.
  * - Fork. The child inherits the ring's mappings and fd, but its requests belong to the
  *   parent. The core answers -ECHILD in the child; fini(forked) only unmaps our copies of the
  *   rings and closes our copy of the fd (io_uring_queue_exit does nothing else, as we never
@@ -67,6 +71,7 @@
 #define DEFAULT_CQ 4096u
 #define RECV_COPY_MAX 2048u    /* a recv up to this size lands in a bounce buffer; a larger one
                                 * waits for readability and reads into the caller's buffer */
+#define RECV_MAX (64u * 1024u) /* what one recv returns at most (the header says so) */
 #define POOL_CAP 256u          /* operations with a bounce of at most this are kept for reuse */
 #define POOL_MAX 64
 #define REAP_MAX 4096          /* completions handled per poll(); the rest wait one iteration */
@@ -908,6 +913,7 @@ static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t
 static int ur_sock_recv(ca_loop *self, int fd, void *buf, size_t n, ca_future **out)
 {
     struct ur *u = self->be_data;
+    if (n > RECV_MAX) n = RECV_MAX;
     if (fd < u->nfds && u->fds[fd].rhead) {
         /* Queued behind other receives: it waits its turn (or it would take their data). */
         if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
