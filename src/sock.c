@@ -179,6 +179,11 @@ static void op_free(struct gop *op)
     }
 }
 
+/* loop_epoll.c: an fd watched only for our operations is registered one-shot, so that the
+ * interest of an operation that completed needs no epoll_ctl DEL (see there). */
+extern const ca__backend ca__backend_epoll;
+void ca__epoll_sock_own(ca_loop *loop, int fd, unsigned what, bool own);
+
 /* The loop's own add_reader / add_writer, without the public wrappers' checks (and their
  * fcntl()): the caller checked the loop, its thread and the fd already. */
 static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
@@ -186,7 +191,21 @@ static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
     int (*add)(ca_loop *, int, ca_callback_fn, void *) =
         writes ? loop->ops->add_writer : loop->ops->add_reader;
     if (!add) return -ENOTSUP;
-    return add(loop, fd, fn, arg);
+    bool ep = loop->be == &ca__backend_epoll;
+    unsigned what = writes ? CA__WRITE : CA__READ;
+    if (ep) ca__epoll_sock_own(loop, fd, what, true);
+    int r = add(loop, fd, fn, arg);
+    if (r < 0 && ep) ca__epoll_sock_own(loop, fd, what, false);
+    return r;
+}
+
+/* Removes our reader or writer of fd. */
+static void disarm(ca_loop *loop, bool writes, int fd)
+{
+    if (writes) ca_loop_remove_writer(loop, fd);
+    else ca_loop_remove_reader(loop, fd);
+    if (loop->be == &ca__backend_epoll)
+        ca__epoll_sock_own(loop, fd, writes ? CA__WRITE : CA__READ, false);
 }
 
 /* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
@@ -214,11 +233,11 @@ static void op_unqueue(struct gop *op)
             if (arm(loop, false, op->fd, on_readable, f->rhead) < 0)
                 ca__log(CA_LOG_ERROR, "sock: cannot re-arm the reader of fd %d", op->fd);
         } else {
-            ca_loop_remove_reader(loop, op->fd);
+            disarm(loop, false, op->fd);
         }
     } else {
         f->wop = NULL;
-        ca_loop_remove_writer(loop, op->fd);
+        disarm(loop, true, op->fd);
     }
 }
 
