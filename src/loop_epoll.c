@@ -41,6 +41,7 @@ struct epfd {
     bool oneshot;              /* the kernel's registration is EPOLLONESHOT */
     bool fired;                /* ... and it fired: disabled until a MOD */
     bool parked;               /* no interest, but a fired (disabled) registration is left */
+    uint32_t gen;              /* of the registration, in its event data next to the fd */
 };
 
 struct ep {
@@ -121,10 +122,14 @@ static int ep_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
         return 0;
     }
     bool oneshot = st && (new_ev & ~st->own) == 0;
+    /* The generation tells an event of this registration from one that an earlier
+     * registration of the fd (deleted and added again by a callback of the same batch)
+     * delivered: only the former means that this one is disabled now. */
+    uint32_t gen = st ? st->gen + 1 : 0;
     struct epoll_event ev = {
         .events = ((new_ev & CA__READ) ? EPOLLIN : 0u) | ((new_ev & CA__WRITE) ? EPOLLOUT : 0u) |
                   (oneshot ? (uint32_t)EPOLLONESHOT : 0u),
-        .data.fd = fd,
+        .data.u64 = ((uint64_t)gen << 32) | (uint32_t)fd,
     };
     int op = old_ev || (st && st->parked) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
     if (epoll_ctl(ep->epfd, op, fd, &ev) != 0) {
@@ -134,6 +139,7 @@ static int ep_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
         if (epoll_ctl(ep->epfd, op, fd, &ev) != 0) return -errno;
     }
     if (st) {
+        st->gen = gen;
         st->want = new_ev;
         st->oneshot = oneshot;
         st->fired = st->parked = false;
@@ -177,11 +183,13 @@ static int ep_poll(ca_loop *loop, int64_t timeout_ns)
     if (n < 0) return errno == EINTR ? 0 : -errno;
     for (int i = 0; i < n; i++) {
         uint32_t e = ep->events[i].events;
-        int fd = ep->events[i].data.fd;
+        uint64_t data = ep->events[i].data.u64;
+        int fd = (int)(uint32_t)data;
         unsigned rev = 0;
         if (e & ~(uint32_t)EPOLLOUT) rev |= CA__READ;
         if (e & ~(uint32_t)EPOLLIN) rev |= CA__WRITE;
-        bool oneshot = fd < ep->nst && ep->st[fd].oneshot;
+        bool oneshot = fd < ep->nst && ep->st[fd].oneshot &&
+                       ep->st[fd].gen == (uint32_t)(data >> 32);
         if (oneshot) ep->st[fd].fired = true;
         ca__loop_io(loop, fd, rev);
         if (oneshot) rearm(loop, fd);
