@@ -73,7 +73,7 @@
                                 * waits for readability and reads into the caller's buffer */
 #define RECV_MAX (64u * 1024u) /* what one recv returns at most (the header says so) */
 #define POOL_CAP 256u          /* operations with a bounce of at most this are kept for reuse */
-#define POOL_MAX 64
+#define POOL_MAX 256
 #define REAP_MAX 4096          /* completions handled per poll(); the rest wait one iteration */
 #define CLOSE_WAIT_NS 2000000000LL
 

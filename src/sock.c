@@ -71,8 +71,10 @@ struct ca__sock_state {
     void *close_token;
 };
 
-/* Enough spare operations for many sockets busy at once, few enough to stay small. */
-enum { SPARE_MAX = 64 };
+/* Enough spare operations for one batch of completions (epoll hands over up to 256 ready fds
+ * at a time, and their callbacks start as many new operations), few enough to stay small
+ * (about 50 KB). */
+enum { SPARE_MAX = 256 };
 
 static void on_readable(void *arg);
 static void on_writable(void *arg);
