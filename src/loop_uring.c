@@ -39,12 +39,16 @@
  *   close (the peer must see the FIN) without waiting for our next iteration.
  * - Cancellation and buffers. Cancelling an operation (IORING_OP_ASYNC_CANCEL) is itself
  *   asynchronous: until the cancelled request completes, the kernel may still write into its
- *   buffer, and the user may free that buffer as soon as ca_future_cancel returns. So a recv
- *   lands in a bounce buffer we own (at most 64 KiB per operation; a recv may return fewer
- *   bytes than asked, as recv(2) does) and is copied to the user's buffer only while the
- *   future is still pending. A send copies its next chunk into the bounce buffer too, so a
- *   cancelled send never reads freed user memory. Closing the loop cancels every operation in
- *   flight and waits for their completions before the bounce buffers are freed.
+ *   buffer, and the user may free that buffer as soon as ca_future_cancel returns. So the
+ *   kernel is never given the user's memory: recv and sendall first try recv(2)/send(2) at
+ *   once (as the selector loops do: no ring trip, no copy); a small recv that has to wait
+ *   (at most 2 KiB) is an IORING_OP_RECV into a bounce buffer we own, copied out only while
+ *   the future is still pending; a larger one, and the rest of a sendall, is a one-shot
+ *   POLL_ADD after which we call recv(2)/send(2) on the user's buffer ourselves, while the
+ *   future is pending. (A 64 KiB bounce + memcpy per operation cost half the throughput of a
+ *   stream; registered or provided buffers would still need the copy.) A recv returns at
+ *   most 64 KiB, as the header says. Closing the loop cancels every operation in flight and
+ *   waits for their completions before the bounce buffers are freed.
  * - Fork. The child inherits the ring's mappings and fd, but its requests belong to the
  *   parent. The core answers -ECHILD in the child; fini(forked) only unmaps our copies of the
  *   rings and closes our copy of the fd (io_uring_queue_exit does nothing else, as we never
@@ -55,6 +59,7 @@
  */
 #include "loop_internal.h"
 
+#include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -64,14 +69,25 @@
 
 #define DEFAULT_SQ 256u
 #define DEFAULT_CQ 4096u
-#define BOUNCE_MAX (64u * 1024u)
+#define RECV_COPY_MAX 2048u    /* a recv up to this size lands in a bounce buffer; a larger one
+                                * waits for readability and reads into the caller's buffer */
+#define RECV_MAX (64u * 1024u) /* what one recv returns at most (the header says so) */
+#define POOL_CAP 256u          /* operations with a bounce of at most this are kept for reuse */
+#define POOL_MAX 256
 #define REAP_MAX 4096          /* completions handled per poll(); the rest wait one iteration */
 #define CLOSE_WAIT_NS 2000000000LL
 
 /* user_data: the low 3 bits say what completed. Operations are malloc'ed (aligned to 16). */
 enum { TAG_IGNORE = 0, TAG_POLL = 1, TAG_OP = 2, TAG_MASK = 7 };
 
-enum uop_kind { UOP_RECV, UOP_SEND, UOP_ACCEPT, UOP_CONNECT, UOP_CONNECT_POLL };
+enum uop_kind {
+    UOP_RECV,          /* IORING_OP_RECV into the bounce buffer (small receives) */
+    UOP_RECV_POLL,     /* POLLIN, then recv(2) into the caller's buffer (large receives) */
+    UOP_SEND_POLL,     /* POLLOUT, then send(2) from the caller's buffer (the rest of a sendall) */
+    UOP_ACCEPT,
+    UOP_CONNECT,
+    UOP_CONNECT_POLL,
+};
 
 struct uop {
     enum uop_kind kind;
@@ -116,6 +132,8 @@ struct ur {
     uint64_t *rm;              /* poll removals that found no SQE */
     size_t nrm, caprm;
     size_t in_kernel;          /* operations with a completion to come */
+    struct uop *spare;         /* freed small operations kept for reuse (linked by next) */
+    int nspare;
     bool closing;
     bool ppoll_wait;           /* block in ppoll on the ring fd, not io_uring_enter (valgrind) */
 };
@@ -313,6 +331,18 @@ static void rq_unlink(struct ur *u, struct uop *op)
     if (was_head && next && !u->closing && !ca_future_done(next->fut)) op_submit(u, next);
 }
 
+/* Frees (or keeps for reuse) an operation that is in no list. */
+static void op_free_unlinked(struct ur *u, struct uop *op)
+{
+    if (op->cap == POOL_CAP && u->nspare < POOL_MAX) {
+        op->next = u->spare;
+        u->spare = op;
+        u->nspare++;
+    } else {
+        free(op);
+    }
+}
+
 static void op_free(struct ur *u, struct uop *op)
 {
     backlog_remove(u, op);
@@ -322,7 +352,7 @@ static void op_free(struct ur *u, struct uop *op)
     if (op->next) op->next->prev = op->prev;
     if (op->fd < u->nfds && u->fds[op->fd].wop == op) u->fds[op->fd].wop = NULL;
     ca_future_unref(op->fut);
-    free(op);
+    op_free_unlinked(u, op);
 }
 
 /* Prepares the SQE that (re)starts op. */
@@ -330,14 +360,16 @@ static void op_prep(struct uop *op, struct io_uring_sqe *s)
 {
     switch (op->kind) {
     case UOP_RECV:
-        io_uring_prep_recv(s, op->fd, op->bounce, op->n < op->cap ? op->n : op->cap, 0);
+        /* Valgrind cannot see the kernel write the buffer through the ring. */
+        if (((struct ur *)op->loop->be_data)->ppoll_wait) memset(op->bounce, 0, op->n);
+        io_uring_prep_recv(s, op->fd, op->bounce, op->n, 0);
         break;
-    case UOP_SEND: {
-        size_t chunk = op->n - op->off < op->cap ? op->n - op->off : op->cap;
-        memcpy(op->bounce, op->ubuf + op->off, chunk);
-        io_uring_prep_send(s, op->fd, op->bounce, chunk, MSG_NOSIGNAL);
+    case UOP_RECV_POLL:
+        io_uring_prep_poll_add(s, op->fd, POLLIN);
         break;
-    }
+    case UOP_SEND_POLL:
+        io_uring_prep_poll_add(s, op->fd, POLLOUT);
+        break;
     case UOP_ACCEPT:
         io_uring_prep_accept(s, op->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         break;
@@ -429,7 +461,26 @@ static void on_done(ca_future *fut, void *arg)
     op_free(u, op);
 }
 
-static bool retry_err(int res) { return res == -EAGAIN || res == -EINTR; }
+static bool retry_err(int res)
+{
+    return res == -EAGAIN || res == -EWOULDBLOCK || res == -EINTR;
+}
+
+/* send(2) from buf + *off until all n bytes are sent (0), the socket is full (-EAGAIN) or
+ * it fails (a negative errno). */
+static int send_some(int fd, const char *buf, size_t n, size_t *off)
+{
+    while (*off < n) {
+        ssize_t k = send(fd, buf + *off, n - *off, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return -EAGAIN;
+            return -errno;
+        }
+        *off += (size_t)k;
+    }
+    return 0;
+}
 
 static void op_done(ca_loop *loop, struct uop *op, int res)
 {
@@ -449,18 +500,36 @@ static void op_done(ca_loop *loop, struct uop *op, int res)
         if (res > 0) memcpy(op->ubuf, op->bounce, (size_t)res);
         op_finish(u, op, res, res < 0 ? res : 0);
         return;
-    case UOP_SEND:
-        if (retry_err(res)) break;
-        if (res < 0) {
+    case UOP_RECV_POLL: {
+        /* Readable (or an error or hang-up to read): the future is pending, so the
+         * caller's buffer is still theirs to give; recv(2) says what it is. */
+        if (res < 0 && !retry_err(res)) {
             op_finish(u, op, 0, res);
             return;
         }
-        op->off += (size_t)res;
-        if (op->off >= op->n) {
-            op_finish(u, op, 0, 0);
+        ssize_t k = recv(op->fd, op->ubuf, op->n, MSG_DONTWAIT);
+        if (k >= 0) {
+            op_finish(u, op, k, 0);
+            return;
+        }
+        if (!retry_err(-errno)) {
+            op_finish(u, op, 0, -errno);
             return;
         }
         break;
+    }
+    case UOP_SEND_POLL: {
+        if (res < 0 && !retry_err(res)) {
+            op_finish(u, op, 0, res);
+            return;
+        }
+        int err = send_some(op->fd, op->ubuf, op->n, &op->off);
+        if (err != -EAGAIN) {
+            op_finish(u, op, 0, err);
+            return;
+        }
+        break;
+    }
     case UOP_ACCEPT:
         if (retry_err(res)) break;
         op_finish(u, op, res, res < 0 ? res : 0);
@@ -688,6 +757,11 @@ static void ur_fini(ca_loop *loop, bool forked)
         ca_future_unref(op->fut);
         free(op);
     }
+    while (u->spare) {
+        struct uop *op = u->spare;
+        u->spare = op->next;
+        free(op);
+    }
     io_uring_queue_exit(&u->ring);
     free(u->fds);
     free(u->rm);
@@ -737,24 +811,52 @@ static int ur_close(ca_loop *self)
 
 /* ----- socket operations ---------------------------------------------------------------------- */
 
-static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t n,
+/* A future that is done already: res, or err when negative. */
+static int done_future(ca_loop *loop, intptr_t res, int err, ca_future **out)
+{
+    ca_future *fut = NULL;
+    int r = ca_future_new(loop, &fut);
+    if (r) return r;
+    if (err < 0) ca_future_set_error(fut, err);
+    else ca_future_set_result(fut, (void *)res);
+    *out = fut;
+    return 0;
+}
+
+/* A zeroed operation with room for a bounce of cap bytes (small ones come from the pool). */
+static struct uop *op_alloc(struct ur *u, size_t cap)
+{
+    struct uop *op;
+    if (cap <= POOL_CAP) {
+        cap = POOL_CAP;
+        op = u->spare;
+        if (op) {
+            u->spare = op->next;
+            u->nspare--;
+        } else if (!(op = malloc(sizeof *op + cap))) {
+            return NULL;
+        }
+    } else if (!(op = malloc(sizeof *op + cap))) {
+        return NULL;
+    }
+    memset(op, 0, offsetof(struct uop, addr));
+    op->cap = cap;
+    return op;
+}
+
+/* Starts an operation that has to wait: off is what a sendall sent already. */
+static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t n, size_t off,
                     const struct sockaddr *addr, socklen_t alen, ca_future **out)
 {
     struct ur *u = loop->be_data;
     int r = fds_grow(u, fd);
     if (r) return r;
-    bool writes = (kind == UOP_SEND || kind == UOP_CONNECT);
+    bool writes = (kind == UOP_SEND_POLL || kind == UOP_CONNECT);
     if (writes && u->fds[fd].wop) return -EBUSY;
     ca_future *fut = NULL;
     r = ca_future_new(loop, &fut);
     if (r) return r;
-    if (kind == UOP_SEND && n == 0) {
-        ca_future_set_result(fut, (void *)0);
-        *out = fut;
-        return 0;
-    }
-    size_t cap = (kind == UOP_RECV || kind == UOP_SEND) ? (n < BOUNCE_MAX ? n : BOUNCE_MAX) : 0;
-    struct uop *op = calloc(1, sizeof *op + cap);
+    struct uop *op = op_alloc(u, kind == UOP_RECV ? n : 0);
     if (!op) {
         ca_future_unref(fut);
         return -ENOMEM;
@@ -764,14 +866,15 @@ static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t
     op->loop = loop;
     op->ubuf = buf;
     op->n = n;
-    op->cap = cap;
+    op->off = off;
     if (addr) {
         memcpy(&op->addr, addr, alen);
         op->alen = alen;
     }
     r = ca_future_add_done_callback(fut, on_done, op);
     if (r) {
-        free(op);
+        op->fut = NULL;
+        op_free_unlinked(u, op);
         ca_future_unref(fut);
         return r;
     }
@@ -798,25 +901,57 @@ static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t
     return 0;
 }
 
+/* recv and sendall try the system call at once, as the selector loops do (asyncio's
+ * sock_recv / sock_sendall): what the socket can do now costs one recv(2) or send(2) and no
+ * trip through the ring, and no copy. ca_loop_sock_recv / sock_sendall leave the check that
+ * the fd is open to us: that first call's EBADF is the answer (-EINVAL, before any future
+ * exists). Only what has to wait becomes an operation: a small recv an IORING_OP_RECV into
+ * a bounce buffer (a copy of a few bytes is cheaper than one more system call), a large one
+ * (and the rest of a sendall) a poll followed by recv(2) (send(2)) on the caller's buffer,
+ * made while the future is pending: the kernel never holds the caller's memory, so a cancel
+ * needs no copy to be safe. */
 static int ur_sock_recv(ca_loop *self, int fd, void *buf, size_t n, ca_future **out)
 {
-    return op_start(self, UOP_RECV, fd, buf, n, NULL, 0, out);
+    struct ur *u = self->be_data;
+    if (n > RECV_MAX) n = RECV_MAX;
+    if (fd < u->nfds && u->fds[fd].rhead) {
+        /* Queued behind other receives: it waits its turn (or it would take their data). */
+        if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+    } else {
+        ssize_t k = recv(fd, buf, n, MSG_DONTWAIT);
+        if (k >= 0) return done_future(self, k, 0, out);
+        int e = errno;
+        if (e == EBADF) return -EINVAL;
+        if (!retry_err(-e)) return done_future(self, 0, -e, out);
+    }
+    return op_start(self, n <= RECV_COPY_MAX ? UOP_RECV : UOP_RECV_POLL, fd, buf, n, 0, NULL, 0,
+                    out);
 }
 
 static int ur_sock_sendall(ca_loop *self, int fd, const void *buf, size_t n, ca_future **out)
 {
-    return op_start(self, UOP_SEND, fd, (void *)buf, n, NULL, 0, out);
+    struct ur *u = self->be_data;
+    if (fd < u->nfds && u->fds[fd].wop) return -EBUSY;
+    if (n == 0) {
+        if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+        return done_future(self, 0, 0, out);
+    }
+    size_t off = 0;
+    int err = send_some(fd, buf, n, &off);
+    if (err == -EBADF && off == 0) return -EINVAL;
+    if (err != -EAGAIN) return done_future(self, 0, err, out);
+    return op_start(self, UOP_SEND_POLL, fd, (void *)buf, n, off, NULL, 0, out);
 }
 
 static int ur_sock_accept(ca_loop *self, int fd, ca_future **out)
 {
-    return op_start(self, UOP_ACCEPT, fd, NULL, 0, NULL, 0, out);
+    return op_start(self, UOP_ACCEPT, fd, NULL, 0, 0, NULL, 0, out);
 }
 
 static int ur_sock_connect(ca_loop *self, int fd, const struct sockaddr *addr, socklen_t len,
                            ca_future **out)
 {
-    return op_start(self, UOP_CONNECT, fd, NULL, 0, addr, len, out);
+    return op_start(self, UOP_CONNECT, fd, NULL, 0, 0, addr, len, out);
 }
 
 /* ----- tables -------------------------------------------------------------------------------- */

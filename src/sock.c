@@ -71,8 +71,10 @@ struct ca__sock_state {
     void *close_token;
 };
 
-/* Enough spare operations for many sockets busy at once, few enough to stay small. */
-enum { SPARE_MAX = 64 };
+/* Enough spare operations for one batch of completions (epoll hands over up to 256 ready fds
+ * at a time, and their callbacks start as many new operations), few enough to stay small
+ * (about 50 KB). */
+enum { SPARE_MAX = 256 };
 
 static void on_readable(void *arg);
 static void on_writable(void *arg);
@@ -179,6 +181,11 @@ static void op_free(struct gop *op)
     }
 }
 
+/* loop_epoll.c: an fd watched only for our operations is registered one-shot, so that the
+ * interest of an operation that completed needs no epoll_ctl DEL (see there). */
+extern const ca__backend ca__backend_epoll;
+void ca__epoll_sock_own(ca_loop *loop, int fd, unsigned what, bool own);
+
 /* The loop's own add_reader / add_writer, without the public wrappers' checks (and their
  * fcntl()): the caller checked the loop, its thread and the fd already. */
 static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
@@ -186,7 +193,21 @@ static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
     int (*add)(ca_loop *, int, ca_callback_fn, void *) =
         writes ? loop->ops->add_writer : loop->ops->add_reader;
     if (!add) return -ENOTSUP;
-    return add(loop, fd, fn, arg);
+    bool ep = loop->be == &ca__backend_epoll;
+    unsigned what = writes ? CA__WRITE : CA__READ;
+    if (ep) ca__epoll_sock_own(loop, fd, what, true);
+    int r = add(loop, fd, fn, arg);
+    if (r < 0 && ep) ca__epoll_sock_own(loop, fd, what, false);
+    return r;
+}
+
+/* Removes our reader or writer of fd. */
+static void disarm(ca_loop *loop, bool writes, int fd)
+{
+    if (writes) ca_loop_remove_writer(loop, fd);
+    else ca_loop_remove_reader(loop, fd);
+    if (loop->be == &ca__backend_epoll)
+        ca__epoll_sock_own(loop, fd, writes ? CA__WRITE : CA__READ, false);
 }
 
 /* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
@@ -214,11 +235,11 @@ static void op_unqueue(struct gop *op)
             if (arm(loop, false, op->fd, on_readable, f->rhead) < 0)
                 ca__log(CA_LOG_ERROR, "sock: cannot re-arm the reader of fd %d", op->fd);
         } else {
-            ca_loop_remove_reader(loop, op->fd);
+            disarm(loop, false, op->fd);
         }
     } else {
         f->wop = NULL;
-        ca_loop_remove_writer(loop, op->fd);
+        disarm(loop, true, op->fd);
     }
 }
 
@@ -482,11 +503,21 @@ static int sock_check(ca_loop *loop, int fd, const void *out, bool generic, bool
     return 0;
 }
 
+/* The io_uring loop's recv and sendall try the system call first too, and tell a closed fd
+ * by its EBADF as generic_start does: no fcntl() for them either. */
+extern const ca__backend ca__backend_uring;
+
+static inline bool checks_fd_itself(const ca_loop *loop, bool has_op)
+{
+    return !has_op || loop->be == &ca__backend_uring;
+}
+
 int ca_loop_sock_recv(ca_loop *loop, int fd, void *buf, size_t n, ca_future **out)
 {
     if (!buf && n > 0) return -EINVAL;
     bool checked;
-    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_recv, &checked);
+    int r = sock_check(loop, fd, out, loop && checks_fd_itself(loop, loop->ops->sock_recv),
+                       &checked);
     if (r < 0) return r;
     if (loop->ops->sock_recv) return loop->ops->sock_recv(loop, fd, buf, n, out);
     return generic_start(loop, GOP_RECV, fd, buf, n, NULL, 0, checked, out);
@@ -496,7 +527,8 @@ int ca_loop_sock_sendall(ca_loop *loop, int fd, const void *buf, size_t n, ca_fu
 {
     if (!buf && n > 0) return -EINVAL;
     bool checked;
-    int r = sock_check(loop, fd, out, loop && !loop->ops->sock_sendall, &checked);
+    int r = sock_check(loop, fd, out, loop && checks_fd_itself(loop, loop->ops->sock_sendall),
+                       &checked);
     if (r < 0) return r;
     if (loop->ops->sock_sendall) return loop->ops->sock_sendall(loop, fd, buf, n, out);
     return generic_start(loop, GOP_SEND, fd, (void *)buf, n, NULL, 0, checked, out);

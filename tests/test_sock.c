@@ -788,6 +788,165 @@ LOOP_TEST(reader_that_does_not_drain_is_called_again)
     close(sv[1]);
 }
 
+/* ----- what an operation leaves behind ----------------------------------------------------- */
+
+/* CPU time of this thread: a loop woken again and again by a registration nobody wants
+ * spins, which an idle run shows. */
+static double thread_cpu(void)
+{
+    struct rusage ru;
+    CHECK_OK(getrusage(RUSAGE_THREAD, &ru));
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+           ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) * 1e-6;
+}
+
+static void check_idle(ca_loop *loop)
+{
+    double t0 = thread_cpu();
+    t_run_for(loop, 0.2);
+    CHECK(thread_cpu() - t0 < 0.1);
+}
+
+/* Receives 1 byte on fd after it had to wait, so the loop watched fd for it. */
+static void recv_after_wait(ca_loop *loop, int fd, int peer)
+{
+    char c = 0;
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, fd, &c, 1, &f));
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(f));
+    CHECK_EQ(write(peer, "w", 1), 1);
+    intptr_t n;
+    CHECK_OK(await(loop, f, &n));
+    CHECK_EQ(n, 1);
+    CHECK_EQ(c, 'w');
+    ca_future_unref(f);
+}
+
+LOOP_TEST(finished_recv_then_fd_closed_with_a_dup_and_number_reused)
+{
+    /* After an operation that waited, nothing of its watching is left: the user never
+     * added a reader, and closing the fd while a dup keeps the socket open (data arriving
+     * for it) or reusing its number for another socket neither wakes the loop nor hides the
+     * new socket from the next operation. */
+    int sv[2];
+    pair(sv);
+    int fd = sv[0];
+    recv_after_wait(loop, fd, sv[1]);
+    CHECK_EQ(ca_loop_remove_reader(loop, fd), 0);
+    int keep = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    CHECK(keep >= 0);
+    CHECK_OK(close(fd));
+    CHECK_EQ(write(sv[1], "old", 3), 3); /* the closed number's socket is readable for good */
+    check_idle(loop);
+    /* Its number now names another socket. */
+    int nv[2];
+    pair(nv);
+    if (nv[0] != fd) {
+        CHECK_EQ(dup3(nv[0], fd, O_CLOEXEC), fd);
+        CHECK_OK(close(nv[0]));
+    }
+    recv_after_wait(loop, fd, nv[1]);
+    char buf[8];
+    CHECK_EQ(recv(keep, buf, sizeof buf, MSG_DONTWAIT), 3); /* the old socket's data is intact */
+    CHECK(memcmp(buf, "old", 3) == 0);
+    CHECK_EQ(write(sv[1], "more", 4), 4);
+    CHECK_EQ(write(nv[1], "new", 3), 3); /* readable, with no operation waiting */
+    check_idle(loop);
+    CHECK_EQ(recv(fd, buf, sizeof buf, MSG_DONTWAIT), 3);
+    CHECK(memcmp(buf, "new", 3) == 0);
+    close(fd);
+    close(keep);
+    close(sv[1]);
+    close(nv[1]);
+}
+
+LOOP_TEST(pending_recv_whose_fd_is_closed_with_a_dup_alive)
+{
+    /* The user closes the fd of a waiting receive while a dup keeps the socket open, then
+     * data arrives: the receive ends (an error, or the data where the kernel holds the file
+     * itself), and the loop does not spin on the socket afterwards. */
+    int sv[2];
+    pair(sv);
+    char buf[4096];
+    ca_future *f = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], buf, sizeof buf, &f));
+    t_run_for(loop, 0.01);
+    int keep = fcntl(sv[0], F_DUPFD_CLOEXEC, 0);
+    CHECK(keep >= 0);
+    CHECK_OK(close(sv[0]));
+    CHECK_EQ(write(sv[1], "data", 4), 4);
+    intptr_t n;
+    int r = await(loop, f, &n);
+    CHECK(r == -EBADF || (r == 0 && n == 4));
+    CHECK_EQ(write(sv[1], "more", 4), 4);
+    check_idle(loop);
+    ca_future_unref(f);
+    close(keep);
+    close(sv[1]);
+}
+
+LOOP_TEST(recv_and_sendall_waiting_on_one_socket)
+{
+    /* Both directions of one socket wait at once; readiness of one must not lose the
+     * other, whichever completes first. */
+    int sv[2];
+    pair(sv);
+    size_t size = (size_t)4 << 20;
+    char *big = calloc(1, size);
+    CHECK(big != NULL);
+    char c = 0;
+    ca_future *fr = NULL, *fs = NULL;
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], &c, 1, &fr));
+    CHECK_OK(ca_loop_sock_sendall(loop, sv[0], big, size, &fs));
+    t_run_for(loop, 0.01);
+    CHECK(!ca_future_done(fr));
+    CHECK(!ca_future_done(fs));
+    /* The receive first, the sendall still waiting. */
+    CHECK_EQ(write(sv[1], "r", 1), 1);
+    intptr_t n;
+    CHECK_OK(await(loop, fr, &n));
+    CHECK_EQ(n, 1);
+    CHECK(!ca_future_done(fs));
+    ca_future_unref(fr);
+    /* A new receive waits while the peer drains the sendall. */
+    CHECK_OK(ca_loop_sock_recv(loop, sv[0], &c, 1, &fr));
+    struct drain d = {.fd = sv[1]};
+    CHECK_OK(ca_loop_add_reader(loop, sv[1], drain_reader, &d));
+    CHECK_OK(await(loop, fs, NULL));
+    while (d.total < size) t_run_for(loop, 0.005);
+    CHECK_EQ(d.total, size);
+    CHECK(!ca_future_done(fr));
+    CHECK_EQ(write(sv[1], "s", 1), 1);
+    CHECK_OK(await(loop, fr, &n));
+    CHECK_EQ(n, 1);
+    CHECK_EQ(c, 's');
+    CHECK_EQ(ca_loop_remove_reader(loop, sv[1]), 1);
+    CHECK_EQ(ca_loop_remove_reader(loop, sv[0]), 0);
+    CHECK_EQ(ca_loop_remove_writer(loop, sv[0]), 0);
+    ca_future_unref(fr);
+    ca_future_unref(fs);
+    free(big);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+LOOP_TEST(reader_added_after_a_finished_recv_is_level_triggered)
+{
+    int sv[2];
+    pair(sv);
+    recv_after_wait(loop, sv[0], sv[1]);
+    CHECK_EQ(write(sv[1], "0123456789", 10), 10);
+    struct sipper s = {.loop = loop, .fd = sv[0]};
+    CHECK_OK(ca_loop_add_reader(loop, sv[0], sip, &s));
+    t_run_for(loop, 0.1);
+    CHECK_EQ(s.calls, 10);
+    /* And an operation after the reader went: watched again, completed once. */
+    recv_after_wait(loop, sv[0], sv[1]);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 /* ----- io_uring specifics --------------------------------------------------------------------- */
 
 static int new_proactor(ca_loop **out)
