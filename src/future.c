@@ -9,29 +9,69 @@ enum { PENDING, RESULT, ERROR, CANCELLED };
 struct done_cb {
     void (*fn)(ca_future *, void *);
     void *arg;
-    ca_future *fut; /* a reference, from scheduling until the callback ran */
     struct done_cb *next;
 };
+
+/* Two callbacks fit in the future itself (the usual count: the user's, and the socket
+ * operation's cancel watch); more are malloc'ed. */
+#define INLINE_CBS 2
 
 struct ca_future {
     atomic_int refs;
     int state;
     int err;
+    unsigned char slots_used;     /* bit i: slot[i] is in a list */
     void *result;
     ca_loop *loop;
     struct done_cb *cbs, **cbs_tail;
+    struct done_cb *fired;        /* the callbacks of the completion, until they run */
+    struct done_cb slot[INLINE_CBS];
 };
+
+static struct done_cb *cb_alloc(ca_future *f)
+{
+    for (int i = 0; i < INLINE_CBS; i++) {
+        if (!(f->slots_used & (1u << i))) {
+            f->slots_used |= (unsigned char)(1u << i);
+            return &f->slot[i];
+        }
+    }
+    return malloc(sizeof(struct done_cb));
+}
+
+static void cb_free(ca_future *f, struct done_cb *c)
+{
+    if (c >= f->slot && c < f->slot + INLINE_CBS)
+        f->slots_used &= (unsigned char)~(1u << (c - f->slot));
+    else
+        free(c);
+}
+
+static void free_list(ca_future *f, struct done_cb *c)
+{
+    while (c) {
+        struct done_cb *next = c->next;
+        cb_free(f, c);
+        c = next;
+    }
+}
 
 int ca_future_new(ca_loop *loop, ca_future **out)
 {
     if (!loop || !out) return -EINVAL;
     int r = ca__loop_check(loop);
     if (r) return r;
-    ca_future *f = calloc(1, sizeof *f);
+    ca_future *f = malloc(sizeof *f);
     if (!f) return -ENOMEM;
     atomic_init(&f->refs, 1);
+    f->state = PENDING;
+    f->err = 0;
+    f->slots_used = 0;
+    f->result = NULL;
     f->loop = ca_loop_ref(loop);
+    f->cbs = NULL;
     f->cbs_tail = &f->cbs;
+    f->fired = NULL;
     *out = f;
     return 0;
 }
@@ -45,11 +85,7 @@ ca_future *ca_future_ref(ca_future *f)
 ca_future *ca_future_unref(ca_future *f)
 {
     if (!f || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return NULL;
-    while (f->cbs) {
-        struct done_cb *c = f->cbs;
-        f->cbs = c->next;
-        free(c);
-    }
+    free_list(f, f->cbs);
     ca_loop_unref(f->loop);
     free(f);
     return NULL;
@@ -57,31 +93,86 @@ ca_future *ca_future_unref(ca_future *f)
 
 ca_loop *ca_future_loop(const ca_future *f) { return f ? f->loop : NULL; }
 
-static void run_done_cb(void *arg)
+/* One ready entry per completion runs its callbacks in the order they were added (asyncio
+ * schedules them one call_soon each, one after the other: nothing can run between them).
+ * The entry holds a reference to the future, whose `fired` list it runs. A callback added
+ * once the future is done uses that entry too when it is free (a socket operation that
+ * completed at once), else an entry of its own (a small allocation). */
+static void run_list(ca_future *f, struct done_cb *c)
 {
-    struct done_cb *c = arg;
-    c->fn(c->fut, c->arg);
-    ca_future_unref(c->fut);
-    free(c);
+    while (c) {
+        struct done_cb *next = c->next;
+        void (*fn)(ca_future *, void *) = c->fn;
+        void *cb_arg = c->arg;
+        cb_free(f, c); /* before the call: the callback may add another one */
+        fn(f, cb_arg);
+        c = next;
+    }
+    ca_future_unref(f);
 }
 
-/* Hands one callback to the loop; if the loop cannot take it (closed), it is dropped, as
- * asyncio's call_soon on a closed loop would refuse it. */
-/* The loop closed with the callback still queued: it never runs, its references go. */
-static void drop_done_cb(void *arg)
+static void run_fired(void *arg)
 {
-    struct done_cb *c = arg;
-    ca_future_unref(c->fut);
-    free(c);
+    ca_future *f = arg;
+    struct done_cb *c = f->fired;
+    f->fired = NULL;
+    run_list(f, c);
 }
 
-static int schedule_cb(ca_future *f, struct done_cb *c)
+/* The loop closed with the callbacks still queued: they never run, their references go. */
+static void drop_fired(void *arg)
 {
-    c->fut = ca_future_ref(f);
-    int r = ca__loop_schedule(f->loop, run_done_cb, c, drop_done_cb);
+    ca_future *f = arg;
+    struct done_cb *c = f->fired;
+    f->fired = NULL;
+    free_list(f, c);
+    ca_future_unref(f);
+}
+
+struct late {
+    ca_future *fut;
+    struct done_cb *cb;
+};
+
+static void run_late(void *arg)
+{
+    struct late *l = arg;
+    ca_future *f = l->fut;
+    struct done_cb *c = l->cb;
+    free(l);
+    run_list(f, c);
+}
+
+static void drop_late(void *arg)
+{
+    struct late *l = arg;
+    free_list(l->fut, l->cb);
+    ca_future_unref(l->fut);
+    free(l);
+}
+
+/* Hands callbacks to the loop; if the loop cannot take them (closed), they are dropped, as
+ * asyncio's call_soon on a closed loop would refuse them. */
+static int schedule_cbs(ca_future *f, struct done_cb *c, bool late)
+{
+    int r = -ENOMEM;
+    ca_future_ref(f);
+    if (!late || !f->fired) {
+        /* the future's own entry is free: no entry of its callbacks is waiting */
+        f->fired = c;
+        r = ca__loop_schedule(f->loop, run_fired, f, drop_fired);
+        if (r) f->fired = NULL;
+    } else {
+        struct late *l = malloc(sizeof *l);
+        if (l) {
+            *l = (struct late){f, c};
+            r = ca__loop_schedule(f->loop, run_late, l, drop_late);
+            if (r) free(l);
+        }
+    }
     if (r) {
+        free_list(f, c);
         ca_future_unref(f);
-        free(c);
     }
     return r;
 }
@@ -94,14 +185,7 @@ static void complete(ca_future *f, int state, void *result, int err)
     struct done_cb *c = f->cbs;
     f->cbs = NULL;
     f->cbs_tail = &f->cbs;
-    /* A callback may drop the last user reference: keep the future alive meanwhile. */
-    ca_future_ref(f);
-    while (c) {
-        struct done_cb *next = c->next;
-        schedule_cb(f, c);
-        c = next;
-    }
-    ca_future_unref(f);
+    if (c) schedule_cbs(f, c, false);
 }
 
 int ca_future_set_result(ca_future *f, void *result)
@@ -146,13 +230,12 @@ int ca_future_add_done_callback(ca_future *f, void (*fn)(ca_future *, void *), v
     if (!f || !fn) return -EINVAL;
     if (f->loop->fork_gen != ca__fork_gen()) return -ECHILD;
     if (ca_loop_is_closed(f->loop)) return -EBADF;
-    struct done_cb *c = malloc(sizeof *c);
+    struct done_cb *c = cb_alloc(f);
     if (!c) return -ENOMEM;
     c->fn = fn;
     c->arg = arg;
-    c->fut = NULL;
     c->next = NULL;
-    if (f->state != PENDING) return schedule_cb(f, c);
+    if (f->state != PENDING) return schedule_cbs(f, c, true);
     *f->cbs_tail = c;
     f->cbs_tail = &c->next;
     return 0;
@@ -165,7 +248,7 @@ int ca__future_remove_done_callback(ca_future *f, void (*fn)(ca_future *, void *
         if (c->fn == fn && c->arg == arg) {
             *p = c->next;
             if (f->cbs_tail == &c->next) f->cbs_tail = p;
-            free(c);
+            cb_free(f, c);
             return 1;
         }
     }
