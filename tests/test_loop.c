@@ -1278,3 +1278,71 @@ LOOP_TEST(threadsafe_drain_both_paths_in_order)
     CHECK_EQ(s.n, N);
     for (int i = 0; i < N; i++) CHECK_EQ(got[i], i);
 }
+
+/* Done callbacks: more than fit inline, in the order added, interleaved with call_soon as
+ * asyncio's one-call_soon-each would; callbacks added once done (while an earlier batch is
+ * still waiting, and from inside a callback) come after; a future dropped by its owner in a
+ * callback stays alive for the rest; a closed loop drops queued callbacks without a leak. */
+struct fcb {
+    struct rec *rec;
+    ca_future *fut;
+    ca_loop *loop;
+    struct tag late;
+    int id;
+};
+static void fcb_record(ca_future *f, void *arg)
+{
+    struct fcb *c = arg;
+    (void)f;
+    if (c->rec->n < 64) c->rec->order[c->rec->n++] = c->id;
+}
+static void fcb_add_more(ca_future *f, void *arg)
+{
+    struct fcb *c = arg;
+    fcb_record(f, arg);
+    ca_future_add_done_callback(f, fcb_record, &c[1]);      /* next iteration */
+    ca_loop_call_soon(c->loop, record, &c->late, NULL);      /* queued after it */
+}
+static void fcb_drop_owner(ca_future *f, void *arg)
+{
+    struct fcb *c = arg;
+    fcb_record(f, arg);
+    if (c->fut) ca_future_unref(c->fut);
+    c->fut = NULL;
+}
+LOOP_TEST(future_callbacks_order_and_lifetime)
+{
+    struct rec rec = {.n = 0};
+    struct fcb c[8];
+    for (int i = 0; i < 8; i++) c[i] = (struct fcb){&rec, NULL, loop, {&rec, 100 + i}, i};
+    ca_future *f = NULL;
+    CHECK_OK(ca_future_new(loop, &f));
+    c[0].fut = f; /* c[0] drops the owner's reference */
+    CHECK_OK(ca_future_add_done_callback(f, fcb_drop_owner, &c[0]));
+    CHECK_OK(ca_future_add_done_callback(f, fcb_record, &c[1]));
+    CHECK_OK(ca_future_add_done_callback(f, fcb_add_more, &c[2])); /* adds c[3] */
+    CHECK_OK(ca_future_add_done_callback(f, fcb_record, &c[4]));
+    struct tag mid = {&rec, 50};
+    CHECK_OK(ca_future_set_result(f, NULL));
+    CHECK_OK(ca_loop_call_soon(loop, record, &mid, NULL));
+    CHECK_OK(ca_future_add_done_callback(f, fcb_record, &c[5])); /* done: after mid */
+    CHECK_OK(ca_future_add_done_callback(f, fcb_record, &c[6])); /* and after c[5] */
+    t_run_for(loop, 0.02);
+    int want[] = {0, 1, 2, 4, 50, 5, 6, 3, 102};
+    CHECK_EQ(rec.n, (int)(sizeof want / sizeof *want));
+    for (int i = 0; i < rec.n; i++) CHECK_EQ(rec.order[i], want[i]);
+
+    /* queued when the loop closes: never run, nothing leaks (valgrind) */
+    ca_loop *l2 = NULL;
+    CHECK_OK(t_new_loop(&l2));
+    ca_future *g = NULL;
+    CHECK_OK(ca_future_new(l2, &g));
+    for (int i = 0; i < 5; i++) CHECK_OK(ca_future_add_done_callback(g, fcb_record, &c[7]));
+    CHECK(ca_future_cancel(g));
+    CHECK_OK(ca_future_add_done_callback(g, fcb_record, &c[7]));
+    CHECK_OK(ca_future_add_done_callback(g, fcb_record, &c[7]));
+    CHECK_OK(ca_loop_close(l2));
+    ca_loop_unref(l2);
+    ca_future_unref(g);
+    CHECK_EQ(rec.n, (int)(sizeof want / sizeof *want));
+}
