@@ -35,13 +35,13 @@ static void poll_all(ca__wcore *c)
 {
     ca__wlog q = {0};
     ca__wcore_lock(c);
-    for (ca__wreg *r = c->wait_head; r;) {
-        ca__wreg *next = r->wnext;
+    /* Downwards: an exit takes entry i out by moving the last one (already polled) there. */
+    for (uint32_t i = c->nwait; i-- > 0;) {
+        if (i >= c->nwait) continue;
         int rc = 0;
-        int e = ca__wait_nohang(r->pid, &rc);
-        if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
-        else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
-        r = next;
+        int e = ca__wait_nohang(c->wpids[i], &rc);
+        if (e == 1) ca__wreg_exited(c, c->wregs[i], rc, false, &q);
+        else if (e == -ECHILD) ca__wreg_exited(c, c->wregs[i], 255, true, &q);
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
@@ -180,6 +180,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
         return -ENOMEM;
     }
     c->impl = m;
+    c->track_wait = true;
     m->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (m->efd < 0) {
         err = -errno;
