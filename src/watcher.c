@@ -95,6 +95,27 @@ void ca__sigchld_keep_release(void)
     pthread_mutex_unlock(&keep_lock);
 }
 
+int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild)
+{
+    for (;;) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
+            if (errno == EINTR) continue;
+            return -1; /* ECHILD: no child at all; the poll reports the registered ones */
+        }
+        if (si.si_pid == 0) return 0;
+        ca__wreg *r = ca__wtable_get(c, si.si_pid);
+        if (!r || !r->registered || !r->in_wait) return -1; /* not ours: cannot look past it */
+        int e = ca__wait_nohang(r->pid, rc);
+        if (e == 0 || (e < 0 && e != -ECHILD)) return -1;
+        *echild = e == -ECHILD; /* somebody else reaped it since we looked */
+        if (*echild) *rc = 255;
+        *out = r;
+        return 1;
+    }
+}
+
 /* ----- deferred log lines ------------------------------------------------------------------ */
 
 void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)

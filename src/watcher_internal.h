@@ -194,6 +194,16 @@ void ca__sigchld_keep_release(void);
  * running, -ECHILD if it is not our child (or already reaped). */
 int ca__wait_nohang(pid_t pid, int *rc);
 
+/* The O(n) pollers' shortcut (Safe, MultiLoop): waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)
+ * shows the first exited child without reaping it; if it is a waiting registration, it is
+ * reaped by pid. Returns 1 with it in *r and its returncode in *rc (*echild: somebody else
+ * reaped it in between, rc 255; not logged here), 0 when no child has exited, -1 when that
+ * cannot tell: the first exited child is not ours (we cannot look past it without reaping it)
+ * or waitid failed (ECHILD: no child at all); the caller then polls every registration.
+ * Two system calls per SIGCHLD instead of one per watched child, and never reaps another
+ * child; but only the poll learns that other code reaped a watched child. Lock held. */
+int ca__wreap_next(ca__wcore *c, ca__wreg **r, int *rc, bool *echild);
+
 /* ----- Safe and Fast: SIGCHLD through the attached loop (watcher_safe.c) ------------------ */
 typedef struct ca__wattach {
     ca_loop *loop;               /* a reference; NULL when detached */

@@ -13,8 +13,6 @@
 
 #include <signal.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/wait.h>
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
@@ -236,31 +234,18 @@ static void safe_poll_all(ca__wcore *c, ca__wreg **list, ca__wlog *q)
     }
 }
 
-/* The exited children that waitid(WEXITED | WNOWAIT) shows, one at a time, reaped by pid while
- * they are registered ones: never reaps another child, and costs two system calls per SIGCHLD
- * instead of one per watched child. Returns false when that does not settle the signal: an
- * exited child that is not ours is first in the kernel's list (we cannot look past it), or
- * waitid failed (ECHILD: no child at all); the caller then polls every child. */
+/* The exited children that ca__wreap_next shows, reaped while they are registered ones. */
 static bool safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q)
 {
     for (;;) {
-        siginfo_t si;
-        memset(&si, 0, sizeof si);
-        if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
-            if (errno == EINTR) continue;
-            return false;
-        }
-        if (si.si_pid == 0) return true; /* none has exited (any more) */
-        ca__wreg *r = ca__wtable_get(c, si.si_pid);
-        if (!r || !r->registered || !r->in_wait) return false;
-        int rc = 0;
-        int e = ca__wait_nohang(r->pid, &rc);
-        if (e == 0 || (e < 0 && e != -ECHILD)) return false;
-        if (e == -ECHILD) { /* somebody else reaped it since we looked */
+        ca__wreg *r;
+        int rc;
+        bool echild;
+        int e = ca__wreap_next(c, &r, &rc, &echild);
+        if (e <= 0) return e == 0;
+        if (echild)
             ca__wlog_add(q, CA_LOG_WARNING,
                          "Unknown child process pid %d, will report returncode 255", (int)r->pid);
-            rc = 255;
-        }
         ca__wreg_take_into(c, r, rc, list);
     }
 }
