@@ -376,17 +376,16 @@ fail:;
 
 /* ----- spawning (parent side) ----------------------------------------------------------------- */
 
-/* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash,
- * else each PATH directory (envp's PATH when envp has one, else ours; glibc's default when
- * there is none). One allocation; *out is NULL-terminated. */
-static int exec_candidates(const char *argv0, const char *const *envp, char ***out)
+/* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash
+ * (in *out = one, the caller's two slots: nothing to free), else each PATH directory (envp's
+ * PATH when envp has one, else ours; glibc's default when there is none): one allocation;
+ * *out is NULL-terminated either way. */
+static int exec_candidates(const char *argv0, const char *const *envp, char *one[2], char ***out)
 {
     if (!*argv0 || strchr(argv0, '/')) { /* "" is not found, as execvp says */
-        char **v = malloc(2 * sizeof *v);
-        if (!v) return -ENOMEM;
-        v[0] = (char *)argv0;
-        v[1] = NULL;
-        *out = v;
+        one[0] = (char *)argv0;
+        one[1] = NULL;
+        *out = one;
         return 0;
     }
     const char *path = NULL;
@@ -1032,7 +1031,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         return r;
     }
     ca_process *p = NULL;
-    char **paths = NULL;
+    char **paths = NULL, *one_path[2];
     struct stdio_setup s = {.ntmp = 0, .devnull = -1};
     if (!ca_child_watcher_is_active(w)) {
         /* Checked before anything is spawned, as asyncio does. */
@@ -1064,7 +1063,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         .setsid = o->start_new_session,
     };
     if ((r = setup_stdio(p, o, &pl, &s)) < 0) goto out;
-    if ((r = exec_candidates(o->argv[0], o->envp, &paths)) < 0) goto out;
+    if ((r = exec_candidates(o->argv[0], o->envp, one_path, &paths)) < 0) goto out;
     pl.paths = paths;
     /* Readers first: after the spawn, only the watcher's registration may still fail. */
     static const ca_callback_fn readers[3] = {on_stdin_event, on_stdout, on_stderr};
@@ -1098,7 +1097,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     }
 out:
     for (int i = 0; i < s.ntmp; i++) close(s.tmp[i]);
-    free(paths);
+    if (paths != one_path) free(paths);
     ca_child_watcher_exit(w);
     ca_child_watcher_unref(w);
     if (r < 0) {
