@@ -501,8 +501,7 @@ void ca__wbind_put(ca__wbind *b)
     /* A binding with nothing left but its hook is dropped while we are on its loop's thread
      * (the only thread that may remove a close hook); the next child brings it back. */
     if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->rescan_posted &&
-        !b->sig_registered &&
-        ca__loop_in_own_thread(b->loop)) {
+        !b->sig_registered && ca__loop_in_own_thread(b->loop)) {
         ca__loop_remove_close_hook(b->loop, b->hook);
         b->hook = NULL;
         b->refs--;
