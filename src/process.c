@@ -69,6 +69,8 @@ struct bytes {
     size_t off, len, cap; /* off: the stdin buffer's written part */
 };
 
+/* Kept small: a program may watch thousands of children. What only pipes need (the stdin
+ * buffer, the collected output) is allocated with the first pipe. */
 struct ca_process {
     atomic_int refs;
     unsigned fork_gen;
@@ -78,7 +80,6 @@ struct ca_process {
     void *arg;
     pid_t pid;
     int pidfd;                      /* ours, for signals and the final reap; -1 without */
-    char *name;                     /* argv[0], for log lines */
 
     /* Written by the watcher's callback, possibly in another thread. */
     atomic_int relay;
@@ -86,24 +87,26 @@ struct ca_process {
 
     /* The loop's thread only. */
     int fd[3];                      /* our pipe ends; -1 when none or closed */
+    int lost_err;                   /* stdin's posted pipe_connection_lost: with this error */
+    int rc;
+    int collect_err;
     bool piped[3];                  /* the option was CA_PIPE */
     bool lost[3];                   /* pipe_connection_lost delivered */
-    bool lost_posted;               /* stdin's pipe_connection_lost is scheduled */
-    int lost_err;                   /* ... with this error */
-    bool writer_on;
-    bool stdin_closing;             /* close_stdin(): close once the buffer is written */
-    struct bytes in;                /* stdin data not written yet */
-    bool collect;                   /* communicate() was called */
-    int collect_err;
+    bool lost_posted : 1;           /* stdin's pipe_connection_lost is scheduled */
+    bool writer_on : 1;
+    bool stdin_closing : 1;         /* close_stdin(): close once the buffer is written */
+    bool collect : 1;               /* communicate() was called */
+    bool have_rc : 1;
+    bool finished : 1;              /* waiters completed */
+    bool closed : 1;                /* the loop closed: no protocol callback any more */
     ca_future *comm;                /* communicate's future (not a reference: it is a waiter) */
-    struct bytes out[3];            /* collected stdout (1) and stderr (2) */
-    bool have_rc;
-    int rc;
-    bool finished;                  /* waiters completed */
-    bool closed;                    /* the loop closed: no protocol callback any more */
+    /* With pipes only (else NULL): [0] stdin data not written yet, [1] and [2] the collected
+     * stdout and stderr. */
+    struct bytes *buf;
     void *hook;                     /* close hook token */
     ca_future **waiters;
-    size_t nwaiters, capwaiters;
+    uint32_t nwaiters, capwaiters;
+    char name[];                    /* argv[0], for log lines */
 };
 
 /* ----- small helpers -------------------------------------------------------------------------- */
@@ -373,17 +376,16 @@ fail:;
 
 /* ----- spawning (parent side) ----------------------------------------------------------------- */
 
-/* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash,
- * else each PATH directory (envp's PATH when envp has one, else ours; glibc's default when
- * there is none). One allocation; *out is NULL-terminated. */
-static int exec_candidates(const char *argv0, const char *const *envp, char ***out)
+/* The execve candidates for argv0, as execvp would try them: argv0 itself when it has a slash
+ * (in *out = one, the caller's two slots: nothing to free), else each PATH directory (envp's
+ * PATH when envp has one, else ours; glibc's default when there is none): one allocation;
+ * *out is NULL-terminated either way. */
+static int exec_candidates(const char *argv0, const char *const *envp, char *one[2], char ***out)
 {
     if (!*argv0 || strchr(argv0, '/')) { /* "" is not found, as execvp says */
-        char **v = malloc(2 * sizeof *v);
-        if (!v) return -ENOMEM;
-        v[0] = (char *)argv0;
-        v[1] = NULL;
-        *out = v;
+        one[0] = (char *)argv0;
+        one[1] = NULL;
+        *out = one;
         return 0;
     }
     const char *path = NULL;
@@ -532,7 +534,7 @@ static void unwatch_fd(ca_process *p, int i)
 static void pipe_lost(ca_process *p, int i, int err)
 {
     unwatch_fd(p, i);
-    if (i == 0) bytes_free(&p->in);
+    if (i == 0) bytes_free(&p->buf[0]);
     if (p->closed || p->lost[i]) return;
     p->lost[i] = true;
     if (p->proto.pipe_connection_lost) p->proto.pipe_connection_lost(p, i, err, p->arg);
@@ -542,7 +544,7 @@ static void pipe_lost(ca_process *p, int i, int err)
 static void deliver_data(ca_process *p, int i, const char *buf, size_t n)
 {
     if (p->collect && p->collect_err == 0) {
-        struct bytes *b = &p->out[i];
+        struct bytes *b = &p->buf[i];
         if (bytes_reserve(b, n) == 0) {
             memcpy(b->data + b->len, buf, n);
             b->len += n;
@@ -586,7 +588,7 @@ static bool stdin_peer_gone(int fd)
 /* stdin is closed by the child: asyncio reports BrokenPipeError only when data was left. */
 static void stdin_gone(ca_process *p)
 {
-    pipe_lost(p, 0, p->in.len > p->in.off ? -EPIPE : 0);
+    pipe_lost(p, 0, p->buf[0].len > p->buf[0].off ? -EPIPE : 0);
 }
 
 static void on_stdout(void *arg)
@@ -615,10 +617,10 @@ static void on_stdin_event(void *arg)
 /* Writes the stdin buffer as far as the pipe takes it. */
 static void flush_stdin(ca_process *p)
 {
-    while (p->fd[0] >= 0 && p->in.len > p->in.off) {
-        ssize_t n = write_nosigpipe(p->fd[0], p->in.data + p->in.off, p->in.len - p->in.off);
+    while (p->fd[0] >= 0 && p->buf[0].len > p->buf[0].off) {
+        ssize_t n = write_nosigpipe(p->fd[0], p->buf[0].data + p->buf[0].off, p->buf[0].len - p->buf[0].off);
         if (n > 0) {
-            p->in.off += (size_t)n;
+            p->buf[0].off += (size_t)n;
             continue;
         }
         if (n == -EAGAIN || n == -EWOULDBLOCK) return; /* the writer is on */
@@ -626,7 +628,7 @@ static void flush_stdin(ca_process *p)
         return;
     }
     if (p->fd[0] < 0) return;
-    p->in.off = p->in.len = 0;
+    p->buf[0].off = p->buf[0].len = 0;
     if (p->writer_on) {
         ca_loop_remove_writer(p->loop, p->fd[0]);
         p->writer_on = false;
@@ -659,7 +661,7 @@ static void stdin_lost_posted(void *arg)
 static void post_stdin_lost(ca_process *p, int err)
 {
     unwatch_fd(p, 0);
-    bytes_free(&p->in);
+    bytes_free(&p->buf[0]);
     if (p->lost[0] || p->lost_posted) return;
     p->lost_err = err;
     p->lost_posted = true;
@@ -689,7 +691,7 @@ static void try_finish(ca_process *p)
     p->finished = true;
     if (p->hook) ca__loop_remove_close_hook(p->loop, p->hook);
     p->hook = NULL;
-    for (size_t k = 0; k < p->nwaiters; k++) {
+    for (uint32_t k = 0; k < p->nwaiters; k++) {
         ca_future *f = p->waiters[k];
         if (!ca_future_done(f)) {
             if (f == p->comm && p->collect_err) ca_future_set_error(f, p->collect_err);
@@ -811,7 +813,7 @@ static void on_loop_close(void *arg)
     p->hook = NULL;
     p->closed = true;
     for (int i = 0; i < 3; i++) unwatch_fd(p, i);
-    bytes_free(&p->in);
+    if (p->buf) bytes_free(&p->buf[0]);
     bool drop = true;
     if (!p->have_rc) {
         int r = p->watcher ? ca_child_watcher_remove_child_handler(p->watcher, p->pid) : -EBADF;
@@ -836,7 +838,7 @@ static void on_loop_close(void *arg)
     }
     release_watcher(p);
     close_fd(&p->pidfd);
-    for (size_t k = 0; k < p->nwaiters; k++) {
+    for (uint32_t k = 0; k < p->nwaiters; k++) {
         ca_future_cancel(p->waiters[k]);
         ca_future_unref(p->waiters[k]);
     }
@@ -902,6 +904,7 @@ static int setup_stdio(ca_process *p, const ca_subprocess_options *o, struct spa
             pl->src[i] = SRC_STDOUT;
             break;
         case CA_PIPE: {
+            if (!p->buf && !(p->buf = calloc(3, sizeof *p->buf))) return -ENOMEM;
             int pp[2];
             if (pipe2(pp, O_CLOEXEC) < 0) return -errno;
             int ours = i == 0 ? pp[1] : pp[0], theirs = i == 0 ? pp[0] : pp[1];
@@ -934,7 +937,8 @@ static int setup_stdio(ca_process *p, const ca_subprocess_options *o, struct spa
 static int add_waiter(ca_process *p, ca_future *f)
 {
     if (p->nwaiters == p->capwaiters) {
-        size_t cap = p->capwaiters ? p->capwaiters * 2 : 2;
+        if (p->capwaiters >= UINT32_MAX / 2) return -ENOMEM;
+        uint32_t cap = p->capwaiters ? p->capwaiters * 2 : 2;
         ca_future **v = realloc(p->waiters, cap * sizeof *v);
         if (!v) return -ENOMEM;
         p->waiters = v;
@@ -950,13 +954,14 @@ static void proc_free(ca_process *p)
         for (int i = 0; i < 3; i++) close_fd(&p->fd[i]);
         close_fd(&p->pidfd);
     }
-    for (size_t k = 0; k < p->nwaiters; k++) ca_future_unref(p->waiters[k]);
+    for (uint32_t k = 0; k < p->nwaiters; k++) ca_future_unref(p->waiters[k]);
     free(p->waiters);
-    for (int i = 0; i < 3; i++) bytes_free(&p->out[i]);
-    bytes_free(&p->in);
+    if (p->buf) {
+        for (int i = 0; i < 3; i++) bytes_free(&p->buf[i]);
+        free(p->buf);
+    }
     ca_child_watcher_unref(p->watcher);
     ca_loop_unref(p->loop);
-    free(p->name);
     free(p);
 }
 
@@ -1026,18 +1031,20 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         return r;
     }
     ca_process *p = NULL;
-    char **paths = NULL;
+    char **paths = NULL, *one_path[2];
     struct stdio_setup s = {.ntmp = 0, .devnull = -1};
     if (!ca_child_watcher_is_active(w)) {
         /* Checked before anything is spawned, as asyncio does. */
         r = -ENOTCONN;
         goto out;
     }
-    p = calloc(1, sizeof *p);
-    if (!p || !(p->name = strdup(o->argv[0]))) {
+    size_t namelen = strlen(o->argv[0]);
+    p = calloc(1, sizeof *p + namelen + 1);
+    if (!p) {
         r = -ENOMEM;
         goto out;
     }
+    memcpy(p->name, o->argv[0], namelen + 1);
     atomic_init(&p->refs, 2); /* the caller's and the loop's (until finished) */
     p->fork_gen = ca__fork_gen();
     p->loop = ca_loop_ref(loop);
@@ -1056,7 +1063,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         .setsid = o->start_new_session,
     };
     if ((r = setup_stdio(p, o, &pl, &s)) < 0) goto out;
-    if ((r = exec_candidates(o->argv[0], o->envp, &paths)) < 0) goto out;
+    if ((r = exec_candidates(o->argv[0], o->envp, one_path, &paths)) < 0) goto out;
     pl.paths = paths;
     /* Readers first: after the spawn, only the watcher's registration may still fail. */
     static const ca_callback_fn readers[3] = {on_stdin_event, on_stdout, on_stderr};
@@ -1090,7 +1097,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     }
 out:
     for (int i = 0; i < s.ntmp; i++) close(s.tmp[i]);
-    free(paths);
+    if (paths != one_path) free(paths);
     ca_child_watcher_exit(w);
     ca_child_watcher_unref(w);
     if (r < 0) {
@@ -1163,9 +1170,9 @@ int ca_process_write(ca_process *p, const void *buf, size_t n)
     if (p->closed) return -EBADF;
     if (p->fd[0] < 0 || p->stdin_closing) return -EPIPE;
     if (n == 0) return 0;
-    if ((r = bytes_reserve(&p->in, n)) < 0) return r;
+    if ((r = bytes_reserve(&p->buf[0], n)) < 0) return r;
     size_t done = 0;
-    if (p->in.len == p->in.off) {
+    if (p->buf[0].len == p->buf[0].off) {
         /* Nothing queued: try the pipe directly, most writes end here. */
         ssize_t w = write_nosigpipe(p->fd[0], buf, n);
         if (w > 0) {
@@ -1177,11 +1184,11 @@ int ca_process_write(ca_process *p, const void *buf, size_t n)
         }
     }
     if (done == n) return 0;
-    memcpy(p->in.data + p->in.len, (const char *)buf + done, n - done);
-    p->in.len += n - done;
+    memcpy(p->buf[0].data + p->buf[0].len, (const char *)buf + done, n - done);
+    p->buf[0].len += n - done;
     if (!p->writer_on) {
         if ((r = ca_loop_add_writer(p->loop, p->fd[0], on_stdin_writable, p)) < 0) {
-            p->in.len -= n - done;
+            p->buf[0].len -= n - done;
             return r;
         }
         p->writer_on = true;
@@ -1195,7 +1202,7 @@ int ca_process_close_stdin(ca_process *p)
     if (r) return r;
     if (!p->piped[0]) return -EINVAL;
     if (p->fd[0] < 0 || p->stdin_closing) return 0;
-    if (p->in.len > p->in.off) {
+    if (p->buf[0].len > p->buf[0].off) {
         p->stdin_closing = true; /* the writer closes it once the buffer is written */
         return 0;
     }
@@ -1245,8 +1252,8 @@ int ca_process_output(const ca_process *p, int fd, const void **buf, size_t *len
 {
     if (!p || (fd != 1 && fd != 2) || !buf || !len) return -EINVAL;
     if (p->fork_gen != ca__fork_gen()) return -ECHILD;
-    const struct bytes *b = &p->out[fd];
-    *buf = b->data ? b->data : "";
-    *len = b->len;
+    const struct bytes *b = p->buf ? &p->buf[fd] : NULL;
+    *buf = b && b->data ? b->data : "";
+    *len = b ? b->len : 0;
     return 0;
 }

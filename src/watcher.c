@@ -95,6 +95,27 @@ void ca__sigchld_keep_release(void)
     pthread_mutex_unlock(&keep_lock);
 }
 
+int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild)
+{
+    for (;;) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
+            if (errno == EINTR) continue;
+            return -1; /* ECHILD: no child at all; the poll reports the registered ones */
+        }
+        if (si.si_pid == 0) return 0;
+        ca__wreg *r = ca__wtable_get(c, si.si_pid);
+        if (!r || !r->registered || !r->in_wait) return -1; /* not ours: cannot look past it */
+        int e = ca__wait_nohang(r->pid, rc);
+        if (e == 0 || (e < 0 && e != -ECHILD)) return -1;
+        *echild = e == -ECHILD; /* somebody else reaped it since we looked */
+        if (*echild) *rc = 255;
+        *out = r;
+        return 1;
+    }
+}
+
 /* ----- deferred log lines ------------------------------------------------------------------ */
 
 void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)
@@ -237,37 +258,59 @@ static void bind_unlink(ca__wreg *r)
 void ca__wreg_unwait(ca__wcore *c, ca__wreg *r)
 {
     if (!r->in_wait) return;
-    if (r->wprev) r->wprev->wnext = r->wnext;
-    else c->wait_head = r->wnext;
-    if (r->wnext) r->wnext->wprev = r->wprev;
-    r->wprev = r->wnext = NULL;
     r->in_wait = false;
-    c->nwait--;
+    if (!c->track_wait) return;
+    uint32_t i = r->widx, last = --c->nwait;
+    if (i != last) {
+        c->wpids[i] = c->wpids[last];
+        c->wregs[i] = c->wregs[last];
+        c->wregs[i]->widx = i;
+    }
+}
+
+/* Room for one more entry in the waiting array. */
+static int wait_reserve(ca__wcore *c)
+{
+    if (c->nwait < c->wcap) return 0;
+    if (c->wcap >= UINT32_MAX / 2) return -ENOMEM;
+    uint32_t ncap = c->wcap ? c->wcap * 2 : 16;
+    pid_t *np = realloc(c->wpids, ncap * sizeof *np);
+    if (!np) return -ENOMEM;
+    c->wpids = np;
+    ca__wreg **nr = realloc(c->wregs, ncap * sizeof *nr);
+    if (!nr) return -ENOMEM; /* the bigger pid array stays: harmless */
+    c->wregs = nr;
+    c->wcap = ncap;
+    return 0;
 }
 
 int ca__wreg_register(ca__wcore *c, pid_t pid, ca_child_fn cb, void *arg, ca__wbind *b,
                       ca__wreg **out)
 {
     if ((c->len + 1) * 2 > c->cap && table_grow(c) < 0) return -ENOMEM;
-    ca__wreg *r = calloc(1, sizeof *r);
+    if (c->track_wait && wait_reserve(c) < 0) return -ENOMEM;
+    ca__wreg *r = malloc(sizeof *r);
     if (!r) return -ENOMEM;
-    r->pid = pid;
-    r->core = c;
-    r->state = CA__W_WAITING;
-    r->refs = 1;
-    r->registered = true;
-    r->cb = cb;
-    r->arg = arg;
-    r->pidfd = -1;
+    *r = (ca__wreg){
+        .pid = pid,
+        .core = c,
+        .state = CA__W_WAITING,
+        .refs = 1,
+        .registered = true,
+        .in_wait = true,
+        .cb = cb,
+        .arg = arg,
+        .pidfd = -1,
+    };
     size_t i = home(c, pid);
     while (c->slots[i]) i = (i + 1) & (c->cap - 1);
     c->slots[i] = r;
     c->len++;
-    r->in_wait = true;
-    r->wnext = c->wait_head;
-    if (c->wait_head) c->wait_head->wprev = r;
-    c->wait_head = r;
-    c->nwait++;
+    if (c->track_wait) {
+        r->widx = c->nwait++;
+        c->wpids[r->widx] = pid;
+        c->wregs[r->widx] = r;
+    }
     if (b) bind_link(b, r);
     *out = r;
     return 0;
@@ -457,8 +500,8 @@ void ca__wbind_put(ca__wbind *b)
 {
     /* A binding with nothing left but its hook is dropped while we are on its loop's thread
      * (the only thread that may remove a close hook); the next child brings it back. */
-    if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->sig_registered &&
-        ca__loop_in_own_thread(b->loop)) {
+    if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->rescan_posted &&
+        !b->sig_registered && ca__loop_in_own_thread(b->loop)) {
         ca__loop_remove_close_hook(b->loop, b->hook);
         b->hook = NULL;
         b->refs--;
@@ -500,6 +543,10 @@ static void bind_hook(void *arg)
     }
     if (b->check_posted) {
         b->check_posted = false;
+        b->refs--;
+    }
+    if (b->rescan_posted) { /* the timer is dropped with the loop's other handles */
+        b->rescan_posted = false;
         b->refs--;
     }
     b->sig_registered = false; /* the loop removes its signal handlers when it closes */
@@ -567,6 +614,8 @@ void ca__wcore_unref(ca__wcore *c)
     /* Nothing refers to the core any more: no registration is left (bindings hold references
      * and registrations keep their bindings), so only the table's memory remains. */
     free(c->slots);
+    free(c->wpids);
+    free(c->wregs);
     free(c->impl);
     pthread_mutex_destroy(&c->lock);
     free(c);
@@ -595,6 +644,8 @@ void ca__wcore_free_forked(ca__wcore *c)
         free(b);
     }
     free(c->slots);
+    free(c->wpids);
+    free(c->wregs);
     free(c->impl);
     free(c);
 }

@@ -19,14 +19,15 @@
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
-static void fast_reap(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
 {
+    (void)full; /* waitpid(-1) sees every exited child anyway */
     /* Signals coalesce: keep reaping while there is something to reap. */
     for (;;) {
         int status = 0;
         pid_t pid = waitpid(-1, &status, WNOHANG);
         if (pid < 0 && errno == EINTR) continue;
-        if (pid <= 0) return; /* 0: the others still run; ECHILD: no child left */
+        if (pid <= 0) return false; /* 0: the others still run; ECHILD: no child left */
         int rc = ca__returncode_from_status(status);
         ca__wreg *r = ca__wtable_get_live(c, pid);
         if (r && r->registered && r->state == CA__W_WAITING) {
@@ -39,6 +40,7 @@ static void fast_reap(ca__wcore *c, ca__wreg **list, ca__wlog *q)
             if (ca__wreg_register(c, pid, NULL, NULL, NULL, &z) == 0) {
                 z->state = CA__W_ZOMBIE;
                 z->rc = rc;
+                att(c)->zombies++;
                 ca__wreg_unwait(c, z); /* the waiting list is for running children */
             } else {
                 ca__wlog_add(q, CA_LOG_WARNING,
@@ -100,7 +102,7 @@ static int fast_exit(ca_child_watcher *w)
     ca__wcore_lock(c);
     if (att(c)->forks == 0) {
         err = -EINVAL; /* exit without enter */
-    } else if (--att(c)->forks == 0) {
+    } else if (--att(c)->forks == 0 && att(c)->zombies > 0) {
         /* Statuses kept for a handler that never came are other code's children. */
         char buf[200];
         size_t len = 0;
@@ -120,6 +122,7 @@ static int fast_exit(ca_child_watcher *w)
             n++;
             ca__wreg_unregister(c, r); /* shifts the next entry into slot i */
         }
+        att(c)->zombies = 0; /* the ones that got their handler are WAITING, the rest gone */
         if (n)
             ca__wlog_add(&q, CA_LOG_WARNING,
                          "Caught subprocesses termination from unknown pids: {%s%s}", buf,

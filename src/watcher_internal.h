@@ -55,21 +55,21 @@ typedef struct ca__wreg ca__wreg;
 
 struct ca__wreg {
     pid_t pid;
-    ca__wcore *core;             /* not a reference */
-    int state;
     int rc;
+    ca__wcore *core;             /* not a reference */
     int refs;                    /* under the core's lock */
-    bool registered;             /* in the pid table: its callback may still be called */
-    bool posted;                 /* a callback posted to bind->loop holds a reference */
-    bool in_wait;                /* in the core's waiting list */
-    bool pidfd_lost;             /* Pidfd: its loop closed, the fd was released */
-    bool pending;                /* on a ca__wlog's pending list: to be posted */
+    int pidfd;                   /* Pidfd watcher: -1 when none */
+    uint32_t widx;               /* its index in the core's waiting array (if in_wait) */
+    unsigned char state;
+    bool registered : 1;         /* in the pid table: its callback may still be called */
+    bool posted : 1;             /* a callback posted to bind->loop holds a reference */
+    bool in_wait : 1;            /* waiting for its child (in the core's waiting array) */
+    bool pidfd_lost : 1;         /* Pidfd: its loop closed, the fd was released */
+    bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
     ca_child_fn cb;
     void *arg;
     ca__wbind *bind;             /* delivery binding, or NULL */
-    ca__wreg *wprev, *wnext;     /* core's waiting list */
     ca__wreg *bprev, *bnext;     /* binding's list */
-    int pidfd;                   /* Pidfd watcher: -1 when none */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
 };
 
@@ -81,6 +81,7 @@ struct ca__wbind {
     ca__wreg *regs;              /* registrations bound here */
     ca__wbind *next;             /* core's list */
     bool check_posted;           /* Safe/Fast: a "poll now" callback is posted */
+    bool rescan_posted;          /* Safe: a "poll every child" timer is pending */
     bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop (no ref) */
 };
 
@@ -91,9 +92,13 @@ struct ca__wcore {
     /* pid table: open addressing, linear probing, backward-shift deletion */
     ca__wreg **slots;
     size_t cap, len;
-    /* registrations still waiting for their child (MultiLoop, Safe: the O(n) poll) */
-    ca__wreg *wait_head;
-    size_t nwait;
+    /* Registrations still waiting for their child, for the O(n) pollers (MultiLoop, Safe; only
+     * when track_wait): a compact array, the pids apart from the registrations so that a poll
+     * reads one dense array. Removal moves the last entry into the hole (r->widx). */
+    bool track_wait;
+    uint32_t nwait, wcap;
+    pid_t *wpids;
+    ca__wreg **wregs;
     ca__wbind *binds;
     bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
     /* Kind hooks, called with the lock held; may be NULL. */
@@ -189,14 +194,27 @@ void ca__sigchld_keep_release(void);
  * running, -ECHILD if it is not our child (or already reaped). */
 int ca__wait_nohang(pid_t pid, int *rc);
 
+/* The O(n) pollers' shortcut (Safe, MultiLoop): waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)
+ * shows the first exited child without reaping it; if it is a waiting registration, it is
+ * reaped by pid. Returns 1 with it in *r and its returncode in *rc (*echild: somebody else
+ * reaped it in between, rc 255; not logged here), 0 when no child has exited, -1 when that
+ * cannot tell: the first exited child is not ours (we cannot look past it without reaping it)
+ * or waitid failed (ECHILD: no child at all); the caller then polls every registration.
+ * Two system calls per SIGCHLD instead of one per watched child, and never reaps another
+ * child; but only the poll learns that other code reaped a watched child. Lock held. */
+int ca__wreap_next(ca__wcore *c, ca__wreg **r, int *rc, bool *echild);
+
 /* ----- Safe and Fast: SIGCHLD through the attached loop (watcher_safe.c) ------------------ */
 typedef struct ca__wattach {
     ca_loop *loop;               /* a reference; NULL when detached */
     ca__wbind *bind;             /* a reference to the loop's binding */
     /* The kind's reaping after a SIGCHLD, on the attached loop's thread, lock held: exits go
-     * to *list (ca__wreg_take_into), log lines to q. */
-    void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q);
+     * to *list (ca__wreg_take_into), log lines to q. full: every registered child must be
+     * checked (after an attach, or Safe's deferred poll). Returns true when it left checks
+     * for later: the caller then makes sure that a full reap follows soon (Safe). */
+    bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q);
     int forks;                   /* Fast: enter/exit depth */
+    unsigned zombies;            /* Fast: zombie registrations made (at least as many as exist) */
 } ca__wattach;
 /* c->impl is a ca__wattach. attach_loop for both; loop NULL detaches. */
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
@@ -212,7 +230,7 @@ bool ca__wattach_is_active_op(ca_child_watcher *w);
 int ca__wattach_close_op(ca_child_watcher *w);
 /* Makes a Safe or Fast watcher: a core whose impl is a ca__wattach with this reap. */
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
-                            void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),
+                            bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q),
                             ca_child_watcher **out);
 
 #endif

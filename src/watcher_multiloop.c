@@ -8,9 +8,11 @@
  *
  * asyncio's version ran the polling inside the Python signal handler, in the main thread, and
  * could hang or lose exits under load (bpo-38323). Here the signal handler only writes to the
- * eventfd; the polling runs in a thread that blocks every signal, and because the eventfd is a
- * counter and every wake polls every pid, coalesced SIGCHLDs lose nothing. A pid is also checked
- * when it is added (it may have exited before).
+ * eventfd; the reaping runs in a thread that blocks every signal, and because the eventfd is a
+ * counter and every wake reaps until no exited child is left, coalesced SIGCHLDs lose nothing.
+ * A pid is also checked when it is added (it may have exited before). The exited children are
+ * found with waitid(WNOWAIT) (ca__wreap_next), the poll of every pid runs when that cannot tell
+ * and at the latest 0.1 s after a wake that skipped it, as Safe does.
  */
 #include "internal.h"
 #include "watcher_internal.h"
@@ -19,6 +21,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct multiloop {
@@ -31,20 +34,53 @@ typedef struct multiloop {
 
 static multiloop *ml(ca__wcore *c) { return (multiloop *)c->impl; }
 
-static void poll_all(ca__wcore *c)
+/* How long after a SIGCHLD whose handling skipped the poll of every registration that poll
+ * runs at the latest (it is what learns that other code reaped a watched child). */
+#define RESCAN_DELAY_NS 100000000L
+
+/* waitpid(pid, WNOHANG) for every registration still waiting. Lock held. */
+static void poll_all(ca__wcore *c, ca__wlog *q)
+{
+    /* Downwards: an exit takes entry i out by moving the last one (already polled) there. */
+    for (uint32_t i = c->nwait; i-- > 0;) {
+        if (i >= c->nwait) continue;
+        int rc = 0;
+        int e = ca__wait_nohang(c->wpids[i], &rc);
+        if (e == 1) ca__wreg_exited(c, c->wregs[i], rc, false, q);
+        else if (e == -ECHILD) ca__wreg_exited(c, c->wregs[i], 255, true, q);
+    }
+}
+
+/* After a SIGCHLD (full: poll every registration). The exited children are found with
+ * ca__wreap_next; every registration is polled only when that cannot tell. Returns true when
+ * that poll is owed: the thread then runs it within RESCAN_DELAY_NS. */
+static bool reap_exits(ca__wcore *c, bool full)
 {
     ca__wlog q = {0};
+    bool owed = false;
     ca__wcore_lock(c);
-    for (ca__wreg *r = c->wait_head; r;) {
-        ca__wreg *next = r->wnext;
-        int rc = 0;
-        int e = ca__wait_nohang(r->pid, &rc);
-        if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
-        else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
-        r = next;
+    if (c->nwait > 0) {
+        int e = -1;
+        while (!full) {
+            ca__wreg *r;
+            int rc;
+            bool echild;
+            if ((e = ca__wreap_next(c, &r, &rc, &echild)) <= 0) break;
+            ca__wreg_exited(c, r, rc, echild, &q);
+        }
+        if (e == 0) owed = c->nwait > 0;
+        else poll_all(c, &q);
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    return owed;
+}
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 static void *reaper_main(void *arg)
@@ -52,14 +88,32 @@ static void *reaper_main(void *arg)
     ca__wcore *c = arg;
     multiloop *m = ml(c);
     pthread_setname_np(pthread_self(), "ca-multiloop");
+    long long due = -1; /* when the owed poll of every registration runs; -1: none owed */
     for (;;) {
+        int timeout = -1;
+        if (due >= 0) {
+            long long left = due - now_ns();
+            timeout = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
+        }
         struct pollfd p = {.fd = m->efd, .events = POLLIN};
-        if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
-        uint64_t v;
-        if (read(m->efd, &v, sizeof v) < 0 && errno != EAGAIN && errno != EINTR) break;
-        if (atomic_load(&m->stop)) break;
-        ca__sigslot_take(m->slot);
-        poll_all(c);
+        int n = poll(&p, 1, timeout);
+        if (n < 0 && errno != EINTR) break;
+        bool full = false;
+        if (n > 0) {
+            uint64_t v;
+            if (read(m->efd, &v, sizeof v) < 0 && errno != EAGAIN && errno != EINTR) break;
+            if (atomic_load(&m->stop)) break;
+            ca__sigslot_take(m->slot);
+        } else if (n < 0) {
+            continue;
+        }
+        if (due >= 0 && now_ns() >= due) {
+            full = true;
+            due = -1;
+        } else if (n == 0) {
+            continue;
+        }
+        if (reap_exits(c, full) && due < 0) due = now_ns() + RESCAN_DELAY_NS;
     }
     return NULL;
 }
@@ -180,6 +234,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
         return -ENOMEM;
     }
     c->impl = m;
+    c->track_wait = true;
     m->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (m->efd < 0) {
         err = -errno;

@@ -22,8 +22,18 @@ bool ca__wattach_active(ca__wcore *c)
     return !c->closed && a->loop && a->bind && a->bind->loop && !ca_loop_is_closed(a->loop);
 }
 
-/* SIGCHLD arrived (or a check was asked for): reap on the attached loop's thread. */
-static void reap_now(ca__wbind *b, bool is_check)
+/* How long a registered child that other code reaped (waitpid says ECHILD) may stay unnoticed
+ * by Safe: the poll of every child that finds it runs at the latest this long after the
+ * SIGCHLD whose handling skipped it. */
+#define RESCAN_DELAY 0.1
+
+enum { REAP_SIGNAL, REAP_CHECK, REAP_RESCAN };
+
+static void rescan_cb(void *arg);
+
+/* SIGCHLD arrived (or a check or a deferred poll was asked for): reap on the attached loop's
+ * thread. */
+static void reap_now(ca__wbind *b, int why)
 {
     ca__wcore *c = b->core;
     ca__wreg *list = NULL;
@@ -31,11 +41,27 @@ static void reap_now(ca__wbind *b, bool is_check)
     ca__wcore_ref(c);
     ca__wcore_lock(c);
     b->refs++;
-    if (is_check && b->check_posted) {
+    if (why == REAP_CHECK && b->check_posted) {
         b->check_posted = false;
         b->refs--;
     }
-    if (!c->closed && att(c)->bind == b) att(c)->reap(c, &list, &q);
+    if (why == REAP_RESCAN && b->rescan_posted) {
+        b->rescan_posted = false;
+        b->refs--;
+    }
+    if (!c->closed && att(c)->bind == b) {
+        bool later = att(c)->reap(c, why != REAP_SIGNAL, &list, &q);
+        if (later && !b->rescan_posted && b->loop) {
+            b->rescan_posted = true;
+            b->refs++;
+            if (ca_loop_call_later(b->loop, RESCAN_DELAY, rescan_cb, b, NULL) < 0) {
+                /* No timer: poll every child now rather than maybe never. */
+                b->rescan_posted = false;
+                b->refs--;
+                att(c)->reap(c, true, &list, &q);
+            }
+        }
+    }
     ca__wbind_put(b);
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
@@ -43,8 +69,9 @@ static void reap_now(ca__wbind *b, bool is_check)
     ca__wcore_unref(c);
 }
 
-static void sigchld_cb(void *arg) { reap_now(arg, false); }
-static void check_cb(void *arg) { reap_now(arg, true); }
+static void sigchld_cb(void *arg) { reap_now(arg, REAP_SIGNAL); }
+static void check_cb(void *arg) { reap_now(arg, REAP_CHECK); }
+static void rescan_cb(void *arg) { reap_now(arg, REAP_RESCAN); }
 
 /* Detaches b (lock held): removes our SIGCHLD handler from its loop, if this thread may. */
 static int detach_bind(ca__wbind *b, ca_loop *loop, bool force)
@@ -147,7 +174,7 @@ bool ca__wattach_is_active_op(ca_child_watcher *w)
 int ca__wattach_close_op(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
 
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
-                            void (*reap)(ca__wcore *c, ca__wreg **list, ca__wlog *q),
+                            bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q),
                             ca_child_watcher **out)
 {
     if (!out) return -EINVAL;
@@ -186,21 +213,53 @@ int ca__wattach_close(ca__wcore *c)
 
 /* ----- Safe ------------------------------------------------------------------------------ */
 
-/* O(n): every registered child that has not exited yet. */
-static void safe_reap(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+/* O(n): every registered child that has not exited yet, waitpid(pid, WNOHANG) each. */
+static void safe_poll_all(ca__wcore *c, ca__wreg **list, ca__wlog *q)
 {
-    for (ca__wreg *r = c->wait_head; r;) {
-        ca__wreg *next = r->wnext;
+    /* Downwards: taking entry i moves the last one (already polled) into its place. */
+    for (uint32_t i = c->nwait; i-- > 0;) {
+        if (i >= c->nwait) continue;
         int rc = 0;
-        int e = ca__wait_nohang(r->pid, &rc);
+        int e = ca__wait_nohang(c->wpids[i], &rc);
+        if (e == 0) continue;
+        ca__wreg *r = c->wregs[i];
         if (e == -ECHILD) {
             ca__wlog_add(q, CA_LOG_WARNING,
                          "Unknown child process pid %d, will report returncode 255", (int)r->pid);
             rc = 255;
+        } else if (e < 0) {
+            continue;
         }
-        if (e == 1 || e == -ECHILD) ca__wreg_take_into(c, r, rc, list);
-        r = next;
+        ca__wreg_take_into(c, r, rc, list);
     }
+}
+
+/* The exited children that ca__wreap_next shows, reaped while they are registered ones. */
+static bool safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+{
+    for (;;) {
+        ca__wreg *r;
+        int rc;
+        bool echild;
+        int e = ca__wreap_next(c, &r, &rc, &echild);
+        if (e <= 0) return e == 0;
+        if (echild)
+            ca__wlog_add(q, CA_LOG_WARNING,
+                         "Unknown child process pid %d, will report returncode 255", (int)r->pid);
+        ca__wreg_take_into(c, r, rc, list);
+    }
+}
+
+/* On SIGCHLD, exits are found with safe_reap_exited. What only the poll of every child finds
+ * is a registered child that other code reaped (ECHILD: returncode 255, as asyncio reports it):
+ * that poll runs when safe_reap_exited cannot settle the signal, and otherwise at the latest
+ * RESCAN_DELAY after it (we return true: the caller arms a timer), at most once per delay. */
+static bool safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
+{
+    if (c->nwait == 0) return false;
+    if (!full && safe_reap_exited(c, list, q)) return c->nwait > 0;
+    safe_poll_all(c, list, q);
+    return false;
 }
 
 static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
@@ -245,5 +304,7 @@ static const ca_child_watcher_ops safe_ops = {
 
 int ca_safe_child_watcher_new(ca_child_watcher **out)
 {
-    return ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
+    int err = ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
+    if (err == 0) ca__wcore_of(*out)->track_wait = true;
+    return err;
 }

@@ -431,6 +431,58 @@ LOOP_TEST(echild_gives_255)
     ca_set_log_handler(NULL, NULL);
 }
 
+/* Safe and MultiLoop find exits with waitid(WNOWAIT) and poll every child only now and then:
+ * a watched child that other code reaped must still be reported (255), also when the same
+ * SIGCHLD brought an exit that the watcher reaps itself. Safe reaps on the loop, so the theft
+ * is certain; MultiLoop's thread may win the race, and then reports the real status. */
+LOOP_TEST(poller_reports_stolen_child_beside_own_exit)
+{
+    ca_set_log_handler(log_capture, NULL);
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        t_run_for(loop, 0.05); /* the poll of every child that attaching asks for is done */
+        log_reset();
+        int p[2], q[2], o[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        CHECK_EQ(pipe2(q, O_CLOEXEC), 0);
+        CHECK_EQ(pipe2(o, O_CLOEXEC), 0);
+        rec stolen = {0}, own = {0};
+        /* Another child that runs meanwhile: with none left, waitid answers ECHILD and the
+         * watcher polls every child at once; here it has to come back for the stolen one. */
+        pid_t other = spawn_cat(o[0]);
+        pid_t b = spawn_cat(p[0]);
+        pid_t a = spawn_cat(q[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, b, on_exit_rec, &stolen));
+        CHECK_OK(ca_child_watcher_add_child_handler(w, a, on_exit_rec, &own));
+        close(p[0]);
+        close(p[1]);
+        bool stole = reap(b) >= 0; /* other code's waitpid(b) */
+        if (k == W_SAFE) CHECK(stole);
+        close(q[0]);
+        close(q[1]);
+        CHECK(t_run_until(loop, called, &own, 5));
+        CHECK_EQ(atomic_load(&own.rc), 0);
+        CHECK(t_run_until(loop, called, &stolen, 5));
+        CHECK_EQ(atomic_load(&stolen.rc), stole ? 255 : 0);
+        t_run_for(loop, 0.15); /* past the deferred poll: nothing is reported twice */
+        CHECK_EQ(atomic_load(&own.calls), 1);
+        CHECK_EQ(atomic_load(&stolen.calls), 1);
+        if (stole) {
+            char needle[64];
+            snprintf(needle, sizeof needle, "pid %d", (int)b);
+            if (!log_has(needle)) t_fail(__FILE__, __LINE__, "%s: no log line: %s", wname[k], log_buf);
+        }
+        wdone(w);
+        close(o[0]);
+        close(o[1]);
+        CHECK(reap(other) >= 0);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
 /* ----- other code's children ---------------------------------------------------------------- */
 
 LOOP_TEST(other_code_waitpid_and_system) /* timeout: 60 */
