@@ -1061,36 +1061,56 @@ void *ca__loop_add_close_hook(ca_loop *loop, void (*fn)(void *arg), void *arg)
     hk->arg = arg;
     pthread_mutex_lock(&loop->hooks_lock);
     hk->next = loop->close_hooks;
+    if (hk->next) hk->next->pprev = &hk->next;
+    hk->pprev = &loop->close_hooks;
     loop->close_hooks = hk;
     pthread_mutex_unlock(&loop->hooks_lock);
     return hk;
 }
 
+/* O(1): a process removes its hook when it ends, usually the oldest one in the list. */
 void ca__loop_remove_close_hook(ca_loop *loop, void *token)
 {
+    struct ca__close_hook *hk = token;
     pthread_mutex_lock(&loop->hooks_lock);
-    for (struct ca__close_hook **p = &loop->close_hooks; *p; p = &(*p)->next) {
-        if (*p == token) {
-            struct ca__close_hook *hk = *p;
-            *p = hk->next;
-            pthread_mutex_unlock(&loop->hooks_lock);
-            free(hk);
-            return;
-        }
+    bool linked = hk->pprev != NULL;
+    if (linked) {
+        *hk->pprev = hk->next;
+        if (hk->next) hk->next->pprev = hk->pprev;
     }
     pthread_mutex_unlock(&loop->hooks_lock);
+    if (linked) free(hk);
+}
+
+/* Takes the newest hook off the list (under hooks_lock) and keeps it in `retired`. */
+static struct ca__close_hook *pop_close_hook(ca_loop *loop)
+{
+    struct ca__close_hook *hk = loop->close_hooks;
+    if (!hk) return NULL;
+    loop->close_hooks = hk->next;
+    if (hk->next) hk->next->pprev = &loop->close_hooks;
+    hk->pprev = NULL;
+    hk->next = loop->retired;
+    loop->retired = hk;
+    return hk;
+}
+
+/* In a child of fork(): the hooks are forgotten, not run (see forked_close). */
+static void retire_close_hooks(ca_loop *loop)
+{
+    while (pop_close_hook(loop)) {
+    }
 }
 
 static void free_close_hooks(ca_loop *loop)
 {
-    while (loop->close_hooks) {
-        struct ca__close_hook *hk = loop->close_hooks;
-        loop->close_hooks = hk->next;
+    retire_close_hooks(loop);
+    while (loop->retired) {
+        struct ca__close_hook *hk = loop->retired;
+        loop->retired = hk->next;
         free(hk);
     }
 }
-
-/* ----- the public loop functions --------------------------------------------------------------- */
 
 ca_loop *ca_loop_ref(ca_loop *loop)
 {
@@ -1102,7 +1122,7 @@ ca_loop *ca_loop_ref(ca_loop *loop)
 static void forked_close(ca_loop *loop)
 {
     if (atomic_exchange(&loop->closed, true)) return;
-    free_close_hooks(loop);
+    retire_close_hooks(loop);
     if (loop->be) {
         drop_handles(loop, true);
         atomic_store(&loop->ts_inflight, 0);
@@ -1136,14 +1156,10 @@ int ca_loop_close(ca_loop *loop)
      * time, popped under the lock and called without it (a hook may remove other hooks). */
     for (;;) {
         pthread_mutex_lock(&loop->hooks_lock);
-        struct ca__close_hook *hk = loop->close_hooks;
-        if (hk) loop->close_hooks = hk->next;
+        struct ca__close_hook *hk = pop_close_hook(loop);
         pthread_mutex_unlock(&loop->hooks_lock);
         if (!hk) break;
-        void (*fn)(void *) = hk->fn;
-        void *arg = hk->arg;
-        free(hk);
-        fn(arg);
+        hk->fn(hk->arg);
     }
     atomic_store(&loop->closed, true);
     int r = loop->ops->close ? loop->ops->close(loop) : 0;

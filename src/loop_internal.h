@@ -83,6 +83,7 @@ struct ca__close_hook {
     void (*fn)(void *arg);
     void *arg;
     struct ca__close_hook *next;
+    struct ca__close_hook **pprev; /* NULL once close took it (then it waits in `retired`) */
 };
 
 struct ca_loop {
@@ -96,6 +97,8 @@ struct ca_loop {
     atomic_bool stopping;
     _Atomic(const void *) owner;       /* token of the thread that runs it */
     struct ca__close_hook *close_hooks;
+    struct ca__close_hook *retired;    /* hooks close already ran: freed with the loop, so a
+                                        * late remove of one is a no-op, not a use after free */
     pthread_mutex_t hooks_lock;        /* close hooks may be added by any thread while idle */
     struct ca__sock_state *sock;       /* sock.c's generic sock_* state (freed by a close hook) */
 
