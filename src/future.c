@@ -56,13 +56,40 @@ static void free_list(ca_future *f, struct done_cb *c)
     }
 }
 
+/* A built-in loop keeps up to FUT_CACHE freed futures for its next ones: a future is
+ * made and freed per socket operation, and with many in flight glibc's per-thread cache
+ * overflows into its slower paths. Only the thread running the loop touches the cache. */
+#define FUT_CACHE 256
+
+void ca__future_cache_free(ca_loop *loop)
+{
+    while (loop->fut_cache) {
+        ca_future *f = loop->fut_cache;
+        loop->fut_cache = f->result;
+        free(f);
+    }
+    loop->fut_cached = 0;
+}
+
+static inline bool cache_usable(ca_loop *loop)
+{
+    return loop->be && ca_get_running_loop() == loop;
+}
+
 int ca_future_new(ca_loop *loop, ca_future **out)
 {
     if (!loop || !out) return -EINVAL;
     int r = ca__loop_check(loop);
     if (r) return r;
-    ca_future *f = malloc(sizeof *f);
-    if (!f) return -ENOMEM;
+    ca_future *f;
+    if (cache_usable(loop) && loop->fut_cache) { /* ownership first: then the fields */
+        f = loop->fut_cache;
+        loop->fut_cache = f->result; /* the link */
+        loop->fut_cached--;
+    } else {
+        f = malloc(sizeof *f);
+        if (!f) return -ENOMEM;
+    }
     atomic_init(&f->refs, 1);
     f->state = PENDING;
     f->err = 0;
@@ -86,8 +113,15 @@ ca_future *ca_future_unref(ca_future *f)
 {
     if (!f || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return NULL;
     free_list(f, f->cbs);
-    ca_loop_unref(f->loop);
-    free(f);
+    ca_loop *loop = f->loop;
+    if (cache_usable(loop) && loop->fut_cached < FUT_CACHE) {
+        f->result = loop->fut_cache;
+        loop->fut_cache = f;
+        loop->fut_cached++;
+    } else {
+        free(f);
+    }
+    ca_loop_unref(loop); /* after: the loop frees its cache when it goes */
     return NULL;
 }
 

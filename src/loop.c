@@ -947,6 +947,7 @@ int ca__core_close(ca_loop *self)
 
 void ca__core_destroy(ca_loop *self)
 {
+    ca__future_cache_free(self);
     pool_free_all(self);
     free(self->heap_mem);
     self->heap_mem = NULL;

@@ -141,6 +141,10 @@ struct ca_loop {
     ca_handle *sig_handlers[65];       /* per signal, escaped handles owned by the loop */
     atomic_int ts_inflight;            /* threads between the closed check and the wakeup write */
     ca_future *ruc_future;             /* what run_until_complete waits for */
+    /* futures freed while the loop ran in this thread, for the next ca_future_new there
+     * (future.c; touched only by the thread running the loop) */
+    void *fut_cache;
+    unsigned fut_cached;
 };
 
 /* Called by backends for each ready fd. */
@@ -176,6 +180,8 @@ static inline int ca__loop_check(const ca_loop *loop)
 
 double ca__monotonic(void);
 
+/* future.c: frees the loop's cache of futures (destroy). */
+void ca__future_cache_free(ca_loop *loop);
 /* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
 int ca__future_remove_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 
