@@ -145,7 +145,7 @@ static void run_list(ca_future *f, struct done_cb *c)
     ca_future_unref(f);
 }
 
-static void run_fired(void *arg)
+void ca__future_run_fired(void *arg)
 {
     ca_future *f = arg;
     struct done_cb *c = f->fired;
@@ -154,7 +154,7 @@ static void run_fired(void *arg)
 }
 
 /* The loop closed with the callbacks still queued: they never run, their references go. */
-static void drop_fired(void *arg)
+void ca__future_drop_fired(void *arg)
 {
     ca_future *f = arg;
     struct done_cb *c = f->fired;
@@ -194,7 +194,7 @@ static int schedule_cbs(ca_future *f, struct done_cb *c, bool late)
     if (!late || !f->fired) {
         /* the future's own entry is free: no entry of its callbacks is waiting */
         f->fired = c;
-        r = ca__loop_schedule(f->loop, run_fired, f, drop_fired);
+        r = ca__loop_schedule(f->loop, ca__future_run_fired, f, ca__future_drop_fired);
         if (r) f->fired = NULL;
     } else {
         struct late *l = malloc(sizeof *l);
@@ -262,8 +262,8 @@ int ca_future_result(const ca_future *f, void **result)
 int ca_future_add_done_callback(ca_future *f, void (*fn)(ca_future *, void *), void *arg)
 {
     if (!f || !fn) return -EINVAL;
-    if (f->loop->fork_gen != ca__fork_gen()) return -ECHILD;
-    if (ca_loop_is_closed(f->loop)) return -EBADF;
+    int r = ca__loop_check(f->loop);
+    if (r) return r;
     struct done_cb *c = cb_alloc(f);
     if (!c) return -ENOMEM;
     c->fn = fn;

@@ -435,6 +435,13 @@ void ca_handle_cancel(ca_handle *h)
 
 #define RQ_KEEP 4096 /* entries kept when idle */
 
+/* Internal callbacks whose drop function the loop knows: queued as plain (fn, arg) entries,
+ * no handle, and dropped by the loop itself if it closes before they run. */
+static ca_callback_fn known_drop(ca_callback_fn fn)
+{
+    return fn == ca__future_run_fired ? ca__future_drop_fired : NULL;
+}
+
 static bool rq_grow(ca_loop *loop)
 {
     size_t cap = loop->rq_cap ? loop->rq_cap * 2 : 256;
@@ -570,7 +577,7 @@ static void wake(ca_loop *loop);
 static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
 {
     ca_handle *h = NULL;
-    if (drop) {
+    if (drop && drop != known_drop(fn)) {
         /* (fn, arg, drop) travels as a handle, so the queue's items stay two words. */
         h = handle_alloc(NULL, fn, arg);
         if (!h) return -ENOMEM;
@@ -896,12 +903,23 @@ static void drop_handles(ca_loop *loop, bool forked)
     loop->ts_len = 0;
     atomic_store(&loop->ts_pending, false);
     if (!forked) ts_unlock(loop);
-    for (size_t i = 0; i < n; i++)
-        if (!items[i].fn) ca_handle_unref(items[i].arg); /* calls its drop */
+    for (size_t i = 0; i < n; i++) {
+        if (!items[i].fn) {
+            ca_handle_unref(items[i].arg); /* calls its drop */
+        } else {
+            ca_callback_fn d = known_drop(items[i].fn);
+            if (d) d(items[i].arg);
+        }
+    }
     free(items);
     while (loop->rq_len) {
         struct ca__entry e = rq_pop(loop);
-        if (!e.fn) handle_release(loop, e.arg);
+        if (!e.fn) {
+            handle_release(loop, e.arg);
+        } else {
+            ca_callback_fn d = known_drop(e.fn);
+            if (d) d(e.arg);
+        }
     }
     while (loop->heap_len) {
         ca_handle *h = timer_handle(&loop->heap[--loop->heap_len]);
@@ -1331,7 +1349,7 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
             return ts_push(loop, fn, arg, drop);
         }
         ts_drain(loop);
-        if (!drop) return rq_push(loop, fn, arg);
+        if (!drop || drop == known_drop(fn)) return rq_push(loop, fn, arg);
         ca_handle *h = handle_alloc(loop, fn, arg);
         if (!h) return -ENOMEM;
         h->drop = drop;

@@ -180,6 +180,10 @@ static inline int ca__loop_check(const ca_loop *loop)
 
 double ca__monotonic(void);
 
+/* future.c: runs the done callbacks of a completion / drops them unrun (the loop closed). The
+ * loop knows this pair: such an entry needs no handle to carry its drop function. */
+void ca__future_run_fired(void *arg);
+void ca__future_drop_fired(void *arg);
 /* future.c: frees the loop's cache of futures (destroy). */
 void ca__future_cache_free(ca_loop *loop);
 /* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
