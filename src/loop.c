@@ -329,9 +329,8 @@ static void heap_down(ca_loop *loop, size_t i)
 /* Entries 1-4, 5-8, ... (the children of one node) each fill one 128-byte block: the heap
  * starts 3 entries (96 bytes) into a 128-byte aligned allocation. */
 
-static int heap_grow(ca_loop *loop)
+static int heap_resize(ca_loop *loop, size_t cap)
 {
-    size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
     if (cap > (SIZE_MAX - HEAP_ALIGN) / sizeof(struct ca__timer) - HEAP_SKIP) return -ENOMEM;
     size_t bytes = (cap + HEAP_SKIP) * sizeof(struct ca__timer);
     bytes = (bytes + HEAP_ALIGN - 1) / HEAP_ALIGN * HEAP_ALIGN;
@@ -349,7 +348,7 @@ static int heap_grow(ca_loop *loop)
 static inline int heap_push(ca_loop *loop, double when, ca_callback_fn fn, void *arg)
 {
     if (CA_UNLIKELY(loop->heap_len == loop->heap_cap)) {
-        int r = heap_grow(loop);
+        int r = heap_resize(loop, loop->heap_cap ? loop->heap_cap * 2 : 64);
         if (r) return r;
     }
     loop->heap[loop->heap_len++] = (struct ca__timer){when, loop->seq++, fn, arg};
@@ -544,14 +543,28 @@ static void ts_drain_pending(ca_loop *loop)
     }
 }
 
-/* The loop is about to block with nothing ready: a ring grown by a burst goes back, and so
- * does a large spare of the thread-safe queue (the last ring it swapped out). */
+/* The loop is about to block with nothing ready: a ring grown by a burst goes back, a timer
+ * heap mostly emptied shrinks, and a large spare of the thread-safe queue (the last ring it
+ * swapped out) goes too. */
 static void rq_trim(ca_loop *loop)
 {
     if (loop->rq_len == 0 && loop->rq_cap > RQ_KEEP) {
         free(loop->rq);
         loop->rq = NULL;
         loop->rq_cap = loop->rq_head = 0;
+    }
+    /* a timer heap grown by a burst of timers, now mostly empty, shrinks */
+    if (loop->heap_cap > RQ_KEEP && loop->heap_len * 4 < loop->heap_cap) {
+        size_t cap = 64;
+        while (cap < loop->heap_len * 2) cap *= 2;
+        if (loop->heap_len == 0) {
+            free(loop->heap_mem);
+            loop->heap_mem = NULL;
+            loop->heap = NULL;
+            loop->heap_cap = 0;
+        } else {
+            heap_resize(loop, cap); /* out of memory: it keeps the big one */
+        }
     }
     if (loop->ts_spare_cap > RQ_KEEP) {
         ts_lock(loop);

@@ -1396,3 +1396,33 @@ LOOP_TEST(future_cache_per_running_thread)
     pthread_join(th, NULL);
     CHECK_EQ(c.bad, 0);
 }
+
+/* A heap grown by a burst of timers shrinks when the loop blocks with few left; the ones
+ * left still run in time order, and new ones after it. */
+LOOP_TEST(timer_heap_shrinks_and_keeps_order)
+{
+    enum { BURST = 10000, LEFT = 100 };
+    static struct titem items[BURST + LEFT + 10];
+    struct tcheck c = {.last = -1, .loop = loop};
+    double base = ca_loop_time(loop);
+    for (int i = 0; i < BURST; i++) {
+        items[i] = (struct titem){&c, base + (double)(i % 97) * 1e-6};
+        CHECK_OK(ca_loop_call_at(loop, items[i].when, tcheck_cb, &items[i], NULL));
+    }
+    double later = base + 0.05 + 0.2 * t_slow();
+    for (int i = 0; i < LEFT; i++) {
+        items[BURST + i] = (struct titem){&c, later + (double)((i * 37) % LEFT) * 1e-5};
+        CHECK_OK(ca_loop_call_at(loop, items[BURST + i].when, tcheck_cb, &items[BURST + i], NULL));
+    }
+    t_run_for(loop, 0.02); /* the burst runs; the loop then blocks with LEFT timers */
+    CHECK_EQ(c.n, BURST);
+    c.last = -1;
+    for (int i = 0; i < 10; i++) {
+        items[BURST + LEFT + i] = (struct titem){&c, later + 0.01 + i * 1e-5};
+        CHECK_OK(ca_loop_call_at(loop, items[BURST + LEFT + i].when, tcheck_cb,
+                                 &items[BURST + LEFT + i], NULL));
+    }
+    t_run_for(loop, later - ca_loop_time(loop) + 0.05);
+    CHECK_EQ(c.n, BURST + LEFT + 10);
+    CHECK(!c.bad);
+}
