@@ -147,7 +147,8 @@ double ca_loop_time(const ca_loop *loop);
 int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **out);
 
 /* As call_soon, from any thread; wakes the loop (without a system call when the loop is
- * awake). Returns no handle. -EINVAL, -ECHILD, -EBADF (closed, also when the close races with
+ * awake). One FIFO with call_soon, as in asyncio: a call_soon made after this call returned
+ * (in any thread that knows it returned) runs after fn. Returns no handle. -EINVAL, -ECHILD, -EBADF (closed, also when the close races with
  * this call: then fn is never called), -ENOMEM. Any thread. */
 int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg);
 
