@@ -41,6 +41,13 @@
 #define CA_CPU_RELAX() ((void)0)
 #endif
 
+/* ----- tables indexed by fd (loop.c) ------------------------------------------------- */
+
+/* A table of *len entries of elem bytes, grown (doubled, 64 at first, new entries zeroed) so
+ * that it holds index fd. Returns the table (tab itself when it is big enough) and updates
+ * *len; NULL when out of memory (tab and *len unchanged). Call it only for fd >= *len. */
+void *ca__fdtab_grow(void *tab, int *len, int fd, size_t elem);
+
 /* ----- logging (log.c) ------------------------------------------------------------- */
 /* Formats a message and hands it to the handler of ca_set_log_handler (never from a signal
  * handler). */

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -92,90 +93,10 @@ static inline int check_owned(const ca_loop *loop)
 
 /* ----- handles -------------------------------------------------------------------------- */
 
-/* The handle pool. Handles that only the loop holds come from 16 KiB chunks aligned to their
- * size, so a handle finds its chunk by masking its address; a chunk counts its live handles.
- * Steady state costs no allocation at all, and a burst of a million callbacks costs one
- * aligned_alloc per few hundred. When the loop is about to block with many free handles, it
- * gives back the chunks that are entirely free (keeping a few). Handles a caller asked for,
- * and those made in other threads, are malloc'ed: they may outlive the loop or its thread. */
-#define CHUNK_BYTES 16384
-#define CHUNK_KEEP 4
-
-struct ca__chunk {
-    struct ca__chunk *next;
-    size_t live;
-    bool doomed;
-};
-#define CHUNK_FIRST                                                                         \
-    ((sizeof(struct ca__chunk) + _Alignof(ca_handle) - 1) / _Alignof(ca_handle) *          \
-     _Alignof(ca_handle))
-#define CHUNK_HANDLES ((CHUNK_BYTES - CHUNK_FIRST) / sizeof(ca_handle))
-
-static inline struct ca__chunk *chunk_of(ca_handle *h)
-{
-    return (struct ca__chunk *)((uintptr_t)h & ~(uintptr_t)(CHUNK_BYTES - 1));
-}
-
-static bool pool_grow(ca_loop *loop)
-{
-    struct ca__chunk *c = aligned_alloc(CHUNK_BYTES, CHUNK_BYTES);
-    if (!c) return false;
-    c->next = loop->chunks;
-    c->live = 0;
-    c->doomed = false;
-    loop->chunks = c;
-    loop->nchunks++;
-    ca_handle *hs = (ca_handle *)((char *)c + CHUNK_FIRST);
-    for (size_t i = CHUNK_HANDLES; i-- > 0;) {
-        hs[i].next = loop->free_list;
-        loop->free_list = &hs[i];
-    }
-    loop->free_len += CHUNK_HANDLES;
-    return true;
-}
-
-/* Frees the chunks whose handles are all free, but CHUNK_KEEP of them. O(free handles),
- * run only when the loop is about to block and holds more chunks than it keeps. */
-static void pool_trim(ca_loop *loop)
-{
-    size_t kept = 0, doomed = 0;
-    for (struct ca__chunk *c = loop->chunks; c; c = c->next) {
-        c->doomed = c->live == 0 && kept++ >= CHUNK_KEEP;
-        doomed += c->doomed;
-    }
-    if (!doomed) return;
-    ca_handle **p = &loop->free_list;
-    while (*p) {
-        if (chunk_of(*p)->doomed) {
-            *p = (*p)->next;
-            loop->free_len--;
-        } else {
-            p = &(*p)->next;
-        }
-    }
-    for (struct ca__chunk **cp = &loop->chunks; *cp;) {
-        struct ca__chunk *c = *cp;
-        if (c->doomed) {
-            *cp = c->next;
-            loop->nchunks--;
-            free(c);
-        } else {
-            cp = &c->next;
-        }
-    }
-}
-
-static void pool_free_all(ca_loop *loop)
-{
-    while (loop->chunks) {
-        struct ca__chunk *c = loop->chunks;
-        loop->chunks = c->next;
-        free(c);
-    }
-    loop->nchunks = 0;
-    loop->free_list = NULL;
-    loop->free_len = 0;
-}
+/* Handles. A plain call_soon or a timer without `out` needs none (the ready ring and the
+ * timer heap keep (fn, arg) themselves); a handle exists only for a caller that asked for
+ * one, a custom loop's ops, or an internal callback carrying a drop function, so it is
+ * simply malloc'ed. */
 
 static inline void handle_init(ca_handle *h, ca_callback_fn fn, void *arg)
 {
@@ -189,7 +110,6 @@ static inline void handle_init(ca_handle *h, ca_callback_fn fn, void *arg)
     h->arg = arg;
     h->drop = NULL;
     h->loop = NULL;
-    h->next = NULL;
 }
 
 /* A handle is going away: if it never ran, its drop function releases what arg owns. */
@@ -202,54 +122,26 @@ static inline void handle_dispose(ca_handle *h)
     }
 }
 
-/* From the pool when loop is given (its thread only), else malloc'ed. */
-static ca_handle *handle_alloc(ca_loop *loop, ca_callback_fn fn, void *arg)
+static ca_handle *handle_alloc(ca_callback_fn fn, void *arg)
 {
-    ca_handle *h;
-    if (loop) {
-        if (CA_UNLIKELY(!loop->free_list) && !pool_grow(loop)) return NULL;
-        h = loop->free_list;
-        loop->free_list = h->next;
-        loop->free_len--;
-        chunk_of(h)->live++;
-        handle_init(h, fn, arg);
-        h->pooled = true;
-        return h;
-    }
-    h = malloc(sizeof *h);
-    if (!h) return NULL;
-    handle_init(h, fn, arg);
-    h->pooled = false;
+    ca_handle *h = malloc(sizeof *h);
+    if (h) handle_init(h, fn, arg);
     return h;
 }
 
-static void handle_recycle(ca_loop *loop, ca_handle *h)
+static void handle_free(ca_handle *h)
 {
     handle_dispose(h);
-    if (!h->pooled) {
-        free(h);
-        return;
-    }
-    chunk_of(h)->live--;
-    h->next = loop->free_list;
-    loop->free_list = h;
-    loop->free_len++;
-}
-
-/* A handle that was never scheduled goes back; its arg stays the caller's. */
-static void handle_recycle_nodrop(ca_loop *loop, ca_handle *h)
-{
-    h->drop = NULL;
-    handle_recycle(loop, h);
+    free(h);
 }
 
 /* The handle leaves the loop's structures (it ran, was cancelled out of the heap, or the
  * loop dropped it): the loop's reference goes. */
-static void handle_release(ca_loop *loop, ca_handle *h)
+static void handle_release(ca_handle *h)
 {
     h->scheduled = false;
     if (!h->escaped) {
-        handle_recycle(loop, h);
+        handle_free(h);
         return;
     }
     h->loop = NULL;
@@ -405,7 +297,7 @@ static void heap_compact(ca_loop *loop)
         ca_handle *h = timer_handle(&loop->heap[i]);
         if (h && h->cancelled) {
             h->in_heap = false;
-            handle_release(loop, h);
+            handle_release(h);
         } else {
             loop->heap[k++] = loop->heap[i];
         }
@@ -510,30 +402,24 @@ static void ts_drain_pending(ca_loop *loop)
         ts_lock(loop);
         struct ca__entry *items = loop->ts_buf;
         size_t n = loop->ts_len, cap = loop->ts_cap;
-        if (loop->rq_len == 0 && n) {
-            /* Capacities are 256 << k on both sides, so the array is a valid ring. */
+        /* Capacities are 256 << k on both sides, so the array is a valid ring. */
+        bool take = loop->rq_len == 0 && n;
+        if (take || loop->rq_cap - loop->rq_len >= n) {
             loop->ts_buf = loop->ts_spare;
             loop->ts_cap = loop->ts_spare_cap;
-            loop->ts_spare = loop->rq;
-            loop->ts_spare_cap = loop->rq_cap;
+            loop->ts_spare = take ? loop->rq : items;
+            loop->ts_spare_cap = take ? loop->rq_cap : cap;
             loop->ts_len = 0;
             atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
             ts_unlock(loop);
-            loop->rq = items;
-            loop->rq_cap = cap;
-            loop->rq_head = 0;
-            loop->rq_len = n;
-            return;
-        }
-        if (loop->rq_cap - loop->rq_len >= n) {
-            loop->ts_buf = loop->ts_spare;
-            loop->ts_cap = loop->ts_spare_cap;
-            loop->ts_spare = items;
-            loop->ts_spare_cap = cap;
-            loop->ts_len = 0;
-            atomic_store_explicit(&loop->ts_pending, false, memory_order_relaxed);
-            ts_unlock(loop);
-            for (size_t i = 0; i < n; i++) rq_push(loop, items[i].fn, items[i].arg); /* fits */
+            if (take) {
+                loop->rq = items;
+                loop->rq_cap = cap;
+                loop->rq_head = 0;
+                loop->rq_len = n;
+            } else {
+                for (size_t i = 0; i < n; i++) rq_push(loop, items[i].fn, items[i].arg); /* fits */
+            }
             return;
         }
         ts_unlock(loop);
@@ -592,7 +478,7 @@ static int ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn d
     ca_handle *h = NULL;
     if (drop && drop != known_drop(fn)) {
         /* (fn, arg, drop) travels as a handle, so the queue's items stay two words. */
-        h = handle_alloc(NULL, fn, arg);
+        h = handle_alloc(fn, arg);
         if (!h) return -ENOMEM;
         h->escaped = true;
         h->drop = drop;
@@ -669,16 +555,25 @@ static void on_wakeup(void *arg)
 
 /* ----- the fd table ---------------------------------------------------------------------------- */
 
+void *ca__fdtab_grow(void *tab, int *len, int fd, size_t elem)
+{
+    if (fd < *len) return tab;
+    size_t n = *len ? (size_t)*len : 64;
+    while (n <= (size_t)fd) n *= 2;
+    if (n > INT_MAX || n > SIZE_MAX / elem) return NULL;
+    char *t = realloc(tab, n * elem);
+    if (!t) return NULL;
+    memset(t + (size_t)*len * elem, 0, (n - (size_t)*len) * elem);
+    *len = (int)n;
+    return t;
+}
+
 static int fd_grow(ca_loop *loop, int fd)
 {
     if (fd < loop->nfds) return 0;
-    int n = loop->nfds ? loop->nfds : 64;
-    while (n <= fd) n *= 2;
-    struct ca__fdent *t = realloc(loop->fds, (size_t)n * sizeof *t);
+    struct ca__fdent *t = ca__fdtab_grow(loop->fds, &loop->nfds, fd, sizeof *t);
     if (!t) return -ENOMEM;
-    memset(t + loop->nfds, 0, (size_t)(n - loop->nfds) * sizeof *t);
     loop->fds = t;
-    loop->nfds = n;
     return 0;
 }
 
@@ -783,7 +678,7 @@ int ca__core_add_signal_handler(ca_loop *self, int sig, ca_callback_fn fn, void 
         int r = ca__sigslot_new(self->wake_fd, &self->sigslot);
         if (r) return r;
     }
-    ca_handle *h = handle_alloc(NULL, fn, arg);
+    ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;
     h->escaped = true;
     int r = ca__sigslot_watch(self->sigslot, sig);
@@ -834,7 +729,7 @@ static int run_once(ca_loop *loop)
         ca_handle *h;
         while (loop->heap_len && (h = timer_handle(&loop->heap[0])) && h->cancelled) {
             heap_pop(loop);
-            handle_release(loop, h);
+            handle_release(h);
         }
     }
     if (!busy && loop->heap_len) {
@@ -844,7 +739,6 @@ static int run_once(ca_loop *loop)
     if (!busy || !skip_poll(loop)) {
         int r;
         if (timeout != 0) {
-            if (loop->nchunks > CHUNK_KEEP) pool_trim(loop);
             rq_trim(loop);
             atomic_store(&loop->polling, true);
             if (atomic_load(&loop->ts_pending)) timeout = 0;
@@ -863,7 +757,7 @@ static int run_once(ca_loop *loop)
             if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) break;
             struct ca__timer t = heap_pop(loop);
             ca_handle *h = timer_handle(&t);
-            if (h && h->cancelled) handle_release(loop, h);
+            if (h && h->cancelled) handle_release(h);
             else rq_push(loop, t.fn, t.arg); /* a handle keeps its scheduled flag */
         }
     }
@@ -880,7 +774,7 @@ static int run_once(ca_loop *loop)
             h->ran = true;
             h->fn(h->arg);
         }
-        handle_release(loop, h);
+        handle_release(h);
     }
     return 0;
 }
@@ -928,7 +822,7 @@ static void drop_handles(ca_loop *loop, bool forked)
     while (loop->rq_len) {
         struct ca__entry e = rq_pop(loop);
         if (!e.fn) {
-            handle_release(loop, e.arg);
+            handle_release(e.arg);
         } else {
             ca_callback_fn d = known_drop(e.fn);
             if (d) d(e.arg);
@@ -938,7 +832,7 @@ static void drop_handles(ca_loop *loop, bool forked)
         ca_handle *h = timer_handle(&loop->heap[--loop->heap_len]);
         if (h) {
             h->in_heap = false;
-            handle_release(loop, h);
+            handle_release(h);
         }
     }
     loop->heap_cancelled = 0;
@@ -979,7 +873,6 @@ int ca__core_close(ca_loop *self)
 void ca__core_destroy(ca_loop *self)
 {
     ca__future_cache_free(self);
-    pool_free_all(self);
     free(self->heap_mem);
     self->heap_mem = NULL;
     free(self->rq);
@@ -1264,7 +1157,7 @@ void ca_loop_stop(ca_loop *loop)
 static ca_handle *new_handle(ca_loop *loop, ca_callback_fn fn, void *arg, bool want)
 {
     bool escaped = want || !loop->be;
-    ca_handle *h = handle_alloc(escaped ? NULL : loop, fn, arg);
+    ca_handle *h = handle_alloc(fn, arg);
     if (h) h->escaped = escaped;
     return h;
 }
@@ -1274,7 +1167,7 @@ static int finish_schedule(ca_loop *loop, ca_handle *h, int r, ca_handle **out)
 {
     if (loop->be) {
         if (r) {
-            handle_release(loop, h);
+            handle_release(h);
             return r;
         }
         if (out) *out = ca_handle_ref(h);
@@ -1340,7 +1233,7 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
         return ts_push(loop, fn, arg, NULL);
     }
-    ca_handle *h = handle_alloc(NULL, fn, arg);
+    ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;
     h->escaped = true;
     atomic_fetch_add(&loop->ts_inflight, 1);
@@ -1363,18 +1256,21 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
         }
         ts_drain(loop);
         if (!drop || drop == known_drop(fn)) return rq_push(loop, fn, arg);
-        ca_handle *h = handle_alloc(loop, fn, arg);
+        ca_handle *h = handle_alloc(fn, arg);
         if (!h) return -ENOMEM;
         h->drop = drop;
         r = ready_push(loop, h);
-        if (r) handle_recycle_nodrop(loop, h); /* refused: the caller keeps arg */
+        if (r) { /* refused: the caller keeps arg */
+            h->drop = NULL;
+            handle_free(h);
+        }
         return r;
     }
     /* Custom loops: a reference-counted handle; whoever drops the last reference without
      * running it calls drop. */
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
     if (!op) return -ENOTSUP;
-    ca_handle *h = handle_alloc(NULL, fn, arg);
+    ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;
     h->escaped = true;
     h->drop = drop;

@@ -29,7 +29,6 @@
 #include "loop_internal.h"
 
 #include <stdlib.h>
-#include <string.h>
 #include <sys/epoll.h>
 #include <unistd.h>
 
@@ -55,13 +54,9 @@ struct ep {
 static struct epfd *st_get(struct ep *ep, int fd)
 {
     if (fd >= ep->nst) {
-        int n = ep->nst ? ep->nst : 64;
-        while (n <= fd) n *= 2;
-        struct epfd *t = realloc(ep->st, (size_t)n * sizeof *t);
+        struct epfd *t = ca__fdtab_grow(ep->st, &ep->nst, fd, sizeof *t);
         if (!t) return NULL;
-        memset(t + ep->nst, 0, (size_t)(n - ep->nst) * sizeof *t);
         ep->st = t;
-        ep->nst = n;
     }
     return &ep->st[fd];
 }

@@ -43,7 +43,6 @@ struct ca_handle {
     atomic_int refs;         /* core's reference + the user's ones */
     bool cancelled;
     bool escaped;            /* a user (or a custom loop's op) may hold references */
-    bool pooled;             /* carved from one of the loop's chunks (see loop.c) */
     bool scheduled;          /* in the ready queue or the timer heap of `loop` */
     bool in_heap;            /* a timer still in the heap (cancelled ones leave lazily) */
     bool ran;
@@ -51,7 +50,6 @@ struct ca_handle {
     void *arg;
     ca_callback_fn drop;     /* internal: frees arg when the handle goes without running */
     ca_loop *loop;           /* valid while scheduled; NULL otherwise for escaped handles */
-    struct ca_handle *next;  /* the pool's free list */
 };
 
 /* A ready callback: fn NULL means arg is a ca_handle (one a user may hold, or one with a drop
@@ -63,8 +61,7 @@ struct ca__entry {
 
 
 /* A timer: when nobody can hold its handle (call_at/call_later without `out`), the heap keeps
- * (fn, arg) itself and a handle is made only when it comes due, from the hot end of the pool;
- * otherwise fn is NULL and arg is the handle. */
+ * (fn, arg) itself and no handle is ever made; otherwise fn is NULL and arg is the handle. */
 struct ca__timer {
     double when;
     uint64_t seq;
@@ -116,11 +113,6 @@ struct ca_loop {
     void *heap_mem;
     size_t heap_len, heap_cap, heap_cancelled;
     uint64_t seq;
-    /* the handle pool (loop thread only): chunks of handles and the free ones among them */
-    ca_handle *free_list;
-    size_t free_len;
-    struct ca__chunk *chunks;
-    size_t nchunks;
     /* fd table */
     struct ca__fdent *fds;
     int nfds;

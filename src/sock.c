@@ -127,13 +127,9 @@ static struct ca__sock_state *state_get(ca_loop *loop)
 static struct gfd *state_fd(struct ca__sock_state *st, int fd)
 {
     if (fd >= st->nfds) {
-        int n = st->nfds ? st->nfds : 64;
-        while (n <= fd) n *= 2;
-        struct gfd *p = realloc(st->fds, (size_t)n * sizeof *p);
-        if (!p) return NULL;
-        memset(p + st->nfds, 0, (size_t)(n - st->nfds) * sizeof *p);
-        st->fds = p;
-        st->nfds = n;
+        struct gfd *t = ca__fdtab_grow(st->fds, &st->nfds, fd, sizeof *t);
+        if (!t) return NULL;
+        st->fds = t;
     }
     return &st->fds[fd];
 }

@@ -1058,7 +1058,7 @@ static void burst_cb(void *arg)
     struct burst *b = arg;
     if (++b->n == b->target) ca_loop_stop(b->loop);
 }
-LOOP_TEST(burst_then_idle_reuses_and_trims_pool)
+LOOP_TEST(burst_then_idle_reuses_and_trims_ring)
 {
     struct burst b = {.loop = loop, .target = 50000};
     for (int round = 0; round < 3; round++) {
@@ -1066,7 +1066,7 @@ LOOP_TEST(burst_then_idle_reuses_and_trims_pool)
         for (int i = 0; i < b.target; i++) CHECK_OK(ca_loop_call_soon(loop, burst_cb, &b, NULL));
         CHECK_OK(ca_loop_run_forever(loop));
         CHECK_EQ(b.n, b.target);
-        t_run_for(loop, 0.005); /* blocks: the idle loop gives back its spare chunks */
+        t_run_for(loop, 0.005); /* blocks: the idle loop gives back its grown ready ring */
     }
 }
 
