@@ -252,8 +252,9 @@ int ca_loop_exit_running(ca_loop *loop);
  * Cancelling the future cancels the operation; a cancelled recv never writes the buffer
  * afterwards (the caller may free it at once), though on the proactor data the kernel had
  * already received for it is lost. At most one sendall or connect per socket is in flight:
- * another one while it is pending gives -EBUSY (a cancelled one counts until the loop has
- * withdrawn it, one iteration later), so data is never reordered. Closing the loop cancels
+ * another one while it is pending gives -EBUSY, so data is never reordered (a cancelled one
+ * stops counting when ca_future_cancel returns; on the proactor, once the kernel confirmed the
+ * cancel, an iteration or so later). Closing the loop cancels
  * the futures of the operations still pending (their done callbacks no longer run).
  * -EINVAL NULL loop or out, negative or not-open fd, NULL buf with n > 0, NULL addr or a len
  * of 0 or more than sizeof(struct sockaddr_storage); -ECHILD; -EBADF closed; -EPERM wrong

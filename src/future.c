@@ -25,6 +25,8 @@ struct ca_future {
     ca_loop *loop;
     struct done_cb *cbs, **cbs_tail;
     struct done_cb *fired;        /* the callbacks of the completion, until they run */
+    void (*owner_fn)(void *);     /* the operation completing it (ca__future_set_owner) */
+    void *owner_arg;
     struct done_cb slot[INLINE_CBS];
 };
 
@@ -73,16 +75,54 @@ void ca__future_cache_free(ca_loop *loop)
 
 static inline bool cache_usable(ca_loop *loop)
 {
-    return loop->be && ca_get_running_loop() == loop;
+    return ca__running_here(loop) && loop->be;
+}
+
+/* A future holds a reference to its loop. Taking and dropping it is an atomic operation on a
+ * cache line that other threads may write, twice per future, so the thread running the loop
+ * takes them in batches: the loop's fut_bank counts references already added to loop->refs
+ * that no future holds yet. The bank is touched only where the cache is (cache_usable), and
+ * it is given back when the loop stops running (ca__future_bank_flush), so it never keeps a
+ * loop alive that nobody runs. */
+enum { BANK_CHUNK = 64, BANK_MAX = 256 };
+
+static inline void loop_ref_own(ca_loop *loop)
+{
+    if (CA_UNLIKELY(loop->fut_bank == 0)) {
+        atomic_fetch_add_explicit(&loop->refs, BANK_CHUNK, memory_order_relaxed);
+        loop->fut_bank = BANK_CHUNK;
+    }
+    loop->fut_bank--;
+}
+
+static inline void loop_unref_own(ca_loop *loop)
+{
+    if (CA_UNLIKELY(loop->fut_bank >= BANK_MAX)) {
+        /* The running loop's user holds a reference: this never drops the last one. */
+        atomic_fetch_sub_explicit(&loop->refs, BANK_MAX - BANK_CHUNK, memory_order_release);
+        loop->fut_bank = BANK_CHUNK;
+    }
+    loop->fut_bank++;
+}
+
+void ca__future_bank_flush(ca_loop *loop)
+{
+    if (loop->fut_bank) {
+        atomic_fetch_sub_explicit(&loop->refs, (int)loop->fut_bank, memory_order_release);
+        loop->fut_bank = 0;
+    }
 }
 
 int ca_future_new(ca_loop *loop, ca_future **out)
 {
     if (!loop || !out) return -EINVAL;
-    int r = ca__loop_check(loop);
-    if (r) return r;
+    bool own = cache_usable(loop); /* ownership first: then the fields */
+    if (!own) {
+        int r = ca__loop_check(loop);
+        if (r) return r;
+    }
     ca_future *f;
-    if (cache_usable(loop) && loop->fut_cache) { /* ownership first: then the fields */
+    if (own && loop->fut_cache) {
         f = loop->fut_cache;
         loop->fut_cache = f->result; /* the link */
         loop->fut_cached--;
@@ -90,38 +130,57 @@ int ca_future_new(ca_loop *loop, ca_future **out)
         f = malloc(sizeof *f);
         if (!f) return -ENOMEM;
     }
+    if (own) loop_ref_own(loop);
+    else ca_loop_ref(loop);
     atomic_init(&f->refs, 1);
     f->state = PENDING;
     f->err = 0;
     f->slots_used = 0;
     f->result = NULL;
-    f->loop = ca_loop_ref(loop);
+    f->loop = loop;
     f->cbs = NULL;
     f->cbs_tail = &f->cbs;
     f->fired = NULL;
+    f->owner_fn = NULL;
     *out = f;
     return 0;
 }
 
 ca_future *ca_future_ref(ca_future *f)
 {
-    if (f) atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
+    if (!f) return NULL;
+    /* Sole holder (a count of 1 is ours: nobody else can change it): a plain store will do,
+     * as in ca_future_unref. A future usually has one reference when it gets a second. */
+    if (atomic_load_explicit(&f->refs, memory_order_relaxed) == 1)
+        atomic_store_explicit(&f->refs, 2, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
     return f;
 }
 
 ca_future *ca_future_unref(ca_future *f)
 {
-    if (!f || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1) return NULL;
+    if (!f) return NULL;
+    /* The last reference (the common case) needs no atomic write: with a count of 1, no other
+     * thread holds one to change it. */
+    if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
+        atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
+        return NULL;
     free_list(f, f->cbs);
     ca_loop *loop = f->loop;
-    if (cache_usable(loop) && loop->fut_cached < FUT_CACHE) {
-        f->result = loop->fut_cache;
-        loop->fut_cache = f;
-        loop->fut_cached++;
-    } else {
-        free(f);
+    if (cache_usable(loop)) {
+        if (loop->fut_cached < FUT_CACHE) {
+            f->result = loop->fut_cache;
+            loop->fut_cache = f;
+            loop->fut_cached++;
+        } else {
+            free(f);
+        }
+        loop_unref_own(loop);
+        return NULL;
     }
-    ca_loop_unref(loop); /* after: the loop frees its cache when it goes */
+    free(f);
+    ca_loop_unref(loop);
     return NULL;
 }
 
@@ -187,10 +246,10 @@ static void drop_late(void *arg)
 
 /* Hands callbacks to the loop; if the loop cannot take them (closed), they are dropped, as
  * asyncio's call_soon on a closed loop would refuse them. */
-static int schedule_cbs(ca_future *f, struct done_cb *c, bool late)
+static int schedule_cbs(ca_future *f, struct done_cb *c, bool late, bool steal)
 {
     int r = -ENOMEM;
-    ca_future_ref(f);
+    if (!steal) ca_future_ref(f);
     if (!late || !f->fired) {
         /* the future's own entry is free: no entry of its callbacks is waiting */
         f->fired = c;
@@ -211,35 +270,43 @@ static int schedule_cbs(ca_future *f, struct done_cb *c, bool late)
     return r;
 }
 
-static void complete(ca_future *f, int state, void *result, int err)
+/* steal: the caller gives one of its references to the callbacks' entry (or drops it). */
+static void complete(ca_future *f, int state, void *result, int err, bool steal)
 {
     f->state = state;
     f->result = result;
     f->err = err;
+    if (f->owner_fn) {
+        /* Completed by someone else than its operation: withdraw the operation first. */
+        void (*fn)(void *) = f->owner_fn;
+        f->owner_fn = NULL;
+        fn(f->owner_arg);
+    }
     struct done_cb *c = f->cbs;
     f->cbs = NULL;
     f->cbs_tail = &f->cbs;
-    if (c) schedule_cbs(f, c, false);
+    if (c) schedule_cbs(f, c, false, steal);
+    else if (steal) ca_future_unref(f);
 }
 
 int ca_future_set_result(ca_future *f, void *result)
 {
     if (!f || f->state != PENDING) return -EINVAL;
-    complete(f, RESULT, result, 0);
+    complete(f, RESULT, result, 0, false);
     return 0;
 }
 
 int ca_future_set_error(ca_future *f, int err)
 {
     if (!f || err >= 0 || f->state != PENDING) return -EINVAL;
-    complete(f, ERROR, NULL, err);
+    complete(f, ERROR, NULL, err, false);
     return 0;
 }
 
 bool ca_future_cancel(ca_future *f)
 {
     if (!f || f->state != PENDING) return false;
-    complete(f, CANCELLED, NULL, -ECANCELED);
+    complete(f, CANCELLED, NULL, -ECANCELED, false);
     return true;
 }
 
@@ -269,7 +336,7 @@ int ca_future_add_done_callback(ca_future *f, void (*fn)(ca_future *, void *), v
     c->fn = fn;
     c->arg = arg;
     c->next = NULL;
-    if (f->state != PENDING) return schedule_cbs(f, c, true);
+    if (f->state != PENDING) return schedule_cbs(f, c, true, false);
     *f->cbs_tail = c;
     f->cbs_tail = &c->next;
     return 0;
@@ -287,4 +354,17 @@ int ca__future_remove_done_callback(ca_future *f, void (*fn)(ca_future *, void *
         }
     }
     return 0;
+}
+
+void ca__future_set_owner(ca_future *f, void (*fn)(void *), void *arg)
+{
+    f->owner_fn = fn;
+    f->owner_arg = arg;
+}
+
+void ca__future_finish(ca_future *f, int err, void *result)
+{
+    f->owner_fn = NULL;
+    if (err < 0) complete(f, ERROR, NULL, err, true);
+    else complete(f, RESULT, result, 0, true);
 }

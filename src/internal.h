@@ -57,6 +57,14 @@ void ca__log(int level, const char *fmt, ...) CA_PRINTF(2, 3);
 /* A counter bumped in the child after every fork(); an object stores the value it was made
  * with and answers -ECHILD when the current value differs. One relaxed load: cheap enough
  * for every call. ca__fork_init() registers the pthread_atfork handler (idempotent). */
+/* initial-exec TLS: the library is never dlopen'ed late enough to need the general model,
+ * and it spares every access a __tls_get_addr in the shared library. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CA_TLS_IE __attribute__((tls_model("initial-exec")))
+#else
+#define CA_TLS_IE
+#endif
+
 extern atomic_uint ca__fork_generation;
 void ca__fork_init(void);
 static inline unsigned ca__fork_gen(void)

@@ -34,16 +34,11 @@ static void fork_setup(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 void ca__fork_init(void) { pthread_once(&fork_once, fork_setup); }
 
 /* The address of a thread-local byte identifies the calling thread without a system call. */
-/* initial-exec: the library is never dlopen'ed late enough to need the general model, and it
- * spares every call a __tls_get_addr in the shared library. */
-#if defined(__GNUC__) || defined(__clang__)
-#define CA_TLS_IE __attribute__((tls_model("initial-exec")))
-#else
-#define CA_TLS_IE
-#endif
 static _Thread_local char tl_token CA_TLS_IE;
-static _Thread_local ca_loop *tl_running CA_TLS_IE;
-static _Thread_local unsigned tl_running_gen CA_TLS_IE;
+_Thread_local ca_loop *ca__tl_running CA_TLS_IE;
+_Thread_local unsigned ca__tl_running_gen CA_TLS_IE;
+#define tl_running ca__tl_running
+#define tl_running_gen ca__tl_running_gen
 
 ca_loop *ca_get_running_loop(void)
 {
@@ -70,6 +65,7 @@ static int enter_running(ca_loop *loop)
 
 static void exit_running(ca_loop *loop)
 {
+    ca__future_bank_flush(loop);
     tl_running = NULL;
     atomic_store(&loop->owner, NULL);
     atomic_store(&loop->running, false);
@@ -588,16 +584,21 @@ void ca__loop_io(ca_loop *loop, int fd, unsigned revents)
     if ((revents & (CA__WRITE | CA__ERR)) && e->wfn) e->wfn(e->warg);
 }
 
-static int set_io(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg)
+static int set_io(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg, bool sock)
 {
     int r = fd_grow(loop, fd);
     if (r) return r;
     struct ca__fdent *e = &loop->fds[fd];
     unsigned nev = e->ev | what;
+    unsigned char old_sock = e->sock;
+    e->sock = (unsigned char)(sock ? e->sock | what : e->sock & ~what);
     /* Told again even when the interest set is unchanged: the fd may have been closed
      * behind our back and its number reused by a file the kernel does not watch yet. */
     r = loop->be->modify(loop, fd, e->ev, nev);
-    if (r) return r;
+    if (r) {
+        e->sock = old_sock;
+        return r;
+    }
     e->ev = nev;
     if (what == CA__READ) {
         if (!e->rfn) loop->n_watched++;
@@ -625,6 +626,7 @@ static int clear_io(ca_loop *loop, int fd, unsigned what)
         e->warg = NULL;
     }
     loop->n_watched--;
+    e->sock = (unsigned char)(e->sock & ~what);
     unsigned nev = e->ev & ~what;
     /* Errors here mean the fd was closed behind our back: it is gone from the kernel's
      * interest set anyway. */
@@ -636,14 +638,26 @@ static int clear_io(ca_loop *loop, int fd, unsigned what)
 int ca__core_add_reader(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
 {
     if (fd < self->nfds && self->fds[fd].internal) return -EINVAL;
-    return set_io(self, fd, CA__READ, fn, arg);
+    return set_io(self, fd, CA__READ, fn, arg, false);
 }
 int ca__core_add_writer(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
 {
     if (fd < self->nfds && self->fds[fd].internal) return -EINVAL;
-    return set_io(self, fd, CA__WRITE, fn, arg);
+    return set_io(self, fd, CA__WRITE, fn, arg, false);
 }
 int ca__core_remove_reader(ca_loop *self, int fd) { return clear_io(self, fd, CA__READ); }
+
+int ca__loop_sock_watch(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg)
+{
+    if (fd < loop->nfds && loop->fds[fd].internal) return -EINVAL;
+    return set_io(loop, fd, what, fn, arg, true);
+}
+
+/* Only while the watcher is still sock.c's: a user's reader that replaced it stays. */
+void ca__loop_sock_unwatch(ca_loop *loop, int fd, unsigned what)
+{
+    if (fd < loop->nfds && (loop->fds[fd].sock & what)) clear_io(loop, fd, what);
+}
 int ca__core_remove_writer(ca_loop *self, int fd) { return clear_io(self, fd, CA__WRITE); }
 
 /* ----- core scheduling ops ---------------------------------------------------------------------- */
@@ -1245,6 +1259,12 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
 
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
 {
+    /* The common case: from a callback of the built-in loop, with no drop or a known one. */
+    if (CA_LIKELY(loop && fn && ca__running_here(loop) && loop->be &&
+                  (!drop || drop == known_drop(fn)))) {
+        ts_drain(loop);
+        return rq_push(loop, fn, arg);
+    }
     int r = ca__loop_check(loop);
     if (r) return r;
     if (!fn) return -EINVAL;

@@ -15,8 +15,8 @@
  *   do), so a reader sees EOF and a writer sees its error.
  * - The socket operations' readers and writers (sock.c) come and go with every operation
  *   that has to wait: an ADD when it starts, a DEL when it completes, two epoll_ctl calls per
- *   wait. sock.c marks the directions it owns (ca__epoll_sock_own), and an fd watched only
- *   by them is registered EPOLLONESHOT. Once such a registration has fired it is disabled in
+ *   wait. The loop core marks the directions that are sock.c's (ca__fdent.sock), and an fd
+ *   watched only by them is registered EPOLLONESHOT. Once such a registration has fired it is disabled in
  *   the kernel: removing the interest then needs no DEL (the registration is "parked": it
  *   can never report anything again, even if the user closes the fd while a dup keeps the
  *   file open, or the number is reused), and the next operation's interest is one MOD, which
@@ -36,7 +36,6 @@
 
 struct epfd {
     unsigned want;             /* what the core asked for (CA__READ|CA__WRITE) */
-    unsigned own;              /* the directions whose watcher is sock.c's */
     bool oneshot;              /* the kernel's registration is EPOLLONESHOT */
     bool fired;                /* ... and it fired: disabled until a MOD */
     bool parked;               /* no interest, but a fired (disabled) registration is left */
@@ -59,19 +58,6 @@ static struct epfd *st_get(struct ep *ep, int fd)
         ep->st = t;
     }
     return &ep->st[fd];
-}
-
-/* sock.c: the reader (CA__READ) or writer (CA__WRITE) of fd that it is about to set, or
- * has just removed, is its own (own) or no longer (!own). Only a hint: without it (no
- * memory) the fd is simply registered level-triggered. */
-void ca__epoll_sock_own(ca_loop *loop, int fd, unsigned what, bool own)
-{
-    struct ep *ep = loop->be_data;
-    if (!own && fd >= ep->nst) return;
-    struct epfd *st = st_get(ep, fd);
-    if (!st) return;
-    if (own) st->own |= what;
-    else st->own &= ~what;
 }
 
 static int ep_init(ca_loop *loop)
@@ -102,6 +88,10 @@ static int ep_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
 {
     struct ep *ep = loop->be_data;
     struct epfd *st = fd < ep->nst ? &ep->st[fd] : NULL;
+    /* The state exists for the fds that sock.c watches (one-shot) or watched; without it (no
+     * memory) an fd is simply registered level-triggered. */
+    unsigned sock = fd < loop->nfds ? loop->fds[fd].sock : 0;
+    if (!st && sock && new_ev) st = st_get(ep, fd);
     if (!new_ev) {
         if (st && st->oneshot && st->fired) {
             /* Disabled in the kernel since it fired: nothing to take out. */
@@ -116,7 +106,7 @@ static int ep_modify(ca_loop *loop, int fd, unsigned old_ev, unsigned new_ev)
         }
         return 0;
     }
-    bool oneshot = st && (new_ev & ~st->own) == 0;
+    bool oneshot = st && (new_ev & ~sock) == 0;
     /* The generation tells an event of this registration from one that an earlier
      * registration of the fd (deleted and added again by a callback of the same batch)
      * delivered: only the former means that this one is disabled now. */

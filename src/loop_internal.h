@@ -74,6 +74,7 @@ struct ca__fdent {
     void *rarg, *warg;
     unsigned ev;             /* what the backend was told */
     bool internal;           /* the loop's own wakeup fd */
+    unsigned char sock;      /* the directions (CA__READ|CA__WRITE) watched for sock.c */
 };
 
 struct ca__close_hook {
@@ -137,6 +138,7 @@ struct ca_loop {
      * (future.c; touched only by the thread running the loop) */
     void *fut_cache;
     unsigned fut_cached;
+    unsigned fut_bank;                 /* loop references taken for futures, not yet used */
 };
 
 /* Called by backends for each ready fd. */
@@ -162,6 +164,23 @@ int ca__core_remove_signal_handler(ca_loop *self, int sig);
 void ca__core_destroy(ca_loop *self);
 
 /* Common checks of the public functions: -EINVAL, -ECHILD, -EBADF in that order. */
+/* loop.c: the loop running in this thread, and the fork generation it started in. */
+extern _Thread_local ca_loop *ca__tl_running CA_TLS_IE;
+extern _Thread_local unsigned ca__tl_running_gen CA_TLS_IE;
+
+/* loop (not NULL) runs in this thread: so it is open, not a copy in a child of fork(), and
+ * this is its own thread. The fast path of the loop-thread functions. */
+static inline bool ca__running_here(const ca_loop *loop)
+{
+    return ca__tl_running == loop && ca__tl_running_gen == ca__fork_gen();
+}
+
+/* loop.c: sock.c's readers and writers on built-in loops: set_io/clear_io without the public
+ * wrappers' checks, marking the direction as sock.c's for the backend (epoll registers an fd
+ * watched only by them one-shot). what: CA__READ or CA__WRITE. */
+int ca__loop_sock_watch(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg);
+void ca__loop_sock_unwatch(ca_loop *loop, int fd, unsigned what);
+
 static inline int ca__loop_check(const ca_loop *loop)
 {
     if (!loop) return -EINVAL;
@@ -178,6 +197,15 @@ void ca__future_run_fired(void *arg);
 void ca__future_drop_fired(void *arg);
 /* future.c: frees the loop's cache of futures (destroy). */
 void ca__future_cache_free(ca_loop *loop);
+/* future.c: gives back the loop references banked for futures (the loop stops running). */
+void ca__future_bank_flush(ca_loop *loop);
+/* future.c: fn(arg) is called, once, when fut is completed by anything else than
+ * ca__future_finish (cancelled by its user): the operation that owns fut withdraws itself.
+ * It runs inside the completing call, before the done callbacks are scheduled. NULL fn: none. */
+void ca__future_set_owner(ca_future *fut, void (*fn)(void *), void *arg);
+/* future.c: the owner completes its pending future (err < 0: error, else result) and gives up
+ * one reference to it in the same step (its callbacks' entry takes it over). */
+void ca__future_finish(ca_future *fut, int err, void *result);
 /* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
 int ca__future_remove_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 

@@ -15,12 +15,12 @@
  * reverse) gives -EBUSY, so data is never reordered. The table is freed by a close hook, which
  * also cancels the futures of the operations still pending.
  *
- * An operation's future gets a done callback so that cancelling the future withdraws the
- * operation. When the operation completes by itself it first removes that done callback
- * (ca__future_remove_done_callback), then completes the future and frees itself at once: the
- * callback only ever runs for a future that someone else completed (cancelled), and then it is
- * the callback that frees the operation. Nothing is touched in the user's buffer once the
- * future is done, since the system calls are made only while it is pending.
+ * A waiting operation owns its future (ca__future_set_owner): cancelling the future (or any
+ * completion that is not the operation's own) withdraws the operation inside that call, so a
+ * queued operation's future is always pending. When the operation completes by itself it
+ * completes the future with ca__future_finish, which hands the operation's reference to the
+ * future's callbacks. Nothing is touched in the user's buffer once the future is done, since
+ * the system calls are made only while it is pending.
  *
  * The common path is kept short because a round trip is a handful of system calls: the first
  * attempt is made before anything is allocated (an operation that completes at once needs
@@ -78,7 +78,7 @@ enum { SPARE_MAX = 256 };
 
 static void on_readable(void *arg);
 static void on_writable(void *arg);
-static void on_done(ca_future *fut, void *arg);
+static void on_withdraw(void *arg);
 
 /* ----- per-loop state ----------------------------------------------------------------- */
 
@@ -94,8 +94,8 @@ static void state_close_hook(void *arg)
     while (st->all) {
         struct gop *op = st->all;
         st->all = op->next;
-        if (!forked && ca__future_remove_done_callback(op->fut, on_done, op) == 1)
-            ca_future_cancel(op->fut);
+        ca__future_set_owner(op->fut, NULL, NULL);
+        if (!forked) ca_future_cancel(op->fut);
         ca_future_unref(op->fut);
         free(op);
     }
@@ -161,13 +161,14 @@ static struct gop *op_new(struct ca__sock_state *st, const struct gop *tmp, ca_f
     return op;
 }
 
-static void op_free(struct gop *op)
+/* Unlinks and frees op; its reference to the future is gone already (or dropped here). */
+static void op_free(struct gop *op, bool unref)
 {
     struct ca__sock_state *st = op->st;
     if (op->prev) op->prev->next = op->next;
     else st->all = op->next;
     if (op->next) op->next->prev = op->prev;
-    ca_future_unref(op->fut);
+    if (unref) ca_future_unref(op->fut);
     if (st->nspare < SPARE_MAX) {
         op->next = st->spare;
         st->spare = op;
@@ -177,33 +178,26 @@ static void op_free(struct gop *op)
     }
 }
 
-/* loop_epoll.c: an fd watched only for our operations is registered one-shot, so that the
- * interest of an operation that completed needs no epoll_ctl DEL (see there). */
-extern const ca__backend ca__backend_epoll;
-void ca__epoll_sock_own(ca_loop *loop, int fd, unsigned what, bool own);
-
-/* The loop's own add_reader / add_writer, without the public wrappers' checks (and their
- * fcntl()): the caller checked the loop, its thread and the fd already. */
+/* Sets our reader or writer of fd, without the public wrappers' checks (and their fcntl()):
+ * the caller checked the loop, its thread and the fd already. A built-in loop's core marks it
+ * as ours (epoll registers an fd watched only by us one-shot, so that the interest of an
+ * operation that completed needs no epoll_ctl DEL: see loop_epoll.c); a custom loop gets its
+ * own add_reader / add_writer. */
 static int arm(ca_loop *loop, bool writes, int fd, ca_callback_fn fn, void *arg)
 {
+    if (loop->be) return ca__loop_sock_watch(loop, fd, writes ? CA__WRITE : CA__READ, fn, arg);
     int (*add)(ca_loop *, int, ca_callback_fn, void *) =
         writes ? loop->ops->add_writer : loop->ops->add_reader;
     if (!add) return -ENOTSUP;
-    bool ep = loop->be == &ca__backend_epoll;
-    unsigned what = writes ? CA__WRITE : CA__READ;
-    if (ep) ca__epoll_sock_own(loop, fd, what, true);
-    int r = add(loop, fd, fn, arg);
-    if (r < 0 && ep) ca__epoll_sock_own(loop, fd, what, false);
-    return r;
+    return add(loop, fd, fn, arg);
 }
 
 /* Removes our reader or writer of fd. */
 static void disarm(ca_loop *loop, bool writes, int fd)
 {
-    if (writes) ca_loop_remove_writer(loop, fd);
+    if (loop->be) ca__loop_sock_unwatch(loop, fd, writes ? CA__WRITE : CA__READ);
+    else if (writes) ca_loop_remove_writer(loop, fd);
     else ca_loop_remove_reader(loop, fd);
-    if (loop->be == &ca__backend_epoll)
-        ca__epoll_sock_own(loop, fd, writes ? CA__WRITE : CA__READ, false);
 }
 
 /* Takes op out of its fd's queue and points the fd's reader or writer at whoever is next. */
@@ -239,23 +233,22 @@ static void op_unqueue(struct gop *op)
     }
 }
 
-/* The operation is over by itself: complete its future (err < 0: failure) and free it. */
+/* The operation is over by itself: complete its future (err < 0: failure), handing the
+ * operation's reference to the future's callbacks, and free it. */
 static void op_finish(struct gop *op, intptr_t result, int err)
 {
     op_unqueue(op);
-    ca__future_remove_done_callback(op->fut, on_done, op);
-    if (err < 0) ca_future_set_error(op->fut, err);
-    else ca_future_set_result(op->fut, (void *)result);
-    op_free(op);
+    ca__future_finish(op->fut, err, (void *)result);
+    op_free(op, false);
 }
 
-/* The future was completed by someone else (cancelled): withdraw the operation. */
-static void on_done(ca_future *fut, void *arg)
+/* The future was completed by someone else (cancelled), inside that call: withdraw the
+ * operation. The caller of the cancel holds a reference, so ours is not the last. */
+static void on_withdraw(void *arg)
 {
-    (void)fut;
     struct gop *op = arg;
     op_unqueue(op);
-    op_free(op);
+    op_free(op, true);
 }
 
 /* ----- the non-blocking attempts --------------------------------------------------------- */
@@ -355,32 +348,19 @@ static int try_op(struct gop *op, intptr_t *res, int *err)
 
 static void on_readable(void *arg)
 {
+    /* The reader's argument is the head of the fd's queue (a cancelled operation left the
+     * queue when it was cancelled). One completion per call keeps the loop fair among
+     * sockets; the reader is level-triggered, so the next operation is tried on the next
+     * iteration. */
     struct gop *op = arg;
-    struct gfd *f = &op->st->fds[op->fd];
-    /* Serve the queue from its head while the fd has something for it: a cancelled head (its
-     * done callback has not run yet) is taken out without touching its buffer. */
-    while ((op = f->rhead) != NULL) {
-        if (ca_future_done(op->fut)) {
-            op_unqueue(op);
-            continue;
-        }
-        intptr_t res = 0;
-        int err = 0;
-        if (!try_op(op, &res, &err)) return;
-        op_finish(op, res, err);
-        /* One completion per call keeps the loop fair among sockets; the reader is level-
-         * triggered, so the next operation is tried on the next iteration. */
-        return;
-    }
+    intptr_t res = 0;
+    int err = 0;
+    if (try_op(op, &res, &err)) op_finish(op, res, err);
 }
 
 static void on_writable(void *arg)
 {
     struct gop *op = arg;
-    if (ca_future_done(op->fut)) {
-        op_unqueue(op);
-        return;
-    }
     intptr_t res = 0;
     int err = 0;
     if (try_op(op, &res, &err)) op_finish(op, res, err);
@@ -446,17 +426,15 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
         r = -ENOMEM;
         goto fail_fut;
     }
-    r = ca_future_add_done_callback(fut, on_done, op);
-    if (r < 0) goto fail;
     if (writes) {
         r = arm(loop, true, fd, on_writable, op);
-        if (r < 0) goto fail_cb;
+        if (r < 0) goto fail;
         f = &st->fds[fd];
         f->wop = op;
     } else {
         if (!f->rhead) {
             r = arm(loop, false, fd, on_readable, op);
-            if (r < 0) goto fail_cb;
+            if (r < 0) goto fail;
             f = &st->fds[fd];
             f->rhead = op;
         } else {
@@ -465,13 +443,12 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
         f->rtail = op;
     }
     op->queued = true;
+    ca__future_set_owner(fut, on_withdraw, op);
     *out = fut;
     return 0;
-fail_cb:
-    ca__future_remove_done_callback(fut, on_done, op);
 fail:
     /* A connect that was started cannot be taken back; the socket is the caller's to close. */
-    op_free(op);
+    op_free(op, true);
 fail_fut:
     ca_future_unref(fut);
     return r;
@@ -487,7 +464,8 @@ fail_fut:
 static int sock_check(ca_loop *loop, int fd, const void *out, bool generic, bool *fd_checked)
 {
     if (!loop || fd < 0 || !out) return -EINVAL;
-    if (CA_LIKELY(generic && ca__loop_check(loop) == 0 && ca__loop_in_own_thread(loop))) {
+    if (CA_LIKELY(generic && (ca__running_here(loop) ||
+                              (ca__loop_check(loop) == 0 && ca__loop_in_own_thread(loop))))) {
         *fd_checked = false;
         return 0;
     }

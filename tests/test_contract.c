@@ -3857,7 +3857,8 @@ LOOP_TEST(sock_cancel_recv)
     close(sv[1]);
 }
 
-/* A cancelled pending sendall frees the slot (one iteration later). */
+/* A cancelled pending sendall frees the slot (at once on the selector loops, once the kernel
+ * confirmed the cancel on the proactor). */
 LOOP_TEST(sock_cancel_sendall_then_send_again)
 {
     int sv[2];
@@ -3869,6 +3870,13 @@ LOOP_TEST(sock_cancel_sendall_then_send_again)
     t_run_for(loop, 0.01);
     CHECK(!ca_future_done(f));
     CHECK(ca_future_cancel(f));
+    if (strcmp(ca_loop_kind(loop), "io_uring") != 0) {
+        /* The selector loops withdraw it inside the cancel: the slot is free at once. */
+        CHECK_OK(ca_loop_sock_sendall(loop, sv[0], "z", 1, &g));
+        CHECK(ca_future_cancel(g));
+        ca_future_unref(g);
+        g = NULL;
+    }
     t_run_for(loop, 0.01);
     CHECK_OK(ca_loop_sock_sendall(loop, sv[0], "z", 1, &g));
     ca_future_cancel(g);

@@ -1426,3 +1426,54 @@ LOOP_TEST(timer_heap_shrinks_and_keeps_order)
     CHECK_EQ(c.n, BURST + LEFT + 10);
     CHECK(!c.bad);
 }
+
+/* Futures made while the loop runs take their loop references from a per-loop batch, given
+ * back when the loop stops: a loop whose user drops it after a run is freed (valgrind and
+ * ASan check that), and futures that outlive both the run and the user's reference keep the
+ * loop alive until the last of them goes (ASan checks that no freed loop is touched). */
+struct bankrun {
+    ca_future *keep[300];
+    int n;
+};
+static void bank_make(void *arg)
+{
+    struct bankrun *b = arg;
+    ca_loop *l = ca_get_running_loop();
+    /* more than one batch, some freed at once (back to the batch), most kept */
+    for (int i = 0; i < 300; i++) {
+        ca_future *f = NULL;
+        if (ca_future_new(l, &f) < 0) break;
+        if (i % 4 == 0) {
+            ca_future_unref(f);
+        } else {
+            b->keep[b->n++] = f;
+        }
+    }
+    ca_loop_stop(l);
+}
+TEST(future_loop_refs_batched_while_running)
+{
+    for (int kind = 0; kind < 2; kind++) {
+        ca_loop *l = NULL;
+        CHECK_OK(kind ? ca_poll_loop_new(&l) : ca_selector_loop_new(&l));
+        static struct bankrun b;
+        b.n = 0;
+        CHECK_OK(ca_loop_call_soon(l, bank_make, &b, NULL));
+        CHECK_OK(ca_loop_run_forever(l));
+        CHECK_EQ(b.n, 225);
+        CHECK_OK(ca_loop_close(l));
+        ca_loop_unref(l); /* the futures still hold it */
+        for (int i = 0; i < b.n; i++) {
+            CHECK(ca_future_loop(b.keep[i]) == l);
+            CHECK(ca_loop_is_closed(ca_future_loop(b.keep[i])));
+            ca_future_unref(b.keep[i]);
+        }
+        /* and a loop nobody keeps any more after a run is freed (leak checkers) */
+        CHECK_OK(ca_selector_loop_new(&l));
+        b.n = 0;
+        CHECK_OK(ca_loop_call_soon(l, bank_make, &b, NULL));
+        CHECK_OK(ca_loop_run_forever(l));
+        for (int i = 0; i < b.n; i++) ca_future_unref(b.keep[i]);
+        ca_loop_unref(l);
+    }
+}
