@@ -33,7 +33,6 @@
 #include "loop_internal.h"
 
 #include <fcntl.h>
-#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -136,8 +135,8 @@ static struct gfd *state_fd(struct ca__sock_state *st, int fd)
 
 /* ----- operation lifetime ---------------------------------------------------------------- */
 
-/* Makes a live operation from the attempt made on the stack (tmp) and a reference to fut. */
-static struct gop *op_new(struct ca__sock_state *st, const struct gop *tmp, ca_future *fut)
+/* A live operation holding a reference to fut; the caller fills in what it is. */
+static struct gop *op_new(struct ca__sock_state *st, ca_future *fut)
 {
     struct gop *op = st->spare;
     if (op) {
@@ -147,9 +146,6 @@ static struct gop *op_new(struct ca__sock_state *st, const struct gop *tmp, ca_f
         op = malloc(sizeof *op);
         if (!op) return NULL;
     }
-    /* Only a connect uses the address: copying the rest of the storage would be wasted. */
-    memcpy(op, tmp, offsetof(struct gop, addr));
-    if (tmp->kind == GOP_CONNECT) memcpy(&op->addr, &tmp->addr, tmp->alen);
     op->queued = false;
     op->st = st;
     op->fut = ca_future_ref(fut);
@@ -253,12 +249,13 @@ static void on_withdraw(void *arg)
 
 /* ----- the non-blocking attempts --------------------------------------------------------- */
 
-static bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
+static inline bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
 
-/* Each returns 1 when the operation is over (*res or *err set), 0 to wait for readiness. */
-static int try_recv(struct gop *op, intptr_t *res, int *err)
+/* Each returns 1 when the operation is over (*res or *err set), 0 to wait for readiness. They
+ * take plain values, so that the first attempt needs no operation. */
+static inline int try_recv(int fd, void *buf, size_t n, intptr_t *res, int *err)
 {
-    ssize_t k = recv(op->fd, op->buf, op->n, MSG_DONTWAIT);
+    ssize_t k = recv(fd, buf, n, MSG_DONTWAIT);
     if (k >= 0) {
         *res = k;
         return 1;
@@ -268,26 +265,27 @@ static int try_recv(struct gop *op, intptr_t *res, int *err)
     return 1;
 }
 
-static int try_send(struct gop *op, intptr_t *res, int *err)
+/* *off: how much is sent already. */
+static inline int try_send(int fd, const void *buf, size_t n, size_t *off, intptr_t *res,
+                           int *err)
 {
-    while (op->off < op->n) {
-        ssize_t k = send(op->fd, (const char *)op->buf + op->off, op->n - op->off,
-                         MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (*off < n) {
+        ssize_t k = send(fd, (const char *)buf + *off, n - *off, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (k < 0) {
             if (errno == EINTR) continue;
             if (would_block(errno)) return 0;
             *err = -errno;
             return 1;
         }
-        op->off += (size_t)k;
+        *off += (size_t)k;
     }
     *res = 0;
     return 1;
 }
 
-static int try_accept(struct gop *op, intptr_t *res, int *err)
+static int try_accept(int fd, intptr_t *res, int *err)
 {
-    int c = accept4(op->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (c >= 0) {
         *res = c;
         return 1;
@@ -297,29 +295,32 @@ static int try_accept(struct gop *op, intptr_t *res, int *err)
     return 1;
 }
 
-/* First call: connect(). EINPROGRESS (or EINTR, after which the connection goes on in the
- * background) means wait for writability and read SO_ERROR then, as asyncio does. EAGAIN
- * (a full AF_UNIX backlog) means nothing happened yet: call connect() again when writable. */
-static int try_connect_first(struct gop *op, intptr_t *res, int *err)
+/* connect(). EINPROGRESS (or EINTR, after which the connection goes on in the background)
+ * means wait for writability and read SO_ERROR then, as asyncio does. EAGAIN (a full AF_UNIX
+ * backlog) means nothing happened yet: *again, call connect() again when writable. */
+static int try_connect(int fd, const struct sockaddr *addr, socklen_t alen, bool *again,
+                       intptr_t *res, int *err)
 {
-    if (connect(op->fd, (const struct sockaddr *)&op->addr, op->alen) == 0) {
+    if (connect(fd, addr, alen) == 0) {
         *res = 0;
         return 1;
     }
     if (errno == EINPROGRESS || errno == EINTR) return 0;
     if (errno == EAGAIN) {
-        op->connect_again = true;
+        *again = true;
         return 0;
     }
     *err = -errno;
     return 1;
 }
 
+/* A connect in progress became writable: its outcome is in SO_ERROR. */
 static int try_connect_ready(struct gop *op, intptr_t *res, int *err)
 {
     if (op->connect_again) {
         op->connect_again = false;
-        return try_connect_first(op, res, err);
+        return try_connect(op->fd, (const struct sockaddr *)&op->addr, op->alen,
+                           &op->connect_again, res, err);
     }
     int soerr = 0;
     socklen_t len = sizeof soerr;
@@ -333,29 +334,19 @@ static int try_connect_ready(struct gop *op, intptr_t *res, int *err)
     return 1;
 }
 
-static int try_op(struct gop *op, intptr_t *res, int *err)
-{
-    switch (op->kind) {
-    case GOP_RECV: return try_recv(op, res, err);
-    case GOP_SEND: return try_send(op, res, err);
-    case GOP_ACCEPT: return try_accept(op, res, err);
-    case GOP_CONNECT: return try_connect_ready(op, res, err);
-    }
-    return 0;
-}
-
 /* ----- readiness callbacks ---------------------------------------------------------------- */
 
+/* The reader's argument is the head of the fd's queue (a cancelled operation left the queue
+ * when it was cancelled). One completion per call keeps the loop fair among sockets; the
+ * reader is level-triggered, so the next operation is tried on the next iteration. */
 static void on_readable(void *arg)
 {
-    /* The reader's argument is the head of the fd's queue (a cancelled operation left the
-     * queue when it was cancelled). One completion per call keeps the loop fair among
-     * sockets; the reader is level-triggered, so the next operation is tried on the next
-     * iteration. */
     struct gop *op = arg;
     intptr_t res = 0;
     int err = 0;
-    if (try_op(op, &res, &err)) op_finish(op, res, err);
+    int done = op->kind == GOP_RECV ? try_recv(op->fd, op->buf, op->n, &res, &err)
+                                    : try_accept(op->fd, &res, &err);
+    if (done) op_finish(op, res, err);
 }
 
 static void on_writable(void *arg)
@@ -363,69 +354,37 @@ static void on_writable(void *arg)
     struct gop *op = arg;
     intptr_t res = 0;
     int err = 0;
-    if (try_op(op, &res, &err)) op_finish(op, res, err);
+    int done = op->kind == GOP_SEND ? try_send(op->fd, op->buf, op->n, &op->off, &res, &err)
+                                    : try_connect_ready(op, &res, &err);
+    if (done) op_finish(op, res, err);
 }
 
 /* ----- starting an operation -------------------------------------------------------------- */
 
-/* Tries the operation at once; if that settles it, *out is a completed future. Otherwise
- * the operation is queued behind the fd's reader or writer. fd_checked: the caller made sure
- * the fd is open (otherwise an EBADF from the first attempt means it is not: -EINVAL). */
-static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, size_t n,
-                         const struct sockaddr *addr, socklen_t alen, bool fd_checked,
-                         ca_future **out)
+/* The operation could not be done at once: queue it behind the fd's reader or writer. */
+static int start_waiting(ca_loop *loop, struct ca__sock_state *st, enum gop_kind kind, int fd,
+                         void *buf, size_t n, size_t off, const struct sockaddr *addr,
+                         socklen_t alen, bool again, ca_future **out)
 {
-    struct ca__sock_state *st = state_get(loop);
-    if (!st) return -ENOMEM;
-    /* The table only grows for an operation that has to wait: a bad fd number must not make
-     * it grow (a huge one would give -ENOMEM instead of -EINVAL). */
-    struct gfd *f = fd < st->nfds ? &st->fds[fd] : NULL;
-    bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
-    if (writes && f && f->wop) return -EBUSY;
-    struct gop tmp;
-    tmp.kind = kind;
-    tmp.fd = fd;
-    tmp.connect_again = false;
-    tmp.buf = buf;
-    tmp.n = n;
-    tmp.off = 0;
-    tmp.alen = alen;
-    if (addr) memcpy(&tmp.addr, addr, alen);
-    /* Receives and accepts queued behind others must wait their turn, or they would take data
-     * (or connections) meant for the earlier ones. */
-    bool try_now = writes || !f || !f->rhead;
-    /* Without a system call to tell (a queued receive, an empty sendall), ask fcntl(). */
-    if (!fd_checked && (!try_now || (kind == GOP_SEND && n == 0))) {
-        if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
-        fd_checked = true;
-    }
-    intptr_t res = 0;
-    int err = 0;
-    int done = 0;
-    if (try_now) {
-        if (kind == GOP_CONNECT) done = try_connect_first(&tmp, &res, &err);
-        else done = try_op(&tmp, &res, &err);
-        /* Nothing was sent before an EBADF (the first call failed): the fd is not open. */
-        if (done && err == -EBADF && !fd_checked) return -EINVAL;
-    }
+    struct gfd *f = state_fd(st, fd);
+    if (!f) return -ENOMEM;
     ca_future *fut = NULL;
     int r = ca_future_new(loop, &fut);
     if (r < 0) return r;
-    if (done) {
-        if (err < 0) ca_future_set_error(fut, err);
-        else ca_future_set_result(fut, (void *)res);
-        *out = fut;
-        return 0;
-    }
-    if (!f && !(f = state_fd(st, fd))) {
-        r = -ENOMEM;
-        goto fail_fut;
-    }
-    struct gop *op = op_new(st, &tmp, fut);
+    struct gop *op = op_new(st, fut);
     if (!op) {
-        r = -ENOMEM;
-        goto fail_fut;
+        ca_future_unref(fut);
+        return -ENOMEM;
     }
+    op->kind = kind;
+    op->fd = fd;
+    op->connect_again = again;
+    op->buf = buf;
+    op->n = n;
+    op->off = off;
+    op->alen = alen;
+    if (addr) memcpy(&op->addr, addr, alen);
+    bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
     if (writes) {
         r = arm(loop, true, fd, on_writable, op);
         if (r < 0) goto fail;
@@ -449,9 +408,60 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
 fail:
     /* A connect that was started cannot be taken back; the socket is the caller's to close. */
     op_free(op, true);
-fail_fut:
     ca_future_unref(fut);
     return r;
+}
+
+/* Tries the operation at once; if that settles it, *out is a completed future. Otherwise
+ * the operation is queued behind the fd's reader or writer. fd_checked: the caller made sure
+ * the fd is open (otherwise an EBADF from the first attempt means it is not: -EINVAL). */
+static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, size_t n,
+                         const struct sockaddr *addr, socklen_t alen, bool fd_checked,
+                         ca_future **out)
+{
+    struct ca__sock_state *st = loop->sock;
+    if (CA_UNLIKELY(!st) && !(st = state_get(loop))) return -ENOMEM;
+    /* The table only grows for an operation that has to wait: a bad fd number must not make
+     * it grow (a huge one would give -ENOMEM instead of -EINVAL). */
+    struct gfd *f = fd < st->nfds ? &st->fds[fd] : NULL;
+    bool writes = (kind == GOP_SEND || kind == GOP_CONNECT);
+    /* Receives and accepts queued behind others must wait their turn, or they would take data
+     * (or connections) meant for the earlier ones. */
+    bool try_now = true;
+    if (f) {
+        if (writes && f->wop) return -EBUSY;
+        if (!writes && f->rhead) try_now = false;
+    }
+    /* Without a system call to tell (a queued receive, an empty sendall), ask fcntl(). */
+    if (!fd_checked && (!try_now || (kind == GOP_SEND && n == 0))) {
+        if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
+        fd_checked = true;
+    }
+    intptr_t res = 0;
+    int err = 0;
+    size_t off = 0;
+    bool again = false;
+    if (try_now) {
+        int done;
+        switch (kind) {
+        case GOP_RECV: done = try_recv(fd, buf, n, &res, &err); break;
+        case GOP_SEND: done = try_send(fd, buf, n, &off, &res, &err); break;
+        case GOP_ACCEPT: done = try_accept(fd, &res, &err); break;
+        default: done = try_connect(fd, addr, alen, &again, &res, &err); break;
+        }
+        if (done) {
+            /* Nothing was sent before an EBADF (the first call failed): the fd is not open. */
+            if (err == -EBADF && !fd_checked) return -EINVAL;
+            ca_future *fut = NULL;
+            int r = ca_future_new(loop, &fut);
+            if (r < 0) return r;
+            if (err < 0) ca_future_set_error(fut, err);
+            else ca_future_set_result(fut, (void *)res);
+            *out = fut;
+            return 0;
+        }
+    }
+    return start_waiting(loop, st, kind, fd, buf, n, off, addr, alen, again, out);
 }
 
 /* ----- public functions --------------------------------------------------------------------- */
