@@ -1072,6 +1072,10 @@ static void forked_close(ca_loop *loop)
 ca_loop *ca_loop_unref(ca_loop *loop)
 {
     if (!loop) return NULL;
+    /* In a child of fork() the loop never runs again: the references banked for its futures
+     * by the run that forked would keep it alive. Only this thread exists there. */
+    if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen()) && loop->fut_bank)
+        ca__future_bank_flush(loop);
     if (atomic_fetch_sub_explicit(&loop->refs, 1, memory_order_acq_rel) != 1) return NULL;
     if (loop->fork_gen != ca__fork_gen()) forked_close(loop);
     else if (!atomic_load(&loop->closed)) ca_loop_close(loop);
