@@ -298,14 +298,14 @@ void ca__pidfd_watcher_give_back(ca__wreg *r, int pidfd)
     ca__wcore *c = r->core; /* alive: r holds its binding, which holds the core */
     ca__wcore_ref(c);
     ca__wcore_lock(c);
-    /* Still on the reader (its removal is on its way to the delivery loop's thread, or that
+    /* Still under the reader (its removal is on its way to the delivery loop's thread, or that
      * loop has not run since): the fd is ours now, pidfd_release closes it. */
     bool ours = r->pidfd >= 0 && r->pidfd == pidfd && r->pidfd_lent;
     if (ours) r->pidfd_lent = false;
     ca__wreg_unref(c, r); /* the loan's */
     ca__wcore_unlock(c);
     ca__wcore_unref(c);
-    if (!ours && pidfd >= 0) close(pidfd);
+    if (!ours && pidfd >= 0) close(pidfd); /* the reader is off it: the subprocess's to close */
 }
 
 static atomic_int pidfd_support; /* 0 unknown, 1 yes, -1 no */
