@@ -116,11 +116,20 @@ bool ca__signal_valid(int sig);
 /* ----- child watchers (watcher.c) ---------------------------------------------------------- */
 /* asyncio's waitstatus_to_exitcode: exit status, -signal when killed. */
 int ca__returncode_from_status(int status);
-/* Hands the Pidfd watcher a pidfd obtained at spawn (CLONE_PIDFD), which it takes over
- * (closes). Returns -ENOTSUP if w is not a Pidfd watcher (the caller then closes pidfd and
- * uses ca_child_watcher_add_child_handler). */
-int ca__pidfd_watcher_add_with_pidfd(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb,
-                                     void *arg);
+/* Lends the Pidfd watcher a subprocess's pidfd (made at spawn with CLONE_PIDFD) to watch pid
+ * with, instead of a copy: one fd per child. The caller keeps pidfd (for signals and the final
+ * reap) and must give it up, once, through ca__pidfd_watcher_give_back(*lease, pidfd), never
+ * with close(): the watcher's reader may still be registered on it, on a delivery loop in
+ * another thread, and closing the fd under it would let a new file take its number. *lease is
+ * NULL when the watcher did not take the fd (it kept an earlier registration for pid, with an
+ * fd of its own): close it as usual then. On an error nothing is borrowed. -ENOTSUP if w is not
+ * a Pidfd watcher (the caller then uses ca_child_watcher_add_child_handler). */
+struct ca__wreg;
+int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
+                           struct ca__wreg **lease);
+/* Ends a loan: closes pidfd now if the watcher's reader is off it, else leaves the close to the
+ * watcher, which does it right after removing the reader. Any thread. */
+void ca__pidfd_watcher_give_back(struct ca__wreg *lease, int pidfd);
 /* The watcher's kind name: "threaded", "multiloop", "safe", "fast", "pidfd", "custom". */
 const char *ca__child_watcher_kind(const ca_child_watcher *w);
 

@@ -9,7 +9,7 @@
  *
  * Spawning. No fork() of a large parent: the child is made with clone(CLONE_VM | CLONE_VFORK)
  * on a small stack of its own, like glibc's posix_spawn, plus CLONE_PIDFD so that signals go
- * through a pidfd (a recycled PID is never hit) and the Pidfd watcher gets one for free. The
+ * through a pidfd (a recycled PID is never hit) and the Pidfd watcher borrows it. The
  * child shares our memory until it calls execve, so it may only make raw system calls: no libc
  * function that touches shared state, and nothing a sanitizer intercepts (an intercepted call in
  * a CLONE_VM child corrupts the parent's sanitizer state; TSan even intercepts glibc's clone()
@@ -80,6 +80,7 @@ struct ca_process {
     void *arg;
     pid_t pid;
     int pidfd;                      /* ours, for signals and the final reap; -1 without */
+    struct ca__wreg *lease;         /* the Pidfd watcher borrows pidfd: see drop_pidfd */
 
     /* Written by the watcher's callback, possibly in another thread. */
     atomic_int relay;
@@ -126,6 +127,19 @@ static void close_fd(int *fd)
 {
     if (*fd >= 0) close(*fd);
     *fd = -1;
+}
+
+/* We are done with our pidfd (the exit is known, the loop closed, or p is freed). A Pidfd
+ * watcher that borrowed it may still have its reader on it, on a delivery loop in another
+ * thread, where the reader's removal may only be on its way: give_back closes the fd now if
+ * the reader is off it, or leaves the close to the watcher, which closes it right after
+ * removing the reader. Either way it is not ours any more. */
+static void drop_pidfd(ca_process *p)
+{
+    if (p->lease) ca__pidfd_watcher_give_back(p->lease, p->pidfd);
+    else close_fd(&p->pidfd);
+    p->lease = NULL;
+    p->pidfd = -1;
 }
 
 static int set_nonblock(int fd)
@@ -719,7 +733,7 @@ static void exit_on_loop(void *arg)
         if (p->fd[0] >= 0 && stdin_peer_gone(p->fd[0])) stdin_gone(p);
         p->rc = rc;
         p->have_rc = true;
-        close_fd(&p->pidfd);
+        drop_pidfd(p);
         if (!p->closed && p->proto.process_exited) p->proto.process_exited(p, p->arg);
         try_finish(p);
     }
@@ -837,7 +851,7 @@ static void on_loop_close(void *arg)
         }
     }
     release_watcher(p);
-    close_fd(&p->pidfd);
+    drop_pidfd(p);
     for (uint32_t k = 0; k < p->nwaiters; k++) {
         ca_future_cancel(p->waiters[k]);
         ca_future_unref(p->waiters[k]);
@@ -950,9 +964,11 @@ static int add_waiter(ca_process *p, ca_future *f)
 
 static void proc_free(ca_process *p)
 {
+    /* In a forked child the fds are the parent's copies, left alone; so is a loan (its
+     * watcher's lock may have been held by one of the parent's threads at the fork). */
     if (p->fork_gen == ca__fork_gen()) {
         for (int i = 0; i < 3; i++) close_fd(&p->fd[i]);
-        close_fd(&p->pidfd);
+        drop_pidfd(p);
     }
     for (uint32_t k = 0; k < p->nwaiters; k++) ca_future_unref(p->waiters[k]);
     free(p->waiters);
@@ -974,12 +990,8 @@ static int watch_child(ca_process *p, ca_child_watcher *w)
     bool entered = !ca_get_running_loop() && ca_loop_enter_running(p->loop) == 0;
     int r = -ENOTSUP;
     if (p->pidfd >= 0 && strcmp(ca__child_watcher_kind(w), "pidfd") == 0) {
-        /* The watcher takes over a copy; ours stays for signals. */
-        int copy = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
-        if (copy >= 0) {
-            r = ca__pidfd_watcher_add_with_pidfd(w, p->pid, copy, child_exited, p);
-            if (r == -ENOTSUP) close(copy);
-        }
+        /* The watcher borrows ours (one fd per child, not two), until drop_pidfd. */
+        r = ca__pidfd_watcher_lend(w, p->pid, p->pidfd, child_exited, p, &p->lease);
     }
     if (r == -ENOTSUP) r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);
     if (entered) ca_loop_exit_running(p->loop);

@@ -58,13 +58,14 @@ struct ca__wreg {
     int rc;
     ca__wcore *core;             /* not a reference */
     int refs;                    /* under the core's lock */
-    int pidfd;                   /* Pidfd watcher: -1 when none */
+    int pidfd;                   /* Pidfd watcher: -1 when none (or released) */
     uint32_t widx;               /* its index in the core's waiting array (if in_wait) */
     unsigned char state;
     bool registered : 1;         /* in the pid table: its callback may still be called */
     bool posted : 1;             /* a callback posted to bind->loop holds a reference */
     bool in_wait : 1;            /* waiting for its child (in the core's waiting array) */
     bool pidfd_lost : 1;         /* Pidfd: its loop closed, the fd was released */
+    bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
     bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
     ca_child_fn cb;
     void *arg;

@@ -15,6 +15,24 @@
  * close work from any thread: the registration is cancelled at once (the callback is never
  * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
+ *
+ * Lent pidfds. A subprocess (process.c) already holds a pidfd from its spawn; it lends it to us
+ * rather than giving us a copy, which would cost a second fd per child (and every open fd makes
+ * every later spawn dearer: clone copies the fd table). Both sides use the one fd until each is
+ * done with it, and it is closed exactly once, after both:
+ *   - we are done when the reader is removed (pidfd_release): at the exit, on remove or close
+ *     (on the delivery loop's thread, possibly later through release_cb), or when the delivery
+ *     loop closes. We never close a lent fd ourselves while the loan runs;
+ *   - the subprocess is done when its exit is known, its loop closes, or it is freed. It then
+ *     gives the fd back (ca__pidfd_watcher_give_back): under our lock, if the reader is already
+ *     off, the subprocess closes it; if not (its removal is posted to a delivery loop in another
+ *     thread, or that loop never ran since), the fd becomes ours and pidfd_release closes it
+ *     right after removing the reader.
+ * The lock orders the two, so the fd is never closed with the reader on it: the number cannot
+ * be taken by another file while our reader (or a posted remove_reader) still names it. The
+ * loan holds a reference to the registration (and through its binding, to the core), so that
+ * give_back finds it after it left the pid table. In a forked child neither side closes a lent
+ * fd: the subprocess leaves its fds alone there, as the parent's, and so do we.
  */
 #include "internal.h"
 #include "watcher_internal.h"
@@ -39,14 +57,16 @@ static int sys_pidfd_open(pid_t pid)
 #endif
 }
 
-/* Stops watching r's pidfd and closes it. Lock held; on loop's thread (or while the loop does
- * not run, or is closing). */
+/* Stops watching r's pidfd and closes it, unless it is lent and still in use by its owner (see
+ * the top of the file). Lock held; on loop's thread (or while the loop does not run, or is
+ * closing). */
 static void pidfd_release(ca__wcore *c, ca__wreg *r, ca_loop *loop)
 {
     if (r->pidfd < 0) return;
     if (loop) ca_loop_remove_reader(loop, r->pidfd);
-    close(r->pidfd);
+    if (!r->pidfd_lent) close(r->pidfd);
     r->pidfd = -1;
+    r->pidfd_lent = false;
     ca__wreg_unref(c, r); /* the reader's reference */
 }
 
@@ -148,25 +168,25 @@ static void pidfd_loop_closed(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog
 
 static void pidfd_reg_free(ca__wreg *r)
 {
-    if (r->pidfd >= 0) close(r->pidfd); /* only in a forked child */
+    /* Only in a forked child (elsewhere the reader's reference keeps r while it has an fd). */
+    if (r->pidfd >= 0 && !r->pidfd_lent) close(r->pidfd);
 }
 
-/* Watches pid with pidfd (ours to close; -1: open one). */
-static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg)
+/* Watches pid. lent < 0: with a pidfd of our own, opened here. lent >= 0: with that pidfd,
+ * borrowed from a subprocess; the loan (a reference to the registration) goes to *lease, which
+ * stays NULL if an earlier registration for pid, with its own fd, was kept instead. */
+static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, void *arg,
+                     ca__wreg **lease)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
     int err = ca__watcher_delivery_loop(&loop);
     if (err == 0 && !ca__loop_in_own_thread(loop)) err = -EPERM;
-    if (err < 0) {
-        if (pidfd >= 0) close(pidfd);
-        return err;
-    }
+    if (err < 0) return err;
     ca__wlog q = {0};
     ca__wcore_lock(c);
     if (c->closed) { /* closed while this call was on its way in */
         ca__wcore_unlock(c);
-        if (pidfd >= 0) close(pidfd);
         return -EBADF;
     }
     ca__wreg *r = ca__wtable_get_live(c, pid);
@@ -174,10 +194,10 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, 
         r->cb = cb;
         r->arg = arg;
         ca__wcore_unlock(c);
-        if (pidfd >= 0) close(pidfd);
         return 0;
     }
     ca__wbind *b;
+    int pidfd = lent;
     err = ca__wbind_get(c, loop, &b);
     if (err == 0 && pidfd < 0) {
         pidfd = sys_pidfd_open(pid);
@@ -186,12 +206,17 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, 
     if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
     if (err == 0 && pidfd >= 0) {
         r->pidfd = pidfd;
+        r->pidfd_lent = lent >= 0;
         ca__wreg_ref(r); /* the reader's */
         err = ca_loop_add_reader(loop, pidfd, pidfd_ready, r);
         if (err < 0) {
             r->pidfd = -1;
+            r->pidfd_lent = false;
             ca__wreg_unref(c, r);
             ca__wreg_unregister(c, r);
+        } else if (lent >= 0) {
+            ca__wreg_ref(r); /* the loan's */
+            *lease = r;
         }
     } else if (err == 0) {
         /* ESRCH: already reaped by someone else. Reported through the loop, as an exit. */
@@ -199,13 +224,13 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, 
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
-    if (err < 0 && pidfd >= 0) close(pidfd);
+    if (err < 0 && pidfd >= 0 && lent < 0) close(pidfd);
     return err;
 }
 
 static int pidfd_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return pidfd_add(w, pid, -1, cb, arg);
+    return pidfd_add(w, pid, -1, cb, arg, NULL);
 }
 
 static int pidfd_remove(ca_child_watcher *w, pid_t pid)
@@ -257,19 +282,30 @@ static const ca_child_watcher_ops pidfd_ops = {
     .destroy = ca__wcore_destroy_op,
 };
 
-int ca__pidfd_watcher_add_with_pidfd(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb,
-                                     void *arg)
+int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
+                           ca__wreg **lease)
 {
     if (!w || w->ops != &pidfd_ops) return -ENOTSUP;
-    int err = 0;
-    if (!cb || pid <= 0 || pidfd < 0) err = -EINVAL;
-    else if (ca__child_watcher_forked(w)) err = -ECHILD;
-    else if (atomic_load(&w->closed)) err = -EBADF;
-    if (err < 0) {
-        if (pidfd >= 0) close(pidfd);
-        return err;
-    }
-    return pidfd_add(w, pid, pidfd, cb, arg);
+    if (!cb || pid <= 0 || pidfd < 0 || !lease) return -EINVAL;
+    if (ca__child_watcher_forked(w)) return -ECHILD;
+    if (atomic_load(&w->closed)) return -EBADF;
+    *lease = NULL;
+    return pidfd_add(w, pid, pidfd, cb, arg, lease);
+}
+
+void ca__pidfd_watcher_give_back(ca__wreg *r, int pidfd)
+{
+    ca__wcore *c = r->core; /* alive: r holds its binding, which holds the core */
+    ca__wcore_ref(c);
+    ca__wcore_lock(c);
+    /* Still under the reader (its removal is on its way to the delivery loop's thread, or that
+     * loop has not run since): the fd is ours now, pidfd_release closes it. */
+    bool ours = r->pidfd >= 0 && r->pidfd == pidfd && r->pidfd_lent;
+    if (ours) r->pidfd_lent = false;
+    ca__wreg_unref(c, r); /* the loan's */
+    ca__wcore_unlock(c);
+    ca__wcore_unref(c);
+    if (!ours && pidfd >= 0) close(pidfd); /* the reader is off it: the subprocess's to close */
 }
 
 static atomic_int pidfd_support; /* 0 unknown, 1 yes, -1 no */

@@ -9,6 +9,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1251,6 +1252,299 @@ LOOP_TEST(watcher_registration_fails)
     ca_subprocess_options o = {.argv = ARGV("sleep", "100"), .stdin_mode = CA_PIPE,
                                .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
     exec_fails(loop, &o, -EMFILE);
+    drop_watcher();
+}
+
+/* ----- Pidfd: the process lends its pidfd to the watcher ---------------------------------------- */
+
+/* Our open fds: how many, and how many of them are pidfds (the lowest one in *first). */
+static int count_fds(int *npidfd, int *first)
+{
+    DIR *d = opendir("/proc/self/fd");
+    CHECK(d != NULL);
+    int self = dirfd(d), n = 0, np = 0, lo = -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        int fd = atoi(e->d_name);
+        if (fd == self) continue;
+        n++;
+        char path[64], link[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        ssize_t k = readlink(path, link, sizeof link - 1);
+        if (k <= 0) continue;
+        link[k] = 0;
+        if (strcmp(link, "anon_inode:[pidfd]") == 0 || strncmp(link, "pidfd:", 6) == 0) {
+            np++;
+            if (lo < 0 || fd < lo) lo = fd;
+        }
+    }
+    closedir(d);
+    if (npidfd) *npidfd = np;
+    if (first) *first = lo;
+    return n;
+}
+
+static int count_pidfds(int *first)
+{
+    int np;
+    count_fds(&np, first);
+    return np;
+}
+
+/* An fd on /dev/null that nothing of ours may close: checked with canary_alive. */
+static int canary(void)
+{
+    int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    CHECK(fd >= 0);
+    return fd;
+}
+
+static void canary_alive(int fd)
+{
+    char id[64];
+    fd_identity(fd, id, sizeof id);
+    CHECK(strcmp(id, "/dev/null") == 0);
+    close(fd);
+}
+
+static int kill_and_wait(ca_loop *loop, ca_process *p)
+{
+    CHECK_OK(ca_process_kill(p));
+    ca_future *f;
+    CHECK_OK(ca_process_wait(p, &f));
+    CHECK_OK(ca_loop_run_until_complete(loop, f));
+    void *res;
+    CHECK_OK(ca_future_result(f, &res));
+    ca_future_unref(f);
+    return (int)(intptr_t)res;
+}
+
+/* A process holds one fd, its pidfd from the spawn, with every watcher: Pidfd borrows it (it
+ * used to take a copy, two fds per child). Without CLONE_PIDFD (valgrind) the process has none
+ * and Pidfd opens one of its own, so Pidfd means one pidfd per child either way. */
+LOOP_TEST(one_fd_per_child_every_watcher) /* timeout: 60 */
+{
+    enum { N = 16 };
+    for (int k = 0; k < W_COUNT; k++) {
+        if (!use_watcher(loop, k)) continue;
+        /* The first spawn finds out how exec errors travel (with a pipe of its own, then). */
+        struct run r;
+        start(&r, loop, &(ca_subprocess_options){.argv = ARGV("true")});
+        CHECK_EQ(finish(&r, 10), 0);
+        run_free(&r);
+        int np, fds0 = count_fds(&np, NULL);
+        CHECK_EQ(np, 0);
+        ca_process *p[N];
+        ca_subprocess_options o = {.argv = ARGV("sleep", "100")};
+        for (int i = 0; i < N; i++) CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p[i]));
+        t_run_for(loop, 0.01);
+        int fds = count_fds(&np, NULL);
+        if (k == W_PIDFD) CHECK_EQ(np, N);
+        else CHECK(np == 0 || np == N);
+        if (fds - fds0 != np)
+            t_fail(__FILE__, __LINE__, "%s: %d more fds for %d children (%d pidfds)", wname[k],
+                   fds - fds0, N, np);
+        for (int i = 0; i < N; i++) {
+            CHECK_EQ(kill_and_wait(loop, p[i]), -SIGKILL);
+            ca_process_unref(p[i]);
+        }
+        CHECK_EQ(count_fds(&np, NULL), fds0);
+        CHECK_EQ(np, 0);
+        drop_watcher();
+    }
+}
+
+/* Spawns `sleep 100` on loop b while loop a runs here: a is then the watcher's delivery loop. */
+struct on_b {
+    ca_loop *b;
+    ca_process *proc;
+};
+
+static void spawn_on_b(void *arg)
+{
+    struct on_b *s = arg;
+    ca_subprocess_options o = {.argv = ARGV("sleep", "100")};
+    CHECK_OK(ca_loop_subprocess_exec(s->b, &o, NULL, NULL, &s->proc));
+}
+
+static bool spawned_on_b(void *arg) { return ((struct on_b *)arg)->proc != NULL; }
+
+static void check_killed(ca_process *p)
+{
+    int rc;
+    CHECK_OK(ca_process_returncode(p, &rc));
+    CHECK_EQ(rc, -SIGKILL);
+}
+
+/* The ways a lent pidfd can end early in one thread, each followed by a new fd (which would
+ * take the pidfd's number if it were closed too early, and be closed by the late second
+ * close): the process's loop closes (it is also the delivery loop); the delivery loop, another
+ * one, closes first. (Closing the watcher first is left out: the process then waits for a
+ * callback that may still be on its way, and is never freed; see on_loop_close.) */
+LOOP_TEST(pidfd_lent_fd_closed_once) /* timeout: 60 */
+{
+    if (!use_watcher(loop, W_PIDFD)) SKIP("pidfd is unavailable");
+    ca_set_log_handler(NULL, NULL);
+    ca_subprocess_options o = {.argv = ARGV("sleep", "100")};
+    int fds0 = count_fds(NULL, NULL);
+
+    /* The process's loop closes while the child runs. */
+    ca_loop *b;
+    ca_process *p;
+    CHECK_OK(t_new_loop(&b));
+    CHECK_OK(ca_loop_subprocess_exec(b, &o, NULL, NULL, &p));
+    CHECK_EQ(count_pidfds(NULL), 1);
+    CHECK_OK(ca_loop_close(b));
+    int c1 = canary();
+    CHECK_EQ(count_pidfds(NULL), 0);
+    check_killed(p);
+    ca_process_unref(p);
+    ca_loop_unref(b);
+
+    /* The delivery loop (a) is not the process's (b), and closes first. */
+    ca_loop *a;
+    CHECK_OK(t_new_loop(&a));
+    CHECK_OK(t_new_loop(&b));
+    struct on_b s = {b, NULL};
+    CHECK_OK(ca_loop_call_soon(a, spawn_on_b, &s, NULL));
+    CHECK(t_run_until(a, spawned_on_b, &s, 10));
+    CHECK_EQ(count_pidfds(NULL), 1);
+    CHECK_OK(ca_loop_close(a));
+    int c2 = canary();
+    CHECK_EQ(count_pidfds(NULL), 1);
+    CHECK_OK(ca_process_kill(s.proc)); /* through the pidfd: still the child's */
+    CHECK_OK(ca_loop_close(b));
+    int c3 = canary();
+    CHECK_EQ(count_pidfds(NULL), 0);
+    check_killed(s.proc);
+    ca_process_unref(s.proc);
+    ca_loop_unref(a);
+    ca_loop_unref(b);
+
+    canary_alive(c1);
+    canary_alive(c2);
+    canary_alive(c3);
+    CHECK(no_children());
+    CHECK_EQ(count_fds(NULL, NULL), fds0);
+    drop_watcher();
+}
+
+/* The delivery loop runs in this thread, the process's loop is closed in another, while the
+ * delivery loop is busy in a callback: the watcher's reader is still on the pidfd and its
+ * removal is only posted. The pidfd must stay open until that removal ran: a pipe made then is
+ * placed at the lowest free number from the pidfd's on, and gets a reader on the delivery loop
+ * before the posted removal runs. Had the process closed the pidfd, the pipe would have its
+ * number and the watcher's removal would take the pipe's reader away. */
+struct xthread {
+    ca_loop *a, *b;
+    struct on_b s;
+    int pidfd;               /* the process's, as /proc lists it */
+    atomic_int stage;        /* 1: a is blocked in xt_block; 2: the other thread is done */
+    int rfd, wfd;            /* the other thread's pipe */
+    int readable;
+};
+
+static void xt_readable(void *arg)
+{
+    struct xthread *x = arg;
+    char c;
+    CHECK_EQ(read(x->rfd, &c, 1), 1);
+    x->readable++;
+    CHECK_OK(ca_loop_remove_reader(x->a, x->rfd));
+}
+
+static void xt_block(void *arg)
+{
+    struct xthread *x = arg;
+    atomic_store(&x->stage, 1);
+    for (int i = 0; atomic_load(&x->stage) != 2; i++) {
+        if (i > 10000 * t_slow()) t_fail(__FILE__, __LINE__, "the other thread did not finish");
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_OK(ca_loop_add_reader(x->a, x->rfd, xt_readable, x));
+}
+
+static void *xt_main(void *arg)
+{
+    struct xthread *x = arg;
+    while (atomic_load(&x->stage) != 1) {
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_OK(ca_loop_close(x->b));
+    int p[2];
+    CHECK_OK(pipe2(p, O_CLOEXEC));
+    x->rfd = fcntl(p[0], F_DUPFD_CLOEXEC, x->pidfd);
+    CHECK(x->rfd >= 0);
+    close(p[0]);
+    x->wfd = p[1];
+    CHECK_EQ(write(x->wfd, "x", 1), 1);
+    atomic_store(&x->stage, 2);
+    return NULL;
+}
+
+static bool xt_done(void *arg) { return ((struct xthread *)arg)->readable > 0; }
+static bool no_pidfd(void *arg) { return count_pidfds(NULL) == 0; }
+
+LOOP_TEST(pidfd_lent_fd_outlives_other_thread_reader) /* timeout: 60 */
+{
+    ca_set_log_handler(NULL, NULL);
+    if (!use_watcher(loop, W_PIDFD)) SKIP("pidfd is unavailable");
+    struct xthread x = {.a = loop, .rfd = -1, .wfd = -1};
+    CHECK_OK(t_new_loop(&x.b));
+    x.s.b = x.b;
+    CHECK_OK(ca_loop_call_soon(loop, spawn_on_b, &x.s, NULL));
+    CHECK(t_run_until(loop, spawned_on_b, &x.s, 10));
+    CHECK_EQ(count_pidfds(&x.pidfd), 1);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, xt_main, &x), 0);
+    CHECK_OK(ca_loop_call_soon(loop, xt_block, &x, NULL));
+    bool ok = t_run_until(loop, xt_done, &x, 10);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    CHECK(ok);
+    CHECK_NE(x.rfd, x.pidfd); /* the pidfd was still open */
+    CHECK_EQ(x.readable, 1);
+    /* The watcher's posted removal ran: it closed the pidfd. */
+    CHECK(t_run_until(loop, no_pidfd, NULL, 10));
+    check_killed(x.s.proc);
+    CHECK(no_children());
+    close(x.rfd);
+    close(x.wfd);
+    ca_process_unref(x.s.proc);
+    ca_loop_unref(x.b);
+    drop_watcher();
+}
+
+/* fork() while a process lends its pidfd: the child may drop what it inherited without
+ * touching the parent's, and the parent's process and watcher go on. */
+LOOP_TEST(pidfd_lent_fd_and_fork)
+{
+    if (!use_watcher(loop, W_PIDFD)) SKIP("pidfd is unavailable");
+    ca_process *p;
+    ca_subprocess_options o = {.argv = ARGV("sleep", "100")};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    int pidfd;
+    CHECK_EQ(count_pidfds(&pidfd), 1);
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        int bad = ca_process_kill(p) != -ECHILD;
+        ca_process_unref(p);
+        bad += ca_set_child_watcher(NULL) != 0;
+        bad += ca_loop_close(loop) != 0;
+        /* The parent's copies stay as they were: ours to drop at exec or exit. */
+        bad += fcntl(pidfd, F_GETFD) < 0;
+        t_child_exit(bad);
+    }
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK_EQ(kill_and_wait(loop, p), -SIGKILL);
+    CHECK_EQ(count_pidfds(NULL), 0);
+    ca_process_unref(p);
     drop_watcher();
 }
 

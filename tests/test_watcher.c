@@ -1303,3 +1303,45 @@ TEST(threaded_thread_per_child_named_after_pid)
     CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);
 }
+
+/* Pidfd watching a plain pid (not one of our subprocesses) opens a pidfd of its own and closes
+ * it itself: on remove, and once the exit is delivered. */
+static int pidfds_open(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    CHECK(d != NULL);
+    int n = 0, self = dirfd(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == self) continue;
+        char path[64], link[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        ssize_t k = readlink(path, link, sizeof link - 1);
+        if (k <= 0) continue;
+        link[k] = 0;
+        n += strcmp(link, "anon_inode:[pidfd]") == 0 || strncmp(link, "pidfd:", 6) == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+LOOP_TEST(pidfd_plain_pid_owns_its_fd)
+{
+    ca_child_watcher *w = wmake(W_PIDFD, loop);
+    if (!w) SKIP("pidfd is unavailable");
+    CHECK_EQ(pidfds_open(), 0);
+    pid_t pid = spawn("exit 6");
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    CHECK_EQ(pidfds_open(), 1);
+    CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
+    CHECK_EQ(pidfds_open(), 0);
+    wait_zombie(pid);
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    CHECK_EQ(pidfds_open(), 1);
+    CHECK(t_run_until(loop, called, &r, 10));
+    CHECK_EQ(atomic_load(&r.rc), 6);
+    CHECK_EQ(pidfds_open(), 0);
+    wdone(w);
+}
