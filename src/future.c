@@ -146,23 +146,19 @@ int ca_future_new(ca_loop *loop, ca_future **out)
     return 0;
 }
 
+/* Always an atomic add: a count of 1 does not mean the caller holds it (another thread may
+ * ref a pointer it borrowed from the holder at the same time). */
 ca_future *ca_future_ref(ca_future *f)
 {
-    if (!f) return NULL;
-    /* Sole holder (a count of 1 is ours: nobody else can change it): a plain store will do,
-     * as in ca_future_unref. A future usually has one reference when it gets a second. */
-    if (atomic_load_explicit(&f->refs, memory_order_relaxed) == 1)
-        atomic_store_explicit(&f->refs, 2, memory_order_relaxed);
-    else
-        atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
+    if (f) atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
     return f;
 }
 
 ca_future *ca_future_unref(ca_future *f)
 {
     if (!f) return NULL;
-    /* The last reference (the common case) needs no atomic write: with a count of 1, no other
-     * thread holds one to change it. */
+    /* The last reference (the common case) needs no atomic write: with a count of 1, the
+     * caller holds the only one, and nobody may use the future after it is dropped. */
     if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
         atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
         return NULL;
