@@ -95,7 +95,7 @@ struct uop {
     bool backlogged;           /* waiting in the backlog for an SQE (start or cancel) */
     bool want_cancel;          /* the backlogged work is an ASYNC_CANCEL */
     bool cancel_sent;
-    bool cb_ran;               /* our done callback ran: the future was completed by others */
+    bool cb_ran;               /* withdrawn: the future was completed by others (cancelled) */
     bool in_rq;                /* in its fd's queue of receives/accepts */
     int fd;
     ca_loop *loop;
@@ -138,7 +138,7 @@ struct ur {
     bool ppoll_wait;           /* block in ppoll on the ring fd, not io_uring_enter (valgrind) */
 };
 
-static void on_done(ca_future *fut, void *arg);
+static void on_withdraw(void *arg);
 
 /* ----- SQEs ------------------------------------------------------------------------------ */
 
@@ -326,7 +326,7 @@ static void rq_unlink(struct ur *u, struct uop *op)
     *pp = op->rq_next;
     if (f->rtail == op) f->rtail = prev;
     op->rq_next = NULL;
-    /* A next one whose future is already cancelled waits for its done callback instead. */
+    /* The next one in line goes to the kernel (a cancelled one left the queue when cancelled). */
     struct uop *next = f->rhead;
     if (was_head && next && !u->closing && !ca_future_done(next->fut)) op_submit(u, next);
 }
@@ -437,20 +437,22 @@ static bool backlog_flush(struct ur *u)
     return true;
 }
 
-/* The operation is over by itself: complete the future (err < 0: failure), free op. */
+/* The operation is over by itself: complete the future (err < 0: failure), handing the
+ * operation's reference to the future's callbacks, and free op. */
 static void op_finish(struct ur *u, struct uop *op, intptr_t result, int err)
 {
-    ca__future_remove_done_callback(op->fut, on_done, op);
-    if (err < 0) ca_future_set_error(op->fut, err);
-    else ca_future_set_result(op->fut, (void *)result);
+    ca_future *fut = op->fut;
+    op->fut = NULL;
+    ca__future_finish(fut, err, (void *)result);
     op_free(u, op);
 }
 
-/* The future was completed by someone else (cancelled): withdraw the operation. It is freed
- * here if the kernel has nothing of it, else when its completion comes. */
-static void on_done(ca_future *fut, void *arg)
+/* The future was completed by someone else (cancelled), inside that call (the operation owns
+ * its future: ca__future_set_owner): withdraw the operation. It is freed here if the kernel
+ * has nothing of it, else when its completion comes. The canceller holds a reference to the
+ * future, so op_free's is not the last. */
+static void on_withdraw(void *arg)
 {
-    (void)fut;
     struct uop *op = arg;
     struct ur *u = op->loop->be_data;
     op->cb_ran = true;
@@ -795,8 +797,9 @@ static void drain_ops(ca_loop *loop)
     while (op) {
         struct uop *next = op->next;
         if (!op->in_kernel) {
-            if (ca__future_remove_done_callback(op->fut, on_done, op) == 1)
-                ca_future_cancel(op->fut);
+            /* Still pending (a withdrawn one is freed when the kernel is done with it). */
+            ca__future_set_owner(op->fut, NULL, NULL);
+            ca_future_cancel(op->fut);
             op_free(u, op);
         }
         op = next;
@@ -871,13 +874,7 @@ static int op_start(ca_loop *loop, enum uop_kind kind, int fd, void *buf, size_t
         memcpy(&op->addr, addr, alen);
         op->alen = alen;
     }
-    r = ca_future_add_done_callback(fut, on_done, op);
-    if (r) {
-        op->fut = NULL;
-        op_free_unlinked(u, op);
-        ca_future_unref(fut);
-        return r;
-    }
+    ca__future_set_owner(fut, on_withdraw, op);
     op->fut = ca_future_ref(fut);
     op->next = u->ops;
     if (u->ops) u->ops->prev = op;
