@@ -12,8 +12,8 @@ struct done_cb {
     struct done_cb *next;
 };
 
-/* Two callbacks fit in the future itself (the usual count: the user's, and the socket
- * operation's cancel watch); more are malloc'ed. */
+/* Two callbacks fit in the future itself (the usual count: the user's, and
+ * run_until_complete's or a second user's); more are malloc'ed. */
 #define INLINE_CBS 2
 
 struct ca_future {
