@@ -1858,25 +1858,30 @@ LOOP_TEST(delivery_loop_closed_first) /* timeout: 60 */
 
 /* A Threaded watcher closed in another thread right when its children exit or are killed by
  * their loop's close: every order of exit, drop, take back and close of the loop, in many
- * rounds. No zombie, no leak, no double free (ASan, TSan). */
+ * rounds. Several children per round: the close calls their drops one after another after
+ * releasing its lock, which widens the window where a drop is unregistered but not yet called
+ * (the loop's close then finds nothing to take back and leaves the reference to the drop). No
+ * zombie, no leak, no double free (ASan, TSan). */
 struct closer {
     ca_child_watcher *w;
-    atomic_int go;
+    atomic_int ready, go;
 };
 
 static void *closer_main(void *arg)
 {
     struct closer *c = arg;
+    atomic_store(&c->ready, 1);
     while (!atomic_load(&c->go)) {
     }
     ca_child_watcher_close(c->w);
     return NULL;
 }
 
-TEST(threaded_close_races_exit) /* timeout: 120 */
+TEST(threaded_close_races_exit) /* timeout: 180 */
 {
+    enum { N = 6 };
     ca_set_log_handler(count_log, NULL); /* "killed" lines: quiet */
-    int rounds = (int)scaled(200, 20);
+    int rounds = (int)scaled(300, 30);
     for (int i = 0; i < rounds; i++) {
         ca_loop *l;
         CHECK_OK(ca_new_event_loop(&l));
@@ -1884,36 +1889,47 @@ TEST(threaded_close_races_exit) /* timeout: 120 */
         struct closer c = {0};
         CHECK_OK(ca_get_child_watcher(&c.w));
         ca_child_watcher_ref(c.w);
-        /* Even rounds: a child that exits at once (the exit races the close); odd: one that
-         * the loop's close kills (the close hook races the drop). */
-        struct run r;
+        /* Children that exit at once (their exits race the close) and children that the
+         * loop's close kills (its close hook races their drops). */
+        struct run r[N];
+        pid_t pid[N];
         ca_subprocess_options quick = {.argv = ARGV("true")};
         ca_subprocess_options slow = {.argv = ARGV("sleep", "600")};
-        start(&r, l, i % 2 ? &slow : &quick);
-        pid_t pid = ca_process_pid(r.proc);
+        for (int n = 0; n < N; n++) {
+            start(&r[n], l, (n + i) % 2 ? &slow : &quick);
+            pid[n] = ca_process_pid(r[n].proc);
+        }
         pthread_t t;
         CHECK_EQ(pthread_create(&t, NULL, closer_main, &c), 0);
-        if (i % 4 < 2) {
-            /* The drop (or the exit) while the loop runs, then the close. */
-            atomic_store(&c.go, 1);
+        while (!atomic_load(&c.ready)) {
+        }
+        atomic_store(&c.go, 1);
+        if (i % 4 == 0) {
+            /* The drops (or the exits) while the loop runs, then the close. */
             t_run_for(l, 0.001 * (i % 3));
         } else {
-            atomic_store(&c.go, 1);
+            /* The close right at the drops: a sweep of delays. */
+            for (volatile int d = (i * 13) % 3000; d > 0; d--) {
+            }
         }
         CHECK_OK(ca_loop_close(l));
-        r.closed = true;
         CHECK_EQ(pthread_join(t, NULL), 0);
-        CHECK_EQ(r.after_close, 0);
         drop_watcher();
         ca_child_watcher_unref(c.w);
-        run_free(&r);
-        ca_loop_unref(l);
-        /* Reaped by the loop's close, the drop, or the watcher's thread (shortly). */
-        for (int j = 0; j < 1000 && is_our_child(pid); j++) {
-            struct timespec ts = {0, 1000 * 1000};
-            nanosleep(&ts, NULL);
+        for (int n = 0; n < N; n++) {
+            r[n].closed = true;
+            CHECK_EQ(r[n].after_close, 0);
+            run_free(&r[n]);
         }
-        CHECK(!is_our_child(pid));
+        ca_loop_unref(l);
+        /* Reaped by the loop's close, a drop, or the watcher's threads (shortly). */
+        for (int n = 0; n < N; n++) {
+            for (int j = 0; j < 1000 && is_our_child(pid[n]); j++) {
+                struct timespec ts = {0, 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+            CHECK(!is_our_child(pid[n]));
+        }
     }
     ca_set_log_handler(NULL, NULL);
     CHECK(no_children());
