@@ -326,20 +326,16 @@ void ca__wreg_unref(ca__wcore *c, ca__wreg *r)
     free(r);
 }
 
-/* r's owner is to hear that r is dropped without its callback: queued for ca__wcore_unlock,
- * with a reference. Lock held. */
-static void queue_drop(ca__wcore *c, ca__wreg *r, int why)
+/* Registered r is being unregistered without its callback: if it is internal, its owner is to
+ * hear of it, at ca__wcore_unlock (r is queued with a reference). It happens once per r, and
+ * an unregistered r's pid, cb, arg and rc never change again: the queue is read unlocked. */
+static void queue_drop(ca__wcore *c, ca__wreg *r)
 {
     if (!r->internal) return;
     r->internal = false;
-    /* Once: the list is walked without the lock, so the fields never change after this. */
-    if (r->drop_queued) return;
-    r->drop_queued = true;
-    r->drop_cb = r->cb;
-    r->drop_arg = r->arg;
     /* Reaped already (the delivery could not be posted, or is lost with its loop): the owner
      * gets the exit itself. */
-    r->drop_rc = r->state == CA__W_EXITED ? r->rc : why;
+    r->drop_reaped = r->state == CA__W_EXITED;
     ca__wreg_ref(r);
     r->drop_next = c->dropped;
     c->dropped = r;
@@ -349,11 +345,18 @@ void ca__wcore_unlock_dropped(ca__wcore *c)
 {
     /* Whoever holds the lock holds a reference to the core; ours keeps it past the calls. */
     ca__wcore_ref(c);
-    while (c->dropped) {
+    while (c->dropped || c->replaced_cb) {
         ca__wreg *list = c->dropped;
+        ca_child_fn rcb = c->replaced_cb;
+        void *rarg = c->replaced_arg;
+        pid_t rpid = c->replaced_pid;
+        int rrc = c->replaced_rc;
         c->dropped = NULL;
+        c->replaced_cb = NULL;
         pthread_mutex_unlock(&c->lock);
-        for (ca__wreg *r = list; r; r = r->drop_next) r->drop_cb(r->pid, r->drop_rc, r->drop_arg);
+        if (rcb) rcb(rpid, rrc, rarg);
+        for (ca__wreg *r = list; r; r = r->drop_next)
+            r->cb(r->pid, r->drop_reaped ? r->rc : CA__RC_DROPPED, r->arg);
         pthread_mutex_lock(&c->lock);
         while (list) {
             ca__wreg *next = list->drop_next;
@@ -368,7 +371,7 @@ void ca__wcore_unlock_dropped(ca__wcore *c)
 static void unregister(ca__wcore *c, ca__wreg *r, bool drop)
 {
     if (!r->registered) return;
-    if (drop) queue_drop(c, r, CA__RC_DROPPED);
+    if (drop) queue_drop(c, r);
     r->internal = false;
     r->registered = false;
     if (r->state == CA__W_WAITING || r->state == CA__W_EXITED) r->state = CA__W_DONE;
@@ -383,11 +386,17 @@ void ca__wreg_unregister_quiet(ca__wcore *c, ca__wreg *r) { unregister(c, r, fal
 
 void ca__wreg_replace(ca__wcore *c, ca__wreg *r, ca_child_fn cb, void *arg, bool internal)
 {
-    if (r->internal && (r->cb != cb || r->arg != arg)) queue_drop(c, r, CA__RC_REPLACED);
+    if (r->internal && (r->cb != cb || r->arg != arg)) {
+        /* r stays registered (its cb and arg change): the old ones wait in the core. One add
+         * replaces at most one registration per locked section, and the unlock empties it. */
+        c->replaced_cb = r->cb;
+        c->replaced_arg = r->arg;
+        c->replaced_pid = r->pid;
+        c->replaced_rc = r->state == CA__W_EXITED ? r->rc : CA__RC_REPLACED;
+    }
     r->cb = cb;
     r->arg = arg;
-    /* A registration whose drop was queued once cannot be told again: the new owner is not. */
-    r->internal = internal && !r->drop_queued;
+    r->internal = internal;
 }
 
 void ca__wreg_rebind(ca__wcore *c, ca__wreg *r, ca__wbind *b)

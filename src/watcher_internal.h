@@ -79,13 +79,10 @@ struct ca__wreg {
     bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
     bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
     bool internal : 1;           /* the owner hears of a drop (see the top of the file) */
-    bool drop_queued : 1;        /* its drop was queued on c->dropped: never queued again */
-    int drop_rc;                 /* what the drop call passes: CA__RC_DROPPED or the rc */
+    bool drop_reaped : 1;        /* dropped after its child was reaped: the drop passes rc */
     ca_child_fn cb;
     void *arg;
-    ca_child_fn drop_cb;         /* the callback and argument of the queued drop call */
-    void *drop_arg;
-    ca__wreg *drop_next;         /* c->dropped */
+    ca__wreg *drop_next;         /* c->dropped (an unregistered r: cb and arg are final) */
     ca__wbind *bind;             /* delivery binding, or NULL */
     ca__wreg *bprev, *bnext;     /* binding's list */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
@@ -119,6 +116,12 @@ struct ca__wcore {
     ca__wreg **wregs;
     ca__wbind *binds;
     ca__wreg *dropped;           /* internal registrations dropped: called at the unlock */
+    /* An internal registration replaced by an add (at most one per locked section: one add):
+     * its old callback, called at the unlock with CA__RC_REPLACED or the rc. */
+    ca_child_fn replaced_cb;
+    void *replaced_arg;
+    pid_t replaced_pid;
+    int replaced_rc;
     bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
     /* Kind hooks, called with the lock held; may be NULL. */
     /* r's binding's loop is closing (r is in any state; loop runs nothing any more). */
@@ -158,7 +161,7 @@ static inline void ca__wcore_lock(ca__wcore *c) { pthread_mutex_lock(&c->lock); 
 void ca__wcore_unlock_dropped(ca__wcore *c);
 static inline void ca__wcore_unlock(ca__wcore *c)
 {
-    if (CA_UNLIKELY(c->dropped != NULL)) ca__wcore_unlock_dropped(c);
+    if (CA_UNLIKELY(c->dropped != NULL || c->replaced_cb != NULL)) ca__wcore_unlock_dropped(c);
     else pthread_mutex_unlock(&c->lock);
 }
 
