@@ -328,14 +328,15 @@ void ca__wreg_unref(ca__wcore *c, ca__wreg *r)
 
 /* Registered r is being unregistered without its callback: if it is internal, its owner is to
  * hear of it, at ca__wcore_unlock (r is queued with a reference). It happens once per r, and
- * an unregistered r's pid, cb, arg and rc never change again: the queue is read unlocked. */
+ * an unregistered r's pid, rc, cb and arg never change again: the queue is read unlocked (its
+ * bit-fields are not: a posted delivery may still clear r->posted). */
 static void queue_drop(ca__wcore *c, ca__wreg *r)
 {
     if (!r->internal) return;
     r->internal = false;
     /* Reaped already (the delivery could not be posted, or is lost with its loop): the owner
-     * gets the exit itself. */
-    r->drop_reaped = r->state == CA__W_EXITED;
+     * gets the exit itself. Otherwise rc meant nothing and is read by nobody else any more. */
+    if (r->state != CA__W_EXITED) r->rc = CA__RC_DROPPED;
     ca__wreg_ref(r);
     r->drop_next = c->dropped;
     c->dropped = r;
@@ -355,8 +356,7 @@ void ca__wcore_unlock_dropped(ca__wcore *c)
         c->replaced_cb = NULL;
         pthread_mutex_unlock(&c->lock);
         if (rcb) rcb(rpid, rrc, rarg);
-        for (ca__wreg *r = list; r; r = r->drop_next)
-            r->cb(r->pid, r->drop_reaped ? r->rc : CA__RC_DROPPED, r->arg);
+        for (ca__wreg *r = list; r; r = r->drop_next) r->cb(r->pid, r->rc, r->arg);
         pthread_mutex_lock(&c->lock);
         while (list) {
             ca__wreg *next = list->drop_next;

@@ -79,10 +79,9 @@ struct ca__wreg {
     bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
     bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
     bool internal : 1;           /* the owner hears of a drop (see the top of the file) */
-    bool drop_reaped : 1;        /* dropped after its child was reaped: the drop passes rc */
     ca_child_fn cb;
     void *arg;
-    ca__wreg *drop_next;         /* c->dropped (an unregistered r: cb and arg are final) */
+    ca__wreg *drop_next;         /* c->dropped (unregistered: pid, rc, cb, arg are final) */
     ca__wbind *bind;             /* delivery binding, or NULL */
     ca__wreg *bprev, *bnext;     /* binding's list */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
