@@ -116,6 +116,22 @@ bool ca__signal_valid(int sig);
 /* ----- child watchers (watcher.c) ---------------------------------------------------------- */
 /* asyncio's waitstatus_to_exitcode: exit status, -signal when killed. */
 int ca__returncode_from_status(int status);
+/* The library's own registrations (process.c) with a built-in watcher: cb(pid, rc, arg) is
+ * called exactly once, with the exit as for any handler, or when the watcher drops the
+ * registration without delivering it: with the returncode if the child was reaped first, else
+ * CA__RC_DROPPED (the watcher was closed, the exit could not be posted to its loop, a user
+ * removed the pid: nobody watches the child any more) or CA__RC_REPLACED (a user added a handler
+ * for the pid: the child is theirs to watch now). That call may come in any thread, inside a call into the watcher (close, remove), never
+ * with a watcher's lock held. A custom watcher cannot tell: -ENOTSUP, use
+ * ca_child_watcher_add_child_handler (whose callbacks are never called for a drop). */
+#define CA__RC_DROPPED (INT32_MIN + 1)
+#define CA__RC_REPLACED (INT32_MIN + 2)
+int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
+/* Takes back the registration that cb(arg) has for pid, if it is still there: 1, and neither
+ * the callback nor a drop call will come; 0 when it is not there (the callback or the drop call
+ * is on its way, or came). Also works on a closed watcher (the close may still be cancelling in
+ * another thread). Custom watchers: their remove. -EINVAL, -ECHILD (forked). */
+int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
 /* Lends the Pidfd watcher a subprocess's pidfd (made at spawn with CLONE_PIDFD) to watch pid
  * with, instead of a copy: one fd per child. The caller keeps pidfd (for signals and the final
  * reap) and must give it up, once, through ca__pidfd_watcher_give_back(*lease, pidfd), never
@@ -123,7 +139,8 @@ int ca__returncode_from_status(int status);
  * another thread, and closing the fd under it would let a new file take its number. *lease is
  * NULL when the watcher did not take the fd (it kept an earlier registration for pid, with an
  * fd of its own): close it as usual then. On an error nothing is borrowed. -ENOTSUP if w is not
- * a Pidfd watcher (the caller then uses ca_child_watcher_add_child_handler). */
+ * a Pidfd watcher (the caller then uses ca__child_watcher_add_internal). The registration is an
+ * internal one (see ca__child_watcher_add_internal). */
 struct ca__wreg;
 int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
                            struct ca__wreg **lease);

@@ -61,7 +61,13 @@ extern char **environ;
 /* At the exit, how many reads a pipe may take to deliver what the child left in it. */
 #define DRAIN_READS 64
 
-enum { RELAY_WAITING, RELAY_REPORTED, RELAY_ABANDONED };
+/* Who drops the loop's reference when the loop closes (see child_exited and on_loop_close):
+ * WAITING: nothing came yet; REPORTED: the exit came, posted to the loop; DROPPED: the watcher
+ * dropped the registration without the exit (built-in watchers tell us), the close hook ends
+ * the child unless we reaped it on our own first; ABANDONED: the loop closed while the exit or
+ * the drop was on its way, which then drops the reference; ENDED: the close hook took the
+ * registration back (or came after the drop) and ended the child itself. */
+enum { RELAY_WAITING, RELAY_REPORTED, RELAY_DROPPED, RELAY_ABANDONED, RELAY_ENDED };
 #define RC_UNKNOWN INT_MIN
 
 struct bytes {
@@ -90,7 +96,7 @@ struct ca_process {
     int fd[3];                      /* our pipe ends; -1 when none or closed */
     int lost_err;                   /* stdin's posted pipe_connection_lost: with this error */
     int rc;
-    int collect_err;
+    int ownfd;                      /* dropped by the watcher: a dup of pidfd that we watch */
     bool piped[3];                  /* the option was CA_PIPE */
     bool lost[3];                   /* pipe_connection_lost delivered */
     bool lost_posted : 1;           /* stdin's pipe_connection_lost is scheduled */
@@ -100,6 +106,8 @@ struct ca_process {
     bool have_rc : 1;
     bool finished : 1;              /* waiters completed */
     bool closed : 1;                /* the loop closed: no protocol callback any more */
+    bool collect_oom : 1;           /* communicate() could not keep all the output */
+    bool internal : 1;              /* a built-in watcher: it tells us of a drop */
     ca_future *comm;                /* communicate's future (not a reference: it is a waiter) */
     /* With pipes only (else NULL): [0] stdin data not written yet, [1] and [2] the collected
      * stdout and stderr. */
@@ -112,11 +120,11 @@ struct ca_process {
 
 /* ----- small helpers -------------------------------------------------------------------------- */
 
-/* The exit as the watcher (or the close hook) learned it: the first one wins. */
-static void set_exit(ca_process *p, int rc)
+/* The exit as the watcher (or the close hook) learned it: the first one wins (true). */
+static bool set_exit(ca_process *p, int rc)
 {
     int unknown = RC_UNKNOWN;
-    atomic_compare_exchange_strong(&p->exit_rc, &unknown, rc);
+    return atomic_compare_exchange_strong(&p->exit_rc, &unknown, rc);
 }
 
 static int exit_rc(const ca_process *p) { return atomic_load(&((ca_process *)p)->exit_rc); }
@@ -557,13 +565,13 @@ static void pipe_lost(ca_process *p, int i, int err)
 
 static void deliver_data(ca_process *p, int i, const char *buf, size_t n)
 {
-    if (p->collect && p->collect_err == 0) {
+    if (p->collect && !p->collect_oom) {
         struct bytes *b = &p->buf[i];
         if (bytes_reserve(b, n) == 0) {
             memcpy(b->data + b->len, buf, n);
             b->len += n;
         } else {
-            p->collect_err = -ENOMEM;
+            p->collect_oom = true;
         }
     }
     if (p->proto.pipe_data_received) p->proto.pipe_data_received(p, i, buf, n, p->arg);
@@ -708,7 +716,7 @@ static void try_finish(ca_process *p)
     for (uint32_t k = 0; k < p->nwaiters; k++) {
         ca_future *f = p->waiters[k];
         if (!ca_future_done(f)) {
-            if (f == p->comm && p->collect_err) ca_future_set_error(f, p->collect_err);
+            if (f == p->comm && p->collect_oom) ca_future_set_error(f, -ENOMEM);
             else ca_future_set_result(f, (void *)(intptr_t)p->rc);
         }
         ca_future_unref(f);
@@ -740,6 +748,9 @@ static void exit_on_loop(void *arg)
     ca_process_unref(p);
 }
 
+static void end_child(ca_process *p, bool reap);
+static void child_dropped(ca_process *p, bool watch);
+
 /* The watcher's callback: any thread, possibly while the loop closes in its own thread. Until
  * the relay leaves RELAY_WAITING the loop's reference keeps p alive; after our successful
  * exchange the close hook may free p at any moment, so p is not touched after it. */
@@ -747,6 +758,10 @@ static void child_exited(pid_t pid, int returncode, void *arg)
 {
     (void)pid;
     ca_process *p = arg;
+    if (returncode == CA__RC_DROPPED || returncode == CA__RC_REPLACED) {
+        child_dropped(p, returncode == CA__RC_DROPPED);
+        return;
+    }
     set_exit(p, returncode); /* no more signals to this pid from now on */
     ca_loop *loop = ca_loop_ref(p->loop);
     int expected = RELAY_WAITING;
@@ -760,6 +775,62 @@ static void child_exited(pid_t pid, int returncode, void *arg)
      * the loop is closing or closed, its close hook finishes the process instead. */
     if (ca_get_running_loop() == loop) ca_loop_call_soon(loop, exit_on_loop, p, NULL);
     else ca_loop_call_soon_threadsafe(loop, exit_on_loop, p);
+    ca_loop_unref(loop);
+}
+
+/* Our dup of the pidfd is readable: the child exited (it may have been reaped by a closed
+ * Threaded watcher's thread meanwhile: then returncode 255, as asyncio says). */
+static void own_exited(void *arg)
+{
+    ca_process *p = ca_process_ref(arg);
+    if (p->ownfd >= 0 && !p->closed && !p->have_rc) {
+        int rc = reap_now(p->pid, p->ownfd); /* exited: does not block */
+        ca_loop_remove_reader(p->loop, p->ownfd);
+        close_fd(&p->ownfd);
+        set_exit(p, rc);
+        exit_on_loop(p);
+    }
+    ca_process_unref(p);
+}
+
+/* On the loop's thread, after a drop while the loop runs: learn the exit on our own, through a
+ * copy of our pidfd (a Pidfd watcher's reader may still be on ours, on this loop, with its
+ * removal on its way). The relay is RELAY_DROPPED: the loop's reference keeps p until the exit
+ * or the close hook, and this runs before the latter or never. Without a pidfd the exit stays
+ * unknown until the loop closes, whose hook ends the child. */
+static void own_watch(void *arg)
+{
+    ca_process *p = arg;
+    if (p->closed || p->have_rc || p->ownfd >= 0 || p->pidfd < 0) return;
+    p->ownfd = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+    if (p->ownfd >= 0 && ca_loop_add_reader(p->loop, p->ownfd, own_exited, p) == 0) return;
+    close_fd(&p->ownfd);
+    ca__log(CA_LOG_WARNING,
+            "child process %d (%s): its watcher dropped it and it cannot be watched here: "
+            "its exit will be known when the loop closes",
+            (int)p->pid, p->name);
+}
+
+/* A built-in watcher dropped our registration without the exit (it was closed, the exit could
+ * not be posted, or somebody removed or replaced the handler): any thread, never with the
+ * watcher's lock held, exactly once and never after child_exited. watch: nobody watches the
+ * child any more, we may reap it on our own; not when a user's handler took it over (reaping
+ * it would rob them of its status: the loop's close ends it, as it always did). */
+static void child_dropped(ca_process *p, bool watch)
+{
+    ca_loop *loop = ca_loop_ref(p->loop);
+    int expected = RELAY_WAITING;
+    if (atomic_compare_exchange_strong(&p->relay, &expected, RELAY_DROPPED)) {
+        /* The loop runs (or has not closed yet): finish on our own there if we can. p is not
+         * touched after the exchange (the close hook may free it), as in child_exited. */
+        if (watch && ca_get_running_loop() == loop) ca_loop_call_soon(loop, own_watch, p, NULL);
+        else if (watch) ca_loop_call_soon_threadsafe(loop, own_watch, p);
+    } else if (expected == RELAY_ABANDONED) {
+        /* The loop closed meanwhile and left the child to us (it kept the pidfd for this):
+         * nobody else will reap it. The reference is ours. */
+        end_child(p, true);
+        ca_process_unref(p);
+    }
     ca_loop_unref(loop);
 }
 
@@ -803,19 +874,21 @@ static void log_killed(const ca_process *p)
 
 /* Kills the child if it still runs; reap: and reaps it (blocking: SIGKILL cannot be ignored).
  * A child that the watcher reaped already (-ESRCH) had its exit on the way to this loop, lost
- * with it: returncode 255, "unknown", as asyncio says. A zombie keeps its own status. */
+ * with it: returncode 255, "unknown", as asyncio says. A zombie keeps its own status. Called
+ * twice for one child (the close hook kills it, a drop reaps it), it logs once: the kill
+ * claims the exit. */
 static void end_child(ca_process *p, bool reap)
 {
     if (!reap) {
-        if (still_running(p) && raw_signal(p, SIGKILL) == 0) log_killed(p);
+        if (still_running(p) && raw_signal(p, SIGKILL) == 0 && set_exit(p, -SIGKILL))
+            log_killed(p);
         return;
     }
     int kr = raw_signal(p, SIGKILL);
     int rc = reap_now(p->pid, p->pidfd);
     /* A Threaded watcher's thread may win the reap of the child we killed. */
     if (rc == 255 && kr == 0) rc = -SIGKILL;
-    set_exit(p, rc);
-    if (rc == -SIGKILL) log_killed(p);
+    if (set_exit(p, rc) && rc == -SIGKILL) log_killed(p);
 }
 
 /* The loop is closing (its thread, nothing runs on it any more): end the process as asyncio's
@@ -823,26 +896,48 @@ static void end_child(ca_process *p, bool reap)
  * are cancelled and no protocol callback runs from now on. */
 static void on_loop_close(void *arg)
 {
-    ca_process *p = arg;
+    /* Ours for the call: once the relay says ABANDONED, the exit or the drop may come in
+     * another thread and drop the loop's reference, perhaps the last one. */
+    ca_process *p = ca_process_ref(arg);
     p->hook = NULL;
     p->closed = true;
     for (int i = 0; i < 3; i++) unwatch_fd(p, i);
+    if (p->ownfd >= 0) {
+        ca_loop_remove_reader(p->loop, p->ownfd);
+        close_fd(&p->ownfd);
+    }
     if (p->buf) bytes_free(&p->buf[0]);
-    bool drop = true;
+    bool drop = true, keep_pidfd = false;
     if (!p->have_rc) {
-        int r = p->watcher ? ca_child_watcher_remove_child_handler(p->watcher, p->pid) : -EBADF;
+        /* Only our own registration: with a built-in watcher, 1 means that neither the exit
+         * nor a drop will come, 0 that one of them is on its way or came. */
+        int r = p->watcher ? ca__child_watcher_take_back(p->watcher, p->pid, child_exited, p)
+                           : -EBADF;
         int expected = RELAY_WAITING;
         if (r == 1) {
             /* The callback will never be called: the child is ours to end and reap. */
-            atomic_store(&p->relay, RELAY_ABANDONED);
+            atomic_store(&p->relay, RELAY_ENDED);
             end_child(p, true);
-        } else if (atomic_compare_exchange_strong(&p->relay, &expected, RELAY_ABANDONED)) {
-            /* The callback is on its way (r == 0), or may never come (r < 0: a closed
-             * watcher): when it runs, it drops the loop's reference. A custom watcher that
-             * cannot take a registration back leaves its child running: end it where that is
-             * safe (through the pidfd), and reap it only if no watcher will. */
-            drop = false;
+        } else {
+            /* The callback is on its way (r == 0), or may never come (r < 0: a closed custom
+             * watcher). A custom watcher that cannot take a registration back leaves its
+             * child running: end it where that is safe (through the pidfd), and reap it only
+             * if no watcher will. Before the exchange: after it, a drop may end the child in
+             * another thread. */
             if (r < 0 || p->pidfd >= 0) end_child(p, r < 0);
+            if (atomic_compare_exchange_strong(&p->relay, &expected, RELAY_ABANDONED)) {
+                /* Whatever comes drops the loop's reference: the exit, or with a built-in
+                 * watcher a drop, which then ends and reaps the child through the pidfd that
+                 * we keep for it until p is freed. A custom watcher cannot tell us of a drop
+                 * (its registration is a public one): if it dropped ours without calling it,
+                 * p and its loop are never freed. */
+                drop = false;
+                keep_pidfd = p->internal;
+            } else if (expected == RELAY_DROPPED) {
+                /* Dropped by the watcher before: nothing else comes, the child is ours. */
+                atomic_store(&p->relay, RELAY_ENDED);
+                end_child(p, true);
+            }
         }
         /* Otherwise it was reported, but the loop closed before it ran the rest: known. */
         if (exit_known(p)) {
@@ -851,7 +946,7 @@ static void on_loop_close(void *arg)
         }
     }
     release_watcher(p);
-    drop_pidfd(p);
+    if (!keep_pidfd) drop_pidfd(p);
     for (uint32_t k = 0; k < p->nwaiters; k++) {
         ca_future_cancel(p->waiters[k]);
         ca_future_unref(p->waiters[k]);
@@ -860,6 +955,7 @@ static void on_loop_close(void *arg)
     p->waiters = NULL;
     p->nwaiters = p->capwaiters = 0;
     if (drop) ca_process_unref(p);
+    ca_process_unref(p);
 }
 
 /* ----- creating a process --------------------------------------------------------------------- */
@@ -968,6 +1064,7 @@ static void proc_free(ca_process *p)
      * watcher's lock may have been held by one of the parent's threads at the fork). */
     if (p->fork_gen == ca__fork_gen()) {
         for (int i = 0; i < 3; i++) close_fd(&p->fd[i]);
+        close_fd(&p->ownfd); /* its reader went with the loop's close or the exit */
         drop_pidfd(p);
     }
     for (uint32_t k = 0; k < p->nwaiters; k++) ca_future_unref(p->waiters[k]);
@@ -993,6 +1090,9 @@ static int watch_child(ca_process *p, ca_child_watcher *w)
         /* The watcher borrows ours (one fd per child, not two), until drop_pidfd. */
         r = ca__pidfd_watcher_lend(w, p->pid, p->pidfd, child_exited, p, &p->lease);
     }
+    /* A built-in watcher tells us when it drops the registration without the exit. */
+    if (r == -ENOTSUP) r = ca__child_watcher_add_internal(w, p->pid, child_exited, p);
+    p->internal = r != -ENOTSUP;
     if (r == -ENOTSUP) r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);
     if (entered) ca_loop_exit_running(p->loop);
     return r;
@@ -1064,6 +1164,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     if (proto) p->proto = *proto;
     p->arg = arg;
     p->pidfd = -1;
+    p->ownfd = -1;
     for (int i = 0; i < 3; i++) p->fd[i] = -1;
     atomic_init(&p->relay, RELAY_WAITING);
     atomic_init(&p->exit_rc, RC_UNKNOWN);
@@ -1097,7 +1198,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         /* Out of memory. If the registration cannot be taken back (the exit is already on its
          * way), keep the process, without the loop-close cleanup, rather than free it under
          * the callback. */
-        if (ca_child_watcher_remove_child_handler(w, p->pid) == 1) r = -ENOMEM;
+        if (ca__child_watcher_take_back(w, p->pid, child_exited, p) == 1) r = -ENOMEM;
         else ca__log(CA_LOG_ERROR, "child process %d: out of memory for the loop's close hook",
                      (int)p->pid);
     }

@@ -326,14 +326,77 @@ void ca__wreg_unref(ca__wcore *c, ca__wreg *r)
     free(r);
 }
 
-void ca__wreg_unregister(ca__wcore *c, ca__wreg *r)
+/* Registered r is being unregistered without its callback: if it is internal, its owner is to
+ * hear of it, at ca__wcore_unlock (r is queued with a reference). It happens once per r, and
+ * an unregistered r's pid, rc, cb and arg never change again: the queue is read unlocked (its
+ * bit-fields are not: a posted delivery may still clear r->posted). */
+static void queue_drop(ca__wcore *c, ca__wreg *r)
+{
+    if (!r->internal) return;
+    r->internal = false;
+    /* Reaped already (the delivery could not be posted, or is lost with its loop): the owner
+     * gets the exit itself. Otherwise rc meant nothing and is read by nobody else any more. */
+    if (r->state != CA__W_EXITED) r->rc = CA__RC_DROPPED;
+    ca__wreg_ref(r);
+    r->drop_next = c->dropped;
+    c->dropped = r;
+}
+
+void ca__wcore_unlock_dropped(ca__wcore *c)
+{
+    /* Whoever holds the lock holds a reference to the core; ours keeps it past the calls. */
+    ca__wcore_ref(c);
+    while (c->dropped || c->replaced_cb) {
+        ca__wreg *list = c->dropped;
+        ca_child_fn rcb = c->replaced_cb;
+        void *rarg = c->replaced_arg;
+        pid_t rpid = c->replaced_pid;
+        int rrc = c->replaced_rc;
+        c->dropped = NULL;
+        c->replaced_cb = NULL;
+        pthread_mutex_unlock(&c->lock);
+        if (rcb) rcb(rpid, rrc, rarg);
+        for (ca__wreg *r = list; r; r = r->drop_next) r->cb(r->pid, r->rc, r->arg);
+        pthread_mutex_lock(&c->lock);
+        while (list) {
+            ca__wreg *next = list->drop_next;
+            ca__wreg_unref(c, list);
+            list = next;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    ca__wcore_unref(c);
+}
+
+static void unregister(ca__wcore *c, ca__wreg *r, bool drop)
 {
     if (!r->registered) return;
+    if (drop) queue_drop(c, r);
+    r->internal = false;
     r->registered = false;
     if (r->state == CA__W_WAITING || r->state == CA__W_EXITED) r->state = CA__W_DONE;
     ca__wreg_unwait(c, r);
     table_del(c, r->pid);
     ca__wreg_unref(c, r);
+}
+
+void ca__wreg_unregister(ca__wcore *c, ca__wreg *r) { unregister(c, r, true); }
+
+void ca__wreg_unregister_quiet(ca__wcore *c, ca__wreg *r) { unregister(c, r, false); }
+
+void ca__wreg_replace(ca__wcore *c, ca__wreg *r, ca_child_fn cb, void *arg, bool internal)
+{
+    if (r->internal && (r->cb != cb || r->arg != arg)) {
+        /* r stays registered (its cb and arg change): the old ones wait in the core. One add
+         * replaces at most one registration per locked section, and the unlock empties it. */
+        c->replaced_cb = r->cb;
+        c->replaced_arg = r->arg;
+        c->replaced_pid = r->pid;
+        c->replaced_rc = r->state == CA__W_EXITED ? r->rc : CA__RC_REPLACED;
+    }
+    r->cb = cb;
+    r->arg = arg;
+    r->internal = internal;
 }
 
 void ca__wreg_rebind(ca__wcore *c, ca__wreg *r, ca__wbind *b)
@@ -422,7 +485,7 @@ bool ca__wreg_take(ca__wcore *c, ca__wreg *r, ca_child_fn *cb, void **arg)
     if (!r->registered || r->state == CA__W_ZOMBIE || r->state == CA__W_DONE) return false;
     *cb = r->cb;
     *arg = r->arg;
-    ca__wreg_unregister(c, r);
+    unregister(c, r, false); /* the callback comes: no drop call */
     return true;
 }
 
@@ -430,7 +493,7 @@ void ca__wreg_take_into(ca__wcore *c, ca__wreg *r, int rc, ca__wreg **list)
 {
     r->rc = rc;
     ca__wreg_ref(r);
-    ca__wreg_unregister(c, r);
+    unregister(c, r, false);
     r->dnext = *list;
     *list = r;
 }
@@ -537,6 +600,13 @@ static void bind_hook(void *arg)
             ca__wreg_unref(c, r);
         }
         if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);
+        /* An internal registration whose exit can no longer come through this loop is
+         * dropped now rather than kept for a remove: its owner hears of it (with the
+         * returncode if the child was reaped) and may still finish on a loop of its own. */
+        if (r->internal && r->registered &&
+            ((r->state == CA__W_EXITED && !r->pending) ||
+             (r->state == CA__W_WAITING && r->pidfd_lost)))
+            ca__wreg_unregister(c, r);
         ca__wreg *next = r->bnext;
         ca__wreg_unref(c, r);
         r = next;
@@ -725,6 +795,40 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *w, pid_t pid)
     if (!w || pid <= 0) return -EINVAL;
     int r = check(w);
     return r < 0 ? r : w->ops->remove_child_handler(w, pid);
+}
+
+int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    if (!w || !cb || pid <= 0) return -EINVAL;
+    int r = check(w);
+    if (r < 0) return r;
+    /* A custom watcher cannot tell its caller about a drop: the caller falls back to the
+     * public add, and to guessing (see process.c's on_loop_close). */
+    return w->add_internal ? w->add_internal(w, pid, cb, arg) : -ENOTSUP;
+}
+
+int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    if (!w || pid <= 0) return -EINVAL;
+    if (!w->add_internal) return ca_child_watcher_remove_child_handler(w, pid);
+    if (CA_UNLIKELY(ca__child_watcher_forked(w))) return -ECHILD;
+    /* No closed check: a close running in another thread may not have cancelled it yet, and
+     * under the lock exactly one of us does (a close then has nothing left to drop). */
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    /* Only our own: a handler that a user added for the pid since is not ours to remove. */
+    bool ours = r && r->registered && r->internal && r->cb == cb && r->arg == arg &&
+                r->state != CA__W_ZOMBIE;
+    if (ours) {
+        r->internal = false; /* taken back: no drop call */
+        ca__wreg_ref(r);
+        if (c->reg_cancel) c->reg_cancel(c, r);
+        else ca__wreg_unregister(c, r);
+        ca__wreg_unref(c, r);
+    }
+    ca__wcore_unlock(c);
+    return ours;
 }
 
 int ca_child_watcher_attach_loop(ca_child_watcher *w, ca_loop *loop)

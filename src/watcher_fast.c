@@ -56,7 +56,8 @@ static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
     }
 }
 
-static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+static int fast_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
+                         bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca__wlog q = {0};
@@ -69,20 +70,29 @@ static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
         err = -ENOTCONN;
     } else if (r && r->state == CA__W_ZOMBIE) {
         /* It exited before its handler came: deliver on the attached loop. */
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
         r->state = CA__W_WAITING;
         ca__wreg_rebind(c, r, att(c)->bind);
         ca__wreg_exited(c, r, r->rc, false, &q);
     } else if (r) {
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
     } else {
         err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
+        if (err == 0) r->internal = internal;
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     return err;
+}
+
+static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return fast_add_impl(w, pid, cb, arg, false);
+}
+
+static int fast_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return fast_add_impl(w, pid, cb, arg, true);
 }
 
 static int fast_enter(ca_child_watcher *w)
@@ -146,5 +156,7 @@ static const ca_child_watcher_ops fast_ops = {
 
 int ca_fast_child_watcher_new(ca_child_watcher **out)
 {
-    return ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
+    int err = ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
+    if (err == 0) (*out)->add_internal = fast_add_internal;
+    return err;
 }

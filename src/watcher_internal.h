@@ -15,6 +15,15 @@
  *     under that lock before the loop can be freed.
  * Everything in the core is protected by its one mutex, except the reference counts of the core
  * (atomic). A user callback or the log handler is never called with the lock held.
+ *
+ * Internal registrations (the library's own, made by process.c through ca__child_watcher_add_
+ * internal or ca__pidfd_watcher_lend) are told when they are dropped without their callback
+ * (the watcher closed, the exit could not be posted, a user's remove or add for the pid): their
+ * callback is then called once with CA__RC_DROPPED, or with the returncode if the child had been
+ * reaped. Either way it is called exactly once, unless the owner takes the registration back
+ * (ca__child_watcher_take_back). Unregistering queues that call on the core (c->dropped) and
+ * ca__wcore_unlock makes it after releasing the lock: the owner's code may take this lock again
+ * (through a loop's close hooks, or by freeing what holds the watcher).
  */
 #ifndef CA_WATCHER_INTERNAL_H
 #define CA_WATCHER_INTERNAL_H
@@ -32,6 +41,8 @@ struct ca_child_watcher {
     atomic_int refs;
     unsigned fork_gen;
     atomic_bool closed;
+    /* Built-ins: add_child_handler for an internal registration (see above); custom: NULL. */
+    int (*add_internal)(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
 };
 
 /* What a registration knows about its child. */
@@ -67,8 +78,10 @@ struct ca__wreg {
     bool pidfd_lost : 1;         /* Pidfd: its loop closed, the fd was released */
     bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
     bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
+    bool internal : 1;           /* the owner hears of a drop (see the top of the file) */
     ca_child_fn cb;
     void *arg;
+    ca__wreg *drop_next;         /* c->dropped (unregistered: pid, rc, cb, arg are final) */
     ca__wbind *bind;             /* delivery binding, or NULL */
     ca__wreg *bprev, *bnext;     /* binding's list */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
@@ -101,11 +114,20 @@ struct ca__wcore {
     pid_t *wpids;
     ca__wreg **wregs;
     ca__wbind *binds;
+    ca__wreg *dropped;           /* internal registrations dropped: called at the unlock */
+    /* An internal registration replaced by an add (at most one per locked section: one add):
+     * its old callback, called at the unlock with CA__RC_REPLACED or the rc. */
+    ca_child_fn replaced_cb;
+    void *replaced_arg;
+    pid_t replaced_pid;
+    int replaced_rc;
     bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
     /* Kind hooks, called with the lock held; may be NULL. */
     /* r's binding's loop is closing (r is in any state; loop runs nothing any more). */
     void (*reg_loop_closed)(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q);
     void (*reg_free)(ca__wreg *r);                       /* r is about to be freed */
+    /* Cancels registered r for a remove (Pidfd: also releases its fd); NULL: unregister. */
+    void (*reg_cancel)(ca__wcore *c, ca__wreg *r);
     void *impl;                  /* the kind's own state */
 };
 
@@ -134,7 +156,13 @@ void ca__wcore_unref(ca__wcore *c);
  * forked child, where the parent's threads do not exist. */
 void ca__wcore_free_forked(ca__wcore *c);
 static inline void ca__wcore_lock(ca__wcore *c) { pthread_mutex_lock(&c->lock); }
-static inline void ca__wcore_unlock(ca__wcore *c) { pthread_mutex_unlock(&c->lock); }
+/* Unlocks, then calls the drops queued while the lock was held (internal registrations only). */
+void ca__wcore_unlock_dropped(ca__wcore *c);
+static inline void ca__wcore_unlock(ca__wcore *c)
+{
+    if (CA_UNLIKELY(c->dropped != NULL || c->replaced_cb != NULL)) ca__wcore_unlock_dropped(c);
+    else pthread_mutex_unlock(&c->lock);
+}
 
 ca__wreg *ca__wtable_get(ca__wcore *c, pid_t pid);
 /* As ca__wtable_get, but first drops a registration whose delivery can never happen any more
@@ -146,8 +174,14 @@ ca__wreg *ca__wtable_get_live(ca__wcore *c, pid_t pid);
  * (may be NULL). -ENOMEM. Lock held. */
 int ca__wreg_register(ca__wcore *c, pid_t pid, ca_child_fn cb, void *arg, ca__wbind *b,
                       ca__wreg **out);
-/* Takes r out of the table and the waiting list: its callback will not be called. Lock held. */
+/* Takes r out of the table and the waiting list: its callback will not be called (an internal
+ * registration's drop call is queued). Lock held. */
 void ca__wreg_unregister(ca__wcore *c, ca__wreg *r);
+/* As ca__wreg_unregister, without a drop call: for a registration whose add fails. Lock held. */
+void ca__wreg_unregister_quiet(ca__wcore *c, ca__wreg *r);
+/* An add for registered r's pid: its callback becomes cb(arg) (an internal registration that is
+ * replaced hears of it as a drop); internal: the new one is. Lock held. */
+void ca__wreg_replace(ca__wcore *c, ca__wreg *r, ca_child_fn cb, void *arg, bool internal);
 /* Takes r out of the waiting list only. Lock held. */
 void ca__wreg_unwait(ca__wcore *c, ca__wreg *r);
 /* Moves r to binding b (or NULL). Lock held. */

@@ -118,7 +118,8 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
-static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+static int multiloop_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
+                              bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
@@ -134,13 +135,13 @@ static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     err = ca__wbind_get(c, loop, &b);
     ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
         if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
         err = 0;
     } else if (err == 0) {
         err = ca__wreg_register(c, pid, cb, arg, b, &r);
         if (err == 0) {
+            r->internal = internal;
             int rc = 0;
             int e = ca__wait_nohang(pid, &rc);
             if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
@@ -150,6 +151,16 @@ static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     return err;
+}
+
+static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return multiloop_add_impl(w, pid, cb, arg, false);
+}
+
+static int multiloop_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return multiloop_add_impl(w, pid, cb, arg, true);
 }
 
 static int multiloop_remove(ca_child_watcher *w, pid_t pid)
@@ -258,6 +269,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
         else m->thread_started = true;
     }
     if (err == 0) err = ca__child_watcher_make(&multiloop_ops, "multiloop", c, out);
+    if (err == 0) (*out)->add_internal = multiloop_add_internal;
     if (err < 0) {
         multiloop_stop(c);
         ca__sigchld_keep_release();

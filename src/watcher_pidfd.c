@@ -176,7 +176,7 @@ static void pidfd_reg_free(ca__wreg *r)
  * borrowed from a subprocess; the loan (a reference to the registration) goes to *lease, which
  * stays NULL if an earlier registration for pid, with its own fd, was kept instead. */
 static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, void *arg,
-                     ca__wreg **lease)
+                     bool internal, ca__wreg **lease)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
@@ -191,8 +191,7 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, v
     }
     ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
         ca__wcore_unlock(c);
         return 0;
     }
@@ -204,6 +203,7 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, v
         if (pidfd < 0 && errno != ESRCH) err = -errno;
     }
     if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
+    if (err == 0) r->internal = internal;
     if (err == 0 && pidfd >= 0) {
         r->pidfd = pidfd;
         r->pidfd_lent = lent >= 0;
@@ -213,7 +213,7 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, v
             r->pidfd = -1;
             r->pidfd_lent = false;
             ca__wreg_unref(c, r);
-            ca__wreg_unregister(c, r);
+            ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
         } else if (lent >= 0) {
             ca__wreg_ref(r); /* the loan's */
             *lease = r;
@@ -230,7 +230,12 @@ static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, v
 
 static int pidfd_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return pidfd_add(w, pid, -1, cb, arg, NULL);
+    return pidfd_add(w, pid, -1, cb, arg, false, NULL);
+}
+
+static int pidfd_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return pidfd_add(w, pid, -1, cb, arg, true, NULL);
 }
 
 static int pidfd_remove(ca_child_watcher *w, pid_t pid)
@@ -290,7 +295,7 @@ int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_f
     if (ca__child_watcher_forked(w)) return -ECHILD;
     if (atomic_load(&w->closed)) return -EBADF;
     *lease = NULL;
-    return pidfd_add(w, pid, pidfd, cb, arg, lease);
+    return pidfd_add(w, pid, pidfd, cb, arg, true, lease);
 }
 
 void ca__pidfd_watcher_give_back(ca__wreg *r, int pidfd)
@@ -330,11 +335,13 @@ int ca_pidfd_child_watcher_new(ca_child_watcher **out)
     if (err < 0) return err;
     c->reg_loop_closed = pidfd_loop_closed;
     c->reg_free = pidfd_reg_free;
+    c->reg_cancel = pidfd_cancel;
     err = ca__child_watcher_make(&pidfd_ops, "pidfd", c, out);
     if (err < 0) {
         ca__wcore_unref(c);
         return err;
     }
+    (*out)->add_internal = pidfd_add_internal;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

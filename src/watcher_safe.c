@@ -262,7 +262,8 @@ static bool safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
     return false;
 }
 
-static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+static int safe_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
+                         bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca__wlog q = {0};
@@ -274,11 +275,11 @@ static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     } else if (!ca__wattach_active(c)) {
         err = -ENOTCONN;
     } else if (r) {
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
     } else {
         err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
         if (err == 0) {
+            r->internal = internal;
             /* It may have exited already: check now, deliver on the attached loop. */
             int rc = 0;
             int e = ca__wait_nohang(pid, &rc);
@@ -289,6 +290,16 @@ static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     return err;
+}
+
+static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return safe_add_impl(w, pid, cb, arg, false);
+}
+
+static int safe_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return safe_add_impl(w, pid, cb, arg, true);
 }
 
 static const ca_child_watcher_ops safe_ops = {
@@ -305,6 +316,9 @@ static const ca_child_watcher_ops safe_ops = {
 int ca_safe_child_watcher_new(ca_child_watcher **out)
 {
     int err = ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
-    if (err == 0) ca__wcore_of(*out)->track_wait = true;
+    if (err == 0) {
+        ca__wcore_of(*out)->track_wait = true;
+        (*out)->add_internal = safe_add_internal;
+    }
     return err;
 }

@@ -61,7 +61,8 @@ static void *wait_main(void *arg)
     return NULL;
 }
 
-static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+static int threaded_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
+                             bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
@@ -78,8 +79,7 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
     ca__wreg *r = ca__wtable_get_live(c, pid);
     if (r) {
         /* Already watched: replace the callback (and the loop, if it has not exited yet). */
-        r->cb = cb;
-        r->arg = arg;
+        ca__wreg_replace(c, r, cb, arg, internal);
         if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
         ca__wcore_unlock(c);
         return 0;
@@ -89,6 +89,7 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
         ca__wcore_unlock(c);
         return err;
     }
+    r->internal = internal;
     ca__wreg_ref(r); /* the thread's */
     ca__wcore_ref(c);
 
@@ -105,7 +106,7 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
     pthread_attr_destroy(&attr);
     if (e != 0) {
         /* Nobody waits for this child: the caller learns it now, not never. */
-        ca__wreg_unregister(c, r);
+        ca__wreg_unregister_quiet(c, r);
         ca__wreg_unref(c, r);
         ca__wcore_unlock(c);
         ca__wcore_unref(c);
@@ -113,6 +114,16 @@ static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *ar
     }
     ca__wcore_unlock(c);
     return 0;
+}
+
+static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return threaded_add_impl(w, pid, cb, arg, false);
+}
+
+static int threaded_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return threaded_add_impl(w, pid, cb, arg, true);
 }
 
 static int threaded_remove(ca_child_watcher *w, pid_t pid)
@@ -163,6 +174,7 @@ int ca_threaded_child_watcher_new(ca_child_watcher **out)
         ca__wcore_unref(c);
         return err;
     }
+    (*out)->add_internal = threaded_add_internal;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

@@ -1380,8 +1380,7 @@ static void check_killed(ca_process *p)
 /* The ways a lent pidfd can end early in one thread, each followed by a new fd (which would
  * take the pidfd's number if it were closed too early, and be closed by the late second
  * close): the process's loop closes (it is also the delivery loop); the delivery loop, another
- * one, closes first. (Closing the watcher first is left out: the process then waits for a
- * callback that may still be on its way, and is never freed; see on_loop_close.) */
+ * one, closes first. (Closing the watcher first: see watcher_drops_then_loop_closes.) */
 LOOP_TEST(pidfd_lent_fd_closed_once) /* timeout: 60 */
 {
     if (!use_watcher(loop, W_PIDFD)) SKIP("pidfd is unavailable");
@@ -1616,4 +1615,322 @@ LOOP_TEST(child_signal_state)
     run_free(&r);
     CHECK_OK(sigaction(SIGPIPE, &prev, NULL));
     CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0);
+}
+
+/* ----- the watcher drops a process's registration without calling it ------------------------- */
+
+enum { DROP_CLOSE, DROP_REPLACE, DROP_REMOVE, DROP_COUNT };
+static const char *const drop_name[DROP_COUNT] = {"close", "replace", "remove"};
+
+/* Makes the policy's watcher drop r's registration: closed, replaced in the policy (which
+ * closes it), or the user removes the process's pid from it. */
+static void drop_registration(struct run *r, int how)
+{
+    ca_child_watcher *w;
+    CHECK_OK(ca_get_child_watcher(&w));
+    switch (how) {
+    case DROP_CLOSE: CHECK_OK(ca_child_watcher_close(w)); break;
+    case DROP_REPLACE: {
+        ca_child_watcher *fresh;
+        CHECK_OK(ca_threaded_child_watcher_new(&fresh));
+        CHECK_OK(ca_set_child_watcher(fresh)); /* closes w */
+        ca_child_watcher_unref(fresh);
+        break;
+    }
+    case DROP_REMOVE:
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, ca_process_pid(r->proc)), 1);
+        break;
+    }
+}
+
+/* Whether pid is still our child, running or a zombie (asked without reaping it). */
+static bool is_our_child(pid_t pid)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    return waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+/* Whether spawned processes hold a pidfd here (not under valgrind, which refuses CLONE_PIDFD):
+ * asked with a Threaded watcher, which opens none of its own. Call it before use_watcher. */
+static bool procs_have_pidfd(ca_loop *loop)
+{
+    CHECK(use_watcher(loop, W_THREADED));
+    ca_process *p;
+    ca_subprocess_options o = {.argv = ARGV("sleep", "100")};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p));
+    bool yes = count_pidfds(NULL) > 0;
+    CHECK_EQ(kill_and_wait(loop, p), -SIGKILL);
+    ca_process_unref(p);
+    drop_watcher();
+    return yes;
+}
+
+/* A watcher that drops a running process's registration (every built-in kind; closed,
+ * replaced, or the pid removed by the user), then the loop closes: the child is killed and
+ * reaped, the process and the loop are freed (ASan and valgrind check that), nothing is logged
+ * twice. It used to wait for a callback that never came: the process leaked with its loop. */
+LOOP_TEST(watcher_drops_then_loop_closes) /* timeout: 120 */
+{
+    ca_set_log_handler(count_log, NULL);
+    for (int k = 0; k < W_COUNT; k++) {
+        for (int how = 0; how < DROP_COUNT; how++) {
+            ca_loop *l;
+            CHECK_OK(t_new_loop(&l));
+            if (!use_watcher(l, k)) {
+                ca_loop_close(l);
+                ca_loop_unref(l);
+                break;
+            }
+            struct run r;
+            ca_subprocess_options o = {.argv = ARGV("sleep", "600"), .stdout_mode = CA_PIPE};
+            start(&r, l, &o);
+            t_run_for(l, 0.02);
+            pid_t pid = ca_process_pid(r.proc);
+            drop_registration(&r, how);
+            t_run_for(l, 0.02);
+            int before = logged;
+            CHECK_OK(ca_loop_close(l));
+            r.closed = true;
+            if (logged - before != 1)
+                t_fail(__FILE__, __LINE__, "%s, %s: %d \"killed\" lines", wname[k],
+                       drop_name[how], logged - before);
+            CHECK(!is_our_child(pid));
+            int rc;
+            CHECK_OK(ca_process_returncode(r.proc, &rc));
+            CHECK_EQ(rc, -SIGKILL);
+            CHECK(ca_future_cancelled(r.wait));
+            CHECK_EQ(r.after_close, 0);
+            drop_watcher();
+            run_free(&r);
+            ca_loop_unref(l);
+            CHECK(no_children());
+        }
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* The same drops while the loop keeps running: the process learns its exit on its own, through
+ * its pidfd (without one, as under valgrind, it can only be ended when the loop closes). */
+LOOP_TEST(watcher_drops_process_finishes) /* timeout: 120 */
+{
+    bool pidfd = procs_have_pidfd(loop);
+    for (int k = 0; k < W_COUNT; k++) {
+        for (int how = 0; how < DROP_COUNT; how++) {
+            if (!use_watcher(loop, k)) break;
+            struct run r;
+            ca_subprocess_options o = {.argv = ARGV("sleep", "600"), .stdout_mode = CA_PIPE};
+            start(&r, loop, &o);
+            t_run_for(loop, 0.02);
+            drop_registration(&r, how);
+            t_run_for(loop, 0.02);
+            CHECK_OK(ca_process_terminate(r.proc)); /* the exit is not known: it signals */
+            if (pidfd) {
+                if (!t_run_until(loop, waited, &r, 10))
+                    t_fail(__FILE__, __LINE__, "%s, %s: the process did not finish", wname[k],
+                           drop_name[how]);
+                int rc = finish(&r, 1);
+                /* 255: another reaped it first: the thread of a Threaded watcher (which
+                 * waits on after a close or a remove), or a Fast watcher that still runs. */
+                bool other = k == W_THREADED || (k == W_FAST && how == DROP_REMOVE);
+                if (rc != -SIGTERM && !(rc == 255 && other))
+                    t_fail(__FILE__, __LINE__, "%s, %s: rc %d", wname[k], drop_name[how], rc);
+                CHECK_EQ(r.nexit, 1);
+                CHECK_EQ(r.nlost[1], 1);
+            }
+            drop_watcher();
+            run_free(&r);
+            CHECK_EQ(count_pidfds(NULL), 0);
+        }
+    }
+    CHECK(no_children());
+}
+
+/* The user replaces the process's handler with one of their own (bizarre, but asyncio allows
+ * it): the user's callback gets the exit, the process's is never called and the process does
+ * not reap the child itself (that would rob the user of the status). Its loop's close still
+ * ends the process and frees it. */
+struct takeover {
+    pid_t pid;
+    int got;
+};
+
+static void user_exit_cb(pid_t pid, int rc, void *arg)
+{
+    struct takeover *t = arg;
+    t->got = rc == -SIGTERM ? 1 : 1000 + rc;
+}
+
+static void take_over(void *arg)
+{
+    struct takeover *t = arg;
+    ca_child_watcher *w;
+    CHECK_OK(ca_get_child_watcher(&w));
+    CHECK_OK(ca_child_watcher_add_child_handler(w, t->pid, user_exit_cb, t));
+}
+
+static bool taken_over(void *arg) { return ((struct takeover *)arg)->got != 0; }
+
+LOOP_TEST(user_replaces_process_handler)
+{
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_loop *l;
+        CHECK_OK(t_new_loop(&l));
+        if (!use_watcher(l, k)) {
+            ca_loop_close(l);
+            ca_loop_unref(l);
+            continue;
+        }
+        struct run r;
+        ca_subprocess_options o = {.argv = ARGV("sleep", "600")};
+        start(&r, l, &o);
+        struct takeover t = {.pid = ca_process_pid(r.proc)};
+        /* From a callback: the user's handler is delivered to the running loop. */
+        CHECK_OK(ca_loop_call_soon(l, take_over, &t, NULL));
+        t_run_for(l, 0.02);
+        CHECK_OK(ca_process_terminate(r.proc));
+        if (!t_run_until(l, taken_over, &t, 10) || t.got != 1)
+            t_fail(__FILE__, __LINE__, "%s: the user's callback got %d", wname[k], t.got);
+        CHECK_EQ(r.waited, 0);
+        CHECK_OK(ca_loop_close(l));
+        r.closed = true;
+        int rc;
+        CHECK_OK(ca_process_returncode(r.proc, &rc));
+        CHECK_EQ(rc, 255); /* the status went to the user */
+        CHECK(ca_future_cancelled(r.wait));
+        drop_watcher();
+        run_free(&r);
+        ca_loop_unref(l);
+    }
+    CHECK(no_children());
+}
+
+/* The delivery loop (a, running when the process was spawned on b) closes before the child
+ * exits: the watcher cannot deliver the exit there and drops the registration, with the
+ * returncode when it had reaped the child (Threaded, MultiLoop), or as Pidfd, whose reader went
+ * with a, without. The process learns its exit anyway, on b. It used to wait for it forever. */
+struct on_a {
+    ca_loop *b;
+    struct run r;
+    bool spawned;
+};
+
+static void spawn_from_a(void *arg)
+{
+    struct on_a *s = arg;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "sleep 0.2; exit 7"),
+                               .stdout_mode = CA_PIPE};
+    start(&s->r, s->b, &o);
+    s->spawned = true;
+}
+
+static bool spawned_from_a(void *arg) { return ((struct on_a *)arg)->spawned; }
+
+LOOP_TEST(delivery_loop_closed_first) /* timeout: 60 */
+{
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    bool pidfd = procs_have_pidfd(loop);
+    ca_set_log_handler(NULL, NULL); /* "Loop that handles pid ... is closed" */
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        int k = kinds[i];
+        if (!use_watcher(loop, k)) continue;
+        ca_loop *a, *b;
+        CHECK_OK(t_new_loop(&a));
+        CHECK_OK(t_new_loop(&b));
+        struct on_a s = {.b = b};
+        CHECK_OK(ca_loop_call_soon(a, spawn_from_a, &s, NULL));
+        CHECK(t_run_until(a, spawned_from_a, &s, 10));
+        CHECK_OK(ca_loop_close(a));
+        ca_loop_unref(a);
+        if (pidfd || k != W_PIDFD) {
+            if (!t_run_until(b, waited, &s.r, 10))
+                t_fail(__FILE__, __LINE__, "%s: the process did not finish", wname[k]);
+            CHECK_EQ(finish(&s.r, 1), 7);
+        }
+        CHECK_OK(ca_loop_close(b));
+        s.r.closed = true;
+        run_free(&s.r);
+        ca_loop_unref(b);
+        drop_watcher();
+    }
+    CHECK(no_children());
+}
+
+/* A Threaded watcher closed in another thread right when its children exit or are killed by
+ * their loop's close: every order of exit, drop, take back and close of the loop, in many
+ * rounds. Several children per round: the close calls their drops one after another after
+ * releasing its lock, which widens the window where a drop is unregistered but not yet called
+ * (the loop's close then finds nothing to take back and leaves the reference to the drop). No
+ * zombie, no leak, no double free (ASan, TSan). */
+struct closer {
+    ca_child_watcher *w;
+    atomic_int ready, go;
+};
+
+static void *closer_main(void *arg)
+{
+    struct closer *c = arg;
+    atomic_store(&c->ready, 1);
+    while (!atomic_load(&c->go)) {
+    }
+    ca_child_watcher_close(c->w);
+    return NULL;
+}
+
+TEST(threaded_close_races_exit) /* timeout: 180 */
+{
+    enum { N = 6 };
+    ca_set_log_handler(count_log, NULL); /* "killed" lines: quiet */
+    int rounds = (int)scaled(300, 30);
+    for (int i = 0; i < rounds; i++) {
+        ca_loop *l;
+        CHECK_OK(ca_new_event_loop(&l));
+        CHECK(use_watcher(l, W_THREADED));
+        struct closer c = {0};
+        CHECK_OK(ca_get_child_watcher(&c.w));
+        ca_child_watcher_ref(c.w);
+        /* Children that exit at once (their exits race the close) and children that the
+         * loop's close kills (its close hook races their drops). */
+        struct run r[N];
+        pid_t pid[N];
+        ca_subprocess_options quick = {.argv = ARGV("true")};
+        ca_subprocess_options slow = {.argv = ARGV("sleep", "600")};
+        for (int n = 0; n < N; n++) {
+            start(&r[n], l, (n + i) % 2 ? &slow : &quick);
+            pid[n] = ca_process_pid(r[n].proc);
+        }
+        pthread_t t;
+        CHECK_EQ(pthread_create(&t, NULL, closer_main, &c), 0);
+        while (!atomic_load(&c.ready)) {
+        }
+        atomic_store(&c.go, 1);
+        if (i % 4 == 0) {
+            /* The drops (or the exits) while the loop runs, then the close. */
+            t_run_for(l, 0.001 * (i % 3));
+        } else {
+            /* The close right at the drops: a sweep of delays. */
+            for (volatile int d = (i * 13) % 3000; d > 0; d--) {
+            }
+        }
+        CHECK_OK(ca_loop_close(l));
+        CHECK_EQ(pthread_join(t, NULL), 0);
+        drop_watcher();
+        ca_child_watcher_unref(c.w);
+        for (int n = 0; n < N; n++) {
+            r[n].closed = true;
+            CHECK_EQ(r[n].after_close, 0);
+            run_free(&r[n]);
+        }
+        ca_loop_unref(l);
+        /* Reaped by the loop's close, a drop, or the watcher's threads (shortly). */
+        for (int n = 0; n < N; n++) {
+            for (int j = 0; j < 1000 && is_our_child(pid[n]); j++) {
+                struct timespec ts = {0, 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+            CHECK(!is_our_child(pid[n]));
+        }
+    }
+    ca_set_log_handler(NULL, NULL);
+    CHECK(no_children());
 }
