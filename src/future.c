@@ -352,6 +352,17 @@ int ca__future_remove_done_callback(ca_future *f, void (*fn)(ca_future *, void *
     return 0;
 }
 
+int ca__future_new_done(ca_loop *loop, intptr_t res, int err, ca_future **out)
+{
+    ca_future *f = NULL;
+    int r = ca_future_new(loop, &f);
+    if (r) return r;
+    if (err < 0) complete(f, ERROR, NULL, err, false);
+    else complete(f, RESULT, (void *)res, 0, false);
+    *out = f;
+    return 0;
+}
+
 void ca__future_set_owner(ca_future *f, void (*fn)(void *), void *arg)
 {
     f->owner_fn = fn;

@@ -121,8 +121,8 @@ int ca__returncode_from_status(int status);
  * registration without delivering it: with the returncode if the child was reaped first, else
  * CA__RC_DROPPED (the watcher was closed, the exit could not be posted to its loop, a user
  * removed the pid: nobody watches the child any more) or CA__RC_REPLACED (a user added a handler
- * for the pid: the child is theirs to watch now). That call may come in any thread, inside a call into the watcher (close, remove), never
- * with a watcher's lock held. A custom watcher cannot tell: -ENOTSUP, use
+ * for the pid: the child is theirs to watch now). That call may come in any thread, inside a
+ * call into the watcher (close, remove), never with a watcher's lock held. A custom watcher cannot tell: -ENOTSUP, use
  * ca_child_watcher_add_child_handler (whose callbacks are never called for a drop). */
 #define CA__RC_DROPPED (INT32_MIN + 1)
 #define CA__RC_REPLACED (INT32_MIN + 2)

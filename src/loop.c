@@ -646,6 +646,7 @@ int ca__core_add_writer(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
     return set_io(self, fd, CA__WRITE, fn, arg, false);
 }
 int ca__core_remove_reader(ca_loop *self, int fd) { return clear_io(self, fd, CA__READ); }
+int ca__core_remove_writer(ca_loop *self, int fd) { return clear_io(self, fd, CA__WRITE); }
 
 int ca__loop_sock_watch(ca_loop *loop, int fd, unsigned what, ca_callback_fn fn, void *arg)
 {
@@ -658,7 +659,6 @@ void ca__loop_sock_unwatch(ca_loop *loop, int fd, unsigned what)
 {
     if (fd < loop->nfds && (loop->fds[fd].sock & what)) clear_io(loop, fd, what);
 }
-int ca__core_remove_writer(ca_loop *self, int fd) { return clear_io(self, fd, CA__WRITE); }
 
 /* ----- core scheduling ops ---------------------------------------------------------------------- */
 
@@ -1263,16 +1263,15 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
 
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
 {
-    /* The common case: from a callback of the built-in loop, with no drop or a known one. */
-    if (CA_LIKELY(loop && fn && ca__running_here(loop) && loop->be &&
-                  (!drop || drop == known_drop(fn)))) {
-        ts_drain(loop);
-        return rq_push(loop, fn, arg);
+    int r;
+    /* The common case, from a callback of the loop itself, needs no further check: a loop
+     * running in this thread is open, and this is its thread. */
+    bool own = loop && ca__running_here(loop);
+    if (!own) {
+        if ((r = ca__loop_check(loop)) != 0) return r;
+        own = ca__loop_in_own_thread(loop);
     }
-    int r = ca__loop_check(loop);
-    if (r) return r;
     if (!fn) return -EINVAL;
-    bool own = ca__loop_in_own_thread(loop);
     if (loop->be) {
         /* Built-in loops: straight into the core's queues, whatever their ops table. */
         if (!own) {

@@ -16,15 +16,15 @@
  * - The socket operations' readers and writers (sock.c) come and go with every operation
  *   that has to wait: an ADD when it starts, a DEL when it completes, two epoll_ctl calls per
  *   wait. The loop core marks the directions that are sock.c's (ca__fdent.sock), and an fd
- *   watched only by them is registered EPOLLONESHOT. Once such a registration has fired it is disabled in
- *   the kernel: removing the interest then needs no DEL (the registration is "parked": it
- *   can never report anything again, even if the user closes the fd while a dup keeps the
- *   file open, or the number is reused), and the next operation's interest is one MOD, which
- *   says ENOENT if the number now names another file (then we ADD). The loop core's view is
- *   unchanged: the reader is gone (remove_reader says 0), only the kernel keeps a disabled
- *   entry until the file is closed. A oneshot registration that fired and is still wanted
- *   after its callbacks ran (a spurious wake-up, or the other direction still waiting) is
- *   re-armed at once, so the level-triggered promise holds.
+ *   watched only by them is registered EPOLLONESHOT. Once such a registration has fired it is
+ *   disabled in the kernel: removing the interest then needs no DEL (the registration is
+ *   "parked": it can never report anything again, even if the user closes the fd while a dup
+ *   keeps the file open, or the number is reused), and the next operation's interest is one
+ *   MOD, which says ENOENT if the number now names another file (then we ADD). The loop
+ *   core's view is unchanged: the reader is gone (remove_reader says 0), only the kernel keeps
+ *   a disabled entry until the file is closed. A oneshot registration that fired and is still
+ *   wanted after its callbacks ran (a spurious wake-up, or the other direction still waiting)
+ *   is re-armed at once, so the level-triggered promise holds.
  */
 #include "loop_internal.h"
 

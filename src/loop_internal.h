@@ -199,6 +199,9 @@ void ca__future_drop_fired(void *arg);
 void ca__future_cache_free(ca_loop *loop);
 /* future.c: gives back the loop references banked for futures (the loop stops running). */
 void ca__future_bank_flush(ca_loop *loop);
+/* future.c: a new future, done already: with result res, or error err when err < 0 (socket
+ * operations that completed at once). */
+int ca__future_new_done(ca_loop *loop, intptr_t res, int err, ca_future **out);
 /* future.c: fn(arg) is called, once, when fut is completed by anything else than
  * ca__future_finish (cancelled by its user): the operation that owns fut withdraws itself.
  * It runs inside the completing call, before the done callbacks are scheduled. NULL fn: none. */

@@ -95,7 +95,7 @@ struct uop {
     bool backlogged;           /* waiting in the backlog for an SQE (start or cancel) */
     bool want_cancel;          /* the backlogged work is an ASYNC_CANCEL */
     bool cancel_sent;
-    bool cb_ran;               /* withdrawn: the future was completed by others (cancelled) */
+    bool withdrawn;            /* the future was completed by others (cancelled) */
     bool in_rq;                /* in its fd's queue of receives/accepts */
     int fd;
     ca_loop *loop;
@@ -455,7 +455,7 @@ static void on_withdraw(void *arg)
 {
     struct uop *op = arg;
     struct ur *u = op->loop->be_data;
-    op->cb_ran = true;
+    op->withdrawn = true;
     if (op->in_kernel) {
         op_cancel(u, op);
         return;
@@ -493,7 +493,7 @@ static void op_done(ca_loop *loop, struct uop *op, int res)
         /* Withdrawn: nothing reaches the user. An accepted connection nobody waits for is
          * closed, as the kernel would have kept it in the backlog otherwise. */
         if (op->kind == UOP_ACCEPT && res >= 0) close(res);
-        if (!u->closing && op->cb_ran) op_free(u, op);
+        if (!u->closing && op->withdrawn) op_free(u, op);
         return;
     }
     switch (op->kind) {
@@ -814,18 +814,6 @@ static int ur_close(ca_loop *self)
 
 /* ----- socket operations ---------------------------------------------------------------------- */
 
-/* A future that is done already: res, or err when negative. */
-static int done_future(ca_loop *loop, intptr_t res, int err, ca_future **out)
-{
-    ca_future *fut = NULL;
-    int r = ca_future_new(loop, &fut);
-    if (r) return r;
-    if (err < 0) ca_future_set_error(fut, err);
-    else ca_future_set_result(fut, (void *)res);
-    *out = fut;
-    return 0;
-}
-
 /* A zeroed operation with room for a bounce of cap bytes (small ones come from the pool). */
 static struct uop *op_alloc(struct ur *u, size_t cap)
 {
@@ -916,10 +904,10 @@ static int ur_sock_recv(ca_loop *self, int fd, void *buf, size_t n, ca_future **
         if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
     } else {
         ssize_t k = recv(fd, buf, n, MSG_DONTWAIT);
-        if (k >= 0) return done_future(self, k, 0, out);
+        if (k >= 0) return ca__future_new_done(self, k, 0, out);
         int e = errno;
         if (e == EBADF) return -EINVAL;
-        if (!retry_err(-e)) return done_future(self, 0, -e, out);
+        if (!retry_err(-e)) return ca__future_new_done(self, 0, -e, out);
     }
     return op_start(self, n <= RECV_COPY_MAX ? UOP_RECV : UOP_RECV_POLL, fd, buf, n, 0, NULL, 0,
                     out);
@@ -931,12 +919,12 @@ static int ur_sock_sendall(ca_loop *self, int fd, const void *buf, size_t n, ca_
     if (fd < u->nfds && u->fds[fd].wop) return -EBUSY;
     if (n == 0) {
         if (fcntl(fd, F_GETFD) < 0) return -EINVAL;
-        return done_future(self, 0, 0, out);
+        return ca__future_new_done(self, 0, 0, out);
     }
     size_t off = 0;
     int err = send_some(fd, buf, n, &off);
     if (err == -EBADF && off == 0) return -EINVAL;
-    if (err != -EAGAIN) return done_future(self, 0, err, out);
+    if (err != -EAGAIN) return ca__future_new_done(self, 0, err, out);
     return op_start(self, UOP_SEND_POLL, fd, (void *)buf, n, off, NULL, 0, out);
 }
 

@@ -452,13 +452,7 @@ static int generic_start(ca_loop *loop, enum gop_kind kind, int fd, void *buf, s
         if (done) {
             /* Nothing was sent before an EBADF (the first call failed): the fd is not open. */
             if (err == -EBADF && !fd_checked) return -EINVAL;
-            ca_future *fut = NULL;
-            int r = ca_future_new(loop, &fut);
-            if (r < 0) return r;
-            if (err < 0) ca_future_set_error(fut, err);
-            else ca_future_set_result(fut, (void *)res);
-            *out = fut;
-            return 0;
+            return ca__future_new_done(loop, res, err, out);
         }
     }
     return start_waiting(loop, st, kind, fd, buf, n, off, addr, alen, again, out);

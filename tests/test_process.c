@@ -51,6 +51,21 @@ static bool use_watcher(ca_loop *loop, int k)
     return true;
 }
 
+/* A new loop whose policy uses watcher kind k; false (nothing left open) when this machine
+ * cannot run that watcher. */
+static bool loop_with_watcher(int k, ca_loop **out)
+{
+    ca_loop *l;
+    CHECK_OK(t_new_loop(&l));
+    if (!use_watcher(l, k)) {
+        ca_loop_close(l);
+        ca_loop_unref(l);
+        return false;
+    }
+    *out = l;
+    return true;
+}
+
 /* Closes the policy's watcher (MultiLoop has a thread until then). */
 static void drop_watcher(void) { CHECK_OK(ca_set_child_watcher(NULL)); }
 
@@ -891,12 +906,7 @@ LOOP_TEST(loop_close_ends_processes) /* timeout: 60 */
     ca_set_log_handler(count_log, NULL);
     for (int k = 0; k < W_COUNT; k++) {
         ca_loop *l;
-        CHECK_OK(t_new_loop(&l));
-        if (!use_watcher(l, k)) {
-            ca_loop_close(l);
-            ca_loop_unref(l);
-            continue;
-        }
+        if (!loop_with_watcher(k, &l)) continue;
         struct run r, idle;
         ca_subprocess_options o = {.argv = ARGV("sleep", "100"), .stdin_mode = CA_PIPE,
                                    .stdout_mode = CA_PIPE, .stderr_mode = CA_PIPE};
@@ -1676,12 +1686,7 @@ LOOP_TEST(watcher_drops_then_loop_closes) /* timeout: 120 */
     for (int k = 0; k < W_COUNT; k++) {
         for (int how = 0; how < DROP_COUNT; how++) {
             ca_loop *l;
-            CHECK_OK(t_new_loop(&l));
-            if (!use_watcher(l, k)) {
-                ca_loop_close(l);
-                ca_loop_unref(l);
-                break;
-            }
+            if (!loop_with_watcher(k, &l)) break;
             struct run r;
             ca_subprocess_options o = {.argv = ARGV("sleep", "600"), .stdout_mode = CA_PIPE};
             start(&r, l, &o);
@@ -1775,12 +1780,7 @@ LOOP_TEST(user_replaces_process_handler)
 {
     for (int k = 0; k < W_COUNT; k++) {
         ca_loop *l;
-        CHECK_OK(t_new_loop(&l));
-        if (!use_watcher(l, k)) {
-            ca_loop_close(l);
-            ca_loop_unref(l);
-            continue;
-        }
+        if (!loop_with_watcher(k, &l)) continue;
         struct run r;
         ca_subprocess_options o = {.argv = ARGV("sleep", "600")};
         start(&r, l, &o);
