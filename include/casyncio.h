@@ -224,6 +224,11 @@ typedef struct ca_loop_ops {
     int (*sock_connect)(ca_loop *self, int fd, const struct sockaddr *addr, socklen_t len,
                         ca_future **out);
     void (*destroy)(ca_loop *self);
+    /* Optional (NULL: the loop is closed only by ca_loop_close). Whether the host closed its
+     * loop behind the core's back; the core consults it in ca_loop_is_closed, and watchers stop
+     * treating such a loop as a delivery loop. Called from any thread, with no library lock
+     * held. TODO(issue 13): final wording by the implementer. */
+    bool (*is_closed)(ca_loop *self);
 } ca_loop_ops;
 
 /* Makes a custom loop. ops must outlive the loop; data is the op's own (see destroy).
@@ -237,6 +242,14 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
  * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
  * -EINVAL exit from a thread where this loop is not the running one. */
 int ca_loop_enter_running(ca_loop *loop);
+/* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL
+ * (TODO(issue 13): full docs by the implementer). ca_loop_threadsafe_fd returns an fd (owned by
+ * the loop, O_CLOEXEC, readable while callbacks are queued) that the host watches;
+ * ca_loop_run_threadsafe, called by the host on the loop's thread when that fd is readable, runs
+ * what was queued (returns how many ran, >= 0). Errors: -EINVAL NULL or not a custom loop
+ * without the op; -EBADF closed; -ECHILD forked; -ENOMEM. */
+int ca_loop_threadsafe_fd(ca_loop *loop);
+int ca_loop_run_threadsafe(ca_loop *loop);
 int ca_loop_exit_running(ca_loop *loop);
 
 /* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket; it must stay
@@ -527,6 +540,7 @@ int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
 int ca_fast_child_watcher_new(ca_child_watcher **out);
+int ca_uring_child_watcher_new(ca_child_watcher **out); /* TODO(issue 14): docs */
 int ca_pidfd_child_watcher_new(ca_child_watcher **out);
 /* Makes a custom watcher around ops (which must outlive it) and data. -EINVAL NULL ops/out or a
  * NULL required member; -ENOMEM. */
@@ -558,6 +572,14 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
  * On any error cb is never called. */
 int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
                                        void *arg);
+/* As ca_child_watcher_add_child_handler, with the delivery loop given explicitly (NULL: the
+ * implicit rule above). For host-loop adapters, whose loop is not "running" in C terms.
+ * TODO(issue 13): full docs by the implementer (Safe/Fast: NULL or the attached loop). */
+int ca_child_watcher_add_child_handler_on(ca_child_watcher *watcher, ca_loop *loop, pid_t pid,
+                                          ca_child_fn cb, void *arg);
+/* Async-signal-safe: tells the library's watchers that SIGCHLD arrived, for a host that owns the
+ * signal dispositions (Python's signal module) and routes SIGCHLD in itself. TODO(issue 13). */
+void ca_sigchld_notify(void);
 /* 1 if a handler was removed (its callback will never be called), 0 if there was none (never
  * registered, already delivered, or being delivered right now). A handler whose delivery loop
  * was closed before the exit could be delivered stays registered until removed or replaced, so
