@@ -38,7 +38,8 @@ CLI_SRCS := $(wildcard src/cli/*.c)
 CLI_OBJS := $(patsubst src/cli/%.c,$(B)/obj/cli/%.o,$(CLI_SRCS))
 TEST_SRCS := $(wildcard tests/test_*.c)
 TEST_BINS := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRCS))
-TEST_SUPPORT := $(B)/obj/tests/harness.o $(B)/obj/tests/custom_loop.o
+TEST_SUPPORT := $(B)/obj/tests/harness.o $(B)/obj/tests/custom_loop.o \
+		$(B)/obj/tests/contract_util.o
 EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(patsubst examples/%.c,$(B)/examples/%,$(EXAMPLE_SRCS))
 
@@ -81,7 +82,8 @@ $(B)/examples/%: examples/%.c $(B)/libcasyncio.a
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(B)/libcasyncio.a $(LIBS) -lm
 
 # ----- tests -------------------------------------------------------------------------
-$(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/test_list.h include/casyncio.h
+$(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/contract_util.h tests/test_list.h \
+		include/casyncio.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@
 
