@@ -1136,8 +1136,8 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     if ((r = check_fds_open(o)) != 0) return r;
 
     ca_child_watcher *w = NULL;
-    if ((r = ca_get_child_watcher(&w)) < 0) return r;
-    ca_child_watcher_ref(w);
+    /* With its reference: another thread may replace the watcher or the policy meanwhile. */
+    if ((r = ca__get_child_watcher_ref(&w)) < 0) return r;
     if ((r = ca_child_watcher_enter(w)) < 0) {
         ca_child_watcher_unref(w);
         return r;
