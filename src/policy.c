@@ -478,6 +478,13 @@ static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
     int r = 0;
     if (w) {
         r = ca_child_watcher_attach_loop(w, loop);
+        if (r == -EBADF) {
+            /* Closed by another thread's set_child_watcher, which installed its successor
+             * first: nothing of ours to attach (the successor is attached by its installer). */
+            pthread_mutex_lock(&g_lock);
+            if (st->watcher != w) r = 0;
+            pthread_mutex_unlock(&g_lock);
+        }
         ca_child_watcher_unref(w);
     }
     ca_loop_unref(old);
