@@ -271,3 +271,164 @@ TEST(get_event_loop_ref_running)
     CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);
 }
+
+/* ----- fork while another thread holds the library's locks ---------------------------------- */
+
+void ca__log(int level, const char *fmt, ...);
+
+static atomic_long logged;
+
+static void count_log(int level, const char *msg, void *arg) { atomic_fetch_add(&logged, 1); }
+
+struct logger {
+    atomic_bool stop;
+};
+
+/* Logs (and looks up the policy's loop and watcher, which take the policy's locks) without a
+ * pause, so that a fork() in another thread often happens while this one holds a lock. */
+static void *log_forever(void *arg)
+{
+    struct logger *l = arg;
+    while (!atomic_load(&l->stop)) {
+        ca__log(CA_LOG_DEBUG, "busy %d", 1);
+        ca_set_log_handler(count_log, NULL);
+        ca_child_watcher *w = NULL;
+        if (ca__get_child_watcher_ref(&w) == 0) ca_child_watcher_unref(w);
+    }
+    return NULL;
+}
+
+/* Waits for pid for at most `seconds`; false (and the child killed) if it did not exit. */
+static bool wait_bounded(pid_t pid, double seconds, int *status)
+{
+    double end = now_s() + seconds * t_slow();
+    for (;;) {
+        pid_t r = waitpid(pid, status, WNOHANG);
+        if (r == pid) return true;
+        if (r < 0 && errno != EINTR) return false;
+        if (now_s() > end) {
+            kill(pid, SIGKILL);
+            waitpid(pid, status, 0);
+            return false;
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Issue 16.3: a child forked while another thread held the log lock (or the policy's) used to
+ * hang on its first log line. Each child logs, looks up its watcher, and exits. */
+TEST(fork_while_logging) /* timeout: 120 */
+{
+    ca_set_log_handler(count_log, NULL);
+    struct logger l = {0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, log_forever, &l), 0);
+    int hung = 0;
+    for (int i = 0; i < 300 && hung == 0; i++) {
+        pid_t pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0) {
+            ca__log(CA_LOG_WARNING, "child %d", i);
+            ca_set_log_handler(NULL, NULL);
+            ca__log(CA_LOG_WARNING, "child %d, silent", i);
+            t_child_exit(0);
+        }
+        int status = 0;
+        if (!wait_bounded(pid, 5, &status)) hung++;
+        else CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    atomic_store(&l.stop, true);
+    pthread_join(t, NULL);
+    CHECK_EQ(hung, 0);
+    CHECK(atomic_load(&logged) > 0);
+    ca_set_log_handler(NULL, NULL);
+    CHECK_OK(ca_set_child_watcher(NULL));
+}
+
+/* ----- a forked child spawns (issue 16.6) --------------------------------------------------- */
+
+struct one_exit {
+    int done, rc;
+};
+
+static void one_exit_done(ca_future *f, void *arg)
+{
+    struct one_exit *e = arg;
+    void *res = NULL;
+    e->rc = ca_future_result(f, &res) == 0 ? (int)(intptr_t)res : -1000;
+    e->done = 1;
+}
+
+/* In the forked child: the default policy's first loop, a spawn, its exit. Returns an exit
+ * code for the test (0 when everything held). */
+static int child_spawns(const char *kind)
+{
+    ca_loop *loop = NULL, *again = NULL;
+    if (ca_get_event_loop(&loop) != 0) return 10;
+    if (ca_get_event_loop(&again) != 0 || again != loop) return 11;
+    ca_child_watcher *w = NULL;
+    if (ca_get_child_watcher(&w) != 0) return 12;
+    if (strcmp(ca__child_watcher_kind(w), kind) != 0) return 13;
+    if (!ca_child_watcher_is_active(w)) return 14;
+    static const char *const argv[] = {"/bin/sh", "-c", "exit 7", NULL};
+    const ca_subprocess_options o = {.argv = argv};
+    ca_process *p = NULL;
+    if (ca_loop_subprocess_exec(loop, &o, NULL, NULL, &p) != 0) return 15;
+    ca_future *f = NULL;
+    if (ca_process_wait(p, &f) != 0) return 16;
+    struct one_exit e = {0};
+    if (ca_future_add_done_callback(f, one_exit_done, &e) != 0) return 17;
+    if (!t_run_until(loop, t_flag_set, &e.done, 10)) return 18;
+    if (e.rc != 7) return 19;
+    /* ca_set_event_loop keeps working, and the new loop gets the watcher. */
+    ca_loop *other = NULL;
+    if (ca_new_event_loop(&other) != 0 || ca_set_event_loop(other) != 0) return 20;
+    return 0;
+}
+
+static void fork_then_spawn(int (*make)(ca_child_watcher **), const char *kind)
+{
+    if (!make) {
+        pid_t pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0) t_child_exit(child_spawns(kind));
+        int status = 0;
+        CHECK(wait_bounded(pid, 20, &status));
+        CHECK(WIFEXITED(status));
+        CHECK_EQ(WEXITSTATUS(status), 0);
+        return;
+    }
+    ca_child_watcher *w = NULL;
+    int r = make(&w);
+    if (r == -ENOSYS) SKIP("watcher kind not available here");
+    CHECK_OK(r);
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_get_event_loop(&loop));
+    CHECK_OK(ca_child_watcher_attach_loop(w, loop));
+    CHECK_OK(ca_set_child_watcher(w));
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) t_child_exit(child_spawns(kind));
+    int status = 0;
+    CHECK(wait_bounded(pid, 20, &status));
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), 0);
+    /* The parent's watcher and loop are untouched. */
+    ca_child_watcher *now = NULL;
+    CHECK_OK(ca_get_child_watcher(&now));
+    CHECK(now == w);
+    CHECK(ca_child_watcher_is_active(w));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_child_watcher(NULL));
+    CHECK_OK(ca_set_event_loop(NULL));
+}
+
+TEST(fork_then_spawn_threaded) { fork_then_spawn(ca_threaded_child_watcher_new, "threaded"); }
+TEST(fork_then_spawn_multiloop) { fork_then_spawn(ca_multiloop_child_watcher_new, "multiloop"); }
+TEST(fork_then_spawn_safe) { fork_then_spawn(ca_safe_child_watcher_new, "safe"); }
+TEST(fork_then_spawn_fast) { fork_then_spawn(ca_fast_child_watcher_new, "fast"); }
+TEST(fork_then_spawn_pidfd) { fork_then_spawn(ca_pidfd_child_watcher_new, "pidfd"); }
+
+/* With no watcher ever made in the parent, the child makes the default one. */
+TEST(fork_then_spawn_default) { fork_then_spawn(NULL, "threaded"); }
