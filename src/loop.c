@@ -420,8 +420,11 @@ static void ts_drain_pending(ca_loop *loop)
         }
         ts_unlock(loop);
         /* Not enough room: grow the ring outside the lock, then look again. Out of memory,
-         * the items wait for the next iteration. */
-        if (!rq_grow(loop)) return;
+         * the items wait for the next iteration (which backs off: see run_once). */
+        if (!rq_grow(loop)) {
+            loop->starved = true;
+            return;
+        }
     }
 }
 
@@ -732,8 +735,17 @@ static inline bool skip_poll(ca_loop *loop)
            !(loop->sigslot && ca__sigslot_pending(loop->sigslot));
 }
 
+/* The wait of an iteration after one that was starved: timeout (ns, -1 for none) raised to
+ * the back-off, unless something nearer than it is due anyway. */
+static int64_t oom_backoff(ca_loop *loop, int64_t timeout)
+{
+    int64_t ns = (int64_t)loop->oom_wait_ms * 1000000;
+    return timeout > 0 && timeout < ns ? timeout : ns;
+}
+
 static int run_once(ca_loop *loop)
 {
+    loop->starved = false;
     ts_drain(loop);
     bool busy = loop->rq_len || atomic_load_explicit(&loop->stopping, memory_order_relaxed);
     int64_t timeout = -1;
@@ -750,12 +762,16 @@ static int run_once(ca_loop *loop)
         double d = loop->heap[0].when - ca__monotonic();
         timeout = d <= 0 ? 0 : d > 9e9 ? INT64_C(9000000000000000000) : (int64_t)ceil(d * 1e9);
     }
+    /* Out of memory at the last iteration, with nothing ready to run: what is due (a timer,
+     * a submission) cannot move yet, and retrying at once would spin. Wait, serving I/O. */
+    bool backoff = CA_UNLIKELY(loop->oom_wait_ms != 0) && !busy;
+    if (backoff) timeout = oom_backoff(loop, timeout);
     if (!busy || !skip_poll(loop)) {
         int r;
         if (timeout != 0) {
-            rq_trim(loop);
+            if (!backoff) rq_trim(loop);
             atomic_store(&loop->polling, true);
-            if (atomic_load(&loop->ts_pending)) timeout = 0;
+            if (!backoff && atomic_load(&loop->ts_pending)) timeout = 0;
             r = loop->be->poll(loop, timeout);
             atomic_store(&loop->polling, false);
         } else {
@@ -768,12 +784,21 @@ static int run_once(ca_loop *loop)
         double end = ca__monotonic() + 1e-9;
         while (loop->heap_len && loop->heap[0].when <= end) {
             /* Out of memory for the ring: what is left stays due for the next iteration. */
-            if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) break;
+            if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) {
+                loop->starved = true;
+                break;
+            }
             struct ca__timer t = heap_pop(loop);
             ca_handle *h = timer_handle(&t);
             if (h && h->cancelled) handle_release(h);
             else rq_push(loop, t.fn, t.arg); /* a handle keeps its scheduled flag */
         }
+    }
+    if (CA_UNLIKELY(loop->starved)) {
+        loop->oom_wait_ms = loop->oom_wait_ms ? loop->oom_wait_ms * 2 : 1;
+        if (loop->oom_wait_ms > 128) loop->oom_wait_ms = 128;
+    } else {
+        loop->oom_wait_ms = 0;
     }
     /* Only what is ready now: a callback scheduled by a callback waits for the next
      * iteration. */

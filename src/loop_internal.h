@@ -106,6 +106,11 @@ struct ca_loop {
     /* ready queue: a FIFO ring of (fn, arg), grown by doubling, given back when idle */
     struct ca__entry *rq;
     size_t rq_cap, rq_head, rq_len;
+    /* Out of memory: an iteration could not move a due timer or a thread-safe submission onto
+     * the ready ring (`starved`); the next polls wait oom_wait_ms (1, doubling to 128) instead
+     * of 0, so a loop short of memory does not spin. 0 once an iteration moves everything. */
+    bool starved;
+    unsigned oom_wait_ms;
     /* timer heap: a 4-ary min-heap on (when, seq) with the keys stored inline, so sifting
      * never touches the handles; the four children of a node share one 128-byte block
      * (heap_mem is the allocation, heap points 3 entries into it); cancelled timers are
