@@ -322,7 +322,12 @@ int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *),
  * the call gives -ENOTSUP. When a built-in op reached that way needs another op (the default
  * policy's main-thread get_event_loop calls new_event_loop and set_event_loop), it calls it
  * on the derived policy, as Python's self.new_event_loop() would. Ops may be called from any
- * thread at once: a custom policy protects its own state.
+ * thread at once: a custom policy protects its own state. The pointers get_event_loop and
+ * get_child_watcher return are borrowed; the library calls ops without holding any lock of its
+ * own, keeps a reference to the policy across the call, and references the result as soon as
+ * the op returns. A custom policy whose loop or watcher one thread may replace while another
+ * calls the get op must therefore keep the replaced object alive a little longer than the
+ * replacing call (for example until the policy is destroyed).
  *   get_event_loop     the context's loop, borrowed. -ENOENT for none (returning 0 with a
  *                      NULL loop counts as -ENOENT).
  *   set_event_loop     makes loop (NULL: none) the context's loop; keeps its own reference.
@@ -369,7 +374,17 @@ typedef struct ca_policy_ops {
  * - get_child_watcher makes a ThreadedChildWatcher on first use (one per policy, shared by
  *   all threads) and, called in the main thread, attaches it to the main thread's loop if one
  *   is set. The watcher is borrowed: valid until set_child_watcher replaces it or the policy
- *   is destroyed. Errors of ca_threaded_child_watcher_new.
+ *   is destroyed, which another thread may do at any time (take a reference at once where
+ *   that can happen). Errors of ca_threaded_child_watcher_new (or of the kind's _new below).
+ * - Fork: in a child made by fork(), a watcher made before the fork is the parent's (its
+ *   threads, signal handler and loop stay there) and the policy treats it as gone: it drops its
+ *   reference (freeing this process's copy of the memory, closing nothing of the parent's) and
+ *   the next get_child_watcher makes a new watcher of the same kind (MultiLoop, Safe, Fast,
+ *   Pidfd, Threaded; a custom watcher's replacement is a Threaded one; should the kind fail to
+ *   be made there, Threaded), attached to the main thread's loop as above. set_event_loop in
+ *   the child no longer fails with -ECHILD for it. So a forked child can get its loop, set it
+ *   and spawn (ca_loop_subprocess_exec), as asyncio's can. A reference the program itself kept
+ *   to the parent's watcher still answers -ECHILD there.
  * - set_child_watcher(w) takes a reference to w, closes the previous watcher (as 3.11 does;
  *   not when it is w itself) and drops it. It does not attach w to any loop: the next
  *   set_event_loop in the main thread does. A destroyed policy drops its watcher unclosed. */
@@ -459,13 +474,20 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
- *             until close, and its own reaping thread, woken by that handler, which polls every
- *             registered pid with waitpid(pid, WNOHANG): O(n) per SIGCHLD. Never reaps a child
- *             it does not watch. Works for loops in any thread. Changes the process's SIGCHLD
- *             disposition while it lives (the previous one is restored by close).
+ *             until close, and its own reaping thread, woken by that handler. It finds exited
+ *             children with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT), which does not reap, and
+ *             reaps each watched one by pid: O(1) per exit. It polls every registered pid with
+ *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell: the first
+ *             exited child is not one it watches, or no child exists, and at the latest 0.1 s
+ *             after a SIGCHLD that skipped the poll (to notice children other code reaped:
+ *             they may be reported up to 0.1 s late). Never reaps a child it does not watch.
+ *             Works for loops in any thread. Changes the process's SIGCHLD disposition while
+ *             it lives (the previous one is restored by close). docs/watchers.md has details.
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
- *             then waitpid(pid, WNOHANG) for every registered pid: O(n) per SIGCHLD, never
- *             reaps other code's children. Active only while attached to a loop that is not
+ *             then the same search as MultiLoop (waitid(WNOWAIT), then reap by pid; the full
+ *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and within
+ *             0.1 s through a timer on the attached loop); never reaps other code's children.
+ *             Active only while attached to a loop that is not
  *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
  *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
  *   Fast      As Safe for attachment, but waitpid(-1, WNOHANG) until nothing is left: O(1) per
@@ -476,7 +498,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
- *             running child (RLIMIT_NOFILE applies). Linux 5.4+.
+ *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
+ *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
  * a signal handler and never with a watcher lock held (it may call any watcher function).
@@ -487,10 +510,9 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
  *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
- *   API.md also says that Threaded "calls them from the child's waiting thread" and MultiLoop
- *   "from its own reaping thread"; that cannot hold together with "deliver to the loop", and
- *   we follow the delivery rule (and asyncio): those threads reap, the loop runs the callback.
- *   A callback should still be thread-safe, as the seed asks.
+ *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
+ *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
+ *   still be thread-safe with respect to the code that registered it, as asyncio asks.
  * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
  * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
@@ -535,7 +557,8 @@ typedef struct ca_child_watcher_ops {
  *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
  *     -ENOSPC (too many signal slots in the process).
  *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
- *     checked once per process. */
+ *     checked once per process. (Linux 5.3 has pidfd_open but not waitid(P_PIDFD): the watcher
+ *     is made there, but every exit is then reported as 255 with a warning; Pidfd needs 5.4.) */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
@@ -709,11 +732,23 @@ typedef struct ca_subprocess_protocol {
  * loop is made the delivery loop for the registration). The Pidfd watcher is handed the pidfd
  * obtained at spawn. A watcher that reports from another thread is fine: the exit is passed on
  * to loop with ca_loop_call_soon_threadsafe.
+ * The watcher is looked up with a reference (another thread may replace it, or the policy,
+ * meanwhile: the spawn uses the old or the new one, never a freed one). A watcher found closed
+ * is looked up again, since a replacement installs the new watcher before it closes the old one;
+ * a child whose watcher is closed by another thread after that check, before its registration,
+ * is watched through its own pidfd instead, so a replacement never fails a spawn. In a child
+ * made by fork() the default policy provides a new watcher (see the policies' fork rule), so a
+ * forked child spawns as any process does.
  * Errors (nothing is left behind: no child, no zombie, no fd):
  *   -EINVAL    NULL loop, opts or out; argv NULL or empty; a mode out of range; CA_STDOUT for
  *              stdin or stdout; CA_FD with a negative fd.
- *   -ECHILD    loop was made by the parent of this process (fork()).
- *   -EBADF     loop is closed; or a CA_FD fd is not open.
+ *   -ECHILD    loop was made by the parent of this process (fork()); or a custom policy
+ *              handed out a watcher made by the parent.
+ *   -EBADF     loop is closed (also a custom loop whose is_closed op says so); a CA_FD fd is
+ *              not open; or the policy's child watcher is closed and stayed so (closed by its
+ *              owner and not replaced; or, without a pidfd, closed by another thread in the
+ *              instant between the check and the registration: then the child was killed and
+ *              reaped).
  *   -EPERM     called from another thread while loop runs.
  *   -ENOTCONN  the policy's child watcher is not active (e.g. Safe or Fast not attached to a
  *              loop): refused before anything is spawned.
