@@ -70,9 +70,27 @@ typedef void (*ca_callback_fn)(void *arg);
  * Errors and logging
  * ------------------------------------------------------------------------------------------- */
 
-/* A static, thread-safe description of err (negative or positive errno; 0 is "Success").
- * Never NULL; unknown codes give "Unknown error". Any thread. */
+/* A static, thread-safe description of err (negative or positive errno; 0 is "Success"): the
+ * code's general meaning, the same text whatever call returned it ("No such file or directory"
+ * for ENOENT, "Device or resource busy" for EBUSY). Where the library gives a code a meaning
+ * that is not the errno's, the text says so neutrally (ECHILD: an object of the parent process
+ * used after fork(); ENOTCONN: a child watcher not active). Never NULL; unknown codes give
+ * "Unknown error". Any thread. */
 const char *ca_strerror(int err);
+/* The same for a message that fits the call: what err means when `function` returned it, as
+ * this header documents it. function is the public function's name, with or without its
+ * "ca_" ("ca_loop_subprocess_exec", "loop_subprocess_exec"). For instance:
+ *   ca_strerror_for("ca_get_event_loop", -ENOENT)       "no current event loop in this thread"
+ *   ca_strerror_for("ca_loop_subprocess_exec", -ENOENT)
+ *                     "program not found (or the working directory does not exist)"
+ *   ca_strerror_for("ca_process_communicate", -EBUSY)
+ *                     "communicate was already called for this process"
+ *   ca_strerror_for("ca_loop_call_soon", -EPERM)
+ *                     "called from another thread while the loop runs there"
+ * A code the function gives with its general meaning, an unknown function name and NULL give
+ * ca_strerror(err). Static text (lower case, no final period, to follow "function: "); never
+ * NULL. Any thread. */
+const char *ca_strerror_for(const char *function, int err);
 
 enum { CA_LOG_DEBUG = 10, CA_LOG_INFO = 20, CA_LOG_WARNING = 30, CA_LOG_ERROR = 40 };
 
