@@ -131,7 +131,13 @@ const char *ca_loop_kind(const ca_loop *loop);
 
 /* Runs until ca_loop_stop(). A stop requested before the call makes it run one iteration.
  * -EINVAL NULL; -ECHILD; -EBADF closed; -EBUSY this loop is already running (in any thread)
- * or another loop runs in this thread. Returns 0 after stopping, or a backend error. */
+ * or another loop runs in this thread. Returns 0 after stopping, or a backend error.
+ * Out of memory, a built-in loop keeps running and does not spin: when an iteration cannot
+ * move a due timer or a callback submitted from another thread onto its ready queue (which may
+ * need to grow), nothing is dropped, and the following iterations wait for I/O (serving it)
+ * for 1 ms, then 2, 4... up to 128 ms before trying again, until one succeeds. (asyncio would
+ * raise MemoryError out of run_forever; a C loop that other threads feed is better off
+ * waiting for memory than stopping.) */
 int ca_loop_run_forever(ca_loop *loop);
 
 /* Runs until fut is done and returns the future's outcome: 0 if it has a result, its error if
@@ -166,8 +172,11 @@ int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **o
 
 /* As call_soon, from any thread; wakes the loop (without a system call when the loop is
  * awake). One FIFO with call_soon, as in asyncio: a call_soon made after this call returned
- * (in any thread that knows it returned) runs after fn. Returns no handle. -EINVAL, -ECHILD, -EBADF (closed, also when the close races with
- * this call: then fn is never called), -ENOMEM. Any thread. */
+ * (in any thread that knows it returned) runs after fn. Returns no handle. A custom loop
+ * without the call_soon_threadsafe op uses the core's queue once its host asked for it
+ * (ca_loop_threadsafe_fd), and gives -ENOTSUP before. -EINVAL, -ECHILD, -EBADF (closed, also
+ * when the close races with this call: then fn is never called), -ENOTSUP, -ENOMEM. Any
+ * thread. */
 int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg);
 
 /* Schedules fn(arg) at ca_loop_time() + delay (delay < 0 counts as 0), or at the absolute
@@ -243,9 +252,17 @@ typedef struct ca_loop_ops {
                         ca_future **out);
     void (*destroy)(ca_loop *self);
     /* Optional (NULL: the loop is closed only by ca_loop_close). Whether the host closed its
-     * loop behind the core's back; the core consults it in ca_loop_is_closed, and watchers stop
-     * treating such a loop as a delivery loop. Called from any thread, with no library lock
-     * held. TODO(issue 13): final wording by the implementer. */
+     * loop behind the core's back (an asyncio loop closed by Python code, a GMainLoop
+     * destroyed...). Once it says true it must keep saying so. The core consults it wherever
+     * it checks for a closed loop: ca_loop_is_closed answers true, every function that refuses
+     * a closed loop gives -EBADF (the remove_* functions return 0), ca_loop_call_soon_threadsafe
+     * refuses (the callback is never called), and the watchers stop treating the loop as a
+     * delivery loop (an exit for it is then handled as for a closed loop). The core still
+     * needs ca_loop_close to release its own side (close hooks, such as the subprocesses'
+     * cleanup, and the thread-safe queue, whose callbacks are dropped then); the close op is
+     * called then too, after is_closed said true. Called from any thread, possibly often (every
+     * public call checks it), never with a library lock held and never in a child of fork();
+     * it must not call back into the library for this loop. */
     bool (*is_closed)(ca_loop *self);
 } ca_loop_ops;
 
@@ -260,12 +277,34 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
  * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
  * -EINVAL exit from a thread where this loop is not the running one. */
 int ca_loop_enter_running(ca_loop *loop);
-/* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL
- * (TODO(issue 13): full docs by the implementer). ca_loop_threadsafe_fd returns an fd (owned by
- * the loop, O_CLOEXEC, readable while callbacks are queued) that the host watches;
- * ca_loop_run_threadsafe, called by the host on the loop's thread when that fd is readable, runs
- * what was queued (returns how many ran, >= 0). Errors: -EINVAL NULL or not a custom loop
- * without the op; -EBADF closed; -ECHILD forked; -ENOMEM. */
+/* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL,
+ * so that an adapter need not write its own locked queue and wakeup fd.
+ *
+ * ca_loop_threadsafe_fd turns the queue on (the first call; later calls return the same fd)
+ * and returns its fd: an eventfd (O_CLOEXEC | O_NONBLOCK) owned by the loop, readable while
+ * callbacks are queued. The host watches it for reading (a reader of its own loop, a GSource,
+ * a uv_poll_t...). From then on ca_loop_call_soon_threadsafe (and the library's own
+ * deliveries from other threads, such as the child watchers') append to the queue under a
+ * short lock and write to the fd when the queue was empty. Before the first call, a loop
+ * without the op has no thread-safe scheduling: -ENOTSUP, as for any missing op. Any thread.
+ * Returns the fd (>= 0), or -EINVAL NULL, a built-in loop, or a custom loop that has the op;
+ * -ECHILD; -EBADF closed; -EMFILE/-ENFILE/-ENOMEM (eventfd).
+ *
+ * ca_loop_run_threadsafe takes everything queued so far (and resets the fd) and runs it on
+ * the calling thread, in FIFO order: callbacks queued by one thread run in the order they were
+ * queued, and a callback queued while this runs waits for the next call (the fd is readable
+ * again). The host calls it when the fd is readable, on the loop's thread (the thread that
+ * runs it, or, while it is not running, any single thread); ca_loop_enter_running is not
+ * required. A callback may close the loop: what is left of the batch is then dropped.
+ * Returns how many callbacks it took (>= 0). -EINVAL NULL, a built-in loop, or a custom loop
+ * that has the op; -ECHILD; -EBADF closed; -EPERM another thread while the loop runs there.
+ *
+ * Closing: ca_loop_close closes the fd after the loop's close op has run (so the op can stop
+ * watching it first) and drops the queued callbacks without running them (the library's own
+ * ones release what they own), as the built-in loops do; later calls give -EBADF. In a child
+ * made by fork() every call gives -ECHILD, and the loop's last unref there frees the queue and
+ * closes the child's copy of the fd without running anything and without taking the lock (a
+ * parent's thread may have held it at the fork). */
 int ca_loop_threadsafe_fd(ca_loop *loop);
 int ca_loop_run_threadsafe(ca_loop *loop);
 int ca_loop_exit_running(ca_loop *loop);
@@ -300,18 +339,31 @@ int ca_loop_sock_connect(ca_loop *loop, int fd, const struct sockaddr *addr, soc
  * Futures (the small part of asyncio.Future that C needs)
  * ------------------------------------------------------------------------------------------- */
 
+/* Threads. A future has no lock: its state and its callbacks belong to its loop's thread while
+ * the loop runs, and to any single thread while it does not (the conventions' rule, enforced):
+ * ca_future_set_result, ca_future_set_error and ca_future_add_done_callback give -EPERM, and
+ * ca_future_cancel returns false without cancelling, when called from another thread while the
+ * loop runs. To complete a future from another thread, schedule the completion on its loop
+ * with ca_loop_call_soon_threadsafe. ca_future_new, ref and unref work from any thread
+ * (unref: the last reference is dropped in whatever thread drops it). ca_future_done,
+ * ca_future_cancelled, ca_future_result and ca_future_loop only read; from another thread
+ * while the loop runs their answer may already be stale, so read them on the loop's thread
+ * (a done callback, or after run_until_complete). */
+
 /* A new pending future bound to loop; it holds a reference to the loop. -EINVAL; -ECHILD;
- * -EBADF closed; -ENOMEM. */
+ * -EBADF closed; -ENOMEM. Any thread. */
 int ca_future_new(ca_loop *loop, ca_future **out);
 ca_future *ca_future_ref(ca_future *fut);
 ca_future *ca_future_unref(ca_future *fut);
 ca_loop *ca_future_loop(const ca_future *fut);   /* borrowed */
 
-/* Completes the future. -EINVAL NULL or already done (set_error also for err >= 0).
- * Done callbacks are scheduled with call_soon, never run inside these calls. */
+/* Completes the future. -EINVAL NULL or already done (set_error also for err >= 0); -EPERM
+ * another thread while the loop runs (see Threads above). Done callbacks are scheduled with
+ * call_soon, never run inside these calls. */
 int ca_future_set_result(ca_future *fut, void *result);
 int ca_future_set_error(ca_future *fut, int err);
-/* Cancels a pending future (true) or does nothing (false: NULL or already done). */
+/* Cancels a pending future (true) or does nothing (false: NULL, already done, or called from
+ * another thread while the loop runs). */
 bool ca_future_cancel(ca_future *fut);
 bool ca_future_done(const ca_future *fut);
 bool ca_future_cancelled(const ca_future *fut);
@@ -319,7 +371,8 @@ bool ca_future_cancelled(const ca_future *fut);
  * -EAGAIN not done; -ECANCELED cancelled; -EINVAL NULL fut. */
 int ca_future_result(const ca_future *fut, void **result);
 /* fn(fut, arg) runs through the loop once the future is done (at once, through the loop, if
- * it already is). -EINVAL NULL; -EBADF the future's loop is closed; -ENOMEM. */
+ * it already is). -EINVAL NULL; -EBADF the future's loop is closed; -EPERM another thread while
+ * the loop runs; -ENOMEM. */
 int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 
 /* ---------------------------------------------------------------------------------------------
