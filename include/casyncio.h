@@ -13,8 +13,9 @@
  *     -ECHILD    the object was made by the parent of this process (we are in a child made by
  *                fork()); only close and unref work there, and they free memory without
  *                touching the parent's kernel objects.
- *     -EBADF     the loop (or watcher) is closed ("Event loop is closed"), except for
- *                remove_reader/remove_writer/remove_signal_handler, which return 0 there.
+ *     -EBADF     the loop (or watcher) is closed ("Event loop is closed"; a custom loop also
+ *                when its is_closed op says so), except for remove_reader/remove_writer/
+ *                remove_signal_handler, which return 0 there.
  *     -ENOENT    no current event loop in this thread.
  *     -ENOTCONN  the child watcher is not active.
  *     -ENOTSUP   a custom loop does not provide the operation, or a policy op is NULL with no
@@ -23,6 +24,7 @@
  *     -EPERM     a loop function that is for the loop's own thread was called from another
  *                thread while the loop runs there.
  *     -ENOMEM    out of memory.
+ *   ca_strerror_for(function, err) gives a message that fits the call that returned err.
  *   When several apply, the order is: bad argument, then fork, then closed.
  * - Ownership: objects are reference counted. ca_X_ref() returns its argument; ca_X_unref()
  *   accepts NULL and returns NULL, so `p = ca_loop_unref(p);` is the idiom. A _new function
@@ -33,7 +35,8 @@
  * - Threads: everything under "Policy", "Child watchers", ca_loop_call_soon_threadsafe(),
  *   ca_loop_stop(), ca_set_log_handler() and the ref/unref functions is safe from any thread.
  *   Other loop, handle, future and process functions are for the loop's own thread (the thread
- *   running it), or for any single thread while the loop is not running.
+ *   running it), or for any single thread while the loop is not running; most of them check it
+ *   and give -EPERM (see Futures for theirs).
  * - If a function that takes a callback returns an error, the callback is never called.
  */
 #ifndef CASYNCIO_H
