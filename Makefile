@@ -1,4 +1,5 @@
-# casyncio build. Targets: all test run bench install clean (and check-deps, examples, cli).
+# casyncio build. Targets: all (lib cli examples), tests, test, run, bench, install, uninstall,
+# clean, check-deps.
 # MODE=release|asan|tsan|debug selects flags and the build directory (build/MODE).
 # CC=clang works as well as gcc; both build with -Wall -Wextra -Werror.
 
