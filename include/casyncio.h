@@ -280,6 +280,8 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
  * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
  * -EINVAL exit from a thread where this loop is not the running one. */
 int ca_loop_enter_running(ca_loop *loop);
+int ca_loop_exit_running(ca_loop *loop);
+
 /* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL,
  * so that an adapter need not write its own locked queue and wakeup fd.
  *
@@ -310,7 +312,6 @@ int ca_loop_enter_running(ca_loop *loop);
  * parent's thread may have held it at the fork). */
 int ca_loop_threadsafe_fd(ca_loop *loop);
 int ca_loop_run_threadsafe(ca_loop *loop);
-int ca_loop_exit_running(ca_loop *loop);
 
 /* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket; it must stay
  * open, and the buffer valid, until the future is done (cancel it before closing the fd).
