@@ -1439,7 +1439,8 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     if (!loop || !fn) return -EINVAL;
     int r = ca__loop_check(loop);
     if (r) return r;
-    if (!loop->ops->call_soon_threadsafe) return loop->be ? -ENOTSUP : host_ts_push(loop, fn, arg, NULL);
+    if (!loop->ops->call_soon_threadsafe)
+        return loop->be ? -ENOTSUP : host_ts_push(loop, fn, arg, NULL);
     if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
         return ts_push(loop, fn, arg, NULL);
@@ -1482,10 +1483,16 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
         }
         return r;
     }
+    /* A host loop that uses the core's queue: from any thread but one where it is marked
+     * running, the queue, which is safe from anywhere (the core cannot tell the host's thread
+     * from another while the host has not marked its loop running). -ENOTSUP: no queue. */
+    if (!loop->ops->call_soon_threadsafe && !ca__running_here(loop)) {
+        r = host_ts_push(loop, fn, arg, drop);
+        if (r != -ENOTSUP) return r;
+    }
     /* Custom loops: a reference-counted handle; whoever drops the last reference without
      * running it calls drop. */
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
-    if (!op && !own) return host_ts_push(loop, fn, arg, drop);
     if (!op) return -ENOTSUP;
     ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;

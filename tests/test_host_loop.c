@@ -155,7 +155,7 @@ TEST(host_queue_is_opt_in)
     ca_loop_unref(loop);
 }
 
-/* ----- close, thread rule, fork ---------------------------------------------------------------- */
+/* ----- close, thread rule, fork --------------------------------------------------------------- */
 
 struct dropped {
     atomic_int ran, dropped;
@@ -223,7 +223,7 @@ TEST(host_queue_in_forked_child)
     ca_loop_unref(loop);
 }
 
-/* ----- is_closed ------------------------------------------------------------------------------- */
+/* ----- is_closed ------------------------------------------------------------------------------ */
 
 TEST(host_closed_loop)
 {
