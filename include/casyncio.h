@@ -627,8 +627,7 @@ typedef struct ca_child_watcher_ops {
  *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
  *     -ENOSPC (too many signal slots in the process).
  *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
- *     checked once per process. (Linux 5.3 has pidfd_open but not waitid(P_PIDFD): the watcher
- *     is made there, but every exit is then reported as 255 with a warning; Pidfd needs 5.4.) */
+ *     checked once per process. */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
