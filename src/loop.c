@@ -527,15 +527,9 @@ static void wake(ca_loop *loop)
     }
 }
 
-static void on_wakeup(void *arg)
+/* Queues the handlers of the signals in mask (bit sig - 1). */
+static void sig_dispatch(ca_loop *loop, uint64_t mask)
 {
-    ca_loop *loop = arg;
-    uint64_t v;
-    ssize_t r = read(loop->wake_fd, &v, sizeof v);
-    (void)r;
-    atomic_store(&loop->wake_pending, false);
-    if (!loop->sigslot) return;
-    uint64_t mask = ca__sigslot_take(loop->sigslot);
     for (int sig = 1; mask && sig <= 64; sig++) {
         uint64_t bit = UINT64_C(1) << (sig - 1);
         if (!(mask & bit)) continue;
@@ -544,12 +538,26 @@ static void on_wakeup(void *arg)
         if (h && !h->scheduled && !h->cancelled) {
             ca_handle_ref(h); /* the queue's reference; the registration keeps its own */
             if (CA_UNLIKELY(ready_push(loop, h))) {
-                /* Out of memory for the ring: the signal stays pending for next time. */
+                /* Out of memory for the ring: the signal stays pending here, and the next
+                 * iteration, which backs off (see run_once), tries again. Not through the
+                 * signal slot, whose wakeup would make the loop spin. */
                 ca_handle_unref(h);
-                ca__sigslot_repend(loop->sigslot, sig);
+                loop->sig_retry |= bit;
+                loop->starved = true;
             }
         }
     }
+}
+
+static void on_wakeup(void *arg)
+{
+    ca_loop *loop = arg;
+    uint64_t v;
+    ssize_t r = read(loop->wake_fd, &v, sizeof v);
+    (void)r;
+    atomic_store(&loop->wake_pending, false);
+    if (!loop->sigslot) return;
+    sig_dispatch(loop, ca__sigslot_take(loop->sigslot));
 }
 
 /* ----- the fd table ---------------------------------------------------------------------------- */
@@ -779,6 +787,11 @@ static int run_once(ca_loop *loop)
         }
         if (r < 0) return r;
         ts_drain(loop);
+    }
+    if (CA_UNLIKELY(loop->sig_retry != 0)) {
+        uint64_t retry = loop->sig_retry;
+        loop->sig_retry = 0;
+        sig_dispatch(loop, retry);
     }
     if (loop->heap_len) {
         double end = ca__monotonic() + 1e-9;
