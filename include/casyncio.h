@@ -579,10 +579,9 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
  *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
- *   API.md also says that Threaded "calls them from the child's waiting thread" and MultiLoop
- *   "from its own reaping thread"; that cannot hold together with "deliver to the loop", and
- *   we follow the delivery rule (and asyncio): those threads reap, the loop runs the callback.
- *   A callback should still be thread-safe, as the seed asks.
+ *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
+ *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
+ *   still be thread-safe with respect to the code that registered it, as asyncio asks.
  * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
  * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
