@@ -255,21 +255,19 @@ typedef struct ca_loop_ops {
                         ca_future **out);
     void (*destroy)(ca_loop *self);
     /* Optional (NULL: the loop is closed only by ca_loop_close). Whether the host closed its
-     * loop behind the core's back; the core consults it in ca_loop_is_closed, and watchers stop
-     * treating such a loop as a delivery loop. Called from any thread, with no library lock
-     * held. TODO(issue 13): final wording by the implementer. */
+     * loop behind the core's back (an asyncio loop closed by Python code, a GMainLoop
+     * destroyed...). Once it says true it must keep saying so. The core consults it wherever
+     * it checks for a closed loop: ca_loop_is_closed answers true, every function that refuses
+     * a closed loop gives -EBADF (the remove_* functions return 0), ca_loop_call_soon_threadsafe
+     * refuses (the callback is never called), and the watchers stop treating the loop as a
+     * delivery loop (an exit for it is then handled as for a closed loop). The core still
+     * needs ca_loop_close to release its own side (close hooks, such as the subprocesses'
+     * cleanup, and the thread-safe queue, whose callbacks are dropped then); the close op is
+     * called then too, after is_closed said true. Called from any thread, possibly often (every
+     * public call checks it), never with a library lock held and never in a child of fork();
+     * it must not call back into the library for this loop. */
     bool (*is_closed)(ca_loop *self);
 } ca_loop_ops;
-
-/* The is_closed op, the core's side. Once it says true it must keep saying so. The core
- * consults it wherever it checks for a closed loop: ca_loop_is_closed answers true, every
- * function that refuses a closed loop gives -EBADF (the remove_* functions return 0),
- * ca_loop_call_soon_threadsafe refuses (the callback is never called), ca_future_new and
- * ca_loop_subprocess_exec refuse; the watchers' side is in the op's own comment. The core still
- * needs ca_loop_close to release its own side (close hooks, such as the subprocesses' cleanup,
- * and the thread-safe queue below, whose callbacks are dropped then); the close op is called
- * then too, after is_closed said true. It may be called often (every public call on the loop
- * checks it), never in a child of fork(), and must not call back into the library. */
 
 /* Makes a custom loop. ops must outlive the loop; data is the op's own (see destroy).
  * -EINVAL NULL ops/out or NULL run_forever; -ENOMEM. Any thread. */
@@ -551,13 +549,20 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
- *             until close, and its own reaping thread, woken by that handler, which polls every
- *             registered pid with waitpid(pid, WNOHANG): O(n) per SIGCHLD. Never reaps a child
- *             it does not watch. Works for loops in any thread. Changes the process's SIGCHLD
- *             disposition while it lives (the previous one is restored by close).
+ *             until close, and its own reaping thread, woken by that handler. It finds exited
+ *             children with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT), which does not reap, and
+ *             reaps each watched one by pid: O(1) per exit. It polls every registered pid with
+ *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell: the first
+ *             exited child is not one it watches, or no child exists, and at the latest 0.1 s
+ *             after a SIGCHLD that skipped the poll (to notice children other code reaped:
+ *             they may be reported up to 0.1 s late). Never reaps a child it does not watch.
+ *             Works for loops in any thread. Changes the process's SIGCHLD disposition while
+ *             it lives (the previous one is restored by close). docs/watchers.md has details.
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
- *             then waitpid(pid, WNOHANG) for every registered pid: O(n) per SIGCHLD, never
- *             reaps other code's children. Active only while attached to a loop that is not
+ *             then the same search as MultiLoop (waitid(WNOWAIT), then reap by pid; the full
+ *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and within
+ *             0.1 s through a timer on the attached loop); never reaps other code's children.
+ *             Active only while attached to a loop that is not
  *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
  *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
  *   Fast      As Safe for attachment, but waitpid(-1, WNOHANG) until nothing is left: O(1) per
@@ -568,7 +573,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
- *             running child (RLIMIT_NOFILE applies). Linux 5.4+.
+ *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
+ *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
  * a signal handler and never with a watcher lock held (it may call any watcher function).
