@@ -52,6 +52,7 @@
  * copies of the rings and closes our copies of their fds, and submits nothing.
  */
 #include "internal.h"
+#include "kinds.h"
 #include "watcher_internal.h"
 
 #include <liburing.h>
@@ -194,9 +195,9 @@ static void ring_unref(ur_ring *g)
     free(g);
 }
 
-/* Takes ring g out of service: its requests end with it (closing the ring's fd cancels them),
- * their registrations are told as when a loop closes. Lock held; *reader and *hook tell the
- * caller what to remove from the loop after unlocking, before ring_unref. */
+/* Takes ring g out of service: no new requests, and the registrations still waiting on it are
+ * told as when a loop closes. Its requests are ended by ring_drain, after the unlock. Lock
+ * held; *reader and *hook tell the caller what to remove from the loop after unlocking. */
 static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void **hook)
 {
     *reader = false;
@@ -207,8 +208,7 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     g->reader = READER_OFF;
     *hook = g->hook;
     g->hook = NULL;
-    while (g->ops) {
-        ur_op *op = g->ops;
+    for (ur_op *op = g->ops; op; op = op->next) {
         ca__wreg *r = op->r;
         if (r->registered && r->state == CA__W_WAITING) {
             /* As for Pidfd: it stays registered, so that remove answers 1 (the callback will
@@ -221,7 +221,7 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
             r->pidfd_lost = true;
             if (r->internal) ca__wreg_unregister(c, r);
         }
-        op_free(c, op);
+        if (r->kdata == op) r->kdata = NULL; /* nothing to cancel through r any more */
     }
     for (ur_ring **p = &state_of(c)->rings; *p; p = &(*p)->next) {
         if (*p == g) {
@@ -231,8 +231,45 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     }
 }
 
-/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), then
- * frees what is left. Lock NOT held; the caller holds a reference to the core. */
+/* Ends dead ring g's requests and waits for their completions: the kernel writes a request's
+ * siginfo when it ends, cancelled or not (and in the submitting thread's task work, which may
+ * run at any system call), so an op is freed only after its completion was read. Bounded: ops
+ * whose completion does not come in time are leaked, not freed. Lock NOT held: g is dead, so
+ * nothing else touches its ring or its list. Returns the ops whose completion came. */
+static ur_op *ring_drain(ur_ring *g)
+{
+    ur_op *done = NULL;
+    if (!g->ops) return NULL;
+    struct io_uring_sqe *sqe = get_sqe(g);
+    if (sqe) {
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->fd = -1;
+        sqe->cancel_flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY;
+        io_uring_sqe_set_data64(sqe, 0);
+    }
+    for (int waits = 0; g->ops && waits < 40; waits++) {
+        struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 50000000};
+        struct io_uring_cqe *cqe = NULL;
+        io_uring_submit_and_wait_timeout(&g->ring, &cqe, 1, &ts, NULL);
+        struct io_uring_cqe *cqes[UR_BATCH];
+        unsigned n;
+        while ((n = io_uring_peek_batch_cqe(&g->ring, cqes, UR_BATCH)) > 0) {
+            for (unsigned i = 0; i < n; i++) {
+                ur_op *op = io_uring_cqe_get_data(cqes[i]);
+                if (!op) continue;
+                op_unlink(op);
+                op->next = done;
+                done = op;
+            }
+            io_uring_cq_advance(&g->ring, n);
+        }
+    }
+    return done;
+}
+
+/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), ends
+ * its requests, then frees what is left. Lock NOT held; the caller holds a reference to the
+ * core. */
 static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
 {
     ca__wlog q = {0};
@@ -240,15 +277,28 @@ static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
     void *hook;
     ca__wcore_lock(c);
     ca_loop *loop = g->loop;
+    bool was_dead = g->dead;
     ring_kill(c, g, &q, &reader, &hook);
     g->loop = NULL;
     bool list_ref = g->core != NULL;
     g->core = NULL;
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    if (was_dead) return;
     if (loop && reader) ca_loop_remove_reader(loop, g->ring.ring_fd);
     if (loop && hook && !in_hook) ca__loop_remove_close_hook(loop, hook);
+    ur_op *done = ring_drain(g);
     ca__wcore_lock(c);
+    while (done) {
+        ur_op *op = done;
+        done = op->next;
+        ca__wreg_unref(c, op->r);
+        free(op);
+    }
+    /* Whatever did not come back stays allocated (the kernel may still write into it); its
+     * registration's reference is dropped all the same. */
+    for (ur_op *op = g->ops; op; op = op->next) ca__wreg_unref(c, op->r);
+    g->ops = NULL;
     if (list_ref) ring_unref(g);
     ca__wcore_unlock(c);
     if (list_ref) ca__wcore_unref(c); /* the list's reference to the core */
