@@ -3,7 +3,7 @@
  *
  * VARIANT: for the loop workloads a loop kind, epoll | poll | uring (default epoll);
  * for the child workloads WATCHER-LOOP, WATCHER one of threaded | multiloop | safe | fast |
- * pidfd (default pidfd-epoll).  The name printed is casyncio-VARIANT.
+ * pidfd | uring (default pidfd-epoll).  The name printed is casyncio-VARIANT.
  *
  * Every library function is declared weak and the library is linked whole, so a feature that
  * has not landed yet (or that returns -ENOSYS/-ENOTSUP) prints value=NA instead of failing.
@@ -38,6 +38,7 @@
 #pragma weak ca_safe_child_watcher_new
 #pragma weak ca_fast_child_watcher_new
 #pragma weak ca_pidfd_child_watcher_new
+#pragma weak ca_uring_child_watcher_new
 #pragma weak ca_child_watcher_attach_loop
 #pragma weak ca_child_watcher_unref
 #pragma weak ca_loop_subprocess_exec
@@ -111,6 +112,8 @@ static int make_watcher(const char *kind, ca_child_watcher **out)
         f = ca_fast_child_watcher_new;
     else if (strcmp(kind, "pidfd") == 0)
         f = ca_pidfd_child_watcher_new;
+    else if (strcmp(kind, "uring") == 0)
+        f = ca_uring_child_watcher_new;
     else
         return -EINVAL;
     return f ? f(out) : -ENOSYS;
