@@ -24,11 +24,12 @@ static int pidfd_available(void)
 }
 
 const ca__loop_kind ca__loop_kinds[] = {
-    {.name = "epoll", .alias = "selector", .make = ca_selector_loop_new,
+    {.name = "epoll", .cli_name = "epoll", .aliases = {"selector"}, .make = ca_selector_loop_new,
      .make_policy = ca_selector_policy_new},
-    {.name = "poll", .alias = NULL, .make = ca_poll_loop_new, .make_policy = ca_poll_policy_new},
-    {.name = "io_uring", .alias = "uring", .make = ca_proactor_loop_new,
-     .make_policy = ca_proactor_policy_new},
+    {.name = "poll", .cli_name = "poll", .make = ca_poll_loop_new,
+     .make_policy = ca_poll_policy_new},
+    {.name = "io_uring", .cli_name = "uring", .aliases = {"proactor"},
+     .make = ca_proactor_loop_new, .make_policy = ca_proactor_policy_new},
 };
 const size_t ca__loop_kind_count = sizeof ca__loop_kinds / sizeof ca__loop_kinds[0];
 
@@ -50,7 +51,9 @@ const ca__loop_kind *ca__loop_kind_find(const char *name)
     if (!name) return NULL;
     for (size_t i = 0; i < ca__loop_kind_count; i++) {
         const ca__loop_kind *k = &ca__loop_kinds[i];
-        if (strcmp(name, k->name) == 0 || (k->alias && strcmp(name, k->alias) == 0)) return k;
+        if (strcmp(name, k->name) == 0 || strcmp(name, k->cli_name) == 0) return k;
+        for (size_t j = 0; j < sizeof k->aliases / sizeof k->aliases[0] && k->aliases[j]; j++)
+            if (strcmp(name, k->aliases[j]) == 0) return k;
     }
     return NULL;
 }

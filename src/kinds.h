@@ -18,7 +18,8 @@
 
 typedef struct ca__loop_kind {
     const char *name;              /* ca_loop_kind's answer: "epoll", "poll", "io_uring" */
-    const char *alias;             /* another name the command line accepts, or NULL */
+    const char *cli_name;          /* the command line's --loop name */
+    const char *aliases[3];        /* other names --loop accepts (NULL-terminated) */
     int (*make)(ca_loop **out);
     int (*make_policy)(ca_policy **out);  /* a policy whose loops are of this kind */
 } ca__loop_kind;
@@ -50,7 +51,7 @@ extern const size_t ca__loop_kind_count;
 extern const ca__watcher_kind ca__watcher_kinds[];
 extern const size_t ca__watcher_kind_count;
 
-/* By name (or alias); NULL when unknown. */
+/* By name (for loops also the command line name or an alias); NULL when unknown. */
 const ca__loop_kind *ca__loop_kind_find(const char *name);
 const ca__watcher_kind *ca__watcher_kind_find(const char *name);
 /* The flags of w's kind (0 for a custom watcher or NULL). */
