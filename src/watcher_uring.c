@@ -471,6 +471,7 @@ static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
                         void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
+    if (ca_loop_is_closed(loop)) return -ENOENT;
     if (!ca__loop_in_own_thread(loop)) return -EPERM;
     ca__wcore_lock(c);
     if (c->closed) { /* closed while this call was on its way in */
@@ -485,7 +486,9 @@ static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
     }
     ur_ring *g = NULL;
     ur_op *op = NULL;
-    int err = ca_loop_is_closed(loop) ? -ENOENT : ring_get(c, loop, &g);
+    /* The loop was open at the check above (made without the lock: a custom loop's is_closed
+     * may be user code); only its own thread, this one, closes it. */
+    int err = ring_get(c, loop, &g);
     if (err == 0 && !(op = calloc(1, sizeof *op))) err = -ENOMEM;
     if (err == 0) err = ca__wreg_register(c, pid, cb, arg, NULL, &r);
     if (err == 0) {
