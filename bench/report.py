@@ -15,11 +15,12 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ["spawn_reap", "reap_scaling", "fd_cost", "mem", "mem_virt", "burst", "chain", "timers", "pingpong",
+ORDER = ["spawn_reap", "reap_scaling", "reap_scaling_cpu", "fd_cost", "mem", "mem_virt", "burst", "chain", "timers", "pingpong",
          "pingpong_sock", "stream", "threadsafe", "policy", "policy_instr", "jobs"]
 TITLE = {
     "spawn_reap": "spawn+reap of /bin/true (param: children in flight)",
     "reap_scaling": "one spawn+reap with M idle watched children (param: M)",
+    "reap_scaling_cpu": "the same, the parent's CPU time (user + system, all threads) per spawn+reap",
     "fd_cost": "one posix_spawn+waitpid with F extra close-on-exec fds open (param: F)",
     "mem_virt": "virtual memory per watched child (thread stacks count whole here)",
     "mem": "resident memory per watched child (param: children)",
@@ -34,7 +35,8 @@ TITLE = {
     "policy_instr": "the same, instructions per call (callgrind)",
     "jobs": "job runner: /bin/true jobs (param: -j)",
 }
-FLOOR = {"spawn_reap": "floor-spawn", "reap_scaling": "floor-pidfd", "policy": "floor-tls",
+FLOOR = {"spawn_reap": "floor-spawn", "reap_scaling": "floor-pidfd", "reap_scaling_cpu": "floor-pidfd",
+         "policy": "floor-tls",
          "policy_instr": "floor-tls", "jobs": "xargs"}
 for _b in ("burst", "chain", "timers", "pingpong", "pingpong_sock", "stream", "threadsafe"):
     FLOOR[_b] = "floor-epoll"
