@@ -5,9 +5,10 @@
  * included (they only need add_reader).
  *
  * The order of an exit. Each child gets waitid(P_PID, pid, WEXITED | WNOWAIT) on the ring. When
- * the child exits, the completion (CQE) arrives with the status in the request's siginfo, and
- * the child is still a zombie (WNOWAIT). The ring's reader, on the delivery loop's thread, calls
- * the callback and only then reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until
+ * the child exits, the completion (CQE) arrives and the child is still a zombie (WNOWAIT). The
+ * ring's reader, on the delivery loop's thread, reads its status (waitid(P_PID, WNOHANG |
+ * WNOWAIT): the request is given no siginfo_t, see below), calls the callback and only then
+ * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until
  * the callback ran, the pid cannot be reused, so the callback (and asyncio's subprocess code,
  * which stops signalling the pid when it learns the exit) can still name the pid safely. That
  * is why a subprocess watched by this watcher holds no pidfd (process.c asks the kinds table,
@@ -32,10 +33,13 @@
  * Kernel interface. Debian 12's liburing (2.3) has neither IORING_OP_WAITID nor
  * io_uring_prep_waitid, so the SQE is filled as the kernel's uapi defines it
  * (include/uapi/linux/io_uring.h, io_uring/waitid.c's io_waitid_prep): opcode 50, fd = the id,
- * len = the idtype, file_index = the options, addr2 = the siginfo_t *, and addr, buf_index,
- * addr3 and waitid_flags zero. The kernel writes si_signo, si_code, si_pid, si_uid and
- * si_status there before it posts the completion; res is 0, or -ECHILD when the child was
- * already reaped by somebody else (reported as returncode 255 with a warning, as everywhere).
+ * len = the idtype, file_index = the options, addr2 = the siginfo_t * (NULL here), and addr,
+ * buf_index, addr3 and waitid_flags zero. res is 0, or -ECHILD when the child was already
+ * reaped by somebody else (reported as returncode 255 with a warning, as everywhere). We pass
+ * no siginfo_t: the kernel would write it whenever the request ends, cancelled ones included
+ * and possibly during any later system call of the submitting thread, so each request's 128
+ * bytes would have to outlive it; reading the status of the zombie ourselves costs one system
+ * call per exit and lets a request's memory go with its ring at any time.
  *
  * Availability: -ENOSYS when io_uring cannot be set up (not built in, kernel.io_uring_disabled,
  * seccomp's EPERM) or the kernel's opcode probe does not list WAITID (before 6.7); probed once
@@ -74,10 +78,8 @@ _Static_assert(IORING_OP_SENDMSG_ZC == 48, "io_uring opcode numbering");
 
 typedef struct ur_ring ur_ring;
 
-/* One WAITID in flight. The kernel writes si until the request completes, so an op is freed
- * only after its completion was read (or with its ring: closing a ring ends its requests). */
+/* One WAITID in flight (the kernel writes nothing of ours: see the top of the file). */
 typedef struct ur_op {
-    siginfo_t si;
     ca__wreg *r;                 /* a reference */
     ur_ring *ring;
     struct ur_op *prev, *next;   /* the ring's list */
@@ -140,12 +142,11 @@ static int prep_waitid(ur_ring *g, ur_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(g);
     if (!sqe) return -EBUSY;
-    memset(&op->si, 0, sizeof op->si);
     sqe->opcode = UR_OP_WAITID;
     sqe->fd = (int)op->r->pid;           /* id */
     sqe->len = (unsigned)P_PID;          /* idtype */
     sqe->file_index = WEXITED | WNOWAIT; /* options */
-    sqe->addr2 = (uint64_t)(uintptr_t)&op->si;
+    sqe->addr2 = 0;                      /* infop: none */
     io_uring_sqe_set_data(sqe, op);
     return 0;
 }
@@ -196,8 +197,9 @@ static void ring_unref(ur_ring *g)
 }
 
 /* Takes ring g out of service: no new requests, and the registrations still waiting on it are
- * told as when a loop closes. Its requests are ended by ring_drain, after the unlock. Lock
- * held; *reader and *hook tell the caller what to remove from the loop after unlocking. */
+ * told as when a loop closes. Its requests end when its fd is closed (ring_unref); their
+ * completions are never read, so their ops go now. Lock held; *reader and *hook tell the
+ * caller what to remove from the loop after unlocking. */
 static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void **hook)
 {
     *reader = false;
@@ -221,8 +223,8 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
             r->pidfd_lost = true;
             if (r->internal) ca__wreg_unregister(c, r);
         }
-        if (r->kdata == op) r->kdata = NULL; /* nothing to cancel through r any more */
     }
+    while (g->ops) op_free(c, g->ops);
     for (ur_ring **p = &state_of(c)->rings; *p; p = &(*p)->next) {
         if (*p == g) {
             *p = g->next;
@@ -231,44 +233,8 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     }
 }
 
-/* Ends dead ring g's requests and waits for their completions: the kernel writes a request's
- * siginfo when it ends, cancelled or not (and in the submitting thread's task work, which may
- * run at any system call), so an op is freed only after its completion was read. Bounded: ops
- * whose completion does not come in time are leaked, not freed. Lock NOT held: g is dead, so
- * nothing else touches its ring or its list. Returns the ops whose completion came. */
-static ur_op *ring_drain(ur_ring *g)
-{
-    ur_op *done = NULL;
-    if (!g->ops) return NULL;
-    struct io_uring_sqe *sqe = get_sqe(g);
-    if (sqe) {
-        sqe->opcode = IORING_OP_ASYNC_CANCEL;
-        sqe->fd = -1;
-        sqe->cancel_flags = IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY;
-        io_uring_sqe_set_data64(sqe, 0);
-    }
-    for (int waits = 0; g->ops && waits < 40; waits++) {
-        struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 50000000};
-        struct io_uring_cqe *cqe = NULL;
-        io_uring_submit_and_wait_timeout(&g->ring, &cqe, 1, &ts, NULL);
-        struct io_uring_cqe *cqes[UR_BATCH];
-        unsigned n;
-        while ((n = io_uring_peek_batch_cqe(&g->ring, cqes, UR_BATCH)) > 0) {
-            for (unsigned i = 0; i < n; i++) {
-                ur_op *op = io_uring_cqe_get_data(cqes[i]);
-                if (!op) continue;
-                op_unlink(op);
-                op->next = done;
-                done = op;
-            }
-            io_uring_cq_advance(&g->ring, n);
-        }
-    }
-    return done;
-}
-
-/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), ends
- * its requests, then frees what is left. Lock NOT held; the caller holds a reference to the
+/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), then
+ * frees the ring (which ends its requests). Lock NOT held; the caller holds a reference to the
  * core. */
 static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
 {
@@ -287,18 +253,7 @@ static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
     if (was_dead) return;
     if (loop && reader) ca_loop_remove_reader(loop, g->ring.ring_fd);
     if (loop && hook && !in_hook) ca__loop_remove_close_hook(loop, hook);
-    ur_op *done = ring_drain(g);
     ca__wcore_lock(c);
-    while (done) {
-        ur_op *op = done;
-        done = op->next;
-        ca__wreg_unref(c, op->r);
-        free(op);
-    }
-    /* Whatever did not come back stays allocated (the kernel may still write into it); its
-     * registration's reference is dropped all the same. */
-    for (ur_op *op = g->ops; op; op = op->next) ca__wreg_unref(c, op->r);
-    g->ops = NULL;
     if (list_ref) ring_unref(g);
     ca__wcore_unlock(c);
     if (list_ref) ca__wcore_unref(c); /* the list's reference to the core */
@@ -392,13 +347,25 @@ static void ring_ready(void *arg)
                 int rc = 255;
                 bool reap = false;
                 if (res == 0) {
-                    rc = op->si.si_code == CLD_EXITED ? op->si.si_status : -op->si.si_status;
-                    reap = true;
-                } else if (res == -ECHILD) {
+                    /* Exited, still a zombie: its status, without reaping it. */
+                    siginfo_t si;
+                    memset(&si, 0, sizeof si);
+                    int e;
+                    do {
+                        e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+                    } while (e < 0 && errno == EINTR);
+                    if (e == 0 && si.si_pid == r->pid) {
+                        rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+                        reap = true;
+                    } else {
+                        res = -ECHILD; /* reaped by somebody else since */
+                    }
+                }
+                if (res == -ECHILD) {
                     ca__wlog_add(&q, CA_LOG_WARNING,
                                  "Unknown child process pid %d, will report returncode 255",
                                  (int)r->pid);
-                } else {
+                } else if (res != 0) {
                     ca__wlog_add(&q, CA_LOG_ERROR,
                                  "io_uring waitid for pid %d failed (%s): "
                                  "will report returncode 255",
