@@ -562,7 +562,10 @@ typedef struct ca_child_watcher_ops {
  *     add_child_handler's errors besides the common ones: -ENOENT (no delivery loop, as Pidfd),
  *     -EPERM (above), -ENOSYS (the ring could not be made any more: io_uring was forbidden
  *     since), the loop's add_reader errors the first time a loop is used (-ENOTSUP for a
- *     custom loop without add_reader), io_uring_setup's -EMFILE/-ENFILE/-ENOMEM, -ENOMEM.
+ *     custom loop without add_reader), io_uring_setup's -EMFILE/-ENFILE/-ENOMEM, -EAGAIN
+ *     (the ring's submission queue is full and a kernel before 5.19 takes no more while its
+ *     completion queue overflows: try again once the loop has run), io_uring_enter's other
+ *     errors, -ENOMEM.
  *     A child that somebody else reaps is reported with returncode 255 and the "Unknown child
  *     process" warning, as with the other watchers; the request holds the kernel's reference
  *     to that child, so a recycled pid is never mistaken for it. A delivery loop closed before

@@ -137,17 +137,19 @@ static int submit(ur_ring *g)
     return r < 0 ? r : 0;
 }
 
-/* Queues op's WAITID (see the top of the file for the fields). Lock held. */
-static int prep_waitid(ur_ring *g, ur_op *op)
+/* Queues op's WAITID (see the top of the file for the fields); *out (may be NULL) receives the
+ * SQE. -EAGAIN: the SQ is full and the kernel refuses to take it. Lock held. */
+static int prep_waitid(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
 {
     struct io_uring_sqe *sqe = get_sqe(g);
-    if (!sqe) return -EBUSY;
+    if (!sqe) return -EAGAIN;
     sqe->opcode = UR_OP_WAITID;
     sqe->fd = (int)op->r->pid;           /* id */
     sqe->len = (unsigned)P_PID;          /* idtype */
     sqe->file_index = WEXITED | WNOWAIT; /* options */
     sqe->addr2 = 0;                      /* infop: none */
     io_uring_sqe_set_data(sqe, op);
+    if (out) *out = sqe;
     return 0;
 }
 
@@ -340,8 +342,7 @@ static void ring_ready(void *arg)
             bool live = r->registered && r->state == CA__W_WAITING;
             if (res == -ECANCELED && !op->cancelled && live && !closed) {
                 /* The thread that submitted it exited: ask again, from this thread. */
-                if (prep_waitid(g, op) == 0) continue;
-                res = -EBUSY;
+                if (prep_waitid(g, op, NULL) == 0) continue;
             }
             if (live) {
                 int rc = 255;
@@ -467,8 +468,16 @@ static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
         if (g->ops) g->ops->prev = op;
         g->ops = op;
         r->kdata = op;
-        err = prep_waitid(g, op);
-        if (err == 0) err = submit(g);
+        struct io_uring_sqe *sqe = NULL;
+        err = prep_waitid(g, op, &sqe);
+        if (err == 0 && (err = submit(g)) < 0) {
+            /* The kernel did not take it, but it is in the SQ, where the next submit would
+             * find it: make it a NOP that names nothing (only io_uring_enter reads SQEs, and
+             * that is under our lock). */
+            sqe->opcode = IORING_OP_NOP;
+            io_uring_sqe_set_data64(sqe, 0);
+            g->unsubmitted = true;
+        }
         if (err < 0) {
             ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
             op_free(c, op);
