@@ -816,7 +816,7 @@ TEST(ten_thousand_jobs_no_fd_or_memory_growth) /* timeout: 120 */
 
 /* ----- loops and watchers -------------------------------------------------------------------- */
 
-TEST(every_loop_and_watcher) /* timeout: 60 */
+TEST(every_loop_and_watcher) /* timeout: 90 */
 {
     static const char *loops[] = {"epoll", "poll", "uring"};
     static const char *ws[] = {"pidfd", "fast", "safe", "multiloop", "threaded", "uring"};
