@@ -1,7 +1,8 @@
 /*
  * The casyncio command: shared declarations of the job runner (`casyncio run`) and of
- * `casyncio info`. The runner is written against the public <casyncio.h> only, the way any
- * user of the library would write it.
+ * `casyncio info`. The runner is written against the public <casyncio.h>, the way any user of
+ * the library would write it, plus the library's tables of loop and watcher kinds (src/kinds.h,
+ * self-contained), so that a new loop or watcher kind needs no change here.
  */
 #ifndef CA_CLI_H
 #define CA_CLI_H
