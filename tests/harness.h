@@ -1,9 +1,11 @@
 /*
  * The test harness: every test runs in its own forked process with a time limit, and after
  * its body returns the harness checks that it left no child process, no zombie, no extra fd
- * and no extra thread behind. LOOP_TEST bodies run once per loop kind (epoll, poll, io_uring,
- * custom). Tests are registered by tools/gen-test-list.sh, which scans for TEST( and
- * LOOP_TEST( at the start of a line.
+ * and no extra thread behind. LOOP_TEST bodies run once per loop kind (the library's table of
+ * loop kinds, src/kinds.h: epoll, poll, io_uring; then the tests' custom loop), WATCHER_TEST
+ * bodies once per (loop kind, watcher kind) pair. Tests are registered by
+ * tools/gen-test-list.sh, which scans for TEST(, LOOP_TEST( and WATCHER_TEST( at the start of
+ * a line.
  *
  * We do not use Criterion (DESIGN.md's suggestion): its worker arena cannot be set up under
  * ThreadSanitizer ("Could not initialize inheritable arena"), and it reports tests as passing
