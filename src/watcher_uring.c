@@ -8,12 +8,14 @@
  * the child exits, the completion (CQE) arrives and the child is still a zombie (WNOWAIT). The
  * ring's reader, on the delivery loop's thread, reads its status (waitid(P_PID, WNOHANG |
  * WNOWAIT): the request is given no siginfo_t, see below), calls the callback and only then
- * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until
- * the callback ran, the pid cannot be reused, so the callback (and asyncio's subprocess code,
- * which stops signalling the pid when it learns the exit) can still name the pid safely. That
- * is why a subprocess watched by this watcher holds no pidfd (process.c asks the kinds table,
- * CA__WK_NO_PIDFD). The kernel request itself holds a reference to the struct pid, so a pid
- * number reused after somebody else reaped the child is never mistaken for it.
+ * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid
+ * cannot be reused, so the callback (and asyncio's subprocess code, which stops signalling the
+ * pid when it learns the exit) can still name the pid safely. That is why a subprocess watched
+ * by this watcher holds no pidfd (process.c asks the kinds table, CA__WK_NO_PIDFD). While the
+ * request waits it holds the kernel's reference to the child's struct pid, so a pid number
+ * reused after other code reaped the child is never taken for it; only in the moment between
+ * the completion and our reading of the status could such a reap and reuse go unnoticed, as
+ * with every watcher that reaps by pid.
  *
  * Rings. One ring per (watcher, delivery loop): a ring's completions must be read on its loop's
  * thread, and a program usually has one loop, hence one ring. A ring is made when a loop gets
