@@ -3,7 +3,7 @@
  *
  * VARIANT: for the loop workloads a loop kind, epoll | poll | uring (default epoll);
  * for the child workloads WATCHER-LOOP, WATCHER one of threaded | multiloop | safe | fast |
- * pidfd (default pidfd-epoll).  The name printed is casyncio-VARIANT.
+ * pidfd | uring (default pidfd-epoll).  The name printed is casyncio-VARIANT.
  *
  * Every library function is declared weak and the library is linked whole, so a feature that
  * has not landed yet (or that returns -ENOSYS/-ENOTSUP) prints value=NA instead of failing.
@@ -38,6 +38,7 @@
 #pragma weak ca_safe_child_watcher_new
 #pragma weak ca_fast_child_watcher_new
 #pragma weak ca_pidfd_child_watcher_new
+#pragma weak ca_uring_child_watcher_new
 #pragma weak ca_child_watcher_attach_loop
 #pragma weak ca_child_watcher_unref
 #pragma weak ca_loop_subprocess_exec
@@ -111,6 +112,8 @@ static int make_watcher(const char *kind, ca_child_watcher **out)
         f = ca_fast_child_watcher_new;
     else if (strcmp(kind, "pidfd") == 0)
         f = ca_pidfd_child_watcher_new;
+    else if (strcmp(kind, "uring") == 0)
+        f = ca_uring_child_watcher_new;
     else
         return -EINVAL;
     return f ? f(out) : -ENOSYS;
@@ -530,18 +533,19 @@ static int child_workload(const bench_args *a, const char *variant)
         for (long i = 0; i < m; i++)
             TRY(spawn(mem ? sleep5_argv : sleep600_argv, &idle_proto, &idle[i]), unit);
         long after = b_rss_bytes();
-        double dt = 0;
+        double dt = 0, dc = 0;
         if (!mem) {
             ca_process *p;
             total_children = 0;
             started = 1; /* never respawn from on_exit_true */
             for (long i = 1; i <= n; i++) {
                 long r0 = reaped;
-                double t0 = b_now();
+                double t0 = b_now(), c0 = b_cpu_s();
                 TRY(spawn(true_argv, &true_proto, &p), unit);
                 while (reaped == r0)
                     run_loop();
                 dt += b_now() - t0;
+                dc += b_cpu_s() - c0;
             }
         }
         target = m;
@@ -554,8 +558,10 @@ static int child_workload(const bench_args *a, const char *variant)
         if (mem) {
             b_report(name, a, (double)(after - before) / (double)m / 1024.0, unit);
             b_report_vsz(name, a, m);
-        } else
+        } else {
             b_report(name, a, dt / (double)n * 1e6, unit);
+            b_report_cpu(name, a, dc / (double)n * 1e6);
+        }
     }
     ca_set_event_loop(NULL);
     ca_set_child_watcher(NULL);

@@ -75,6 +75,26 @@ static inline void b_report(const char *name, const bench_args *a, double value,
     fflush(stdout);
 }
 
+/* CPU time (user + system) of this process, every thread included, in seconds. On a shared
+ * machine it is far less disturbed by other processes than the wall clock: reap_scaling also
+ * reports it per spawn+reap (bench=reap_scaling_cpu), the parent's side only (clone, the loop,
+ * the watcher, the reap), which is where the watchers differ. */
+static inline double b_cpu_s(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+}
+
+static inline void b_report_cpu(const char *name, const bench_args *a, double us)
+{
+    printf("name=%s bench=%s_cpu param=%s value=%.6g unit=us\n", name, a->workload, a->param_s,
+           us);
+    fflush(stdout);
+}
+
 static inline void b_report_na(const char *name, const bench_args *a, const char *unit,
                                const char *why)
 {

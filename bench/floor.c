@@ -535,7 +535,7 @@ static int child_workload(const bench_args *a)
             if (pidfd)
                 idlefd[i] = pidfd_watch(ep, idle[i]);
         }
-        double t0 = b_now();
+        double t0 = b_now(), c0 = b_cpu_s();
         for (long i = 0; i < n; i++) {
             pid_t p = b_spawn(b_true_argv);
             if (pidfd) {
@@ -552,7 +552,7 @@ static int child_workload(const bench_args *a)
             } else
                 wait_one(p);
         }
-        double dt = b_now() - t0;
+        double dt = b_now() - t0, dc = b_cpu_s() - c0;
         for (long i = 0; i < m; i++)
             kill(idle[i], SIGKILL);
         for (long i = 0; i < m; i++) {
@@ -562,6 +562,7 @@ static int child_workload(const bench_args *a)
                 wait_one(idle[i]);
         }
         b_report(nm, a, dt / (double)n * 1e6, "us");
+        b_report_cpu(nm, a, dc / (double)n * 1e6);
     } else if (b_is(a, "fd_cost")) {
         /* what an open fd costs a spawn: F close-on-exec fds (as a pidfd per child would be),
          * then N spawn+reap; fork/clone copies the fd table and exec closes the CLOEXEC ones */

@@ -15,11 +15,12 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ["spawn_reap", "reap_scaling", "fd_cost", "mem", "mem_virt", "burst", "chain", "timers", "pingpong",
+ORDER = ["spawn_reap", "reap_scaling", "reap_scaling_cpu", "fd_cost", "mem", "mem_virt", "burst", "chain", "timers", "pingpong",
          "pingpong_sock", "stream", "threadsafe", "policy", "policy_instr", "jobs"]
 TITLE = {
     "spawn_reap": "spawn+reap of /bin/true (param: children in flight)",
     "reap_scaling": "one spawn+reap with M idle watched children (param: M)",
+    "reap_scaling_cpu": "the same, the parent's CPU time (user + system, all threads) per spawn+reap",
     "fd_cost": "one posix_spawn+waitpid with F extra close-on-exec fds open (param: F)",
     "mem_virt": "virtual memory per watched child (thread stacks count whole here)",
     "mem": "resident memory per watched child (param: children)",
@@ -34,7 +35,8 @@ TITLE = {
     "policy_instr": "the same, instructions per call (callgrind)",
     "jobs": "job runner: /bin/true jobs (param: -j)",
 }
-FLOOR = {"spawn_reap": "floor-spawn", "reap_scaling": "floor-pidfd", "policy": "floor-tls",
+FLOOR = {"spawn_reap": "floor-spawn", "reap_scaling": "floor-pidfd", "reap_scaling_cpu": "floor-pidfd",
+         "policy": "floor-tls",
          "policy_instr": "floor-tls", "jobs": "xargs"}
 for _b in ("burst", "chain", "timers", "pingpong", "pingpong_sock", "stream", "threadsafe"):
     FLOOR[_b] = "floor-epoll"
@@ -237,6 +239,16 @@ def targets(st):
             check(res, "reap_scaling M=%s: Pidfd within 1.1x of bare pidfd+epoll" % m,
                   None if q is None else q <= 1.1,
                   "%s us vs %s us (x%s the floor's cost)" % (fmt(v, "us"), fmt(fv, "us"), r2(q)))
+        # issue 14's targets for Uring (IORING_OP_WAITID): flat, and cheaper than the pidfd
+        # floor once that floor holds thousands of fds.
+        g = growth("casyncio-uring-epoll")
+        check(res, "reap_scaling: Uring within 1.10x of its M=%s cost at M=%s" % (lo, hi),
+              None if g is None else g <= 1.10, "growth x%s" % r2(g))
+        v, fv = st.get("reap_scaling", hi, "casyncio-uring-epoll"), st.get("reap_scaling", hi, "floor-pidfd")
+        q = v / fv if v and fv else None
+        check(res, "reap_scaling M=%s: Uring <= 0.95x the bare pidfd+epoll cost" % hi,
+              None if q is None else q <= 0.95,
+              "%s us vs %s us (x%s the floor's cost)" % (fmt(v, "us"), fmt(fv, "us"), r2(q)))
         for w in ("safe", "multiloop"):
             g, ga = growth("casyncio-%s-epoll" % w), growth("asyncio-%s" % w)
             check(res, "reap_scaling: %s grows less than asyncio's %s" % (w, w),
@@ -245,7 +257,7 @@ def targets(st):
     for (b, p), names in st.data.items():
         if b != "mem":
             continue
-        for w in ("threaded", "multiloop", "safe", "fast", "pidfd"):
+        for w in ("threaded", "multiloop", "safe", "fast", "pidfd", "uring"):
             v = st.get("mem", p, "casyncio-%s-epoll" % w)
             lim = 16.0 if w == "threaded" else 0.5
             check(res, "mem: %s under %g KB per child" % (w, lim), None if v is None else v < lim,

@@ -67,6 +67,9 @@ plan() { # workload param n runner...
 WATCHERS="threaded multiloop safe fast pidfd"
 CA_W=""; PY_W=""
 for w in $WATCHERS; do CA_W="$CA_W ca:$w-epoll"; PY_W="$PY_W py:$w"; done
+# casyncio's own watchers that asyncio does not have (no py: peer): IORING_OP_WAITID.
+CA_ONLY_WATCHERS="uring"
+for w in $CA_ONLY_WATCHERS; do CA_W="$CA_W ca:$w-epoll"; done
 LOOPS="ca:epoll ca:poll ca:uring"
 C_PEERS="uv ev glib sd"
 if [ "$QUICK" != 0 ]; then
@@ -81,7 +84,9 @@ else
     CONN_LIST="1 100 1000"; STREAM_MIB=256; TS_N=200000; POLICY_N=10000000; PY_POLICY_N=1000000
     J_LIST="2 16 128"; JOBS_N=10000; PAR_N=500; CG=1
     CA_SPAWN="$CA_W"
-    for l in poll uring; do for w in $WATCHERS; do CA_SPAWN="$CA_SPAWN ca:$w-$l"; done; done
+    for l in poll uring; do
+        for w in $WATCHERS $CA_ONLY_WATCHERS; do CA_SPAWN="$CA_SPAWN ca:$w-$l"; done
+    done
 fi
 for k in $K_LIST; do
     plan spawn_reap "$k" "$SPAWN_N" floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_SPAWN

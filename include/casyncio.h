@@ -540,7 +540,7 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
 
 /* A child watcher learns when child processes exit and reports each exit once, to a callback.
  * asyncio's subprocess machinery (and ours: see Subprocesses) spawns a child and then calls
- * add_child_handler on the policy's watcher. Five built-in watchers, one interface:
+ * add_child_handler on the policy's watcher. Six built-in watchers, one interface:
  *
  *   Threaded  (the default, created lazily by ca_get_child_watcher) One detached waiting thread
  *             per child, blocked in waitpid(pid): 32 KiB stack, every signal blocked, named
@@ -575,15 +575,26 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
  *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
  *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
+ *   Uring     (casyncio's own; asyncio has none) io_uring's IORING_OP_WAITID, an asynchronous
+ *             waitid(P_PID, pid, WEXITED | WNOWAIT) per child, on one ring of the watcher's own
+ *             per delivery loop (usually one), whose fd is a reader on that loop: so it works
+ *             on every loop kind, custom ones included. No fd, no thread and no signal handler
+ *             per child, O(1) library work per exit (each exit still wakes the kernel's wait
+ *             queue, which every pending WAITID sits on: the cost grows with the children
+ *             watched, as Pidfd's does), and no RLIMIT_NOFILE limit on the children watched. The
+ *             child stays a zombie until its callback has run and is reaped right after it, so
+ *             its pid cannot be reused while the callback (or a subprocess's signal) names it:
+ *             a subprocess watched by Uring holds no pidfd. Linux 6.7+.
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
  * a signal handler and never with a watcher lock held (it may call any watcher function).
- *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop" of the thread that called
- *     add_child_handler: the loop running in that thread, or else that thread's current loop
- *     (ca_get_event_loop). The callback runs ON that loop's thread: Threaded's and MultiLoop's
- *     threads only reap, and post the exit with ca_loop_call_soon_threadsafe (as asyncio 3.11
- *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
- *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
+ *   - Threaded, MultiLoop, Pidfd and Uring deliver to the "delivery loop" of the thread that
+ *     called add_child_handler: the loop running in that thread, or else that thread's current
+ *     loop (ca_get_event_loop). The callback runs ON that loop's thread: Threaded's and
+ *     MultiLoop's threads only reap, and post the exit with ca_loop_call_soon_threadsafe (as
+ *     asyncio 3.11 does); Pidfd reaps on the loop itself, and Uring there too, right after the
+ *     callback. If that loop is closed when the exit arrives, the exit is logged and dropped
+ *     (asyncio's "Loop that handles pid ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
  *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
  *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
@@ -593,13 +604,13 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
  * returncode 255"), unless the handler was removed by then.
  * A removed callback is never called, even if the child's exit was already reaped and posted;
- * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe and
- * Pidfd then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
+ * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe, Pidfd
+ * and Uring then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
  * reaps it, quietly; Fast reaps it and logs it as unknown.
  *
  * bpo-32115: a SIGCHLD disposition of SIG_IGN (or SA_NOCLDWAIT), for instance inherited from
  * the parent process, makes the kernel reap children itself, so no exit status could be read.
- * Every watcher, when it becomes active (Threaded, MultiLoop and Pidfd at creation, Safe and
+ * Every watcher, when it becomes active (Threaded, MultiLoop, Pidfd and Uring at creation, Safe and
  * Fast when attached), detects it, sets SIG_DFL while any watcher is active, logs a warning, and
  * puts the old disposition back when the last one is closed or detached.
  *
@@ -632,12 +643,37 @@ typedef struct ca_child_watcher_ops {
  *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
  *     -ENOSPC (too many signal slots in the process).
  *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
- *     checked once per process. */
+ *     checked once per process.
+ *   ca_uring_child_watcher_new: the Uring watcher (see above). -ENOSYS where it cannot work:
+ *     io_uring missing or forbidden (not built in, kernel.io_uring_disabled, a seccomp filter's
+ *     EPERM), a kernel without IORING_OP_WAITID (before 6.7) or IORING_FEAT_NODROP, or the
+ *     environment variable CASYNCIO_NO_IO_URING set to anything but "" or "0" (valgrind does
+ *     not follow io_uring); the kernel is probed once per process, the variable read at every
+ *     call. Making it opens nothing: each delivery loop's ring (one fd, about 80 KiB of shared
+ *     memory for 256 submissions and 4,096 completions) is made with the first child added for
+ *     that loop and released when that loop closes or the watcher is closed (on the loop's
+ *     thread: right away there, else at its next iteration).
+ *     Threads: as Pidfd. add_child_handler must be called on the delivery loop's thread (or
+ *     while that loop is not running): -EPERM otherwise; the callback runs on that loop's
+ *     thread, from the ring's reader, and the child is reaped (waitpid(pid, WNOHANG)) right
+ *     after it returns. remove, close and unref work from any thread (the request is cancelled
+ *     with IORING_OP_ASYNC_CANCEL; a removed child is not reaped: its remover reaps it).
+ *     add_child_handler's errors besides the common ones: -ENOENT (no delivery loop, as Pidfd),
+ *     -EPERM (above), -ENOSYS (the ring could not be made any more: io_uring was forbidden
+ *     since), the loop's add_reader errors the first time a loop is used (-ENOTSUP for a
+ *     custom loop without add_reader), io_uring_setup's -EMFILE/-ENFILE/-ENOMEM, -EAGAIN
+ *     (the ring's submission queue is full and a kernel before 5.19 takes no more while its
+ *     completion queue overflows: try again once the loop has run), io_uring_enter's other
+ *     errors, -ENOMEM.
+ *     A child that somebody else reaps is reported with returncode 255 and the "Unknown child
+ *     process" warning, as with the other watchers; the request holds the kernel's reference
+ *     to that child, so a recycled pid is never mistaken for it. A delivery loop closed before
+ *     the exit: as Pidfd (its exit is not reported, remove answers 1, a debug log line). */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
 int ca_fast_child_watcher_new(ca_child_watcher **out);
-int ca_uring_child_watcher_new(ca_child_watcher **out); /* TODO(issue 14): docs */
+int ca_uring_child_watcher_new(ca_child_watcher **out);
 int ca_pidfd_child_watcher_new(ca_child_watcher **out);
 /* Makes a custom watcher around ops (which must outlive it) and data. -EINVAL NULL ops/out or a
  * NULL required member; -ENOMEM. */
@@ -657,12 +693,12 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
  * before this call is reported too (Fast: only if it exited inside enter/exit, or has not been
  * reaped yet). The callback must be thread-safe with respect to the caller's code, as asyncio
  * says. Errors besides the common ones:
- *   -ENOENT   Threaded, MultiLoop, Pidfd: no running or current loop in this thread (or it is
- *             closed).
+ *   -ENOENT   Threaded, MultiLoop, Pidfd, Uring: no running or current loop in this thread (or
+ *             it is closed).
  *   -ENOTCONN Safe, Fast: not active (not attached, or the attached loop is closed).
  *   -EAGAIN   Threaded: no thread could be made (other pthread_create errors likewise).
- *   -EPERM    Pidfd: the delivery loop runs in another thread (the reader must be added on its
- *             thread); Threaded, MultiLoop: the same, the first time a loop is used by this
+ *   -EPERM    Pidfd, Uring: the delivery loop runs in another thread (the reader must be added
+ *             on its thread); Threaded, MultiLoop: the same, the first time a loop is used by this
  *             watcher. Pidfd also passes pidfd_open's EMFILE, ENFILE, ENOMEM and EPERM (seccomp):
  *             the child is then not watched, and the caller still owns its exit.
  *   -ENOMEM.
@@ -692,8 +728,8 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
  * Errors (Safe, Fast): -EPERM a loop concerned runs in another thread; -EBADF the new loop is
  * closed; -ENOTSUP a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
 int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
-/* Whether add_child_handler can work: Threaded and Pidfd always; MultiLoop from creation until
- * close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed
+/* Whether add_child_handler can work: Threaded, Pidfd and Uring always; MultiLoop from creation
+ * until close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed
  * watcher, or in a forked child. */
 bool ca_child_watcher_is_active(ca_child_watcher *watcher);
 /* Closes the watcher: every handler is cancelled (no callback after close returns), MultiLoop's

@@ -22,6 +22,7 @@
  *   custom op must be called every time.
  */
 #include "internal.h"
+#include "kinds.h"
 #include "watcher_internal.h"
 
 #include <pthread.h>
@@ -510,17 +511,8 @@ static ca_child_watcher *watcher_take_stale(struct ca__pstate *st)
  * the Threaded one for NULL, a custom kind, or a kind that cannot be made here. */
 static int watcher_make(const char *kind, ca_child_watcher **out)
 {
-    static const struct {
-        const char *name;
-        int (*make)(ca_child_watcher **);
-    } kinds[] = {
-        {"multiloop", ca_multiloop_child_watcher_new},
-        {"safe", ca_safe_child_watcher_new},
-        {"fast", ca_fast_child_watcher_new},
-        {"pidfd", ca_pidfd_child_watcher_new},
-    };
-    for (size_t i = 0; kind && i < sizeof kinds / sizeof kinds[0]; i++)
-        if (strcmp(kind, kinds[i].name) == 0 && kinds[i].make(out) == 0) return 0;
+    const ca__watcher_kind *k = kind ? ca__watcher_kind_find(kind) : NULL;
+    if (k && k->make(out) == 0) return 0;
     return ca_threaded_child_watcher_new(out);
 }
 

@@ -25,6 +25,7 @@
  * process when the loop closes while that callback is in flight.
  */
 #include "internal.h"
+#include "kinds.h"
 #include "loop_internal.h"
 
 #include <fcntl.h>
@@ -474,14 +475,14 @@ static int reap_now(pid_t pid, int pidfd)
     return w == pid ? ca__returncode_from_status(st) : 255;
 }
 
-/* Spawns the plan; *pid and *pidfd (-1 when the kernel gives none) on success, or the exec
- * error of the child (reaped) or of clone. */
+/* Spawns the plan; *pid and *pidfd (-1 when the kernel gives none, or when want_pidfd is false)
+ * on success, or the exec error of the child (reaped) or of clone. */
 /* Whether the child really shares our memory until it execs: 0 not known yet, 1 yes, -1 no
  * (valgrind runs CLONE_VM | CLONE_VFORK as a fork). Until it is known to, exec errors also
  * travel through a pipe; once it is, they are read from the plan, four system calls fewer. */
 static atomic_int shared_vfork;
 
-static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
+static int spawn(struct spawn_plan *pl, bool want_pidfd, pid_t *pid_out, int *pidfd_out)
 {
     int mode = atomic_load_explicit(&shared_vfork, memory_order_relaxed);
     int ep[2] = {-1, -1};
@@ -500,14 +501,14 @@ static int spawn(struct spawn_plan *pl, pid_t *pid_out, int *pidfd_out)
     int pidfd = -1;
     unsigned long flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
     long pid = -EINVAL;
-    if (!atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) {
+    if (want_pidfd && !atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) {
         pid = do_clone(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, child_main, pl);
         if (pid == -EINVAL || pid == -ENOSYS || pid == -EPERM) {
             atomic_store_explicit(&no_clone_pidfd, true, memory_order_relaxed);
             pidfd = -1;
         }
     }
-    if (atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed) && pid < 0)
+    if ((!want_pidfd || atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) && pid < 0)
         pid = do_clone(flags, stack + sizeof stack, NULL, child_main, pl);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (ep[1] >= 0) close(ep[1]);
@@ -801,8 +802,11 @@ static void own_exited(void *arg)
 static void own_watch(void *arg)
 {
     ca_process *p = arg;
-    if (p->closed || p->have_rc || p->ownfd >= 0 || p->pidfd < 0) return;
-    p->ownfd = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+    if (p->closed || p->have_rc || p->ownfd >= 0) return;
+    /* Without a pidfd of its own (a Uring watcher's process), one now: the watcher that dropped
+     * the child never reaped it, so the pid is still this child's. */
+    if (p->pidfd >= 0) p->ownfd = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+    else p->ownfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
     if (p->ownfd >= 0 && ca_loop_add_reader(p->loop, p->ownfd, own_exited, p) == 0) return;
     close_fd(&p->ownfd);
     ca__log(CA_LOG_WARNING,
@@ -1201,7 +1205,10 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     for (int i = 0; i < 3; i++)
         if (p->fd[i] >= 0 && (r = ca_loop_add_reader(loop, p->fd[i], readers[i], p)) < 0)
             goto out;
-    if ((r = spawn(&pl, &p->pid, &p->pidfd)) < 0) {
+    /* A watcher that keeps the child unreaped until its callback ran (Uring) makes the pid as
+     * safe to signal as a pidfd would, so the process holds none: no fd per child. */
+    bool want_pidfd = !(ca__watcher_kind_flags(w) & CA__WK_NO_PIDFD);
+    if ((r = spawn(&pl, want_pidfd, &p->pid, &p->pidfd)) < 0) {
         /* A Fast watcher keeps the exits it reaps between enter and exit: claim this one, or
          * it would be logged as an unknown pid. */
         if (p->pid > 0 && strcmp(ca__child_watcher_kind(w), "fast") == 0)

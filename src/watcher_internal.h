@@ -85,6 +85,7 @@ struct ca__wreg {
     ca__wbind *bind;             /* delivery binding, or NULL */
     ca__wreg *bprev, *bnext;     /* binding's list */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
+    void *kdata;                 /* the kind's own (Uring: the WAITID request), or NULL */
 };
 
 struct ca__wbind {

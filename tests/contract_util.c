@@ -160,7 +160,8 @@ ca_future *rmain(ca_loop *loop, void *arg)
 
 /* ----- child watchers and subprocesses ---------------------------------------------------- */
 
-const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd"};
+const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd",
+                                           "uring"};
 
 int wnew(int k, ca_child_watcher **out)
 {
@@ -169,6 +170,7 @@ int wnew(int k, ca_child_watcher **out)
     case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
     case W_SAFE: return ca_safe_child_watcher_new(out);
     case W_FAST: return ca_fast_child_watcher_new(out);
+    case W_URING: return ca_uring_child_watcher_new(out);
     default: return ca_pidfd_child_watcher_new(out);
     }
 }

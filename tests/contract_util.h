@@ -109,7 +109,7 @@ ca_future *rmain(ca_loop *loop, void *arg);
 /* ----- child watchers and subprocesses ---------------------------------------------------- */
 
 /* Every watcher kind: wnew(k) makes one of kind k, wname[k] names it. */
-enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_COUNT };
+enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING, W_COUNT };
 extern const char *const wname[W_COUNT];
 int wnew(int k, ca_child_watcher **out);
 

@@ -2,6 +2,9 @@
  * "NAME: N passed, N failed, N skipped" line; exits 1 if any test failed. */
 #include "harness.h"
 #include "test_list.h"
+/* The library's tables of loop and watcher kinds: internal, but the tests link the static
+ * library, where they are visible. */
+#include "../src/kinds.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -15,6 +18,7 @@
 #include <time.h>
 
 const char *t_loop_kind = "none";
+const char *t_watcher_kind = "none";
 static bool t_checks = true;
 
 double t_slow(void)
@@ -78,11 +82,45 @@ bool t_run_until(ca_loop *loop, bool (*pred)(void *), void *arg, double timeout)
 
 int t_new_loop(ca_loop **out)
 {
-    if (strcmp(t_loop_kind, "epoll") == 0) return ca_selector_loop_new(out);
-    if (strcmp(t_loop_kind, "poll") == 0) return ca_poll_loop_new(out);
-    if (strcmp(t_loop_kind, "io_uring") == 0) return ca_proactor_loop_new(out);
     if (strcmp(t_loop_kind, "custom") == 0) return t_custom_loop_new(out);
-    return ca_selector_loop_new(out);
+    const ca__loop_kind *k = ca__loop_kind_find(t_loop_kind);
+    return k ? k->make(out) : ca_selector_loop_new(out);
+}
+
+static unsigned watcher_flags(const char *kind)
+{
+    const ca__watcher_kind *k = ca__watcher_kind_find(kind);
+    return k ? k->flags : 0;
+}
+
+bool t_watcher_needs_attach(const char *kind) { return watcher_flags(kind) & CA__WK_ATTACH; }
+bool t_watcher_keeps_zombie(const char *kind) { return watcher_flags(kind) & CA__WK_NO_PIDFD; }
+bool t_watcher_reaps_all(const char *kind) { return watcher_flags(kind) & CA__WK_REAPS_ALL; }
+
+/* WATCHER_TEST's setup: a watcher of kind wkind delivering to loop; skips the test when the
+ * pair cannot work here. */
+static ca_child_watcher *watcher_for(const char *wkind, ca_loop *loop)
+{
+    const ca__watcher_kind *k = ca__watcher_kind_find(wkind);
+    if (!k) t_fail(__FILE__, __LINE__, "unknown watcher kind %s", wkind);
+    ca_child_watcher *w = NULL;
+    int r = k->make(&w);
+    if (r == -ENOSYS) t_skip("this watcher kind is unavailable here");
+    CHECK_OK(r);
+    CHECK_OK(ca_set_event_loop(loop));
+    if (k->flags & CA__WK_ATTACH) {
+        r = ca_child_watcher_attach_loop(w, loop);
+        if (r == -ENOTSUP) {
+            ca_child_watcher_unref(w);
+            ca_set_event_loop(NULL);
+            ca_loop_close(loop);
+            ca_loop_unref(loop);
+            t_skip("this watcher needs the loop's signal handlers");
+        }
+        CHECK_OK(r);
+    }
+    CHECK(ca_child_watcher_is_active(w));
+    return w;
 }
 
 /* ----- leftovers ---------------------------------------------------------------------- */
@@ -165,10 +203,11 @@ static void check_leftovers(int threads_before)
 
 /* ----- running one test ------------------------------------------------------------ */
 
-static void run_body(const struct t_entry *t, const char *kind)
+static void run_body(const struct t_entry *t, const char *kind, const char *wkind)
 {
     setpgid(0, 0);
     t_loop_kind = kind ? kind : "none";
+    t_watcher_kind = wkind ? wkind : "none";
     snapshot_fds(fd_snapshot);
     int threads_before = count_threads();
     if (kind) {
@@ -176,7 +215,15 @@ static void run_body(const struct t_entry *t, const char *kind)
         int r = t_new_loop(&loop);
         if (r == -ENOSYS || r == -EPERM) t_skip("this loop kind is unavailable here");
         CHECK_OK(r);
-        t->loop_fn(loop);
+        if (wkind) {
+            ca_child_watcher *w = watcher_for(wkind, loop);
+            t->watcher_fn(loop, w);
+            CHECK_OK(ca_child_watcher_close(w));
+            ca_child_watcher_unref(w);
+            CHECK_OK(ca_set_event_loop(NULL));
+        } else {
+            t->loop_fn(loop);
+        }
         if (!ca_loop_is_closed(loop) && ca_loop_close(loop) < 0)
             t_fail(__FILE__, __LINE__, "the test left its loop running");
         ca_loop_unref(loop);
@@ -196,7 +243,7 @@ static double now_s(void)
 }
 
 /* 0 pass, 1 fail, 2 skip */
-static int run_one(const struct t_entry *t, const char *kind)
+static int run_one(const struct t_entry *t, const char *kind, const char *wkind)
 {
     fflush(NULL);
     double t0 = now_s();
@@ -205,7 +252,7 @@ static int run_one(const struct t_entry *t, const char *kind)
         perror("fork");
         return 1;
     }
-    if (pid == 0) run_body(t, kind);
+    if (pid == 0) run_body(t, kind, wkind);
     setpgid(pid, pid);
     int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
     double limit = t->timeout * t_slow();
@@ -244,8 +291,8 @@ static int run_one(const struct t_entry *t, const char *kind)
     if (!timed_out && WIFSIGNALED(status)) snprintf(extra, sizeof extra, " (signal %d)", WTERMSIG(status));
     else if (res == 1 && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) != 1)
         snprintf(extra, sizeof extra, " (exit %d)", WEXITSTATUS(status));
-    printf("%-5s %s%s%s%s %.2fs%s\n", verdict, t->name, kind ? " [" : "", kind ? kind : "",
-           kind ? "]" : "", dt, extra);
+    printf("%-5s %s%s%s%s%s%s %.2fs%s\n", verdict, t->name, kind ? " [" : "", kind ? kind : "",
+           wkind ? "/" : "", wkind ? wkind : "", kind ? "]" : "", dt, extra);
     fflush(stdout);
     return res;
 }
@@ -271,19 +318,29 @@ static bool kind_wanted(const char *kind)
 
 int main(int argc, char **argv)
 {
-    static const char *kinds[] = {"epoll", "poll", "io_uring", "custom"};
+    /* The library's loop kinds, then the tests' own custom loop (tests/custom_loop.c). */
+    const char *kinds[16];
+    int nkinds = 0;
+    for (size_t i = 0; i < ca__loop_kind_count && nkinds < 15; i++)
+        kinds[nkinds++] = ca__loop_kinds[i].name;
+    kinds[nkinds++] = "custom";
     int passed = 0, failed = 0, skipped = 0;
     signal(SIGPIPE, SIG_IGN);
     for (size_t i = 0; i < t_count; i++) {
         const struct t_entry *t = &t_list[i];
         if (!wanted(t->name, argc, argv)) continue;
-        for (int k = 0; k < (t->loop_fn ? 4 : 1); k++) {
-            const char *kind = t->loop_fn ? kinds[k] : NULL;
+        bool per_loop = t->loop_fn || t->watcher_fn;
+        for (int k = 0; k < (per_loop ? nkinds : 1); k++) {
+            const char *kind = per_loop ? kinds[k] : NULL;
             if (kind && !kind_wanted(kind)) continue;
-            int r = run_one(t, kind);
-            if (r == 0) passed++;
-            else if (r == 1) failed++;
-            else skipped++;
+            size_t nw = t->watcher_fn ? ca__watcher_kind_count : 1;
+            for (size_t j = 0; j < nw; j++) {
+                const char *wkind = t->watcher_fn ? ca__watcher_kinds[j].name : NULL;
+                int r = run_one(t, kind, wkind);
+                if (r == 0) passed++;
+                else if (r == 1) failed++;
+                else skipped++;
+            }
         }
     }
     printf("[%s] %d passed, %d failed, %d skipped\n", t_suite_name, passed, failed, skipped);

@@ -1,9 +1,11 @@
 /*
  * The test harness: every test runs in its own forked process with a time limit, and after
  * its body returns the harness checks that it left no child process, no zombie, no extra fd
- * and no extra thread behind. LOOP_TEST bodies run once per loop kind (epoll, poll, io_uring,
- * custom). Tests are registered by tools/gen-test-list.sh, which scans for TEST( and
- * LOOP_TEST( at the start of a line.
+ * and no extra thread behind. LOOP_TEST bodies run once per loop kind (the library's table of
+ * loop kinds, src/kinds.h: epoll, poll, io_uring; then the tests' custom loop), WATCHER_TEST
+ * bodies once per (loop kind, watcher kind) pair. Tests are registered by
+ * tools/gen-test-list.sh, which scans for TEST(, LOOP_TEST( and WATCHER_TEST( at the start of
+ * a line.
  *
  * We do not use Criterion (once suggested for this project): its worker arena cannot be set up under
  * ThreadSanitizer ("Could not initialize inheritable arena"), and it reports tests as passing
@@ -23,9 +25,17 @@
 
 #define TEST(name) void test_##name(void)
 #define LOOP_TEST(name) void looptest_##name(ca_loop *loop)
+/* Runs once per (loop kind, watcher kind) pair, both from the library's tables of kinds
+ * (src/kinds.h): w is a watcher of that kind, active and delivering to loop, which is this
+ * thread's current loop (Safe and Fast: attached to it). The harness closes and releases w
+ * after the body. Pairs that cannot work here (a kind the kernel lacks; Safe/Fast on the
+ * signal-less custom loop) are skipped. */
+#define WATCHER_TEST(name) void watchertest_##name(ca_loop *loop, ca_child_watcher *w)
 
 /* The loop kind the current LOOP_TEST runs on: "epoll", "poll", "io_uring" or "custom". */
 extern const char *t_loop_kind;
+/* The watcher kind the current WATCHER_TEST runs with ("threaded", ..., "uring"); "none". */
+extern const char *t_watcher_kind;
 /* Makes another loop of the current kind (for tests that need two loops of it). */
 int t_new_loop(ca_loop **out);
 /* The custom loop of tests/custom_loop.c (a ca_loop_ops implementation over plain poll(2)). */
@@ -77,6 +87,13 @@ void t_skip(const char *why);
     } while (0)
 
 #define SKIP(why) t_skip(why)
+
+/* The watcher kind's needs, from the table: attach (Safe, Fast: through the attached loop's
+ * SIGCHLD handler), no_pidfd (Uring: keeps the child unreaped until its callback ran),
+ * reaps_all (Fast: reaps every child of the process, watched or not). */
+bool t_watcher_needs_attach(const char *kind);
+bool t_watcher_keeps_zombie(const char *kind);
+bool t_watcher_reaps_all(const char *kind);
 
 /* Runs loop until pred(arg) is true, checking between short slices, for at most `timeout`
  * seconds (scaled by t_slow()). Returns pred's final value. */

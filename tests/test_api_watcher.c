@@ -13,7 +13,7 @@ static ca_child_watcher *wmake(int k, ca_loop *loop)
 {
     ca_child_watcher *w = NULL;
     int r = wnew(k, &w);
-    if (r == -ENOSYS && k == W_PIDFD) return NULL;
+    if (r == -ENOSYS && (k == W_PIDFD || k == W_URING)) return NULL;
     CHECK_OK(r);
     CHECK_OK(ca_set_event_loop(loop));
     if (k == W_SAFE || k == W_FAST) {
@@ -124,8 +124,8 @@ TEST(watcher_echild_gives_255)
     static struct logrec lr;
     ca_set_log_handler(rec_log, &lr);
     ca_loop *l = new_epoll();
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD};
-    for (int i = 0; i < 4; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD, W_URING};
+    for (int i = 0; i < 5; i++) {
         int k = kinds[i];
         ca_child_watcher *w = wmake(k, l);
         if (!w) continue;
@@ -262,7 +262,7 @@ TEST(watcher_is_active_rules)
     for (int k = 0; k < W_COUNT; k++) {
         ca_child_watcher *w = NULL;
         int r = wnew(k, &w);
-        if (r == -ENOSYS && k == W_PIDFD) continue;
+        if (r == -ENOSYS && (k == W_PIDFD || k == W_URING)) continue;
         CHECK_OK(r);
         bool attach_needed = k == W_SAFE || k == W_FAST;
         if (ca_child_watcher_is_active(w) != !attach_needed)
@@ -302,7 +302,7 @@ TEST(watcher_closed_ebadf_and_bad_args)
     for (int k = 0; k < W_COUNT; k++) {
         ca_child_watcher *w = NULL;
         int r = wnew(k, &w);
-        if (r == -ENOSYS && k == W_PIDFD) continue;
+        if (r == -ENOSYS && (k == W_PIDFD || k == W_URING)) continue;
         CHECK_OK(r);
         CHECK_ERR(ca_child_watcher_add_child_handler(w, 0, wrec_cb, NULL), -EINVAL);
         CHECK_ERR(ca_child_watcher_add_child_handler(w, -5, wrec_cb, NULL), -EINVAL);
@@ -351,8 +351,8 @@ static void *noloop_thread(void *arg)
 
 TEST(watcher_no_delivery_loop_enoent)
 {
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         ca_child_watcher *w = NULL;
         int r = wnew(kinds[i], &w);
         if (r == -ENOSYS) continue;
@@ -403,8 +403,8 @@ static void *tdeliv_thread(void *arg)
 
 TEST(watcher_delivery_to_running_loop_of_adding_thread)
 {
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         struct tdeliv d;
         memset(&d, 0, sizeof d);
         d.rec[1].tag = -1;
@@ -597,8 +597,8 @@ TEST(watcher_fast_dropped_statuses_logged)
 /* Log: "a child's loop closed before its exit was delivered". */
 TEST(watcher_log_loop_closed_before_delivery)
 {
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         static struct logrec lr;
         memset(&lr, 0, sizeof lr);
         ca_set_log_handler(rec_log, &lr);
@@ -619,7 +619,7 @@ TEST(watcher_log_loop_closed_before_delivery)
             t_fail(__FILE__, __LINE__, "%s: no log line for an exit whose loop closed", wname[kinds[i]]);
         /* asyncio's Threaded and MultiLoop: logger.warning("Loop %r that handles pid %r is
          * closed"); its Pidfd logs nothing (here: anything goes). */
-        if (kinds[i] != W_PIDFD && lr.level != CA_LOG_WARNING)
+        if (kinds[i] != W_PIDFD && kinds[i] != W_URING && lr.level != CA_LOG_WARNING)
             t_fail(__FILE__, __LINE__, "%s: level %d, want CA_LOG_WARNING: %s", wname[kinds[i]],
                    lr.level, lr.last);
         CHECK_EQ(atomic_load(&rec.n), 0);
@@ -857,8 +857,8 @@ TEST(watcher_pidfd_no_signals_no_threads)
 TEST(watcher_others_waitpid_undisturbed)
 {
     ca_loop *l = new_epoll();
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD};
-    for (int i = 0; i < 4; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_PIDFD, W_URING};
+    for (int i = 0; i < 5; i++) {
         ca_child_watcher *w = wmake(kinds[i], l);
         if (!w) continue;
         struct wrec rec[2];
@@ -1154,8 +1154,8 @@ static void *closed_current_thread(void *arg)
 
 TEST(watcher_closed_current_loop_enoent)
 {
-    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         ca_child_watcher *w = NULL;
         if (wnew(kinds[i], &w) == -ENOSYS) continue;
         pthread_t t;

@@ -816,12 +816,12 @@ TEST(ten_thousand_jobs_no_fd_or_memory_growth) /* timeout: 120 */
 
 /* ----- loops and watchers -------------------------------------------------------------------- */
 
-TEST(every_loop_and_watcher) /* timeout: 60 */
+TEST(every_loop_and_watcher) /* timeout: 90 */
 {
     static const char *loops[] = {"epoll", "poll", "uring"};
-    static const char *ws[] = {"pidfd", "fast", "safe", "multiloop", "threaded"};
+    static const char *ws[] = {"pidfd", "fast", "safe", "multiloop", "threaded", "uring"};
     for (size_t i = 0; i < 3; i++) {
-        for (size_t k = 0; k < 5; k++) {
+        for (size_t k = 0; k < sizeof ws / sizeof ws[0]; k++) {
             struct res r;
             RUN(&r, "run", "-k", "-j", "4", "--loop", loops[i], "--watcher", ws[k], "--timeout",
                 "5", "echo", ":::", "1", "2", "3", "4", "5", "6");

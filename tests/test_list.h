@@ -8,6 +8,8 @@ struct t_entry {
     void (*fn)(void);
     void (*loop_fn)(ca_loop *loop);
     double timeout;
+    /* WATCHER_TEST: the body, run for every watcher kind on every loop kind. */
+    void (*watcher_fn)(ca_loop *loop, ca_child_watcher *w);
 };
 extern const char *t_suite_name;
 extern const struct t_entry t_list[];

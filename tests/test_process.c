@@ -19,8 +19,9 @@
 
 /* ----- watchers ------------------------------------------------------------------------------ */
 
-enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_COUNT };
-static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd"};
+enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING, W_COUNT };
+static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd",
+                                           "uring"};
 
 /* Makes watcher kind k the policy's (Safe and Fast attached to loop). false when it does not
  * apply here: Safe/Fast on a loop without signal handlers, Pidfd without kernel support. */
@@ -34,6 +35,7 @@ static bool use_watcher(ca_loop *loop, int k)
     case W_SAFE: r = ca_safe_child_watcher_new(&w); break;
     case W_FAST: r = ca_fast_child_watcher_new(&w); break;
     case W_PIDFD: r = ca_pidfd_child_watcher_new(&w); break;
+    case W_URING: r = ca_uring_child_watcher_new(&w); break;
     }
     if (r == -ENOSYS) return false;
     CHECK_OK(r);
@@ -1351,6 +1353,7 @@ LOOP_TEST(one_fd_per_child_every_watcher) /* timeout: 60 */
         t_run_for(loop, 0.01);
         int fds = count_fds(&np, NULL);
         if (k == W_PIDFD) CHECK_EQ(np, N);
+        else if (k == W_URING) CHECK_EQ(np, 0); /* it keeps them unreaped instead */
         else CHECK(np == 0 || np == N);
         if (fds - fds0 != np)
             t_fail(__FILE__, __LINE__, "%s: %d more fds for %d children (%d pidfds)", wname[k],
@@ -1828,7 +1831,7 @@ static bool spawned_from_a(void *arg) { return ((struct on_a *)arg)->spawned; }
 
 LOOP_TEST(delivery_loop_closed_first) /* timeout: 60 */
 {
-    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
     bool pidfd = procs_have_pidfd(loop);
     ca_set_log_handler(NULL, NULL); /* "Loop that handles pid ... is closed" */
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {

@@ -15,8 +15,9 @@ extern char **environ;
 
 /* ----- helpers ------------------------------------------------------------------------- */
 
-enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_COUNT };
-static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd"};
+enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING, W_COUNT };
+static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd",
+                                           "uring"};
 
 static int wnew(int k, ca_child_watcher **out)
 {
@@ -25,6 +26,7 @@ static int wnew(int k, ca_child_watcher **out)
     case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
     case W_SAFE: return ca_safe_child_watcher_new(out);
     case W_FAST: return ca_fast_child_watcher_new(out);
+    case W_URING: return ca_uring_child_watcher_new(out);
     default: return ca_pidfd_child_watcher_new(out);
     }
 }
@@ -37,7 +39,7 @@ static ca_child_watcher *wmake(int k, ca_loop *loop)
 {
     ca_child_watcher *w = NULL;
     int r = wnew(k, &w);
-    if (r == -ENOSYS && k == W_PIDFD) return NULL; /* old kernel, or valgrind */
+    if (r == -ENOSYS && (k == W_PIDFD || k == W_URING)) return NULL; /* old kernel, valgrind */
     CHECK_OK(r);
     CHECK_OK(ca_set_event_loop(loop));
     if (needs_attach(k)) {
@@ -310,6 +312,7 @@ LOOP_TEST(many_multiloop) /* timeout: 60 */ { many(loop, W_MULTILOOP); }
 LOOP_TEST(many_safe) /* timeout: 60 */ { many(loop, W_SAFE); }
 LOOP_TEST(many_fast) /* timeout: 60 */ { many(loop, W_FAST); }
 LOOP_TEST(many_pidfd) /* timeout: 60 */ { many(loop, W_PIDFD); }
+LOOP_TEST(many_uring) /* timeout: 60 */ { many(loop, W_URING); }
 
 /* ----- replace, remove ------------------------------------------------------------------------ */
 
@@ -354,7 +357,7 @@ LOOP_TEST(handler_removed_before_exit)
         }
         CHECK_EQ(atomic_load(&r.calls), 0);
         int st = reap(pid);
-        if (k == W_SAFE || k == W_MULTILOOP || k == W_PIDFD) {
+        if (k == W_SAFE || k == W_MULTILOOP || k == W_PIDFD || k == W_URING) {
             /* These never reap a child that is not registered. */
             CHECK(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 4);
         } else if (k == W_FAST) {
@@ -395,7 +398,8 @@ LOOP_TEST(handler_removed_after_reap)
         CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
         t_run_for(loop, 0.1);
         CHECK_EQ(atomic_load(&r.calls), 0);
-        if (k == W_PIDFD) CHECK(reap(pid) >= 0); /* Pidfd reaps only on the loop */
+        /* Pidfd and Uring reap only on the loop (Uring after the callback) */
+        if (k == W_PIDFD || k == W_URING) CHECK(reap(pid) >= 0);
         else reap(pid);
         wdone(w);
     }
@@ -585,8 +589,8 @@ static void *thr_main(void *p)
 
 LOOP_TEST(loops_in_four_threads) /* timeout: 60 */
 {
-    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         int k = kinds[i];
         ca_child_watcher *w = NULL;
         int e = wnew(k, &w);
@@ -917,8 +921,8 @@ static void *no_loop_thread(void *p)
 
 TEST(no_loop_in_thread)
 {
-    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD};
-    for (int i = 0; i < 3; i++) {
+    static const int kinds[] = {W_THREADED, W_MULTILOOP, W_PIDFD, W_URING};
+    for (int i = 0; i < 4; i++) {
         ca_child_watcher *w = NULL;
         int e = wnew(kinds[i], &w);
         if (e == -ENOSYS) continue;

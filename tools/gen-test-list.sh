@@ -1,6 +1,6 @@
 #!/bin/sh
-# Writes the registration table for one test file: every line that starts with TEST(name) or
-# LOOP_TEST(name) becomes an entry. An optional "/* timeout: N */" on the same line sets that
+# Writes the registration table for one test file: every line that starts with TEST(name),
+# LOOP_TEST(name) or WATCHER_TEST(name) becomes an entry. An optional "/* timeout: N */" on the same line sets that
 # test's time limit in seconds (default 30).
 # usage: gen-test-list.sh tests/test_x.c > build/.../test_x_list.c
 set -eu
@@ -11,19 +11,22 @@ echo '#include "casyncio.h"'
 echo '#include "test_list.h"'
 sed -n 's/^TEST(\([A-Za-z0-9_]*\)).*/void test_\1(void);/p' "$src"
 sed -n 's/^LOOP_TEST(\([A-Za-z0-9_]*\)).*/void looptest_\1(ca_loop *loop);/p' "$src"
+sed -n 's/^WATCHER_TEST(\([A-Za-z0-9_]*\)).*/void watchertest_\1(ca_loop *loop, ca_child_watcher *w);/p' "$src"
 echo "const char *t_suite_name = \"$suite\";"
 echo 'const struct t_entry t_list[] = {'
 awk -v suite="$suite" '
-/^(LOOP_)?TEST\([A-Za-z0-9_]+\)/ {
+/^(LOOP_|WATCHER_)?TEST\([A-Za-z0-9_]+\)/ {
     loop = ($0 ~ /^LOOP_TEST/);
-    name = $0; sub(/^(LOOP_)?TEST\(/, "", name); sub(/\).*/, "", name);
+    watcher = ($0 ~ /^WATCHER_TEST/);
+    name = $0; sub(/^(LOOP_|WATCHER_)?TEST\(/, "", name); sub(/\).*/, "", name);
     to = 30;
     if (match($0, /timeout: *[0-9]+/)) { s = substr($0, RSTART, RLENGTH); sub(/timeout: */, "", s); to = s + 0 }
-    if (loop) printf "    {\"%s/%s\", 0, looptest_%s, %d},\n", suite, name, name, to;
-    else      printf "    {\"%s/%s\", test_%s, 0, %d},\n", suite, name, name, to;
+    if (watcher) printf "    {\"%s/%s\", 0, 0, %d, watchertest_%s},\n", suite, name, to, name;
+    else if (loop) printf "    {\"%s/%s\", 0, looptest_%s, %d, 0},\n", suite, name, name, to;
+    else printf "    {\"%s/%s\", test_%s, 0, %d, 0},\n", suite, name, name, to;
     n++
 }
-END { if (n == 0) print "    {0, 0, 0, 0}," }' "$src"
+END { if (n == 0) print "    {0, 0, 0, 0, 0}," }' "$src"
 echo '};'
-n=$(grep -cE '^(LOOP_)?TEST\([A-Za-z0-9_]+\)' "$src" || true)
+n=$(grep -cE '^(LOOP_|WATCHER_)?TEST\([A-Za-z0-9_]+\)' "$src" || true)
 echo "const size_t t_count = $n;"

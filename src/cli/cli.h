@@ -1,7 +1,8 @@
 /*
  * The casyncio command: shared declarations of the job runner (`casyncio run`) and of
- * `casyncio info`. The runner is written against the public <casyncio.h> only, the way any
- * user of the library would write it.
+ * `casyncio info`. The runner is written against the public <casyncio.h>, the way any user of
+ * the library would write it, plus the library's tables of loop and watcher kinds (src/kinds.h,
+ * self-contained), so that a new loop or watcher kind needs no change here.
  */
 #ifndef CA_CLI_H
 #define CA_CLI_H
@@ -40,8 +41,11 @@ int write_all(int fd, const void *data, size_t n);
 
 enum halt_when { HALT_NEVER, HALT_SOON, HALT_NOW };
 enum halt_on { HALT_ON_FAIL, HALT_ON_SUCCESS, HALT_ON_DONE };
+/* The library's tables of kinds (src/kinds.h) are the lists: a loop_kind is an index of
+ * ca__loop_kinds, a watcher_kind other than W_DEFAULT one plus an index of ca__watcher_kinds
+ * (the names below are for the code that picks one; a new kind needs none). */
 enum loop_kind { LOOP_EPOLL, LOOP_POLL, LOOP_URING };
-enum watcher_kind { W_DEFAULT, W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD };
+enum watcher_kind { W_DEFAULT, W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING };
 
 struct run_options {
     int jobs;                    /* -j: how many jobs run at once */

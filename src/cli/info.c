@@ -2,6 +2,7 @@
  * iteration, each child watcher reaps a real /bin/true. Also the policy and watcher factories
  * the runner uses. */
 #include "cli.h"
+#include "../kinds.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -10,25 +11,15 @@
 
 int make_policy(enum loop_kind k, ca_policy **out)
 {
-    switch (k) {
-    case LOOP_EPOLL: return ca_selector_policy_new(out);
-    case LOOP_POLL: return ca_poll_policy_new(out);
-    case LOOP_URING: return ca_proactor_policy_new(out);
-    }
-    return -EINVAL;
+    if ((size_t)k >= ca__loop_kind_count) return -EINVAL;
+    return ca__loop_kinds[k].make_policy(out);
 }
 
 int make_watcher(enum watcher_kind k, ca_child_watcher **out)
 {
-    switch (k) {
-    case W_THREADED: return ca_threaded_child_watcher_new(out);
-    case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
-    case W_SAFE: return ca_safe_child_watcher_new(out);
-    case W_FAST: return ca_fast_child_watcher_new(out);
-    case W_PIDFD: return ca_pidfd_child_watcher_new(out);
-    case W_DEFAULT: break;
-    }
-    return -EINVAL;
+    size_t i = (size_t)k - 1;
+    if (k == W_DEFAULT || i >= ca__watcher_kind_count) return -EINVAL;
+    return ca__watcher_kinds[i].make(out);
 }
 
 /* The Pidfd watcher when the kernel has pidfd_open (Linux 5.3+): no signal handler, no thread,
@@ -51,12 +42,8 @@ static void stop_cb(void *arg) { ca_loop_stop(arg); }
 static int probe_loop(enum loop_kind k)
 {
     ca_loop *loop = NULL;
-    int e;
-    switch (k) {
-    case LOOP_EPOLL: e = ca_selector_loop_new(&loop); break;
-    case LOOP_POLL: e = ca_poll_loop_new(&loop); break;
-    default: e = ca_proactor_loop_new(&loop); break;
-    }
+    if ((size_t)k >= ca__loop_kind_count) return -EINVAL;
+    int e = ca__loop_kinds[k].make(&loop);
     if (e < 0) return e;
     e = ca_loop_call_soon(loop, stop_cb, loop, NULL);
     if (e == 0) e = ca_loop_run_forever(loop);
@@ -124,17 +111,17 @@ int info_main(int argc, char **argv)
     /* The probes' own warnings would only repeat what the table says. */
     ca_set_log_handler(NULL, NULL);
     printf("loops (--loop):\n");
-    static const enum loop_kind loops[] = {LOOP_EPOLL, LOOP_POLL, LOOP_URING};
-    for (size_t i = 0; i < sizeof loops / sizeof loops[0]; i++) {
-        int e = probe_loop(loops[i]);
-        printf("  %-10s %s%s\n", loop_kind_name(loops[i]), e == 0 ? "works" : "unavailable: ",
+    for (size_t i = 0; i < ca__loop_kind_count; i++) {
+        enum loop_kind lk = (enum loop_kind)i;
+        int e = probe_loop(lk);
+        printf("  %-10s %s%s\n", loop_kind_name(lk), e == 0 ? "works" : "unavailable: ",
                e == 0 ? "" : ca_strerror(e));
     }
     printf("child watchers (--watcher; each reaped a /bin/true on an epoll loop):\n");
-    static const enum watcher_kind ws[] = {W_PIDFD, W_FAST, W_SAFE, W_MULTILOOP, W_THREADED};
-    for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) {
-        int e = probe_watcher(LOOP_EPOLL, ws[i]);
-        printf("  %-10s %s%s\n", watcher_kind_name(ws[i]), e == 0 ? "works" : "unavailable: ",
+    for (size_t i = 0; i < ca__watcher_kind_count; i++) {
+        enum watcher_kind wk = (enum watcher_kind)(i + 1);
+        int e = probe_watcher(LOOP_EPOLL, wk);
+        printf("  %-10s %s%s\n", watcher_kind_name(wk), e == 0 ? "works" : "unavailable: ",
                e == 0 ? "" : ca_strerror(e));
     }
     printf("defaults: -j %d, --loop epoll, --watcher %s, --group; --bar and --summary when "

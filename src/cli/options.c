@@ -2,6 +2,7 @@
  * at the first word that is not one (the COMMAND), and GNU getopt would otherwise permute the
  * COMMAND's own options into ours. */
 #include "cli.h"
+#include "../kinds.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -36,7 +37,8 @@ void print_run_usage(FILE *f)
           "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
           "      --loop KIND       epoll (default), poll or uring\n"
-          "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
+          "      --watcher KIND    pidfd, uring, fast, safe, multiloop or threaded (default: see\n"
+          "                        info)\n"
           "  -h, --help            this help\n"
           "exit status: 0 all jobs succeeded; 1-101 failed jobs (capped); 128+N stopped by\n"
           "signal N; 2 bad usage; 255 the runner's own error.\n",
@@ -53,25 +55,14 @@ int default_jobs(void)
 
 const char *loop_kind_name(enum loop_kind k)
 {
-    switch (k) {
-    case LOOP_EPOLL: return "epoll";
-    case LOOP_POLL: return "poll";
-    case LOOP_URING: return "uring";
-    }
-    return "?";
+    return (size_t)k < ca__loop_kind_count ? ca__loop_kinds[k].cli_name : "?";
 }
 
 const char *watcher_kind_name(enum watcher_kind k)
 {
-    switch (k) {
-    case W_DEFAULT: return "default";
-    case W_THREADED: return "threaded";
-    case W_MULTILOOP: return "multiloop";
-    case W_SAFE: return "safe";
-    case W_FAST: return "fast";
-    case W_PIDFD: return "pidfd";
-    }
-    return "?";
+    if (k == W_DEFAULT) return "default";
+    size_t i = (size_t)k - 1;
+    return i < ca__watcher_kind_count ? ca__watcher_kinds[i].name : "?";
 }
 
 static int usage_error(const char *fmt, const char *what)
@@ -183,24 +174,18 @@ static bool parse_halt(const char *s, struct run_options *o)
 
 static bool parse_loop(const char *s, enum loop_kind *k)
 {
-    if (strcmp(s, "epoll") == 0 || strcmp(s, "selector") == 0) *k = LOOP_EPOLL;
-    else if (strcmp(s, "poll") == 0) *k = LOOP_POLL;
-    else if (strcmp(s, "uring") == 0 || strcmp(s, "io_uring") == 0 || strcmp(s, "proactor") == 0)
-        *k = LOOP_URING;
-    else return false;
+    const ca__loop_kind *lk = ca__loop_kind_find(s);
+    if (!lk) return false;
+    *k = (enum loop_kind)(lk - ca__loop_kinds);
     return true;
 }
 
 static bool parse_watcher(const char *s, enum watcher_kind *k)
 {
-    static const enum watcher_kind all[] = {W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-        if (strcmp(s, watcher_kind_name(all[i])) == 0) {
-            *k = all[i];
-            return true;
-        }
-    }
-    return false;
+    const ca__watcher_kind *wk = ca__watcher_kind_find(s);
+    if (!wk) return false;
+    *k = (enum watcher_kind)(wk - ca__watcher_kinds + 1);
+    return true;
 }
 
 /* Matches a long option that takes a value, as "--name VALUE" or "--name=VALUE". */
@@ -362,8 +347,8 @@ int parse_run_options(int argc, char **argv, struct run_options *o, bool *help)
         } else if (long_value(argv, argc, &i, "--watcher", &v, &missing)) {
             if (missing) return usage_error("%s needs a watcher name", a);
             if (!parse_watcher(v, &o->watcher))
-                return usage_error("bad --watcher: '%s' (threaded, multiloop, safe, fast or "
-                                   "pidfd)", v);
+                return usage_error("bad --watcher: '%s' (threaded, multiloop, safe, fast, "
+                                   "pidfd or uring)", v);
         } else {
             return usage_error("unknown option '%s'", a);
         }

@@ -1,0 +1,673 @@
+/*
+ * UringChildWatcher: io_uring's IORING_OP_WAITID (Linux 6.7), an asynchronous waitid(2). No fd,
+ * thread or signal handler per child: one WAITID request per child on a ring of the watcher's
+ * own, whose fd is a reader on the delivery loop, so it works on every loop kind, custom ones
+ * included (they only need add_reader).
+ *
+ * The order of an exit. Each child gets waitid(P_PID, pid, WEXITED | WNOWAIT) on the ring. When
+ * the child exits, the completion (CQE) arrives and the child is still a zombie (WNOWAIT). The
+ * ring's reader, on the delivery loop's thread, reads its status (waitid(P_PID, WNOHANG |
+ * WNOWAIT): the request is given no siginfo_t, see below), calls the callback and only then
+ * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid
+ * cannot be reused, so the callback (and asyncio's subprocess code, which stops signalling the
+ * pid when it learns the exit) can still name the pid safely. That is why a subprocess watched
+ * by this watcher holds no pidfd (process.c asks the kinds table, CA__WK_NO_PIDFD). While the
+ * request waits it holds the kernel's reference to the child's struct pid, so a pid number
+ * reused after other code reaped the child is never taken for it; only in the moment between
+ * the completion and our reading of the status could such a reap and reuse go unnoticed, as
+ * with every watcher that reaps by pid.
+ *
+ * Rings. One ring per (watcher, delivery loop): a ring's completions must be read on its loop's
+ * thread, and a program usually has one loop, hence one ring. A ring is made when a loop gets
+ * its first child and lives until the loop closes (a close hook) or the watcher is closed; its
+ * reader is added on the loop's thread. The kernel runs a WAITID's completion as task work of
+ * the thread that submitted it (which it interrupts like a signal would, so an epoll_wait or a
+ * poll wakes up): add_child_handler submits on the delivery loop's thread. If that thread exits
+ * while the request waits, the kernel cancels the request (-ECANCELED that we did not ask for):
+ * the reader then submits it again, from the loop's thread.
+ *
+ * Sizes. 256 SQEs and 4096 CQEs per ring. More children may exit at once than the CQ holds:
+ * the kernel keeps the excess on its overflow list (IORING_FEAT_NODROP, required) and liburing's
+ * io_uring_peek_batch_cqe flushes that list when the ring is empty, so no exit is lost; a
+ * submission refused with -EBUSY while the CQ overflows stays in the SQ and goes with the next
+ * submit (the reader submits after draining the CQ).
+ *
+ * Kernel interface. Debian 12's liburing (2.3) has neither IORING_OP_WAITID nor
+ * io_uring_prep_waitid, so the SQE is filled as the kernel's uapi defines it
+ * (include/uapi/linux/io_uring.h, io_uring/waitid.c's io_waitid_prep): opcode 50, fd = the id,
+ * len = the idtype, file_index = the options, addr2 = the siginfo_t * (NULL here), and addr,
+ * buf_index, addr3 and waitid_flags zero. res is 0, or -ECHILD when the child was already
+ * reaped by somebody else (reported as returncode 255 with a warning, as everywhere). We pass
+ * no siginfo_t: the kernel would write it whenever the request ends, cancelled ones included
+ * and possibly during any later system call of the submitting thread, so each request's 128
+ * bytes would have to outlive it; reading the status of the zombie ourselves costs one system
+ * call per exit and lets a request's memory go with its ring at any time.
+ *
+ * Availability: -ENOSYS when io_uring cannot be set up (not built in, kernel.io_uring_disabled,
+ * seccomp's EPERM) or the kernel's opcode probe does not list WAITID (before 6.7); probed once
+ * per process. CASYNCIO_NO_IO_URING=1 (what the test scripts set under valgrind, which does not
+ * follow io_uring) also gives -ENOSYS.
+ *
+ * Locking: everything is under the core's lock, except the loop operations (add_reader,
+ * remove_reader, close hooks), the callbacks and the log lines, which come after the unlock.
+ * Submitting to a ring is a system call on our own object, made under the lock so that the SQ
+ * has one writer at a time (remove and close may come from any thread).
+ *
+ * Fork: in a child made by fork() the rings are the parent's (their requests belong to the
+ * parent's threads). As for every watcher, only close and unref work there; destroy unmaps our
+ * copies of the rings and closes our copies of their fds, and submits nothing.
+ */
+#include "internal.h"
+#include "kinds.h"
+#include "watcher_internal.h"
+
+#include <liburing.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The kernel's enum io_uring_op: IORING_OP_WAITID follows IORING_OP_READ_MULTISHOT, which
+ * follows IORING_OP_SENDMSG_ZC (48). */
+#define UR_OP_WAITID 50
+_Static_assert(IORING_OP_SENDMSG_ZC == 48, "io_uring opcode numbering");
+
+#define UR_SQ 256u
+#define UR_CQ 4096u
+#define UR_BATCH 64u
+
+typedef struct ur_ring ur_ring;
+
+/* One WAITID in flight (the kernel writes nothing of ours: see the top of the file). */
+typedef struct ur_op {
+    ca__wreg *r;                 /* a reference */
+    ur_ring *ring;
+    struct ur_op *prev, *next;   /* the ring's list */
+    bool cancelled;              /* an ASYNC_CANCEL was submitted for it */
+} ur_op;
+
+struct ur_ring {
+    struct io_uring ring;
+    ca__wcore *core;             /* a reference, while the ring is on the core's list */
+    ca_loop *loop;               /* not a reference: valid while !dead (the hook clears it) */
+    void *hook;                  /* close hook token; NULL once it ran or was removed */
+    ur_ring *next;               /* the core's list */
+    ur_op *ops;
+    int refs;                    /* the list's, plus a running reader; under the lock */
+    enum { READER_OFF, READER_ADDING, READER_ON } reader;
+    bool dead;                   /* torn down (or being): no new requests */
+    bool unsubmitted;            /* SQEs wait for a submit the kernel refused (-EBUSY) */
+    bool wake_posted;            /* a NOP is on its way to make the reader run (close) */
+};
+
+typedef struct ur_state {
+    ur_ring *rings;
+} ur_state;
+
+static ur_state *state_of(ca__wcore *c) { return c->impl; }
+
+/* ----- submitting --------------------------------------------------------------------------- */
+
+/* An SQE, submitting what is queued to make room if the SQ is full; NULL if even that fails
+ * (the kernel refuses submissions while its CQ overflows, on kernels before 5.19). Lock held. */
+static struct io_uring_sqe *get_sqe(ur_ring *g)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&g->ring);
+    if (!sqe) {
+        io_uring_submit(&g->ring);
+        sqe = io_uring_get_sqe(&g->ring);
+    }
+    if (sqe) memset(sqe, 0, sizeof *sqe);
+    return sqe;
+}
+
+/* Submits the queued SQEs. -EBUSY/-EAGAIN (an overflowing CQ, or no memory for a moment) keep
+ * them queued for the reader's next submit, which comes after it drained the CQ. Lock held. */
+static int submit(ur_ring *g)
+{
+    int r;
+    do {
+        r = io_uring_submit(&g->ring);
+    } while (r == -EINTR);
+    if (r == -EBUSY || r == -EAGAIN) {
+        g->unsubmitted = true;
+        return 0;
+    }
+    if (r >= 0) g->unsubmitted = false;
+    return r < 0 ? r : 0;
+}
+
+/* Queues op's WAITID (see the top of the file for the fields); *out (may be NULL) receives the
+ * SQE. -EAGAIN: the SQ is full and the kernel refuses to take it. Lock held. */
+static int prep_waitid(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
+{
+    struct io_uring_sqe *sqe = get_sqe(g);
+    if (!sqe) return -EAGAIN;
+    sqe->opcode = UR_OP_WAITID;
+    sqe->fd = (int)op->r->pid;           /* id */
+    sqe->len = (unsigned)P_PID;          /* idtype */
+    sqe->file_index = WEXITED | WNOWAIT; /* options */
+    sqe->addr2 = 0;                      /* infop: none */
+    io_uring_sqe_set_data(sqe, op);
+    if (out) *out = sqe;
+    return 0;
+}
+
+/* Asks the kernel to end op's request; its completion (-ECANCELED, or the exit if it won the
+ * race) still comes and frees op. The cancel's own completion carries user_data 0. Lock held. */
+static void cancel_op(ur_op *op)
+{
+    if (op->cancelled || op->ring->dead) return;
+    struct io_uring_sqe *sqe = get_sqe(op->ring);
+    if (!sqe) return; /* the exit or the ring's end frees op; r is unregistered already */
+    op->cancelled = true;
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->fd = -1;
+    sqe->addr = (uint64_t)(uintptr_t)op;
+    io_uring_sqe_set_data64(sqe, 0);
+    submit(op->ring);
+}
+
+static void op_unlink(ur_op *op)
+{
+    ur_ring *g = op->ring;
+    if (op->prev) op->prev->next = op->next;
+    else g->ops = op->next;
+    if (op->next) op->next->prev = op->prev;
+    op->prev = op->next = NULL;
+}
+
+/* Frees op (its request is over). Lock held. */
+static void op_free(ca__wcore *c, ur_op *op)
+{
+    op_unlink(op);
+    if (op->r->kdata == op) op->r->kdata = NULL;
+    ca__wreg_unref(c, op->r);
+    free(op);
+}
+
+/* ----- rings ---------------------------------------------------------------------------------- */
+
+static void ring_ready(void *arg);
+static void ring_hook(void *arg);
+
+static void ring_unref(ur_ring *g)
+{
+    if (--g->refs > 0) return;
+    io_uring_queue_exit(&g->ring);
+    free(g);
+}
+
+/* Takes ring g out of service: no new requests, and the registrations still waiting on it are
+ * told as when a loop closes. Its requests end when its fd is closed (ring_unref); their
+ * completions are never read, so their ops go now. Lock held; *reader and *hook tell the
+ * caller what to remove from the loop after unlocking. */
+static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void **hook)
+{
+    *reader = false;
+    *hook = NULL;
+    if (g->dead) return;
+    g->dead = true;
+    *reader = g->reader != READER_OFF;
+    g->reader = READER_OFF;
+    *hook = g->hook;
+    g->hook = NULL;
+    for (ur_op *op = g->ops; op; op = op->next) {
+        ca__wreg *r = op->r;
+        if (r->registered && r->state == CA__W_WAITING) {
+            /* As for Pidfd: it stays registered, so that remove answers 1 (the callback will
+             * never come, the remover reaps the child); a new handler for the pid replaces
+             * it. An internal registration's owner hears of it now. */
+            ca__wlog_add(q, CA_LOG_DEBUG,
+                         "Loop that handles pid %d is closed while the child runs: "
+                         "its exit will not be reported",
+                         (int)r->pid);
+            r->pidfd_lost = true;
+            if (r->internal) ca__wreg_unregister(c, r);
+        }
+    }
+    while (g->ops) op_free(c, g->ops);
+    for (ur_ring **p = &state_of(c)->rings; *p; p = &(*p)->next) {
+        if (*p == g) {
+            *p = g->next;
+            break;
+        }
+    }
+}
+
+/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), then
+ * frees the ring (which ends its requests). Lock NOT held; the caller holds a reference to the
+ * core. */
+static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
+{
+    ca__wlog q = {0};
+    bool reader;
+    void *hook;
+    ca__wcore_lock(c);
+    ca_loop *loop = g->loop;
+    bool was_dead = g->dead;
+    ring_kill(c, g, &q, &reader, &hook);
+    g->loop = NULL;
+    bool list_ref = g->core != NULL;
+    g->core = NULL;
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    if (was_dead) return;
+    if (loop && reader) ca_loop_remove_reader(loop, g->ring.ring_fd);
+    if (loop && hook && !in_hook) ca__loop_remove_close_hook(loop, hook);
+    ca__wcore_lock(c);
+    if (list_ref) ring_unref(g);
+    ca__wcore_unlock(c);
+    if (list_ref) ca__wcore_unref(c); /* the list's reference to the core */
+}
+
+static void ring_hook(void *arg)
+{
+    ur_ring *g = arg;
+    ca__wcore *c = g->core;
+    if (!c) return; /* ended already (its hook removal raced with the close) */
+    ca__wcore_ref(c);
+    ring_end(c, g, true);
+    ca__wcore_unref(c);
+}
+
+/* The ring for loop, made if needed (its reader is added by the caller, after unlocking). Lock
+ * held; on loop's thread. */
+static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
+{
+    for (ur_ring *g = state_of(c)->rings; g; g = g->next) {
+        if (g->loop == loop && !g->dead) {
+            *out = g;
+            return 0;
+        }
+    }
+    ur_ring *g = calloc(1, sizeof *g);
+    if (!g) return -ENOMEM;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    /* No COOP_TASKRUN or DEFER_TASKRUN: the completion must wake the loop's thread wherever it
+     * sleeps (epoll_wait, poll, another ring), not wait for it to enter this ring. */
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+    p.cq_entries = UR_CQ;
+    int r = io_uring_queue_init_params(UR_SQ, &g->ring, &p);
+    if (r < 0) {
+        free(g);
+        return r == -EPERM ? -ENOSYS : r;
+    }
+    g->hook = ca__loop_add_close_hook(loop, ring_hook, g);
+    if (!g->hook) {
+        io_uring_queue_exit(&g->ring);
+        free(g);
+        return -ENOMEM;
+    }
+    g->core = c;
+    g->loop = loop;
+    g->refs = 1;
+    ca__wcore_ref(c);
+    g->next = state_of(c)->rings;
+    state_of(c)->rings = g;
+    *out = g;
+    return 0;
+}
+
+/* An exit read from the ring, to deliver after unlocking. */
+typedef struct ur_exit {
+    ca__wreg *r;                 /* a reference */
+    int rc;
+    bool reap;                   /* a zombie: reap it after the callback */
+} ur_exit;
+
+/* The ring's fd is readable: completions are there. On the delivery loop's thread. */
+static void ring_ready(void *arg)
+{
+    ur_ring *g = arg;
+    ca__wcore *c = g->core;
+    if (!c) return;
+    ca__wlog q = {0};
+    ur_exit *ex = NULL;
+    size_t nex = 0, cap = 0;
+    ca__wcore_ref(c);
+    ca__wcore_lock(c);
+    g->refs++;
+    bool closed = c->closed;
+    while (!g->dead) {
+        struct io_uring_cqe *cqes[UR_BATCH];
+        unsigned n = io_uring_peek_batch_cqe(&g->ring, cqes, UR_BATCH);
+        if (n == 0) break;
+        for (unsigned i = 0; i < n; i++) {
+            ur_op *op = io_uring_cqe_get_data(cqes[i]);
+            int res = cqes[i]->res;
+            if (!op) continue; /* a cancel's or a wake-up's own completion */
+            ca__wreg *r = op->r;
+            bool live = r->registered && r->state == CA__W_WAITING;
+            if (res == -ECANCELED && !op->cancelled && live && !closed) {
+                /* The thread that submitted it exited: ask again, from this thread. */
+                if (prep_waitid(g, op, NULL) == 0) continue;
+            }
+            if (live) {
+                int rc = 255;
+                bool reap = false;
+                if (res == 0) {
+                    /* Exited, still a zombie: its status, without reaping it. */
+                    siginfo_t si;
+                    memset(&si, 0, sizeof si);
+                    int e;
+                    do {
+                        e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+                    } while (e < 0 && errno == EINTR);
+                    if (e == 0 && si.si_pid == r->pid) {
+                        rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+                        reap = true;
+                    } else {
+                        res = -ECHILD; /* reaped by somebody else since */
+                    }
+                }
+                if (res == -ECHILD) {
+                    ca__wlog_add(&q, CA_LOG_WARNING,
+                                 "Unknown child process pid %d, will report returncode 255",
+                                 (int)r->pid);
+                } else if (res != 0) {
+                    ca__wlog_add(&q, CA_LOG_ERROR,
+                                 "io_uring waitid for pid %d failed (%s): "
+                                 "will report returncode 255",
+                                 (int)r->pid, ca_strerror(res));
+                }
+                if (nex == cap) {
+                    size_t ncap = cap ? cap * 2 : 16;
+                    ur_exit *nx = realloc(ex, ncap * sizeof *nx);
+                    if (nx) {
+                        ex = nx;
+                        cap = ncap;
+                    }
+                }
+                if (nex < cap) {
+                    ca_child_fn cb;
+                    void *cbarg;
+                    ca__wreg_ref(r);
+                    ca__wreg_take(c, r, &cb, &cbarg);
+                    r->rc = rc;
+                    ex[nex++] = (ur_exit){.r = r, .rc = rc, .reap = reap};
+                } else {
+                    /* No memory to deliver it: the caller's exit is lost, say so. */
+                    ca__wlog_add(&q, CA_LOG_ERROR, "out of memory: exit of pid %d dropped",
+                                 (int)r->pid);
+                    ca__wreg_unregister(c, r);
+                }
+            }
+            op_free(c, op);
+        }
+        io_uring_cq_advance(&g->ring, n);
+    }
+    if (!g->dead && (g->unsubmitted || io_uring_sq_ready(&g->ring))) submit(g);
+    g->wake_posted = false;
+    bool end = closed && !g->dead && g->ops == NULL;
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    /* The callbacks, each followed by its child's reap (see the top of the file). cb and arg
+     * cannot change any more: the registration left the table in ca__wreg_take. */
+    for (size_t i = 0; i < nex; i++) {
+        ca__wreg *r = ex[i].r;
+        r->cb(r->pid, ex[i].rc, r->arg);
+        int rc;
+        if (ex[i].reap) ca__wait_nohang(r->pid, &rc);
+    }
+    ca__wcore_lock(c);
+    for (size_t i = 0; i < nex; i++) ca__wreg_unref(c, ex[i].r);
+    ring_unref(g);
+    ca__wcore_unlock(c);
+    free(ex);
+    /* The watcher was closed and this ring has nothing left in flight: it goes now, on its
+     * loop's thread (see uring_close). */
+    if (end) ring_end(c, g, false);
+    ca__wcore_unref(c);
+}
+
+/* ----- the ops ---------------------------------------------------------------------------- */
+
+/* Cancels r (remove, take_back, close): it leaves the table, and its request is cancelled.
+ * The child is not reaped: whoever removed it does that. Lock held. */
+static void uring_cancel(ca__wcore *c, ca__wreg *r)
+{
+    ca__wreg_unregister(c, r);
+    ur_op *op = r->kdata;
+    if (op) cancel_op(op);
+}
+
+/* Watches pid, with its exit delivered on loop (the caller's delivery loop, whose thread this
+ * is). internal: a registration of the library's own (see watcher_internal.h). */
+static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb,
+                        void *arg, bool internal)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (ca_loop_is_closed(loop)) return -ENOENT;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    ca__wcore_lock(c);
+    if (c->closed) { /* closed while this call was on its way in */
+        ca__wcore_unlock(c);
+        return -EBADF;
+    }
+    ca__wreg *r = ca__wtable_get_live(c, pid);
+    if (r) {
+        ca__wreg_replace(c, r, cb, arg, internal);
+        ca__wcore_unlock(c);
+        return 0;
+    }
+    ur_ring *g = NULL;
+    ur_op *op = NULL;
+    /* The loop was open at the check above (made without the lock: a custom loop's is_closed
+     * may be user code); only its own thread, this one, closes it. */
+    int err = ring_get(c, loop, &g);
+    if (err == 0 && !(op = calloc(1, sizeof *op))) err = -ENOMEM;
+    if (err == 0) err = ca__wreg_register(c, pid, cb, arg, NULL, &r);
+    if (err == 0) {
+        r->internal = internal;
+        ca__wreg_ref(r); /* the request's */
+        op->r = r;
+        op->ring = g;
+        op->next = g->ops;
+        if (g->ops) g->ops->prev = op;
+        g->ops = op;
+        r->kdata = op;
+        struct io_uring_sqe *sqe = NULL;
+        err = prep_waitid(g, op, &sqe);
+        if (err == 0 && (err = submit(g)) < 0) {
+            /* The kernel did not take it, but it is in the SQ, where the next submit would
+             * find it: make it a NOP that names nothing (only io_uring_enter reads SQEs, and
+             * that is under our lock). */
+            sqe->opcode = IORING_OP_NOP;
+            io_uring_sqe_set_data64(sqe, 0);
+            g->unsubmitted = true;
+        }
+        if (err < 0) {
+            ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
+            op_free(c, op);
+        }
+        op = NULL;
+    }
+    free(op);
+    bool add_reader = err == 0 && g->reader == READER_OFF;
+    if (add_reader) g->reader = READER_ADDING;
+    int fd = g ? g->ring.ring_fd : -1;
+    if (add_reader) g->refs++; /* keeps g while we add its reader */
+    ca__wcore_unlock(c);
+    if (!add_reader) return err;
+    err = ca_loop_add_reader(loop, fd, ring_ready, g);
+    ca__wcore_lock(c);
+    if (g->reader == READER_ADDING) g->reader = err == 0 ? READER_ON : READER_OFF;
+    if (err < 0 && !g->dead) {
+        /* Nobody would read this ring: the child is not watched (it is the only one here,
+         * as only this thread adds to this loop's ring). */
+        r = ca__wtable_get(c, pid);
+        if (r && r->kdata && ((ur_op *)r->kdata)->ring == g) {
+            ca__wreg_ref(r);
+            ca__wreg_unregister_quiet(c, r);
+            cancel_op(r->kdata);
+            ca__wreg_unref(c, r);
+        }
+    }
+    ring_unref(g);
+    ca__wcore_unlock(c);
+    return err;
+}
+
+static int uring_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg, bool internal)
+{
+    ca_loop *loop;
+    int err = ca__watcher_delivery_loop(&loop);
+    return err < 0 ? err : uring_add_on(w, loop, pid, cb, arg, internal);
+}
+
+static int uring_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return uring_add(w, pid, cb, arg, false);
+}
+
+static int uring_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return uring_add(w, pid, cb, arg, true);
+}
+
+static int uring_remove(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    if (r) {
+        ca__wreg_ref(r);
+        uring_cancel(c, r);
+        ca__wreg_unref(c, r);
+    }
+    ca__wcore_unlock(c);
+    return r != NULL;
+}
+
+static bool uring_is_active(ca_child_watcher *w) { return true; }
+
+/* Cancels every registration and asks each ring's reader to end its ring on its loop's thread
+ * (a NOP completion makes it run): only that thread may remove the reader. A ring whose loop
+ * never runs again goes with the loop's close. */
+static int uring_close(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wcore_lock(c);
+    c->closed = true;
+    for (size_t i = 0; i < c->cap;) {
+        ca__wreg *r = c->slots[i];
+        if (!r) {
+            i++;
+            continue;
+        }
+        ca__wreg_ref(r);
+        uring_cancel(c, r); /* takes r out of slot i */
+        ca__wreg_unref(c, r);
+    }
+    for (ur_ring *g = state_of(c)->rings; g; g = g->next) {
+        if (g->dead || g->wake_posted) continue;
+        struct io_uring_sqe *sqe = get_sqe(g);
+        if (!sqe) continue; /* the cancels' completions wake the reader anyway */
+        sqe->opcode = IORING_OP_NOP;
+        io_uring_sqe_set_data64(sqe, 0);
+        g->wake_posted = true;
+        submit(g);
+    }
+    bool keep = c->keeps_sigchld;
+    c->keeps_sigchld = false;
+    ca__wcore_unlock(c);
+    if (keep) ca__sigchld_keep_release();
+    return 0;
+}
+
+static void uring_destroy(ca_child_watcher *w)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    if (!ca__child_watcher_forked(w)) {
+        ca__wcore_unref(c);
+        return;
+    }
+    /* A child of fork(): the requests are the parent's. Free our memory and our copies of the
+     * rings' mappings and fds; the registrations that only a request still held go too. */
+    ur_state *s = state_of(c);
+    while (s && s->rings) {
+        ur_ring *g = s->rings;
+        s->rings = g->next;
+        while (g->ops) {
+            ur_op *op = g->ops;
+            g->ops = op->next;
+            if (!op->r->registered && !op->r->bind) free(op->r);
+            free(op);
+        }
+        io_uring_queue_exit(&g->ring);
+        free(g);
+    }
+    ca__wcore_free_forked(c);
+}
+
+static const ca_child_watcher_ops uring_ops = {
+    .add_child_handler = uring_add_handler,
+    .remove_child_handler = uring_remove,
+    .attach_loop = NULL,
+    .is_active = uring_is_active,
+    .close = uring_close,
+    .enter = NULL,
+    .exit = NULL,
+    .destroy = uring_destroy,
+};
+
+/* ----- availability ----------------------------------------------------------------------- */
+
+static pthread_once_t probe_once = PTHREAD_ONCE_INIT;
+static int probe_result;
+
+/* One small ring, asked for its opcodes. EPERM (seccomp, kernel.io_uring_disabled) and ENOSYS
+ * mean "not here"; so does a kernel without IORING_FEAT_NODROP or without WAITID. */
+static void probe(void)
+{
+    struct io_uring ring;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int r = io_uring_queue_init_params(2, &ring, &p);
+    if (r < 0) {
+        probe_result = r == -ENOMEM ? -ENOMEM : -ENOSYS;
+        return;
+    }
+    struct io_uring_probe *pr = io_uring_get_probe_ring(&ring);
+    bool ok = pr && io_uring_opcode_supported(pr, UR_OP_WAITID) &&
+              io_uring_opcode_supported(pr, IORING_OP_ASYNC_CANCEL) &&
+              (ring.features & IORING_FEAT_NODROP);
+    if (pr) io_uring_free_probe(pr);
+    io_uring_queue_exit(&ring);
+    probe_result = ok ? 0 : -ENOSYS;
+}
+
+int ca__uring_watcher_available(void)
+{
+    const char *no = getenv("CASYNCIO_NO_IO_URING");
+    if (no && *no && strcmp(no, "0") != 0) return -ENOSYS;
+    pthread_once(&probe_once, probe);
+    return probe_result;
+}
+
+int ca_uring_child_watcher_new(ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    int err = ca__uring_watcher_available();
+    if (err < 0) return err;
+    ca__wcore *c;
+    if ((err = ca__wcore_new(&c)) < 0) return err;
+    if (!(c->impl = calloc(1, sizeof(ur_state)))) {
+        ca__wcore_unref(c);
+        return -ENOMEM;
+    }
+    c->reg_cancel = uring_cancel;
+    err = ca__child_watcher_make(&uring_ops, "uring", c, out);
+    if (err < 0) {
+        ca__wcore_unref(c);
+        return err;
+    }
+    (*out)->add_internal = uring_add_internal;
+    c->keeps_sigchld = true;
+    ca__sigchld_keep_acquire();
+    return 0;
+}
