@@ -16,6 +16,7 @@
 #define CLI_EXIT_ERROR 255
 #define CLI_MAX_FAILED_STATUS 101
 #define CLI_MAX_SOURCES 9
+#define CLI_MAX_SSH 32
 /* Separates the values of one input made of several sources (::: a b ::: 1 2). */
 #define CLI_VALUE_SEP '\x1f'
 
@@ -73,7 +74,23 @@ struct run_options {
         const char *file;
     } src[CLI_MAX_SOURCES];
     int nsrc;
+    /* ----- other machines (ssh.c): -S and its friends, kept together ----- */
+    const char *sshlogin[CLI_MAX_SSH];     /* -S values, each may hold several, comma-separated */
+    int nsshlogin;
+    const char *sshloginfile[CLI_MAX_SSH]; /* --sshloginfile; ".." is ~/.parallel/sshloginfile */
+    int nsshloginfile;
+    const char *ssh_cmd;                   /* --ssh CMD (default "ssh") */
+    const char *transfer[CLI_MAX_SSH];     /* --transferfile FILE (may hold {}) */
+    int ntransfer;
+    const char *ret[CLI_MAX_SSH];          /* --return FILE (may hold {}) */
+    int nret;
+    bool cleanup;                          /* --cleanup */
 };
+
+/* The options of ssh.c (-S, --sshloginfile, --ssh, --transferfile, --return, --cleanup, --trc,
+ * -M): 1 if argv[*i] is one of them (consumed, with its value), 0 if not, or CLI_EXIT_USAGE
+ * after printing a message. */
+int parse_ssh_option(int argc, char **argv, int *i, struct run_options *o);
 
 /* Parses argv (after the word "run"). Returns 0, or prints a message and returns
  * CLI_EXIT_USAGE. *help is set for --help (then the caller prints the run usage). */

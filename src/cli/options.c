@@ -35,6 +35,14 @@ void print_run_usage(FILE *f)
           "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal)\n"
           "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
+          "other machines (over ssh, one ControlMaster connection per host):\n"
+          "  -S, --sshlogin [N/][SSHCMD ]HOST[,...]   run jobs there (':' is this machine);\n"
+          "                        N slots (default: -j if given, else the host's CPU count)\n"
+          "      --sshloginfile FILE   one sshlogin a line (.. is ~/.parallel/sshloginfile)\n"
+          "      --ssh CMD         the ssh command (default ssh)\n"
+          "      --transferfile F  send F (may hold {}) to the host first (rsync -R)\n"
+          "      --return F        fetch F back after the job; --cleanup removes both there\n"
+          "      --trc F           --transferfile {} --return F --cleanup\n"
           "      --loop KIND       epoll (default), poll or uring\n"
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
           "  -h, --help            this help\n"
@@ -328,6 +336,10 @@ int parse_run_options(int argc, char **argv, struct run_options *o, bool *help)
             set_flag(o, a);
             continue;
         }
+        /* -S/--sshlogin and the other options of ssh.c. */
+        int sr = parse_ssh_option(argc, argv, &i, o);
+        if (sr == 1) continue;
+        if (sr) return sr;
         if (short_value(argv, argc, &i, 'j', &v, &missing) ||
             short_value(argv, argc, &i, 'P', &v, &missing) ||
             long_value(argv, argc, &i, "--jobs", &v, &missing)) {
