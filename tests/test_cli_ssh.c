@@ -354,3 +354,61 @@ TEST(ssh_transferfile_return_cleanup) /* timeout: 120 */
     CHECK_OK(chdir(cwd));
     sshd_stop(&d);
 }
+
+static bool gone(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return true;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return true;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && (p[2] == 'Z' || p[2] == 'X');
+}
+
+TEST(ssh_timeout_and_interrupt_end_the_remote_job) /* timeout: 120 */
+{
+    CHECK_OK(prctl(PR_SET_CHILD_SUBREAPER, 1));
+    struct sshd d;
+    sshd_start(&d);
+    char pids[256], script[512];
+    snprintf(pids, sizeof pids, "%s/remote_pids", d.dir);
+    /* The "remote" is this machine: the job's pid tells whether it still runs. */
+    snprintf(script, sizeof script, "echo $$ >> %s; exec sleep 60", pids);
+    struct res r;
+    run_in_for(&r, NULL,
+               (const char *const[]){"run", "--ssh", d.ssh, "-S", "127.0.0.1", "--timeout",
+                                     "2", "sh", "-c", script, ":::", "a", NULL},
+               90);
+    CHECK_EQ(r.status, 1);
+    res_free(&r);
+    int in, out, err;
+    double t0 = now_s();
+    pid_t pid = start_cli((const char *const[]){"run", "--ssh", d.ssh, "-S", "127.0.0.1", "sh",
+                                                "-c", script, ":::", "b", NULL},
+                          &in, &out, &err, -1);
+    wait_for_lines(pids, 2);
+    CHECK_OK(kill(pid, SIGINT));
+    finish_cli(pid, in, out, err, NULL, &r, t0, 60);
+    CHECK_EQ(r.status, 130);
+    res_free(&r);
+    char *p = read_file(pids);
+    CHECK(p != NULL);
+    for (char *s = p; *s;) {
+        pid_t job = (pid_t)strtol(s, &s, 10);
+        double end = now_s() + 10 * t_slow();
+        while (job > 0 && !gone(job)) {
+            if (now_s() > end) {
+                kill(job, SIGKILL);
+                t_fail(__FILE__, __LINE__, "the remote job %d still runs", (int)job);
+            }
+            sleep_s(0.05);
+        }
+        while (*s == '\n') s++;
+    }
+    free(p);
+    sshd_stop(&d);
+}

@@ -254,7 +254,7 @@ static void on_pipe_lost(ca_process *p, int fd, int err, void *arg)
 {
     struct proc_ctx *pc = arg;
     struct runner *r = pc->r; /* pc and its job may be freed by ctx_event */
-    if (fd != 1 && fd != 2) return;
+    if (fd != 1 && fd != 2 && !pc->stdin_piped) return;
     ctx_event(pc);
     after_event(r);
 }
@@ -535,10 +535,13 @@ static void start_job(struct runner *r, struct job *j)
     }
     pc->j = j;
     pc->r = r;
-    pc->pending = 3;
+    /* A remote job's ssh gets a pipe as stdin that stays open while it runs: the remote
+     * side ends the job when it closes (see ssh.c). */
+    pc->stdin_piped = j->host && !j->host->local;
+    pc->pending = pc->stdin_piped ? 4 : 3;
     ca_subprocess_options so = {
         .argv = (const char *const *)argv,
-        .stdin_mode = r->devnull >= 0 ? CA_FD : CA_DEVNULL,
+        .stdin_mode = pc->stdin_piped ? CA_PIPE : r->devnull >= 0 ? CA_FD : CA_DEVNULL,
         .stdin_fd = r->devnull,
         .stdout_mode = CA_PIPE,
         .stderr_mode = CA_PIPE,

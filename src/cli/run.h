@@ -46,7 +46,8 @@ struct spool {
 struct proc_ctx {
     struct job *j;
     struct runner *r;
-    int pending;             /* events still to come: the exit and the two pipes' EOF */
+    int pending;             /* events still to come: the exit and the pipes' EOF */
+    bool stdin_piped;        /* stdin is a pipe too (remote jobs) */
     struct proc_ctx *prev, *next; /* the runner's detached list */
 };
 
