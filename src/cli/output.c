@@ -43,9 +43,8 @@ static void emit(struct runner *r, struct job *j, int fd, struct buf *b, bool fi
         for (size_t i = 0; i < end && ok;) {
             const char *nl = memchr(b->p + i, '\n', end - i);
             size_t k = nl ? (size_t)(nl - (b->p + i)) + 1 : end - i;
-            for (const char *c = j->input; *c && ok; c++)
-                ok = buf_addc(s, *c == CLI_VALUE_SEP ? '\t' : *c);
-            ok = ok && buf_addc(s, '\t') && buf_add(s, b->p + i, k);
+            struct job_vars v = {.input = j->input, .seq = j->seq, .slot = j->slot};
+            ok = cmd_build_tag(&r->tmpl, &v, s) && buf_addc(s, '\t') && buf_add(s, b->p + i, k);
             i += k;
         }
         if (ok) output_write(r, fd, s->p, s->len);
