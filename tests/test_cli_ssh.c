@@ -72,7 +72,9 @@ static void write_text(const char *path, const char *text)
     CHECK(fclose(f) == 0);
 }
 
-/* Starts the private sshd, or skips the test saying why. */
+/* Starts the private sshd, or skips the test saying why. SHLVL=1 in the sessions' environment
+ * keeps a login bash from sourcing ~/.bashrc for each (Debian's bash does so when started by
+ * sshd): an account's heavy .bashrc (pyenv, conda) would otherwise cost each job a second. */
 static void sshd_start(struct sshd *d)
 {
     if (access(SSHD, X_OK) != 0 || system("command -v ssh ssh-keygen >/dev/null 2>&1") != 0)
@@ -98,7 +100,7 @@ static void sshd_start(struct sshd *d)
                  "HostKey %s/host_key\nAuthorizedKeysFile %s/authorized_keys\n"
                  "PidFile %s/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
                  "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                 "MaxStartups 100\nMaxSessions 100\nLogLevel INFO\n",
+                 "MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nSetEnv SHLVL=1\n",
                  d->port, d->dir, d->dir, d->dir);
         snprintf(path, sizeof path, "%s/sshd_config", d->dir);
         write_text(path, text);

@@ -55,6 +55,19 @@ void spool_reset(struct spool *s)
     s->flen = 0;
 }
 
+/* Appends all the stream holds (its file, then memory) to out; false on an error. */
+bool spool_flatten(const struct spool *sp, struct buf *out)
+{
+    char chunk[65536];
+    for (off_t off = 0; sp->fd >= 0 && off < sp->flen;) {
+        ssize_t m = pread(sp->fd, chunk, sizeof chunk, off);
+        if (m < 0 && errno == EINTR) continue;
+        if (m <= 0 || !buf_add(out, chunk, (size_t)m)) return false;
+        off += m;
+    }
+    return buf_add(out, sp->mem.p ? sp->mem.p : "", sp->mem.len);
+}
+
 void spool_free(struct spool *s)
 {
     buf_free(&s->mem);
@@ -96,10 +109,11 @@ static void write_tagged(struct runner *r, struct job *j, int fd, struct spool *
     for (size_t i = 0; i < n && ok;) {
         const char *nl = memchr(p + i, '\n', n - i);
         size_t k = nl ? (size_t)(nl - (p + i)) + 1 : n - i;
-        if (!sp->mid_line)
-            for (const char *c = j->input; *c && ok; c++)
-                ok = buf_addc(s, *c == CLI_VALUE_SEP ? '\t' : *c);
-        ok = ok && (sp->mid_line || buf_addc(s, '\t')) && buf_add(s, p + i, k);
+        if (!sp->mid_line) {
+            struct job_vars v = {.input = j->input, .seq = j->seq, .slot = j->slot};
+            ok = cmd_build_tag(&r->tmpl, &v, s) && buf_addc(s, '\t');
+        }
+        ok = ok && buf_add(s, p + i, k);
         sp->mid_line = !nl;
         i += k;
     }

@@ -229,13 +229,16 @@ void print_summary(struct runner *r, double elapsed)
 
 int joblog_open(struct runner *r)
 {
-    r->joblog = fopen(r->o->joblog, "we");
+    /* --resume/--resume-failed: the jobs run now are added to the log that says what ran. */
+    r->joblog = fopen(r->o->joblog, r->o->resume ? "ae" : "we");
     if (!r->joblog) {
         int e = -errno;
         fprintf(stderr, "casyncio: --joblog %s: %s\n", r->o->joblog, strerror(-e));
         return e;
     }
-    fputs("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n", r->joblog);
+    if (ftell(r->joblog) == 0)
+        fputs("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n",
+              r->joblog);
     fflush(r->joblog);
     return 0;
 }

@@ -170,6 +170,12 @@ static bool new_job(struct runner *r, char *input)
         return false;
     }
     r->next_seq++;
+    if (compat_skip(j->seq)) { /* --resume: the joblog says it is done */
+        j->state = J_DONE;
+        j->outcome = O_OK;
+        output_job_done(r, j);
+        return true;
+    }
     q_push_back(r, j);
     return true;
 }
@@ -357,7 +363,7 @@ static bool is_failure(enum outcome o)
     return o == O_FAILED || o == O_SIGNAL || o == O_TIMEOUT || o == O_NOEXEC;
 }
 
-static void check_halt(struct runner *r)
+static void check_halt(struct runner *r, int rc)
 {
     const struct run_options *o = r->o;
     if (o->halt_when == HALT_NEVER || r->halted) return;
@@ -366,10 +372,10 @@ static void check_halt(struct runner *r)
     unsigned long n = o->halt_on == HALT_ON_FAIL ? failed
                       : o->halt_on == HALT_ON_SUCCESS ? r->counts[O_OK]
                                                       : r->ndone;
-    bool hit = o->halt_percent
-                   ? r->ndone >= 3 && n * 100 >= (unsigned long)o->halt_percent * r->ndone
-                   : n >= (unsigned long)o->halt_count;
-    if (!hit) return;
+    (void)n;
+    if (!compat_halt_hit(failed, r->counts[O_OK], r->ndone, input_total(&r->in, r->next_seq - 1),
+                         rc))
+        return;
     r->halted = true;
     bar_clear(r);
     fprintf(stderr,
@@ -430,7 +436,18 @@ static void finish_attempt(struct runner *r, struct job *j)
     r->counts[j->outcome]++;
     r->ndone++;
     note_job(r, j);
-    check_halt(r);
+    if (j->outcome == O_OK) compat_job_succeeded(j->runtime);
+    if (r->o->results) {
+        /* --results wants the output whole: what was spooled to disk is read back here. */
+        struct buf out = {0}, err = {0};
+        if (spool_flatten(&j->out, &out) && spool_flatten(&j->err, &err))
+            compat_results(j->seq, j->input, &out, &err);
+        else
+            runner_fail(r, "--results", -ENOMEM);
+        buf_free(&out);
+        buf_free(&err);
+    }
+    check_halt(r, j->outcome == O_NOEXEC && j->rc == 0 ? 127 : j->rc);
     output_job_done(r, j);
 }
 
@@ -474,8 +491,9 @@ static void spawn_failed(struct runner *r, struct job *j, int err, const char *a
         err == -ELOOP || err == -ENAMETOOLONG || err == -EPERM) {
         j->rc = err == -ENOENT || err == -ENOTDIR ? 127 : 126;
         j->outcome = O_NOEXEC;
-        snprintf(msg, sizeof msg, "casyncio: %s: %s\n", argv0,
-                 err == -ENOENT ? "command not found" : strerror(-err));
+        snprintf(msg, sizeof msg, "casyncio: %s: %s%s\n", argv0,
+                 err == -ENOENT ? "command not found" : strerror(-err),
+                 cmd_shell_hint(&r->tmpl, argv0, err));
         output_data(r, j, 2, msg, strlen(msg));
         finish_attempt(r, j);
         return;
@@ -538,13 +556,13 @@ static void start_job(struct runner *r, struct job *j)
     /* A remote job's ssh gets a pipe as stdin that stays open while it runs: the remote
      * side ends the job when it closes (see ssh.c). */
     pc->stdin_piped = j->host && !j->host->local;
-    pc->pending = pc->stdin_piped ? 4 : 3;
+    pc->pending = (r->o->ungroup ? 1 : 3) + (pc->stdin_piped ? 1 : 0); /* -u: no pipes */
     ca_subprocess_options so = {
         .argv = (const char *const *)argv,
         .stdin_mode = pc->stdin_piped ? CA_PIPE : r->devnull >= 0 ? CA_FD : CA_DEVNULL,
         .stdin_fd = r->devnull,
-        .stdout_mode = CA_PIPE,
-        .stderr_mode = CA_PIPE,
+        .stdout_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
+        .stderr_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
         .start_new_session = true,
     };
     int e = ca_loop_subprocess_exec(r->loop, &so, &job_protocol, pc, &j->proc);
@@ -555,12 +573,14 @@ static void start_job(struct runner *r, struct job *j)
         return;
     }
     free(argv);
+    if (r->o->print_cmd) fprintf(stderr, "%s\n", job_display(j)); /* -t */
+    compat_job_started(r->loop);
     j->pc = pc;
     j->pid = ca_process_pid(j->proc);
     j->state = J_RUNNING;
     running_add(r, j);
-    if (r->o->timeout > 0 &&
-        ca_loop_call_later(r->loop, r->o->timeout, timeout_cb, j, &j->timer) < 0)
+    double timeout = compat_timeout();
+    if (timeout > 0 && ca_loop_call_later(r->loop, timeout, timeout_cb, j, &j->timer) < 0)
         runner_fail(r, "arming a timeout", -ENOMEM);
 }
 
@@ -609,12 +629,14 @@ static void begin_stop(struct runner *r)
     }
 }
 
+static void first_cb(void *arg);
+
 static void schedule(struct runner *r)
 {
     if (!r->stopping) refill(r);
     while (!r->stopping && !r->blocked && !r->pending_stop && r->nrunning < r->jobs) {
+        if (!r->q_head || !compat_may_start(r->loop, r->nrunning, first_cb, r)) break;
         struct job *j = q_pop(r);
-        if (!j) break;
         start_job(r, j);
         if (r->q_len < r->low_water / 2 && !r->stopping) refill(r);
     }
@@ -826,6 +848,7 @@ static int exit_status(struct runner *r)
     if (r->stop_signal) return 128 + r->stop_signal;
     unsigned long failed = r->counts[O_FAILED] + r->counts[O_SIGNAL] + r->counts[O_TIMEOUT] +
                            r->counts[O_NOEXEC];
+    if (r->halted) return compat_halt_status(failed, input_total(&r->in, r->next_seq - 1));
     return failed > CLI_MAX_FAILED_STATUS ? CLI_MAX_FAILED_STATUS : (int)failed;
 }
 
@@ -891,10 +914,14 @@ int run_main(const struct run_options *o)
     reopen_std_fds();
     struct runner r = {.o = o, .next_seq = 1, .next_print = 1, .devnull = -1, .jobs = o->jobs};
     cmd_template_init(&r.tmpl, o);
+    r.tmpl.in = &r.in; /* --header's column names */
     int e = input_open(&r.in, o);
+    if (e == 0 && !o->dry_run) e = compat_begin(o) < 0 ? -EALREADY : 0;
     if (e < 0) {
-        fprintf(stderr, "casyncio: %s: %s\n", r.in.failed ? r.in.failed : "input",
-                strerror(-e));
+        if (e != -EALREADY && e != -EINVAL)
+            fprintf(stderr, "casyncio: %s: %s\n", r.in.failed ? r.in.failed : "input",
+                    strerror(-e));
+        compat_end();
         input_close(&r.in);
         return CLI_EXIT_ERROR;
     }
@@ -968,6 +995,7 @@ out:
         free(r.ring);
     }
     input_close(&r.in);
+    compat_end();
     if (r.devnull >= 0) close(r.devnull);
     free(r.free_slots);
     buf_free(&r.scratch);

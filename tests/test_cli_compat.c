@@ -1,0 +1,49 @@
+/* `casyncio run` against GNU parallel: runs tests/compat/parallel_compat.sh, which gives the
+ * same arguments to both and compares outputs and exit statuses (and checks that the GNU
+ * parallel options we do not have are refused by name). Skipped when GNU parallel is not
+ * installed. */
+#include "harness.h"
+
+#include <limits.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+/* build/MODE/casyncio, next to build/MODE/tests/ where this test runs from. */
+static void cli_path(char *path, size_t n)
+{
+    ssize_t k = readlink("/proc/self/exe", path, n - 32);
+    CHECK(k > 0);
+    path[k] = 0;
+    char *slash = strrchr(path, '/');
+    CHECK(slash != NULL);
+    *slash = 0;
+    slash = strrchr(path, '/');
+    CHECK(slash != NULL);
+    strcpy(slash, "/casyncio");
+}
+
+TEST(cli_matches_gnu_parallel)
+{
+    if (system("command -v parallel >/dev/null 2>&1") != 0)
+        SKIP("GNU parallel is not installed (apt-get install parallel)");
+    char cli[PATH_MAX];
+    cli_path(cli, sizeof cli);
+    if (access(cli, X_OK) != 0) t_fail(__FILE__, __LINE__, "%s is not built", cli);
+    if (access("tests/compat/parallel_compat.sh", R_OK) != 0)
+        SKIP("run from the source tree (tests/compat/parallel_compat.sh)");
+    /* Every case of the script runs under timeout(1); this bounds the whole. */
+    const char *argv[] = {"timeout", "600", "sh", "tests/compat/parallel_compat.sh", cli, NULL};
+    pid_t pid;
+    CHECK_EQ(posix_spawnp(&pid, "timeout", NULL, NULL, (char **)argv, environ), 0);
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+}
