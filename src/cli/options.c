@@ -49,7 +49,9 @@ void print_run_usage(FILE *f)
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
           "  -h, --help            this help\n"
           "exit status: 0 all jobs succeeded; 1-101 failed jobs (capped); 128+N stopped by\n"
-          "signal N; 2 bad usage; 255 the runner's own error.\n",
+          "signal N; 2 bad usage; 255 the runner's own error.\n"
+          "a job is over when its process exits (a background process holding its output is not\n"
+          "waited for past 0.5 s); output held for printing spills to $TMPDIR past 1 MiB.\n",
           f);
 }
 
