@@ -303,6 +303,22 @@ TEST(ssh_slots_local_host_and_unreachable_hosts) /* timeout: 120 */
     CHECK(strstr(l, "127.0.0.3") == NULL);
     free(l);
     res_free(&r);
+    /* --sshloginfile: one login a line, comments and blank lines skipped. */
+    char slf[256];
+    snprintf(slf, sizeof slf, "%s/logins", d.dir);
+    write_text(slf, "# the two addresses of the test's sshd\n1/127.0.0.1\n\n  1/127.0.0.2  \n");
+    run_in_for(&r, NULL,
+               (const char *const[]){"run", "--ssh", d.ssh, "--sshloginfile", slf, "--joblog",
+                                     log, "--summary", "true", ":::", "1", "2", "3", "4", NULL},
+               90);
+    CHECK_EQ(r.status, 0);
+    CHECK_HAS(r.err, "(-j 2,");
+    l = read_file(log);
+    CHECK(l != NULL);
+    CHECK_HAS(l, "\t127.0.0.1\t");
+    CHECK_HAS(l, "\t127.0.0.2\t");
+    free(l);
+    res_free(&r);
     sshd_stop(&d);
 }
 
