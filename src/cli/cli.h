@@ -18,6 +18,7 @@
 #define CLI_EXIT_ERROR 255
 #define CLI_MAX_FAILED_STATUS 101
 #define CLI_MAX_SOURCES 32
+#define CLI_MAX_SSH 32
 /* Separates the values of one input made of several sources (::: a b ::: 1 2) or columns
  * (--colsep). */
 #define CLI_VALUE_SEP '\x1f'
@@ -110,8 +111,24 @@ struct run_options {
     long long memfree;           /* --memfree BYTES: start jobs only above this */
     double load_max;             /* --load N: start jobs only below this load average */
     bool eta;                    /* --eta: the ETA on stderr (with the bar) */
-    bool halt_percent_set;
+
+    /* ----- other machines (ssh.c): -S and its friends, kept together ----- */
+    const char *sshlogin[CLI_MAX_SSH];     /* -S values, each may hold several, comma-separated */
+    int nsshlogin;
+    const char *sshloginfile[CLI_MAX_SSH]; /* --sshloginfile; ".." is ~/.parallel/sshloginfile */
+    int nsshloginfile;
+    const char *ssh_cmd;                   /* --ssh CMD (default "ssh") */
+    const char *transfer[CLI_MAX_SSH];     /* --transferfile FILE (may hold {}) */
+    int ntransfer;
+    const char *ret[CLI_MAX_SSH];          /* --return FILE (may hold {}) */
+    int nret;
+    bool cleanup;                          /* --cleanup */
 };
+
+/* The options of ssh.c (-S, --sshloginfile, --ssh, --transferfile, --return, --cleanup, --trc,
+ * -M): 1 if argv[*i] is one of them (consumed, with its value), 0 if not, or CLI_EXIT_USAGE
+ * after printing a message. */
+int parse_ssh_option(int argc, char **argv, int *i, struct run_options *o);
 
 /* Parses argv (after the word "run"). Returns 0, or prints a message and returns
  * CLI_EXIT_USAGE. *help is set for --help (then the caller prints the run usage). */
@@ -177,9 +194,11 @@ void compat_job_started(ca_loop *loop);
 /* --timeout N%: note a successful job's runtime; the timeout for the next job (0: none). */
 void compat_job_succeeded(double runtime);
 double compat_timeout(void);
-/* --results DIR: writes the job's seq, stdout and stderr files: 0 or -errno (said). */
-int compat_results(unsigned long seq, const char *input, const struct buf *out,
-                   const struct buf *err);
+/* --results DIR: writes the job's seq, stdout and stderr files, each from what a spooled
+ * stream holds (the first flen bytes of fd when fd >= 0, then the buffer): 0 or -errno
+ * (said). */
+int compat_results(unsigned long seq, const char *input, int out_fd, long long out_flen,
+                   const struct buf *out, int err_fd, long long err_flen, const struct buf *err);
 /* --halt: is the condition met (job_rc: the returncode of the job just done)? */
 bool compat_halt_hit(unsigned long failed, unsigned long ok, unsigned long done, long total,
                      int job_rc);

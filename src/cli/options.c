@@ -37,6 +37,14 @@ void print_run_usage(FILE *f)
           "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal)\n"
           "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
+          "other machines (over ssh, one ControlMaster connection per host):\n"
+          "  -S, --sshlogin [N/][SSHCMD ]HOST[,...]   run jobs there (':' is this machine);\n"
+          "                        N slots (default: -j if given, else the host's CPU count)\n"
+          "      --sshloginfile FILE   one sshlogin a line (.. is ~/.parallel/sshloginfile)\n"
+          "      --ssh CMD         the ssh command (default ssh)\n"
+          "      --transferfile F  send F (may hold {}) to the host first (rsync -R)\n"
+          "      --return F        fetch F back after the job; --cleanup removes both there\n"
+          "      --trc F           --transferfile {} --return F --cleanup\n"
           "      --loop KIND       epoll (default), poll or uring\n"
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
           "  -h, --help            this help\n"
@@ -382,20 +390,14 @@ static const struct opt opts[] = {
     {"--plain", O_NOOP, A_NONE, NULL}, {"--gnu", O_NOOP, A_NONE, NULL},
     {"--silent", O_NOOP, A_NONE, NULL},
 
-    /* ssh: jobs on other machines. */
-    {"--sshlogin", O_SSH, A_REQ, NULL}, {"-S", O_SSH, A_REQ, NULL},
-    {"--sshloginfile", O_SSH, A_REQ, NULL}, {"--slf", O_SSH, A_REQ, NULL},
-    {"--ssh", O_SSH, A_REQ, NULL}, {"--transferfile", O_SSH, A_REQ, NULL},
-    {"--tf", O_SSH, A_REQ, NULL}, {"--transfer", O_SSH, A_NONE, NULL},
-    {"--return", O_SSH, A_REQ, NULL}, {"--cleanup", O_SSH, A_NONE, NULL},
-    {"--trc", O_SSH, A_REQ, NULL}, {"--basefile", O_SSH, A_REQ, NULL},
-    {"--bf", O_SSH, A_REQ, NULL}, {"--controlmaster", O_SSH, A_NONE, NULL},
-    {"-M", O_SSH, A_NONE, NULL}, {"--workdir", O_SSH, A_REQ, NULL},
-    {"--wd", O_SSH, A_REQ, NULL}, {"--ssh-delay", O_SSH, A_REQ, NULL},
-    {"--nonall", O_SSH, A_NONE, NULL}, {"--onall", O_SSH, A_NONE, NULL},
-    {"--filter-hosts", O_SSH, A_NONE, NULL}, {"--hostgroups", O_SSH, A_NONE, NULL},
-    {"--hgrp", O_SSH, A_NONE, NULL}, {"--rsync-opts", O_SSH, A_REQ, NULL},
-    {"--env", O_SSH, A_REQ, NULL}, {"--record-env", O_SSH, A_NONE, NULL},
+    /* ssh options that ssh.c (parse_ssh_option, tried first) does not take. */
+    {"--basefile", O_SSH, A_REQ, NULL}, {"--bf", O_SSH, A_REQ, NULL},
+    {"--workdir", O_SSH, A_REQ, NULL}, {"--wd", O_SSH, A_REQ, NULL},
+    {"--ssh-delay", O_SSH, A_REQ, NULL}, {"--nonall", O_SSH, A_NONE, NULL},
+    {"--onall", O_SSH, A_NONE, NULL}, {"--filter-hosts", O_SSH, A_NONE, NULL},
+    {"--hostgroups", O_SSH, A_NONE, NULL}, {"--hgrp", O_SSH, A_NONE, NULL},
+    {"--rsync-opts", O_SSH, A_REQ, NULL}, {"--env", O_SSH, A_REQ, NULL},
+    {"--record-env", O_SSH, A_NONE, NULL},
 
     /* Every other option of GNU parallel 20221122: refused by name. */
     {"--pipe", O_REFUSED, A_NONE, WHY_PIPE}, {"--spreadstdin", O_REFUSED, A_NONE, WHY_PIPE},
@@ -644,8 +646,9 @@ static int apply(const struct opt *op, const char *v, struct run_options *o, boo
     case O_ARGFILESEP: o->arg_file_sep = v; return 0;
     case O_VERBOSE_T: o->print_cmd = true; return 0;
     case O_SSH:
-        fprintf(stderr, "casyncio run: %s (GNU parallel option) is not supported yet: jobs run "
-                "on this machine only\n", name);
+        fprintf(stderr, "casyncio run: %s (GNU parallel option) is not supported: of the ssh "
+                "options there are -S, --sshloginfile, --ssh, --transferfile, --return, "
+                "--cleanup, --trc\n", name);
         return CLI_EXIT_USAGE;
     case O_REFUSED: return refuse(op);
     }
@@ -767,6 +770,10 @@ int parse_run_options(int argc, char **argv, struct run_options *o, bool *help)
             break;
         }
         if (a[0] != '-' || a[1] == 0) break; /* COMMAND, or ":::" */
+        /* -S/--sshlogin and the other options of ssh.c. */
+        int sr = parse_ssh_option(argc, argv, &i, o);
+        if (sr == 1) continue;
+        if (sr) return sr;
         int r = parse_one(argc, argv, &i, o, help);
         if (r) return r;
         if (*help) return 0;

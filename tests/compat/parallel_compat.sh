@@ -232,7 +232,7 @@ for o in --pipe --pipe-part --block --round-robin --recstart --recend --cat --fi
     --interactive -p --profile --noswap --retry-failed --semaphore --shebang --shebang-wrap \
     --show-limits --shuf --skip-first-line --sql-master --template --tty --term-seq \
     --total-jobs --tmpdir --tmux --trim --version -v --wait --exit -x \
-    -S --sshlogin --sshloginfile --ssh --transferfile --return --cleanup --trc --basefile \
+    --basefile \
     --workdir --nonall --onall --env; do
     refused "$o" "$o" x echo ::: a
 done
