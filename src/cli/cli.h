@@ -104,6 +104,7 @@ struct run_options {
     const char *arg_file_sep;    /* --arg-file-sep (default ::::) */
     bool ungroup;                /* -u: jobs write straight to our stdout/stderr */
     bool print_cmd;              /* -t/--verbose: each command on stderr before it runs */
+    bool verbose;                /* -v: each command on stdout, before its output */
     const char *results;         /* --results DIR */
     int resume;                  /* 1: --resume, 2: --resume-failed (needs --joblog) */
     double delay;                /* --delay SECS between job starts */

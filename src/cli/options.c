@@ -20,21 +20,41 @@ void print_run_usage(FILE *f)
           "  {} in COMMAND is replaced by the input (appended when absent); without COMMAND\n"
           "  each input is a shell command line.\n"
           "options:\n"
-          "  -j, --jobs N          jobs at once (default: CPUs; N% of CPUs; 0: as many as fit)\n"
+          "  -j, --jobs N          jobs at once (default: CPUs; +N/-N: CPUs plus/minus N; N%;\n"
+          "                        0: as many as fit)\n"
           "  -a, --arg-file FILE   read inputs from FILE instead of stdin (also :::: FILE)\n"
-          "  several ::: / :::: sources: every combination; {1} {2}... are their values\n"
+          "  several ::: / :::: sources: every combination; {1} {2}... are their values;\n"
+          "  :::+ / ::::+ link a source to the one before (side by side); --link: all of them\n"
           "  -0, --null            inputs are separated by NUL, not newline\n"
+          "  -d, --delimiter D     inputs are separated by D (\\n \\t \\0 understood)\n"
+          "  -E STR                the input ends at STR; -r: blank inputs run nothing\n"
+          "      --colsep RE       split inputs into columns {1} {2}... (string or regexp)\n"
+          "      --header :        the first input names the columns: {name}\n"
+          "  replacement strings: {} {.} {/} {//} {/.} {#} {%}, {n} {n.} {n/} {n//} {n/.} {-n};\n"
+          "  -I STR renames {} (--er, --bnr, --dnr, --bner, --seqreplace, --slotreplace the rest)\n"
+          "  -n N / -N N / -L N    N inputs per job ({} all of them / repeated per input)\n"
+          "  -m / -X               as many inputs per job as fit (-s N: chars per command line)\n"
           "      --shell           run COMMAND through sh -c (the input is quoted)\n"
-          "      --timeout SECS    SIGTERM a job after SECS, SIGKILL it --grace SECS later\n"
+          "      --timeout SECS    SIGTERM a job after SECS (N%: of the median runtime),\n"
+          "                        SIGKILL it --grace SECS later\n"
           "      --grace SECS      time between SIGTERM and SIGKILL (default 1)\n"
-          "      --retries N       run a failed job up to N more times\n"
+          "      --retries N       run a failed job at most N times in all\n"
+          "      --delay SECS      at least SECS between job starts\n"
+          "      --memfree SIZE    start jobs only while that much memory is available\n"
+          "      --load N          start jobs only while the load average is under N\n"
+          "      --resume, --resume-failed   skip what --joblog says ran (or succeeded)\n"
           "      --halt WHEN[,fail=N|,success=N|,done=N|,fail=N%]   WHEN: now, soon, never\n"
           "  -k, --keep-order      print outputs in input order\n"
           "      --group           print a job's output whole when it ends (default)\n"
           "      --line-buffer     print output line by line as it comes\n"
           "      --tag             prefix output lines with the input and a tab\n"
+          "      --tagstring STR   prefix output lines with STR (replacement strings) and a tab\n"
+          "  -u, --ungroup         jobs write straight to our stdout/stderr\n"
+          "  -v / -t               print each command on stdout before its output / on stderr\n"
+          "      --results DIR     also save each job's output in DIR/1/INPUT/{stdout,stderr,seq}\n"
           "      --joblog FILE     log every job (GNU parallel's format)\n"
-          "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal)\n"
+          "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal);\n"
+          "                        --eta, --progress: the bar\n"
           "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
           "other machines (over ssh, one ControlMaster connection per host):\n"
@@ -48,8 +68,11 @@ void print_run_usage(FILE *f)
           "      --loop KIND       epoll (default), poll or uring\n"
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
           "  -h, --help            this help\n"
-          "exit status: 0 all jobs succeeded; 1-101 failed jobs (capped); 128+N stopped by\n"
-          "signal N; 2 bad usage; 255 the runner's own error.\n",
+          "GNU parallel's syntax is taken (see man casyncio); its other options are refused by\n"
+          "name. Unlike parallel, COMMAND runs without a shell unless --shell.\n"
+          "exit status (GNU parallel's): 0 all jobs succeeded; 1-101 failed jobs (capped);\n"
+          "128+N stopped by signal N; 255 bad usage or the runner's own error; after --halt:\n"
+          "fail=1 the failed job's status, success=N 0, N% the percentage that failed.\n",
           f);
 }
 
@@ -322,7 +345,7 @@ enum opt_id {
     O_HEADER, O_TAGSTRING, O_REPLACE, O_REPLACE_OPT, O_ER, O_BNR, O_DNR, O_BNER, O_SEQR,
     O_SLOTR, O_UNGROUP, O_RESULTS, O_RESUME, O_RESUME_FAILED, O_DELAY, O_MEMFREE, O_LOAD,
     O_ETA, O_LINK, O_NORUN_EMPTY, O_EOF, O_EOF_OPT, O_ARGSEP, O_ARGFILESEP, O_VERBOSE_T,
-    O_QUOTE, O_NOOP, O_PROGRESS,
+    O_QUOTE, O_NOOP, O_PROGRESS, O_VERBOSE_V,
     /* refused with a message */
     O_REFUSED, O_SSH,
 };
@@ -455,7 +478,7 @@ static const struct opt opts[] = {
     {"--use-cpus-instead-of-cores", O_REFUSED, A_NONE, NULL},
     {"--version", O_REFUSED, A_NONE, "use 'casyncio --version'"},
     {"-V", O_REFUSED, A_NONE, "use 'casyncio --version'"},
-    {"-v", O_REFUSED, A_NONE, "use -t (the command on stderr) or --dry-run"},
+    {"-v", O_VERBOSE_V, A_NONE, NULL},
     {"--wait", O_REFUSED, A_NONE, NULL}, {"--exit", O_REFUSED, A_NONE, NULL},
     {"-x", O_REFUSED, A_NONE, NULL}, {"--sshdelay", O_REFUSED, A_REQ, NULL},
     {"--fast", O_REFUSED, A_NONE, NULL}, {"--number-of-gpus", O_REFUSED, A_NONE, NULL},
@@ -645,6 +668,7 @@ static int apply(const struct opt *op, const char *v, struct run_options *o, boo
     case O_ARGSEP: o->arg_sep = v; return 0;
     case O_ARGFILESEP: o->arg_file_sep = v; return 0;
     case O_VERBOSE_T: o->print_cmd = true; return 0;
+    case O_VERBOSE_V: o->verbose = true; return 0;
     case O_SSH:
         fprintf(stderr, "casyncio run: %s (GNU parallel option) is not supported: of the ssh "
                 "options there are -S, --sshloginfile, --ssh, --transferfile, --return, "

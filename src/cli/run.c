@@ -564,6 +564,11 @@ static void start_job(struct runner *r, struct job *j)
     }
     free(argv);
     if (r->o->print_cmd) fprintf(stderr, "%s\n", job_display(j)); /* -t */
+    if (r->o->verbose) { /* -v: the command heads the job's output */
+        const char *d = job_display(j);
+        output_data(r, j, 1, d, strlen(d));
+        output_data(r, j, 1, "\n", 1);
+    }
     compat_job_started(r->loop);
     j->pc = pc;
     j->pid = ca_process_pid(j->proc);
