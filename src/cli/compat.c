@@ -29,6 +29,7 @@ static struct {
     size_t nrt, rt_cap;
     /* --halt: the exit status of the job that made the runner halt */
     int halt_rc;
+    bool said_mem, said_load;
 } C;
 
 static bool is_shell_operator(const char *w)
@@ -223,11 +224,23 @@ bool compat_may_start(ca_loop *loop, int nrunning, void (*wake)(void *), void *a
      * wakes the scheduler too). */
     if (!wait && o->memfree) {
         long long m = mem_available();
-        if (m >= 0 && m < o->memfree) wait = 1.0;
+        if (m >= 0 && m < o->memfree) {
+            wait = 1.0;
+            if (!C.said_mem)
+                fprintf(stderr, "casyncio: --memfree: %lld MB available, under the %lld MB asked "
+                        "for: jobs wait\n", m >> 20, o->memfree >> 20);
+            C.said_mem = true;
+        }
     }
     if (!wait && o->load_max > 0) {
         double l = load_average();
-        if (l >= 0 && l >= o->load_max && nrunning > 0) wait = 1.0;
+        if (l >= 0 && l >= o->load_max && nrunning > 0) {
+            wait = 1.0;
+            if (!C.said_load)
+                fprintf(stderr, "casyncio: --load: the load average is %.2f, not under %g: "
+                        "jobs wait (one at least runs)\n", l, o->load_max);
+            C.said_load = true;
+        }
     }
     if (!wait) return true;
     static void *wake_arg[2];
