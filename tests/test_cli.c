@@ -330,9 +330,10 @@ TEST(several_input_sources)
     CHECK_EQ(r.status, 0);
     CHECK_STR(r.out, "1a\n2a\n1b\n2b\n");
     res_free(&r);
-    /* Without a replacement string each value is an argument of its own; --tag uses tabs. */
+    /* Without a replacement string each value is an argument of its own; --tag joins them
+     * with spaces, as GNU parallel does. */
     RUN(&r, "run", "-k", "--tag", "printf", "<%s>", ":::", "a b", ":::", "1");
-    CHECK_STR(r.out, "a b\t1\t<a b><1>");
+    CHECK_STR(r.out, "a b 1\t<a b><1>");
     res_free(&r);
     char path[128];
     tmp_path(path, sizeof path, "src");

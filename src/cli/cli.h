@@ -104,6 +104,7 @@ struct run_options {
     const char *arg_file_sep;    /* --arg-file-sep (default ::::) */
     bool ungroup;                /* -u: jobs write straight to our stdout/stderr */
     bool print_cmd;              /* -t/--verbose: each command on stderr before it runs */
+    bool verbose;                /* -v: each command on stdout, before its output */
     const char *results;         /* --results DIR */
     int resume;                  /* 1: --resume, 2: --resume-failed (needs --joblog) */
     double delay;                /* --delay SECS between job starts */
@@ -111,7 +112,7 @@ struct run_options {
     long long memfree;           /* --memfree BYTES: start jobs only above this */
     double load_max;             /* --load N: start jobs only below this load average */
     bool eta;                    /* --eta: the ETA on stderr (with the bar) */
-    bool halt_percent_set;
+
     /* ----- other machines (ssh.c): -S and its friends, kept together ----- */
     const char *sshlogin[CLI_MAX_SSH];     /* -S values, each may hold several, comma-separated */
     int nsshlogin;
@@ -194,9 +195,11 @@ void compat_job_started(ca_loop *loop);
 /* --timeout N%: note a successful job's runtime; the timeout for the next job (0: none). */
 void compat_job_succeeded(double runtime);
 double compat_timeout(void);
-/* --results DIR: writes the job's seq, stdout and stderr files: 0 or -errno (said). */
-int compat_results(unsigned long seq, const char *input, const struct buf *out,
-                   const struct buf *err);
+/* --results DIR: writes the job's seq, stdout and stderr files, each from what a spooled
+ * stream holds (the first flen bytes of fd when fd >= 0, then the buffer): 0 or -errno
+ * (said). */
+int compat_results(unsigned long seq, const char *input, int out_fd, long long out_flen,
+                   const struct buf *out, int err_fd, long long err_flen, const struct buf *err);
 /* --halt: is the condition met (job_rc: the returncode of the job just done)? */
 bool compat_halt_hit(unsigned long failed, unsigned long ok, unsigned long done, long total,
                      int job_rc);

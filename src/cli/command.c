@@ -149,7 +149,7 @@ bool shell_quote(struct buf *b, const char *s)
     if (plain) return buf_adds(b, s);
     bool ok = buf_addc(b, '\'');
     for (const char *p = s; *p && ok; p++)
-        ok = *p == '\'' ? buf_adds(b, "'\\''") : buf_addc(b, *p);
+        ok = *p == '\'' ? buf_adds(b, "'\"'\"'") : buf_addc(b, *p); /* as GNU parallel */
     return ok && buf_addc(b, '\'');
 }
 
@@ -423,9 +423,9 @@ char *cmd_build_display(const struct cmd_template *t, const struct job_vars *v)
 bool cmd_build_tag(const struct cmd_template *t, const struct job_vars *v, struct buf *b)
 {
     if (!t->tagstring) {
-        /* --tag: the input, its values separated by tabs (records by spaces). */
+        /* --tag: the input, its values separated by spaces (as GNU parallel's {}). */
         for (const char *p = v->input; *p; p++) {
-            char c = *p == CLI_VALUE_SEP ? '\t' : *p == CLI_RECORD_SEP ? ' ' : *p;
+            char c = *p == CLI_VALUE_SEP || *p == CLI_RECORD_SEP ? ' ' : *p;
             if (!buf_addc(b, c)) return false;
         }
         return true;

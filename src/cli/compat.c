@@ -29,6 +29,7 @@ static struct {
     size_t nrt, rt_cap;
     /* --halt: the exit status of the job that made the runner halt */
     int halt_rc;
+    bool said_mem, said_load;
 } C;
 
 static bool is_shell_operator(const char *w)
@@ -223,11 +224,23 @@ bool compat_may_start(ca_loop *loop, int nrunning, void (*wake)(void *), void *a
      * wakes the scheduler too). */
     if (!wait && o->memfree) {
         long long m = mem_available();
-        if (m >= 0 && m < o->memfree) wait = 1.0;
+        if (m >= 0 && m < o->memfree) {
+            wait = 1.0;
+            if (!C.said_mem)
+                fprintf(stderr, "casyncio: --memfree: %lld MB available, under the %lld MB asked "
+                        "for: jobs wait\n", m >> 20, o->memfree >> 20);
+            C.said_mem = true;
+        }
     }
     if (!wait && o->load_max > 0) {
         double l = load_average();
-        if (l >= 0 && l >= o->load_max && nrunning > 0) wait = 1.0;
+        if (l >= 0 && l >= o->load_max && nrunning > 0) {
+            wait = 1.0;
+            if (!C.said_load)
+                fprintf(stderr, "casyncio: --load: the load average is %.2f, not under %g: "
+                        "jobs wait (one at least runs)\n", l, o->load_max);
+            C.said_load = true;
+        }
     }
     if (!wait) return true;
     static void *wake_arg[2];
@@ -290,7 +303,10 @@ static bool add_component(struct buf *b, const char *v, size_t n)
     return true;
 }
 
-static int write_file(const char *dir, const char *name, const void *p, size_t n)
+/* Writes dir/name: the first flen bytes of the file fd (output spooled to disk, when fd >= 0)
+ * followed by mem. */
+static int write_file(const char *dir, const char *name, int fd, long long flen,
+                      const char *mem, size_t n)
 {
     struct buf path = {0};
     if (!buf_adds(&path, dir) || !buf_addc(&path, '/') || !buf_adds(&path, name) ||
@@ -298,11 +314,25 @@ static int write_file(const char *dir, const char *name, const void *p, size_t n
         buf_free(&path);
         return -ENOMEM;
     }
-    int fd = open(path.p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    int out = open(path.p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     buf_free(&path);
-    if (fd < 0) return -errno;
-    int e = write_all(fd, p, n);
-    if (close(fd) < 0 && e == 0) e = -errno;
+    if (out < 0) return -errno;
+    int e = 0;
+    if (fd >= 0 && flen > 0) {
+        char chunk[65536];
+        for (off_t off = 0; off < flen && e == 0;) {
+            size_t want = flen - off < (off_t)sizeof chunk ? (size_t)(flen - off) : sizeof chunk;
+            ssize_t m = pread(fd, chunk, want, off);
+            if (m <= 0) {
+                e = m < 0 ? -errno : -EIO;
+                break;
+            }
+            e = write_all(out, chunk, (size_t)m);
+            off += m;
+        }
+    }
+    if (e == 0 && n) e = write_all(out, mem, n);
+    if (close(out) < 0 && e == 0) e = -errno;
     return e;
 }
 
@@ -319,8 +349,8 @@ static int mkdirs(char *path)
     return 0;
 }
 
-int compat_results(unsigned long seq, const char *input, const struct buf *out,
-                   const struct buf *err)
+int compat_results(unsigned long seq, const char *input, int out_fd, long long out_flen,
+                   const struct buf *out, int err_fd, long long err_flen, const struct buf *err)
 {
     const struct run_options *o = C.o;
     if (!o || !o->results) return 0;
@@ -343,9 +373,9 @@ int compat_results(unsigned long seq, const char *input, const struct buf *out,
     int e = mkdirs(d.p);
     char s[32];
     int sn = snprintf(s, sizeof s, "%lu", seq);
-    if (e == 0) e = write_file(d.p, "seq", s, (size_t)sn);
-    if (e == 0) e = write_file(d.p, "stdout", out->p ? out->p : "", out->len);
-    if (e == 0) e = write_file(d.p, "stderr", err->p ? err->p : "", err->len);
+    if (e == 0) e = write_file(d.p, "seq", -1, 0, s, (size_t)sn);
+    if (e == 0) e = write_file(d.p, "stdout", out_fd, out_flen, out->p, out->len);
+    if (e == 0) e = write_file(d.p, "stderr", err_fd, err_flen, err->p, err->len);
     if (e < 0) fprintf(stderr, "casyncio: --results %s: %s\n", d.p, strerror(-e));
     buf_free(&d);
     return e;

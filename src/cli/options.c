@@ -20,21 +20,41 @@ void print_run_usage(FILE *f)
           "  {} in COMMAND is replaced by the input (appended when absent); without COMMAND\n"
           "  each input is a shell command line.\n"
           "options:\n"
-          "  -j, --jobs N          jobs at once (default: CPUs; N% of CPUs; 0: as many as fit)\n"
+          "  -j, --jobs N          jobs at once (default: CPUs; +N/-N: CPUs plus/minus N; N%;\n"
+          "                        0: as many as fit)\n"
           "  -a, --arg-file FILE   read inputs from FILE instead of stdin (also :::: FILE)\n"
-          "  several ::: / :::: sources: every combination; {1} {2}... are their values\n"
+          "  several ::: / :::: sources: every combination; {1} {2}... are their values;\n"
+          "  :::+ / ::::+ link a source to the one before (side by side); --link: all of them\n"
           "  -0, --null            inputs are separated by NUL, not newline\n"
+          "  -d, --delimiter D     inputs are separated by D (\\n \\t \\0 understood)\n"
+          "  -E STR                the input ends at STR; -r: blank inputs run nothing\n"
+          "      --colsep RE       split inputs into columns {1} {2}... (string or regexp)\n"
+          "      --header :        the first input names the columns: {name}\n"
+          "  replacement strings: {} {.} {/} {//} {/.} {#} {%}, {n} {n.} {n/} {n//} {n/.} {-n};\n"
+          "  -I STR renames {} (--er, --bnr, --dnr, --bner, --seqreplace, --slotreplace the rest)\n"
+          "  -n N / -N N / -L N    N inputs per job ({} all of them / repeated per input)\n"
+          "  -m / -X               as many inputs per job as fit (-s N: chars per command line)\n"
           "      --shell           run COMMAND through sh -c (the input is quoted)\n"
-          "      --timeout SECS    SIGTERM a job after SECS, SIGKILL it --grace SECS later\n"
+          "      --timeout SECS    SIGTERM a job after SECS (N%: of the median runtime),\n"
+          "                        SIGKILL it --grace SECS later\n"
           "      --grace SECS      time between SIGTERM and SIGKILL (default 1)\n"
-          "      --retries N       run a failed job up to N more times\n"
+          "      --retries N       run a failed job at most N times in all\n"
+          "      --delay SECS      at least SECS between job starts\n"
+          "      --memfree SIZE    start jobs only while that much memory is available\n"
+          "      --load N          start jobs only while the load average is under N\n"
+          "      --resume, --resume-failed   skip what --joblog says ran (or succeeded)\n"
           "      --halt WHEN[,fail=N|,success=N|,done=N|,fail=N%]   WHEN: now, soon, never\n"
           "  -k, --keep-order      print outputs in input order\n"
           "      --group           print a job's output whole when it ends (default)\n"
           "      --line-buffer     print output line by line as it comes\n"
           "      --tag             prefix output lines with the input and a tab\n"
+          "      --tagstring STR   prefix output lines with STR (replacement strings) and a tab\n"
+          "  -u, --ungroup         jobs write straight to our stdout/stderr\n"
+          "  -v / -t               print each command on stdout before its output / on stderr\n"
+          "      --results DIR     also save each job's output in DIR/1/INPUT/{stdout,stderr,seq}\n"
           "      --joblog FILE     log every job (GNU parallel's format)\n"
-          "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal)\n"
+          "      --bar, --no-bar   progress bar on stderr (default: when stderr is a terminal);\n"
+          "                        --eta, --progress: the bar\n"
           "      --summary, --no-summary   summary on stderr (default: terminal, or interrupted)\n"
           "      --dry-run         print the commands, run nothing\n"
           "other machines (over ssh, one ControlMaster connection per host):\n"
@@ -48,8 +68,11 @@ void print_run_usage(FILE *f)
           "      --loop KIND       epoll (default), poll or uring\n"
           "      --watcher KIND    pidfd, fast, safe, multiloop or threaded (default: see info)\n"
           "  -h, --help            this help\n"
-          "exit status: 0 all jobs succeeded; 1-101 failed jobs (capped); 128+N stopped by\n"
-          "signal N; 2 bad usage; 255 the runner's own error.\n"
+          "GNU parallel's syntax is taken (see man casyncio); its other options are refused by\n"
+          "name. Unlike parallel, COMMAND runs without a shell unless --shell.\n"
+          "exit status (GNU parallel's): 0 all jobs succeeded; 1-101 failed jobs (capped);\n"
+          "128+N stopped by signal N; 255 bad usage or the runner's own error; after --halt:\n"
+          "fail=1 the failed job's status, success=N 0, N% the percentage that failed.\n"
           "a job is over when its process exits (a background process holding its output is not\n"
           "waited for past 0.5 s); output held for printing spills to $TMPDIR past 1 MiB.\n",
           f);
@@ -324,7 +347,7 @@ enum opt_id {
     O_HEADER, O_TAGSTRING, O_REPLACE, O_REPLACE_OPT, O_ER, O_BNR, O_DNR, O_BNER, O_SEQR,
     O_SLOTR, O_UNGROUP, O_RESULTS, O_RESUME, O_RESUME_FAILED, O_DELAY, O_MEMFREE, O_LOAD,
     O_ETA, O_LINK, O_NORUN_EMPTY, O_EOF, O_EOF_OPT, O_ARGSEP, O_ARGFILESEP, O_VERBOSE_T,
-    O_QUOTE, O_NOOP, O_PROGRESS,
+    O_QUOTE, O_NOOP, O_PROGRESS, O_VERBOSE_V,
     /* refused with a message */
     O_REFUSED, O_SSH,
 };
@@ -392,20 +415,14 @@ static const struct opt opts[] = {
     {"--plain", O_NOOP, A_NONE, NULL}, {"--gnu", O_NOOP, A_NONE, NULL},
     {"--silent", O_NOOP, A_NONE, NULL},
 
-    /* ssh: jobs on other machines. */
-    {"--sshlogin", O_SSH, A_REQ, NULL}, {"-S", O_SSH, A_REQ, NULL},
-    {"--sshloginfile", O_SSH, A_REQ, NULL}, {"--slf", O_SSH, A_REQ, NULL},
-    {"--ssh", O_SSH, A_REQ, NULL}, {"--transferfile", O_SSH, A_REQ, NULL},
-    {"--tf", O_SSH, A_REQ, NULL}, {"--transfer", O_SSH, A_NONE, NULL},
-    {"--return", O_SSH, A_REQ, NULL}, {"--cleanup", O_SSH, A_NONE, NULL},
-    {"--trc", O_SSH, A_REQ, NULL}, {"--basefile", O_SSH, A_REQ, NULL},
-    {"--bf", O_SSH, A_REQ, NULL}, {"--controlmaster", O_SSH, A_NONE, NULL},
-    {"-M", O_SSH, A_NONE, NULL}, {"--workdir", O_SSH, A_REQ, NULL},
-    {"--wd", O_SSH, A_REQ, NULL}, {"--ssh-delay", O_SSH, A_REQ, NULL},
-    {"--nonall", O_SSH, A_NONE, NULL}, {"--onall", O_SSH, A_NONE, NULL},
-    {"--filter-hosts", O_SSH, A_NONE, NULL}, {"--hostgroups", O_SSH, A_NONE, NULL},
-    {"--hgrp", O_SSH, A_NONE, NULL}, {"--rsync-opts", O_SSH, A_REQ, NULL},
-    {"--env", O_SSH, A_REQ, NULL}, {"--record-env", O_SSH, A_NONE, NULL},
+    /* ssh options that ssh.c (parse_ssh_option, tried first) does not take. */
+    {"--basefile", O_SSH, A_REQ, NULL}, {"--bf", O_SSH, A_REQ, NULL},
+    {"--workdir", O_SSH, A_REQ, NULL}, {"--wd", O_SSH, A_REQ, NULL},
+    {"--ssh-delay", O_SSH, A_REQ, NULL}, {"--nonall", O_SSH, A_NONE, NULL},
+    {"--onall", O_SSH, A_NONE, NULL}, {"--filter-hosts", O_SSH, A_NONE, NULL},
+    {"--hostgroups", O_SSH, A_NONE, NULL}, {"--hgrp", O_SSH, A_NONE, NULL},
+    {"--rsync-opts", O_SSH, A_REQ, NULL}, {"--env", O_SSH, A_REQ, NULL},
+    {"--record-env", O_SSH, A_NONE, NULL},
 
     /* Every other option of GNU parallel 20221122: refused by name. */
     {"--pipe", O_REFUSED, A_NONE, WHY_PIPE}, {"--spreadstdin", O_REFUSED, A_NONE, WHY_PIPE},
@@ -463,7 +480,7 @@ static const struct opt opts[] = {
     {"--use-cpus-instead-of-cores", O_REFUSED, A_NONE, NULL},
     {"--version", O_REFUSED, A_NONE, "use 'casyncio --version'"},
     {"-V", O_REFUSED, A_NONE, "use 'casyncio --version'"},
-    {"-v", O_REFUSED, A_NONE, "use -t (the command on stderr) or --dry-run"},
+    {"-v", O_VERBOSE_V, A_NONE, NULL},
     {"--wait", O_REFUSED, A_NONE, NULL}, {"--exit", O_REFUSED, A_NONE, NULL},
     {"-x", O_REFUSED, A_NONE, NULL}, {"--sshdelay", O_REFUSED, A_REQ, NULL},
     {"--fast", O_REFUSED, A_NONE, NULL}, {"--number-of-gpus", O_REFUSED, A_NONE, NULL},
@@ -599,7 +616,10 @@ static int apply(const struct opt *op, const char *v, struct run_options *o, boo
             free(d);
             return usage_error("%s needs a delimiter", name);
         }
-        free((char *)o->delim);
+        /* Kept for the whole run, as argv is (a static owner, so no leak checker objects). */
+        static char *decoded_delim;
+        free(decoded_delim);
+        decoded_delim = d;
         o->delim = d;
         return 0;
     }
@@ -653,10 +673,11 @@ static int apply(const struct opt *op, const char *v, struct run_options *o, boo
     case O_ARGSEP: o->arg_sep = v; return 0;
     case O_ARGFILESEP: o->arg_file_sep = v; return 0;
     case O_VERBOSE_T: o->print_cmd = true; return 0;
+    case O_VERBOSE_V: o->verbose = true; return 0;
     case O_SSH:
-        fprintf(stderr, "casyncio run: %s (GNU parallel option) is not supported; of the ssh "
-                "options, -S/--sshlogin, --sshloginfile/--slf, --ssh, --transferfile/--tf, "
-                "--transfer, --return, --cleanup, --trc and -M are (by their full names)\n", name);
+        fprintf(stderr, "casyncio run: %s (GNU parallel option) is not supported: of the ssh "
+                "options there are -S, --sshloginfile, --ssh, --transferfile, --return, "
+                "--cleanup, --trc\n", name);
         return CLI_EXIT_USAGE;
     case O_REFUSED: return refuse(op);
     }
@@ -778,7 +799,7 @@ int parse_run_options(int argc, char **argv, struct run_options *o, bool *help)
             break;
         }
         if (a[0] != '-' || a[1] == 0) break; /* COMMAND, or ":::" */
-        /* -S/--sshlogin and the other options of ssh.c (exact names only). */
+        /* -S/--sshlogin and the other options of ssh.c. */
         int sr = parse_ssh_option(argc, argv, &i, o);
         if (sr == 1) continue;
         if (sr) return sr;

@@ -111,9 +111,9 @@ static void write_tagged(struct runner *r, struct job *j, int fd, struct spool *
         size_t k = nl ? (size_t)(nl - (p + i)) + 1 : n - i;
         if (!sp->mid_line) {
             struct job_vars v = {.input = j->input, .seq = j->seq, .slot = j->slot};
-            ok = cmd_build_tag(&r->tmpl, &v, s) && buf_addc(s, '\t');
+            ok = cmd_build_tag(&r->tmpl, &v, s); /* --tag, --tagstring */
         }
-        ok = ok && buf_add(s, p + i, k);
+        ok = ok && (sp->mid_line || buf_addc(s, '\t')) && buf_add(s, p + i, k);
         sp->mid_line = !nl;
         i += k;
     }

@@ -437,16 +437,9 @@ static void finish_attempt(struct runner *r, struct job *j)
     r->ndone++;
     note_job(r, j);
     if (j->outcome == O_OK) compat_job_succeeded(j->runtime);
-    if (r->o->results) {
-        /* --results wants the output whole: what was spooled to disk is read back here. */
-        struct buf out = {0}, err = {0};
-        if (spool_flatten(&j->out, &out) && spool_flatten(&j->err, &err))
-            compat_results(j->seq, j->input, &out, &err);
-        else
-            runner_fail(r, "--results", -ENOMEM);
-        buf_free(&out);
-        buf_free(&err);
-    }
+    if (r->o->results)
+        compat_results(j->seq, j->input, j->out.fd, j->out.flen, &j->out.mem, j->err.fd,
+                       j->err.flen, &j->err.mem);
     check_halt(r, j->outcome == O_NOEXEC && j->rc == 0 ? 127 : j->rc);
     output_job_done(r, j);
 }
@@ -493,7 +486,7 @@ static void spawn_failed(struct runner *r, struct job *j, int err, const char *a
         j->outcome = O_NOEXEC;
         snprintf(msg, sizeof msg, "casyncio: %s: %s%s\n", argv0,
                  err == -ENOENT ? "command not found" : strerror(-err),
-                 cmd_shell_hint(&r->tmpl, argv0, err));
+                 cmd_shell_hint(&r->tmpl, argv0, err)); /* names --shell where it would help */
         output_data(r, j, 2, msg, strlen(msg));
         finish_attempt(r, j);
         return;
@@ -574,6 +567,11 @@ static void start_job(struct runner *r, struct job *j)
     }
     free(argv);
     if (r->o->print_cmd) fprintf(stderr, "%s\n", job_display(j)); /* -t */
+    if (r->o->verbose) { /* -v: the command heads the job's output */
+        const char *d = job_display(j);
+        output_data(r, j, 1, d, strlen(d));
+        output_data(r, j, 1, "\n", 1);
+    }
     compat_job_started(r->loop);
     j->pc = pc;
     j->pid = ca_process_pid(j->proc);

@@ -122,6 +122,10 @@ cmp_run replace_er 0 '' -k --er @E --bnr @B --dnr @D --bner @N echo @E @B @D @N 
 cmp_run seqreplace 0 '' -k --seqreplace @S echo @S ::: a b
 cmp_run tagstring 0 '' -k --tagstring 'T{}-{#}' echo hi ::: a b
 cmp_run tag 0 '' -k --tag echo hi ::: a b
+cmp_run tag_sources 0 '' -k --tag echo ::: a b ::: 1
+cmp_run tag_n2 0 '' -k --tag -n2 echo ::: a b c
+cmp_run verbose 0 '' -k -v echo ::: 'a b' c
+cmp_run dry_run 0 '' -k --dry-run echo ::: 'a b' "it's" c
 
 # ----- several inputs per job ------------------------------------------------------------------
 cmp_run n2 0 '' -k -n2 echo ::: 1 2 3 4 5
@@ -233,8 +237,9 @@ for o in --pipe --pipe-part --block --round-robin --recstart --recend --cat --fi
     --embed --filter --limit --latest-line --memsuspend --minversion -o --files --nice \
     --interactive -p --profile --noswap --retry-failed --semaphore --shebang --shebang-wrap \
     --show-limits --shuf --skip-first-line --sql-master --template --tty --term-seq \
-    --total-jobs --tmpdir --tmux --trim --version -v --wait --exit -x \
-    --basefile --workdir --nonall --onall --env; do
+    --total-jobs --tmpdir --tmux --trim --version --wait --exit -x \
+    --basefile \
+    --workdir --nonall --onall --env; do
     refused "$o" "$o" x echo ::: a
 done
 refused '{=' echo '{= $_ .= "x" =}' ::: a
