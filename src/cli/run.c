@@ -767,12 +767,13 @@ static int setup_loop_steps(struct runner *r)
     static const ca_callback_fn fns[NSIGS] = {sigint_cb,  sigterm_cb,  sighup_cb,
                                               sigpipe_cb, sigtstp_cb, sigcont_cb};
     for (size_t i = 0; i < NSIGS; i++) {
-        /* A signal ignored when we started (nohup, a shell's background job) stays ignored:
-         * the jobs inherit it ignored too, which is what the user asked for. SIGPIPE is the
-         * exception (see sigpipe_cb). */
+        /* SIGHUP ignored when we started (nohup) stays ignored, and the jobs inherit it
+         * ignored too, which is what the user asked for; so does an ignored SIGTSTP. SIGINT
+         * and SIGTERM are handled whatever: a shell starts background commands with SIGINT
+         * ignored, and the runner must still be able to stop its jobs when told to. */
         struct sigaction old;
-        if (handled_sigs[i] != SIGPIPE && sigaction(handled_sigs[i], NULL, &old) == 0 &&
-            old.sa_handler == SIG_IGN)
+        if ((handled_sigs[i] == SIGHUP || handled_sigs[i] == SIGTSTP) &&
+            sigaction(handled_sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
             continue;
         if ((e = ca_loop_add_signal_handler(r->loop, handled_sigs[i], fns[i], r)) < 0) return e;
         r->sig_handled[i] = true;
