@@ -72,7 +72,9 @@ static void write_text(const char *path, const char *text)
     CHECK(fclose(f) == 0);
 }
 
-/* Starts the private sshd, or skips the test saying why. */
+/* Starts the private sshd, or skips the test saying why. SHLVL=1 in the sessions' environment
+ * keeps a login bash from sourcing ~/.bashrc for each (Debian's bash does so when started by
+ * sshd): an account's heavy .bashrc (pyenv, conda) would otherwise cost each job a second. */
 static void sshd_start(struct sshd *d)
 {
     if (access(SSHD, X_OK) != 0 || system("command -v ssh ssh-keygen >/dev/null 2>&1") != 0)
@@ -98,7 +100,7 @@ static void sshd_start(struct sshd *d)
                  "HostKey %s/host_key\nAuthorizedKeysFile %s/authorized_keys\n"
                  "PidFile %s/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
                  "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                 "MaxStartups 100\nMaxSessions 100\nLogLevel INFO\n",
+                 "MaxStartups 100\nMaxSessions 100\nLogLevel INFO\nSetEnv SHLVL=1\n",
                  d->port, d->dir, d->dir, d->dir);
         snprintf(path, sizeof path, "%s/sshd_config", d->dir);
         write_text(path, text);
@@ -301,6 +303,22 @@ TEST(ssh_slots_local_host_and_unreachable_hosts) /* timeout: 120 */
     CHECK(strstr(l, "127.0.0.3") == NULL);
     free(l);
     res_free(&r);
+    /* --sshloginfile: one login a line, comments and blank lines skipped. */
+    char slf[256];
+    snprintf(slf, sizeof slf, "%s/logins", d.dir);
+    write_text(slf, "# the two addresses of the test's sshd\n1/127.0.0.1\n\n  1/127.0.0.2  \n");
+    run_in_for(&r, NULL,
+               (const char *const[]){"run", "--ssh", d.ssh, "--sshloginfile", slf, "--joblog",
+                                     log, "--summary", "true", ":::", "1", "2", "3", "4", NULL},
+               90);
+    CHECK_EQ(r.status, 0);
+    CHECK_HAS(r.err, "(-j 2,");
+    l = read_file(log);
+    CHECK(l != NULL);
+    CHECK_HAS(l, "\t127.0.0.1\t");
+    CHECK_HAS(l, "\t127.0.0.2\t");
+    free(l);
+    res_free(&r);
     sshd_stop(&d);
 }
 
@@ -352,5 +370,63 @@ TEST(ssh_transferfile_return_cleanup) /* timeout: 120 */
     rmdir(remote);
     res_free(&r);
     CHECK_OK(chdir(cwd));
+    sshd_stop(&d);
+}
+
+static bool gone(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return true;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return true;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && (p[2] == 'Z' || p[2] == 'X');
+}
+
+TEST(ssh_timeout_and_interrupt_end_the_remote_job) /* timeout: 120 */
+{
+    CHECK_OK(prctl(PR_SET_CHILD_SUBREAPER, 1));
+    struct sshd d;
+    sshd_start(&d);
+    char pids[256], script[512];
+    snprintf(pids, sizeof pids, "%s/remote_pids", d.dir);
+    /* The "remote" is this machine: the job's pid tells whether it still runs. */
+    snprintf(script, sizeof script, "echo $$ >> %s; exec sleep 60", pids);
+    struct res r;
+    run_in_for(&r, NULL,
+               (const char *const[]){"run", "--ssh", d.ssh, "-S", "127.0.0.1", "--timeout",
+                                     "2", "sh", "-c", script, ":::", "a", NULL},
+               90);
+    CHECK_EQ(r.status, 1);
+    res_free(&r);
+    int in, out, err;
+    double t0 = now_s();
+    pid_t pid = start_cli((const char *const[]){"run", "--ssh", d.ssh, "-S", "127.0.0.1", "sh",
+                                                "-c", script, ":::", "b", NULL},
+                          &in, &out, &err, -1);
+    wait_for_lines(pids, 2);
+    CHECK_OK(kill(pid, SIGINT));
+    finish_cli(pid, in, out, err, NULL, &r, t0, 60);
+    CHECK_EQ(r.status, 130);
+    res_free(&r);
+    char *p = read_file(pids);
+    CHECK(p != NULL);
+    for (char *s = p; *s;) {
+        pid_t job = (pid_t)strtol(s, &s, 10);
+        double end = now_s() + 10 * t_slow();
+        while (job > 0 && !gone(job)) {
+            if (now_s() > end) {
+                kill(job, SIGKILL);
+                t_fail(__FILE__, __LINE__, "the remote job %d still runs", (int)job);
+            }
+            sleep_s(0.05);
+        }
+        while (*s == '\n') s++;
+    }
+    free(p);
     sshd_stop(&d);
 }

@@ -72,7 +72,9 @@ void print_run_usage(FILE *f)
           "name. Unlike parallel, COMMAND runs without a shell unless --shell.\n"
           "exit status (GNU parallel's): 0 all jobs succeeded; 1-101 failed jobs (capped);\n"
           "128+N stopped by signal N; 255 bad usage or the runner's own error; after --halt:\n"
-          "fail=1 the failed job's status, success=N 0, N% the percentage that failed.\n",
+          "fail=1 the failed job's status, success=N 0, N% the percentage that failed.\n"
+          "a job is over when its process exits (a background process holding its output is not\n"
+          "waited for past 0.5 s); output held for printing spills to $TMPDIR past 1 MiB.\n",
           f);
 }
 

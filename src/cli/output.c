@@ -55,6 +55,19 @@ void spool_reset(struct spool *s)
     s->flen = 0;
 }
 
+/* Appends all the stream holds (its file, then memory) to out; false on an error. */
+bool spool_flatten(const struct spool *sp, struct buf *out)
+{
+    char chunk[65536];
+    for (off_t off = 0; sp->fd >= 0 && off < sp->flen;) {
+        ssize_t m = pread(sp->fd, chunk, sizeof chunk, off);
+        if (m < 0 && errno == EINTR) continue;
+        if (m <= 0 || !buf_add(out, chunk, (size_t)m)) return false;
+        off += m;
+    }
+    return buf_add(out, sp->mem.p ? sp->mem.p : "", sp->mem.len);
+}
+
 void spool_free(struct spool *s)
 {
     buf_free(&s->mem);

@@ -260,7 +260,7 @@ static void on_pipe_lost(ca_process *p, int fd, int err, void *arg)
 {
     struct proc_ctx *pc = arg;
     struct runner *r = pc->r; /* pc and its job may be freed by ctx_event */
-    if (fd != 1 && fd != 2) return;
+    if (fd != 1 && fd != 2 && !pc->stdin_piped) return;
     ctx_event(pc);
     after_event(r);
 }
@@ -546,10 +546,13 @@ static void start_job(struct runner *r, struct job *j)
     }
     pc->j = j;
     pc->r = r;
-    pc->pending = r->o->ungroup ? 1 : 3; /* -u: no pipes, only the exit */
+    /* A remote job's ssh gets a pipe as stdin that stays open while it runs: the remote
+     * side ends the job when it closes (see ssh.c). */
+    pc->stdin_piped = j->host && !j->host->local;
+    pc->pending = (r->o->ungroup ? 1 : 3) + (pc->stdin_piped ? 1 : 0); /* -u: no pipes */
     ca_subprocess_options so = {
         .argv = (const char *const *)argv,
-        .stdin_mode = r->devnull >= 0 ? CA_FD : CA_DEVNULL,
+        .stdin_mode = pc->stdin_piped ? CA_PIPE : r->devnull >= 0 ? CA_FD : CA_DEVNULL,
         .stdin_fd = r->devnull,
         .stdout_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
         .stderr_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
@@ -764,12 +767,13 @@ static int setup_loop_steps(struct runner *r)
     static const ca_callback_fn fns[NSIGS] = {sigint_cb,  sigterm_cb,  sighup_cb,
                                               sigpipe_cb, sigtstp_cb, sigcont_cb};
     for (size_t i = 0; i < NSIGS; i++) {
-        /* A signal ignored when we started (nohup, a shell's background job) stays ignored:
-         * the jobs inherit it ignored too, which is what the user asked for. SIGPIPE is the
-         * exception (see sigpipe_cb). */
+        /* SIGHUP ignored when we started (nohup) stays ignored, and the jobs inherit it
+         * ignored too, which is what the user asked for; so does an ignored SIGTSTP. SIGINT
+         * and SIGTERM are handled whatever: a shell starts background commands with SIGINT
+         * ignored, and the runner must still be able to stop its jobs when told to. */
         struct sigaction old;
-        if (handled_sigs[i] != SIGPIPE && sigaction(handled_sigs[i], NULL, &old) == 0 &&
-            old.sa_handler == SIG_IGN)
+        if ((handled_sigs[i] == SIGHUP || handled_sigs[i] == SIGTSTP) &&
+            sigaction(handled_sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
             continue;
         if ((e = ca_loop_add_signal_handler(r->loop, handled_sigs[i], fns[i], r)) < 0) return e;
         r->sig_handled[i] = true;

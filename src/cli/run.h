@@ -46,7 +46,8 @@ struct spool {
 struct proc_ctx {
     struct job *j;
     struct runner *r;
-    int pending;             /* events still to come: the exit and the two pipes' EOF */
+    int pending;             /* events still to come: the exit and the pipes' EOF */
+    bool stdin_piped;        /* stdin is a pipe too (remote jobs) */
     struct proc_ctx *prev, *next; /* the runner's detached list */
 };
 
@@ -181,6 +182,7 @@ void output_write(struct runner *r, int fd, const char *p, size_t n);
 void spool_init(struct spool *s);
 void spool_reset(struct spool *s);
 void spool_free(struct spool *s);
+bool spool_flatten(const struct spool *sp, struct buf *out);
 bool ring_put(struct runner *r, struct job *j);
 void job_free(struct job *j);
 

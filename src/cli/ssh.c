@@ -536,10 +536,22 @@ static char *expand(struct runner *r, struct job *j, const char *tmpl)
     return s;
 }
 
-/* The remote shell's command line: every word quoted, so it runs exactly argv. */
+/* What the remote shell runs: a small POSIX sh wrapper, then argv with every word quoted,
+ * so that exactly argv runs there. The wrapper ties the job to the connection: the local ssh
+ * keeps a pipe as its stdin (never written), which the wrapper moves to fd 3 for a background
+ * subshell reading it (an asynchronous list's own stdin would be /dev/null); when ssh goes
+ * away (the job was signalled, timed out, or the runner interrupted) the channel closes, the
+ * read sees the end of file and the subshell SIGTERMs the session's whole process group,
+ * which sshd made for this session alone. Once the job ends the watcher is dismissed (it
+ * uses the shell's own `read`, so nothing of it is left holding the channel). The job gets
+ * /dev/null as stdin, as local jobs do, and not fd 3. */
+#define REMOTE_WRAPPER                                                                       \
+    "exec 3<&0 </dev/null; (while read -r _ <&3; do :; done; kill -TERM 0) & exec 3<&-; "    \
+    "\"$@\"; r=$?; kill $! 2>/dev/null; exit $r"
+
 static bool quoted_command(struct buf *b, char **argv)
 {
-    bool ok = buf_adds(b, "exec");
+    bool ok = buf_adds(b, "exec sh -c ") && shell_quote(b, REMOTE_WRAPPER) && buf_adds(b, " sh");
     for (char **p = argv; *p && ok; p++) ok = buf_addc(b, ' ') && shell_quote(b, *p);
     return ok;
 }

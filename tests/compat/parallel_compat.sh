@@ -245,6 +245,8 @@ fi
 
 fi
 # ----- refused by name: every GNU parallel option we do not have ------------------------------
+# (-S, --sshloginfile, --ssh, --transferfile, --return, --cleanup and --trc are implemented:
+# tests/test_cli_ssh.c runs them against a real sshd.)
 if want refused; then
 for o in --pipe --pipe-part --block --round-robin --recstart --recend --cat --fifo --shard \
     --bin --group-by --tee --rpl --parens --plus --bg --fg --color --compress --csv --ctag \
