@@ -29,7 +29,9 @@ static void cli_path(char *path, size_t n)
     strcpy(slash, "/casyncio");
 }
 
-TEST(cli_matches_gnu_parallel) /* timeout: 600 */
+/* Runs one section of the script; skips after it when GNU parallel is missing (the script then
+ * checked only what needs no parallel). */
+static void run_section(const char *section)
 {
     bool have_parallel = system("command -v parallel >/dev/null 2>&1") == 0;
     char cli[PATH_MAX];
@@ -37,14 +39,55 @@ TEST(cli_matches_gnu_parallel) /* timeout: 600 */
     if (access(cli, X_OK) != 0) t_fail(__FILE__, __LINE__, "%s is not built", cli);
     if (access("tests/compat/parallel_compat.sh", R_OK) != 0)
         SKIP("run from the source tree (tests/compat/parallel_compat.sh)");
-    /* Every case of the script runs under timeout(1); this bounds the whole. */
-    const char *argv[] = {"timeout", "600", "sh", "tests/compat/parallel_compat.sh", cli, NULL};
+    /* Each case of the script runs under timeout(1) too; this bounds the section, and kills
+     * what it started if it overruns. */
+    const char *argv[] = {"timeout", "-s", "KILL", "170", "sh", "tests/compat/parallel_compat.sh",
+                          cli, section, NULL};
     pid_t pid;
     CHECK_EQ(posix_spawnp(&pid, "timeout", NULL, NULL, (char **)argv, environ), 0);
     int st;
     CHECK_EQ(waitpid(pid, &st, 0), pid);
     CHECK(WIFEXITED(st));
     CHECK_EQ(WEXITSTATUS(st), 0);
-    /* The refusals and the no-shell messages were checked; the comparisons were not. */
     if (!have_parallel) SKIP("GNU parallel is not installed (apt-get install parallel)");
+}
+
+TEST(compat_input_syntax) /* timeout: 180 */
+{
+    run_section("input");
+}
+
+TEST(compat_replacement_strings) /* timeout: 180 */
+{
+    run_section("replace");
+}
+
+TEST(compat_several_inputs_per_job) /* timeout: 180 */
+{
+    run_section("multi");
+}
+
+TEST(compat_options) /* timeout: 180 */
+{
+    run_section("options");
+}
+
+TEST(compat_exit_status) /* timeout: 180 */
+{
+    run_section("exit");
+}
+
+TEST(compat_retries_results_resume) /* timeout: 180 */
+{
+    run_section("files");
+}
+
+TEST(compat_refused_by_name) /* timeout: 180 */
+{
+    run_section("refused");
+}
+
+TEST(compat_intended_differences) /* timeout: 180 */
+{
+    run_section("differences");
 }

@@ -203,8 +203,9 @@ int compat_results(unsigned long seq, const char *input, int out_fd, long long o
 /* --halt: is the condition met (job_rc: the returncode of the job just done)? */
 bool compat_halt_hit(unsigned long failed, unsigned long ok, unsigned long done, long total,
                      int job_rc);
-/* The exit status after a halt. */
-int compat_halt_status(unsigned long failed, long total);
+/* The exit status after a halt (total: the number of jobs, -1 if not known; done: how many
+ * ended). */
+int compat_halt_status(unsigned long failed, long total, unsigned long done);
 
 /* ----- the runner (run.c) ------------------------------------------------------------ */
 

@@ -406,12 +406,13 @@ bool compat_halt_hit(unsigned long failed, unsigned long ok, unsigned long done,
 
 /* GNU parallel's exit status after a halt: success=...: 0; fail=1 and done=1: the status of
  * the job that made it halt; N%: the percentage of jobs that failed; else the failures. */
-int compat_halt_status(unsigned long failed, long total)
+int compat_halt_status(unsigned long failed, long total, unsigned long done)
 {
     const struct run_options *o = C.o;
     if (o->halt_on == HALT_ON_SUCCESS) return 0;
     if (o->halt_percent) {
-        long t = total > 0 ? total : 1;
+        /* Of all the jobs; of those done when their number is not known yet. */
+        long t = total > 0 ? total : done > 0 ? (long)done : 1;
         return (int)(failed * 100 / (unsigned long)t);
     }
     if (o->halt_count == 1) return C.halt_rc;

@@ -467,7 +467,10 @@ static char *take_stream_row(struct input *in, bool *oom)
         if (!rec) return NULL;
         if (in->o->eof_str && strcmp(rec, in->o->eof_str) == 0) {
             free(rec);
+            /* Nothing after it is read: the runner stops reading the stream. */
             in->ended = true;
+            in->eof = true;
+            in->start = in->buf.len;
             return NULL;
         }
         if (in->want_header) {

@@ -847,7 +847,7 @@ static int exit_status(struct runner *r)
     if (r->stop_signal) return 128 + r->stop_signal;
     unsigned long failed = r->counts[O_FAILED] + r->counts[O_SIGNAL] + r->counts[O_TIMEOUT] +
                            r->counts[O_NOEXEC];
-    if (r->halted) return compat_halt_status(failed, input_total(&r->in, r->next_seq - 1));
+    if (r->halted) return compat_halt_status(failed, input_total(&r->in, r->next_seq - 1), r->ndone);
     return failed > CLI_MAX_FAILED_STATUS ? CLI_MAX_FAILED_STATUS : (int)failed;
 }
 

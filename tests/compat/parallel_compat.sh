@@ -2,12 +2,15 @@
 # The same arguments through GNU parallel and through `casyncio run`: outputs (sorted where
 # parallel's order is not fixed) and exit statuses must be the same. Also checks that every
 # GNU parallel option we do not support is refused by name, and the intended differences.
-# usage: parallel_compat.sh CASYNCIO_BINARY
+# usage: parallel_compat.sh CASYNCIO_BINARY [SECTION]
+# SECTION: input, replace, multi, options, exit, files, refused, differences (default: all).
 # Prints "parallel_compat: N passed, N failed, N skipped"; exits 1 if any failed.
 # GNU parallel 20221122 (Debian's `parallel` package) is the reference; without it every
 # comparison is skipped (install it: apt-get install parallel).
 set -u
 CA=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+SECTION=${2:-all}
+want() { [ "$SECTION" = all ] || [ "$SECTION" = "$1" ]; }
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 passed=0 failed=0 skipped=0
@@ -84,6 +87,7 @@ refused() {
 }
 
 # ----- input syntax --------------------------------------------------------------------------
+if want input; then
 cmp_run link 0 '' -k echo ::: a b c :::+ 1 2
 cmp_run link_middle 0 '' -k echo ::: a b :::+ 1 2 3 ::: x y
 cmp_run link_files 0 '' -k echo :::: f1 ::::+ f2
@@ -109,7 +113,9 @@ cmp_run header_colsep 0 'x\ty\na\tb\nc\td\n' -k --header : --colsep '\t' echo {y
 cmp_run header_sources 0 '' -k --header : echo {f}{g} ::: f a b ::: g 1
 cmp_run header_stdin 0 'name\na\nb\n' -k --header : echo {name}
 
+fi
 # ----- replacement strings ---------------------------------------------------------------------
+if want replace; then
 cmp_run positional_mods 0 '' -k echo {1.} {1/} {1//} {1/.} {2} ::: a/b.c ::: d/e.f
 cmp_run positional_10 0 '' -k echo {10} {1} {11} ::: 1 ::: 2 ::: 3 ::: 4 ::: 5 ::: 6 ::: 7 ::: 8 ::: 9 ::: 10 ::: 11
 cmp_run positional_missing 0 '' -k echo '[{3}]' ::: 1 ::: 2
@@ -127,7 +133,9 @@ cmp_run tag_n2 0 '' -k --tag -n2 echo ::: a b c
 cmp_run verbose 0 '' -k -v echo ::: 'a b' c
 cmp_run dry_run 0 '' -k --dry-run echo ::: 'a b' "it's" c
 
+fi
 # ----- several inputs per job ------------------------------------------------------------------
+if want multi; then
 cmp_run n2 0 '' -k -n2 echo ::: 1 2 3 4 5
 cmp_run n2_words 0 '' -k -n2 ./pr x{}y ::: 1 2 3
 cmp_run n2_positional 0 '' -k -n2 ./pr {1}:{2} ::: 1 2 3
@@ -145,7 +153,9 @@ cmp_run m_j3 0 '' -j3 -m -k echo ::: 1 2 3 4 5 6 7 8 9 10
 cmp_run m_stdin 0 '1\n2\n3\n4\n' -j2 -m -k echo
 cmp_run s_m_j1 0 '' -j1 -s 20 -m -k echo ::: 1 2 3 4 5 6 7 8 9 10 11 12
 
+fi
 # ----- options ------------------------------------------------------------------------------------
+if want options; then
 cmp_run jobs_plus 0 '' -k -j +1 echo ::: a b c
 cmp_run jobs_minus 0 '' -k -j -1 echo ::: a b c
 cmp_run jobs_percent 0 '' -k -j 50% echo ::: a b c
@@ -161,7 +171,9 @@ cmp_run timeout_secs 1 '' --timeout 1 ./nap ::: 0.1 3
 cmp_run timeout_percent 0 '' -j1 -k --timeout 300% ./nap ::: 0.2 0.2 0.2 0.2 5
 cmp_run unsorted 1 '' -j4 ./ex ::: 0 0 0 0
 
+fi
 # ----- exit status ----------------------------------------------------------------------------------
+if want exit; then
 cmp_run exit_failures 1 '' ./ex ::: 0 1 2 3
 cmp_run exit_101 1 '' ./ex ::: $(seq 1 105)
 cmp_run exit_usage 2 '' --no-such-option echo
@@ -181,7 +193,9 @@ cmp_run halt_done_percent 0 '' -j1 --halt soon,done=50% ./ex ::: 0 7 5 4 5
 cmp_run halt_signal 0 '' -j1 --halt now,fail=1 ./sig ::: 9
 cmp_run halt_status_300 0 '' -j1 --halt now,fail=1 ./ex ::: 0 300
 
+fi
 # ----- --retries: GNU parallel counts attempts ------------------------------------------------
+if want files; then
 if [ $HAVE_PAR = 1 ]; then
     printf '#!/bin/sh\necho x >> "$1"\nexit 1\n' > count && chmod +x count
     parallel --retries 3 ./count ::: p.cnt > /dev/null 2>&1
@@ -229,9 +243,11 @@ else
     skipped=$((skipped + 2))
 fi
 
+fi
 # ----- refused by name: every GNU parallel option we do not have ------------------------------
 # (-S, --sshloginfile, --ssh, --transferfile, --return, --cleanup and --trc are implemented:
 # tests/test_cli_ssh.c runs them against a real sshd.)
+if want refused; then
 for o in --pipe --pipe-part --block --round-robin --recstart --recend --cat --fifo --shard \
     --bin --group-by --tee --rpl --parens --plus --bg --fg --color --compress --csv --ctag \
     --embed --filter --limit --latest-line --memsuspend --minversion -o --files --nice \
@@ -245,7 +261,9 @@ done
 refused '{=' echo '{= $_ .= "x" =}' ::: a
 refused '--header' --header '.*' echo ::: a
 
+fi
 # ----- intended differences -------------------------------------------------------------------
+if want differences; then
 # No shell: a command given as one word is not found, and the message names --shell.
 "$CA" run --no-bar 'echo pre-{}' ::: a > c.out 2> c.err
 rc=$?
@@ -259,5 +277,6 @@ fi
 "$CA" run --no-bar -k --shell echo {} '|' tr a-z A-Z ::: ab 'c d' > c.out 2> c.err
 if [ "$(cat c.out)" = "$(printf 'AB\nC D')" ]; then ok; else bad "--shell pipe: $(cat c.out)"; fi
 
+fi
 echo "parallel_compat: $passed passed, $failed failed, $skipped skipped"
 [ $failed = 0 ]
