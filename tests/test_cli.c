@@ -256,7 +256,8 @@ TEST(help_and_version)
     res_free(&r);
 }
 
-TEST(bad_usage_exits_2)
+/* GNU parallel's status for bad usage: 255, so that 1-101 always counts failed jobs. */
+TEST(bad_usage_exits_255)
 {
     static const char *const cases[][4] = {
         {"run", "--no-such-option", "true", NULL},
@@ -270,14 +271,14 @@ TEST(bad_usage_exits_2)
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         struct res r;
         run_in(&r, NULL, cases[i]);
-        if (r.status != 2) t_fail(__FILE__, __LINE__, "case %zu: exit %d", i, r.status);
+        if (r.status != 255) t_fail(__FILE__, __LINE__, "case %zu: exit %d", i, r.status);
         CHECK_HAS(r.err, "usage");
         CHECK_EQ(r.nout, 0);
         res_free(&r);
     }
     struct res r;
     run_in(&r, NULL, (const char *const[]){NULL});
-    CHECK_EQ(r.status, 2);
+    CHECK_EQ(r.status, 255);
     CHECK_HAS(r.err, "usage");
     res_free(&r);
 }
@@ -329,9 +330,10 @@ TEST(several_input_sources)
     CHECK_EQ(r.status, 0);
     CHECK_STR(r.out, "1a\n2a\n1b\n2b\n");
     res_free(&r);
-    /* Without a replacement string each value is an argument of its own; --tag uses tabs. */
+    /* Without a replacement string each value is an argument of its own; --tag joins them
+     * with spaces, as GNU parallel does. */
     RUN(&r, "run", "-k", "--tag", "printf", "<%s>", ":::", "a b", ":::", "1");
-    CHECK_STR(r.out, "a b\t1\t<a b><1>");
+    CHECK_STR(r.out, "a b 1\t<a b><1>");
     res_free(&r);
     char path[128];
     tmp_path(path, sizeof path, "src");
@@ -359,7 +361,7 @@ TEST(stdin_file_and_shell_inputs)
     struct res r;
     RUN_IN(&r, "a\nb\n\nc d\n", "run", "-k", "-j", "2", "echo", "[{}]");
     CHECK_EQ(r.status, 0);
-    CHECK_STR(r.out, "[a]\n[b]\n[c d]\n");
+    CHECK_STR(r.out, "[a]\n[b]\n[]\n[c d]\n"); /* a blank line: an empty input, as parallel */
     res_free(&r);
     /* Without COMMAND each input is a shell command line. */
     RUN_IN(&r, "echo one | tr o O\nx=2; echo $x\n", "run", "-k");
@@ -500,7 +502,7 @@ TEST(halt_now_on_first_failure) /* timeout: 20 */
     struct res r;
     RUN(&r, "run", "-j", "2", "--halt", "now,fail=1", "--joblog", log, ":::", "sleep 0.2; exit 4",
         "sleep 30", "echo never", "echo never");
-    CHECK_EQ(r.status, 1);
+    CHECK_EQ(r.status, 4); /* fail=1: the failed job's status, as GNU parallel */
     CHECK(r.secs < 5);
     CHECK(strstr(r.out, "never") == NULL);
     CHECK_HAS(r.err, "halting");
@@ -515,7 +517,7 @@ TEST(halt_now_on_first_failure) /* timeout: 20 */
     /* soon: the running job finishes, nothing new starts. */
     RUN(&r, "run", "-j", "2", "--halt", "soon,fail=1", ":::", "exit 4", "sleep 0.3; echo ran",
         "echo never");
-    CHECK_EQ(r.status, 1);
+    CHECK_EQ(r.status, 4);
     CHECK_STR(r.out, "ran\n");
     res_free(&r);
 }
@@ -530,7 +532,8 @@ TEST(retries)
              "[ $n -ge 3 ]",
              cnt, cnt);
     struct res r;
-    RUN(&r, "run", "--retries", "2", ":::", script);
+    /* GNU parallel's count: --retries 3 runs a job at most 3 times. */
+    RUN(&r, "run", "--retries", "3", ":::", script);
     CHECK_EQ(r.status, 0);
     CHECK_STR(r.out, "try 3\n"); /* only the last attempt's output */
     char *c = read_file(cnt);
@@ -538,7 +541,7 @@ TEST(retries)
     free(c);
     res_free(&r);
     unlink(cnt);
-    RUN(&r, "run", "--retries", "1", ":::", script);
+    RUN(&r, "run", "--retries", "2", ":::", script);
     CHECK_EQ(r.status, 1);
     c = read_file(cnt);
     CHECK_STR(c, "2\n");

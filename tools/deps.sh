@@ -17,6 +17,10 @@ need_cmd pkg-config pkg-config
 if [ "$what" = ci ]; then
     need_cmd valgrind valgrind
     need_cmd clang clang
+    # tests/test_cli_ssh.c starts a private sshd and runs -S jobs through it (and rsync).
+    need_cmd /usr/sbin/sshd openssh-server
+    need_cmd ssh openssh-client
+    need_cmd rsync rsync
 fi
 if [ "$what" = bench ]; then
     need_header uv.h libuv1-dev

@@ -49,6 +49,11 @@ static int term_width(void)
 void bar_draw(struct runner *r)
 {
     if (!r->bar || r->output_broken) return;
+    if (r->tty_mid_line) {
+        /* The last output ended inside a line: the bar goes below it rather than over it. */
+        write_all(2, "\n", 1);
+        r->tty_mid_line = false;
+    }
     double elapsed = ca_loop_time(r->loop) - r->t0;
     unsigned long done = r->ndone + r->counts[O_SKIPPED];
     long known = input_total(&r->in, r->next_seq - 1);
@@ -183,9 +188,10 @@ void print_summary(struct runner *r, double elapsed)
 {
     unsigned long total = 0;
     for (int i = 0; i < O_COUNT; i++) total += r->counts[i];
+    total += r->unread;
     FILE *f = stderr;
     fprintf(f, "casyncio: %lu job%s in %.2fs (-j %d, %s loop, %s watcher)", total,
-            total == 1 ? "" : "s", elapsed, r->o->jobs, ca_loop_kind(r->loop),
+            total == 1 ? "" : "s", elapsed, r->jobs, ca_loop_kind(r->loop),
             watcher_kind_name(r->watcher_kind));
     if (r->stop_signal && r->stop_signal != SIGPIPE)
         fprintf(f, ", stopped by %s", strsignal(r->stop_signal));
@@ -193,8 +199,10 @@ void print_summary(struct runner *r, double elapsed)
         fputs(", halted", f);
     fputc('\n', f);
     for (int i = 0; i < O_COUNT; i++) {
-        if (!r->counts[i] && i != O_OK) continue;
-        fprintf(f, "  %6lu %s", r->counts[i], outcome_names[i]);
+        if (!r->counts[i] && i != O_OK && !(i == O_SKIPPED && (r->unread || r->unread_unknown)))
+            continue;
+        fprintf(f, "  %6lu %s", r->counts[i] + (i == O_SKIPPED ? r->unread : 0), outcome_names[i]);
+        if (i == O_SKIPPED && r->unread_unknown) fputs(" (and the rest of the input, unread)", f);
         if (i == O_OK && r->nretried_ok) fprintf(f, " (%lu after a retry)", r->nretried_ok);
         fputc('\n', f);
     }
@@ -221,13 +229,16 @@ void print_summary(struct runner *r, double elapsed)
 
 int joblog_open(struct runner *r)
 {
-    r->joblog = fopen(r->o->joblog, "we");
+    /* --resume/--resume-failed: the jobs run now are added to the log that says what ran. */
+    r->joblog = fopen(r->o->joblog, r->o->resume ? "ae" : "we");
     if (!r->joblog) {
         int e = -errno;
         fprintf(stderr, "casyncio: --joblog %s: %s\n", r->o->joblog, strerror(-e));
         return e;
     }
-    fputs("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n", r->joblog);
+    if (ftell(r->joblog) == 0)
+        fputs("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n",
+              r->joblog);
     fflush(r->joblog);
     return 0;
 }
@@ -238,8 +249,8 @@ void joblog_write(struct runner *r, struct job *j)
 {
     int exitval = j->rc >= 0 ? j->rc : 0;
     int sig = j->rc < 0 ? -j->rc : 0;
-    fprintf(r->joblog, "%lu\t:\t%.3f\t%10.3f\t0\t0\t%d\t%d\t%s\n", j->seq, j->wall_start,
-            j->runtime, exitval, sig, job_display(j));
+    fprintf(r->joblog, "%lu\t%s\t%.3f\t%10.3f\t0\t0\t%d\t%d\t%s\n", j->seq,
+            j->host ? j->host->login : ":", j->wall_start, j->runtime, exitval, sig, job_display(j));
     if (fflush(r->joblog) != 0 && !r->error) runner_fail(r, "writing the joblog", -errno);
 }
 

@@ -9,7 +9,9 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -110,7 +112,7 @@ static void cancel_timer(struct job *j)
 static void signal_job(struct job *j, int sig)
 {
     if (j->state != J_RUNNING || j->pid <= 0) return;
-    if (j->exited && j->pending == 0) return;
+    if (j->exited && !j->pc) return;
     kill(-j->pid, sig);
 }
 
@@ -160,12 +162,20 @@ static bool new_job(struct runner *r, char *input)
     }
     j->r = r;
     j->input = input;
+    spool_init(&j->out);
+    spool_init(&j->err);
     j->seq = r->next_seq;
     if (r->o->keep_order && !ring_put(r, j)) {
         job_free(j);
         return false;
     }
     r->next_seq++;
+    if (compat_skip(j->seq)) { /* --resume: the joblog says it is done */
+        j->state = J_DONE;
+        j->outcome = O_OK;
+        output_job_done(r, j);
+        return true;
+    }
     q_push_back(r, j);
     return true;
 }
@@ -212,41 +222,110 @@ static void refill(struct runner *r)
 
 /* ----- job lifecycle --------------------------------------------------------------------- */
 
+static void ctx_unlink(struct runner *r, struct proc_ctx *pc)
+{
+    if (pc->prev) pc->prev->next = pc->next;
+    else r->detached = pc->next;
+    if (pc->next) pc->next->prev = pc->prev;
+    pc->prev = pc->next = NULL;
+}
+
+/* One of the process's three events came. For a detached job only the context is left. */
+static void ctx_event(struct proc_ctx *pc)
+{
+    struct job *j = pc->j;
+    if (--pc->pending > 0) return;
+    if (!j) {
+        ctx_unlink(pc->r, pc);
+        free(pc);
+        return;
+    }
+    j->pc = NULL;
+    free(pc);
+    finish_attempt(j->r, j);
+}
+
 static void on_data(ca_process *p, int fd, const void *buf, size_t n, void *arg)
 {
-    struct job *j = arg;
-    struct runner *r = j->r;
+    struct proc_ctx *pc = arg;
+    struct job *j = pc->j;
+    struct runner *r = pc->r;
+    if (!j) return; /* a detached job's leftover process writes: nobody reads it any more */
     output_data(r, j, fd, buf, n);
     if (r->pending_stop) after_event(r); /* output_data found stdout closed */
     else if (r->bar && !r->bar_drawn) bar_draw(r);
 }
 
-static void job_event(struct job *j)
-{
-    if (--j->pending == 0) finish_attempt(j->r, j);
-}
-
 static void on_pipe_lost(ca_process *p, int fd, int err, void *arg)
 {
+    struct proc_ctx *pc = arg;
+    struct runner *r = pc->r; /* pc and its job may be freed by ctx_event */
+    if (fd != 1 && fd != 2 && !pc->stdin_piped) return;
+    ctx_event(pc);
+    after_event(r);
+}
+
+/* The job's own process is gone but something it started still holds its stdout or stderr:
+ * the job is over all the same (as in GNU parallel, which reads output from files). What that
+ * process writes from now on is dropped; its pipes are closed when it closes them. */
+static void detach_job(struct runner *r, struct job *j)
+{
+    struct proc_ctx *pc = j->pc;
+    if (!pc) return;
+    cancel_timer(j);
+    char msg[160];
+    snprintf(msg, sizeof msg,
+             "casyncio: job %lu: its process exited, but a process it left running holds its "
+             "output open: not waiting for it\n", j->seq);
+    /* Said with the job's own output, where the user looks for it. */
+    output_data(r, j, 2, msg, strlen(msg));
+    j->detached = true;
+    j->pc = NULL;
+    pc->j = NULL;
+    pc->prev = NULL;
+    pc->next = r->detached;
+    if (r->detached) r->detached->prev = pc;
+    r->detached = pc;
+    finish_attempt(r, j);
+}
+
+static void pipe_grace_cb(void *arg)
+{
     struct job *j = arg;
-    struct runner *r = j->r; /* j may be freed by job_event */
-    if (fd != 1 && fd != 2) return;
-    job_event(j);
+    struct runner *r = j->r;
+    j->timer = ca_handle_unref(j->timer);
+    detach_job(r, j);
     after_event(r);
 }
 
 static void on_exited(ca_process *p, void *arg)
 {
-    struct job *j = arg;
-    struct runner *r = j->r;
+    struct proc_ctx *pc = arg;
+    struct job *j = pc->j;
+    struct runner *r = pc->r;
+    if (!j) {
+        ctx_event(pc);
+        return;
+    }
     int rc = 255;
     ca_process_returncode(p, &rc);
     j->rc = rc;
     j->exited = true;
-    /* A job we are ending may have left children that hold its pipes open: end them too. */
-    if (j->pending > 1 && (j->timed_out || j->stopped || r->interrupts > 1))
-        kill(-j->pid, SIGKILL);
-    job_event(j);
+    /* Its own process is what a job is: a --timeout or kill timer has nothing left to do. */
+    cancel_timer(j);
+    if (pc->pending > 1) {
+        /* A job we are ending may have left children that hold its pipes open: end them too
+         * (those that left its process group are waited for PIPE_GRACE seconds at most). */
+        if (j->timed_out || j->stopped || r->interrupts > 1) kill(-j->pid, SIGKILL);
+        if (r->interrupts > 1 ||
+            ca_loop_call_later(r->loop, PIPE_GRACE, pipe_grace_cb, j, &j->timer) < 0) {
+            ctx_event(pc);
+            detach_job(r, j);
+            after_event(r);
+            return;
+        }
+    }
+    ctx_event(pc);
     after_event(r);
 }
 
@@ -284,7 +363,7 @@ static bool is_failure(enum outcome o)
     return o == O_FAILED || o == O_SIGNAL || o == O_TIMEOUT || o == O_NOEXEC;
 }
 
-static void check_halt(struct runner *r)
+static void check_halt(struct runner *r, int rc)
 {
     const struct run_options *o = r->o;
     if (o->halt_when == HALT_NEVER || r->halted) return;
@@ -293,10 +372,10 @@ static void check_halt(struct runner *r)
     unsigned long n = o->halt_on == HALT_ON_FAIL ? failed
                       : o->halt_on == HALT_ON_SUCCESS ? r->counts[O_OK]
                                                       : r->ndone;
-    bool hit = o->halt_percent
-                   ? r->ndone >= 3 && n * 100 >= (unsigned long)o->halt_percent * r->ndone
-                   : n >= (unsigned long)o->halt_count;
-    if (!hit) return;
+    (void)n;
+    if (!compat_halt_hit(failed, r->counts[O_OK], r->ndone, input_total(&r->in, r->next_seq - 1),
+                         rc))
+        return;
     r->halted = true;
     bar_clear(r);
     fprintf(stderr,
@@ -331,6 +410,7 @@ static void finish_attempt(struct runner *r, struct job *j)
     }
     cancel_timer(j);
     if (j->slot) r->free_slots[r->nfree++] = j->slot;
+    if (j->host) j->host->nrunning--;
     j->proc = ca_process_unref(j->proc);
     j->outcome = attempt_outcome(j);
     if (r->joblog) joblog_write(r, j);
@@ -338,10 +418,12 @@ static void finish_attempt(struct runner *r, struct job *j)
         !r->stopping && !r->pending_stop) {
         /* Retry from the front of the queue; the failed attempt's output is dropped (with
          * --line-buffer what was printed stays printed). */
-        j->out.len = j->err.len = 0;
+        spool_reset(&j->out);
+        spool_reset(&j->err);
         j->state = J_QUEUED;
         j->slot = 0;
-        j->exited = j->timed_out = j->stopped = false;
+        j->host = NULL;
+        j->exited = j->timed_out = j->stopped = j->detached = false;
         free(j->display); /* {%} may differ next time */
         j->display = NULL;
         q_push_front(r, j);
@@ -349,31 +431,79 @@ static void finish_attempt(struct runner *r, struct job *j)
     }
     j->state = J_DONE;
     j->slot = 0;
+    j->host = NULL;
     if (j->outcome == O_OK && j->attempts > 1) r->nretried_ok++;
     r->counts[j->outcome]++;
     r->ndone++;
     note_job(r, j);
-    check_halt(r);
+    if (j->outcome == O_OK) compat_job_succeeded(j->runtime);
+    if (r->o->results)
+        compat_results(j->seq, j->input, j->out.fd, j->out.flen, &j->out.mem, j->err.fd,
+                       j->err.flen, &j->err.mem);
+    check_halt(r, j->outcome == O_NOEXEC && j->rc == 0 ? 127 : j->rc);
     output_job_done(r, j);
+}
+
+/* Appends s to b, cut to about max bytes (with "..." and the full length when cut), and with
+ * control characters shown as '?', so that a message can name any input. */
+static void add_excerpt(struct buf *b, const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n && i < max; i++) {
+        unsigned char c = (unsigned char)s[i];
+        buf_addc(b, c < 32 || c == 127 ? '?' : (char)c);
+    }
+    if (n > max) {
+        char tail[64];
+        snprintf(tail, sizeof tail, "... (%zu bytes)", n);
+        buf_adds(b, tail);
+    }
 }
 
 static void spawn_failed(struct runner *r, struct job *j, int err, const char *argv0)
 {
     char msg[512];
     j->runtime = 0;
+    if (err == -E2BIG) {
+        /* One input too long for a command line is that job's failure, not the run's: the
+         * message names the input (cut short) since the command would be unreadable. */
+        j->rc = 126;
+        j->outcome = O_NOEXEC;
+        struct buf m = {0};
+        snprintf(msg, sizeof msg, "casyncio: job %lu: argument list too long for input '",
+                 j->seq);
+        buf_adds(&m, msg);
+        add_excerpt(&m, j->input, 60);
+        buf_adds(&m, "'\n");
+        if (m.p) output_data(r, j, 2, m.p, m.len);
+        buf_free(&m);
+        finish_attempt(r, j);
+        return;
+    }
     if (err == -ENOENT || err == -EACCES || err == -ENOEXEC || err == -EISDIR || err == -ENOTDIR ||
         err == -ELOOP || err == -ENAMETOOLONG || err == -EPERM) {
         j->rc = err == -ENOENT || err == -ENOTDIR ? 127 : 126;
         j->outcome = O_NOEXEC;
-        snprintf(msg, sizeof msg, "casyncio: %s: %s\n", argv0,
-                 err == -ENOENT ? "command not found" : strerror(-err));
-        buf_adds(&j->err, msg);
+        snprintf(msg, sizeof msg, "casyncio: %s: %s%s\n", argv0,
+                 err == -ENOENT ? "command not found" : strerror(-err),
+                 cmd_shell_hint(&r->tmpl, argv0, err)); /* names --shell where it would help */
+        output_data(r, j, 2, msg, strlen(msg));
         finish_attempt(r, j);
         return;
     }
     if ((err == -EAGAIN || err == -EMFILE || err == -ENFILE || err == -ENOMEM) && r->nrunning > 0) {
         /* Out of processes or fds: wait for a running job to end and try again. */
+        if (!r->said_blocked) {
+            r->said_blocked = true;
+            bar_clear(r);
+            fprintf(stderr,
+                    "casyncio: cannot start more jobs (%s): running %d at once, not -j %d "
+                    "(raise ulimit -%c)\n",
+                    strerror(-err), r->nrunning, r->jobs, err == -EAGAIN ? 'u' : 'n');
+        }
         if (j->slot) r->free_slots[r->nfree++] = j->slot;
+        if (j->host) j->host->nrunning--;
+        j->host = NULL;
         j->slot = 0;
         j->attempts--;
         q_push_front(r, j);
@@ -383,7 +513,7 @@ static void spawn_failed(struct runner *r, struct job *j, int err, const char *a
     j->rc = 255;
     j->outcome = O_NOEXEC;
     snprintf(msg, sizeof msg, "casyncio: cannot start %s: %s\n", argv0, ca_strerror(err));
-    buf_adds(&j->err, msg);
+    output_data(r, j, 2, msg, strlen(msg));
     r->error = true;
     runner_request_stop(r, 0);
     finish_attempt(r, j);
@@ -397,42 +527,96 @@ static void start_job(struct runner *r, struct job *j)
     j->outcome = O_OK;
     j->wall_start = wall_now();
     j->t_start = ca_loop_time(r->loop);
+    if (r->nhosts) {
+        j->host = ssh_pick_host(r);
+        j->host->nrunning++;
+    }
     struct job_vars v = {.input = j->input, .seq = j->seq, .slot = j->slot};
     char **argv = cmd_build_argv(&r->tmpl, &v);
-    if (!argv) {
+    if (argv && j->host && !j->host->local) {
+        char **wrapped = ssh_wrap_argv(r, j, argv);
+        free(argv);
+        argv = wrapped;
+    }
+    struct proc_ctx *pc = argv ? calloc(1, sizeof *pc) : NULL;
+    if (!pc) {
+        free(argv);
         spawn_failed(r, j, -ENOMEM, j->input);
         return;
     }
+    pc->j = j;
+    pc->r = r;
+    /* A remote job's ssh gets a pipe as stdin that stays open while it runs: the remote
+     * side ends the job when it closes (see ssh.c). */
+    pc->stdin_piped = j->host && !j->host->local;
+    pc->pending = (r->o->ungroup ? 1 : 3) + (pc->stdin_piped ? 1 : 0); /* -u: no pipes */
     ca_subprocess_options so = {
         .argv = (const char *const *)argv,
-        .stdin_mode = r->devnull >= 0 ? CA_FD : CA_DEVNULL,
+        .stdin_mode = pc->stdin_piped ? CA_PIPE : r->devnull >= 0 ? CA_FD : CA_DEVNULL,
         .stdin_fd = r->devnull,
-        .stdout_mode = CA_PIPE,
-        .stderr_mode = CA_PIPE,
+        .stdout_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
+        .stderr_mode = r->o->ungroup ? CA_INHERIT : CA_PIPE,
         .start_new_session = true,
     };
-    int e = ca_loop_subprocess_exec(r->loop, &so, &job_protocol, j, &j->proc);
+    int e = ca_loop_subprocess_exec(r->loop, &so, &job_protocol, pc, &j->proc);
     if (e < 0) {
+        free(pc);
         spawn_failed(r, j, e, argv[0]);
         free(argv);
         return;
     }
     free(argv);
+    if (r->o->print_cmd) fprintf(stderr, "%s\n", job_display(j)); /* -t */
+    if (r->o->verbose) { /* -v: the command heads the job's output */
+        const char *d = job_display(j);
+        output_data(r, j, 1, d, strlen(d));
+        output_data(r, j, 1, "\n", 1);
+    }
+    compat_job_started(r->loop);
+    j->pc = pc;
     j->pid = ca_process_pid(j->proc);
     j->state = J_RUNNING;
-    j->pending = 3;
     running_add(r, j);
-    if (r->o->timeout > 0 &&
-        ca_loop_call_later(r->loop, r->o->timeout, timeout_cb, j, &j->timer) < 0)
+    double timeout = compat_timeout();
+    if (timeout > 0 && ca_loop_call_later(r->loop, timeout, timeout_cb, j, &j->timer) < 0)
         runner_fail(r, "arming a timeout", -ENOMEM);
 }
 
 /* ----- scheduling and stopping ------------------------------------------------------------ */
 
+/* The inputs that were never read, for the summary: all of them for ::: words and regular
+ * files; for a pipe or terminal what is already buffered (the rest is not waited for). */
+static void count_unread(struct runner *r)
+{
+    long total = input_total(&r->in, r->next_seq - 1);
+    if (total >= 0 && r->in.fd < 0) {
+        r->unread = (unsigned long)total - (r->next_seq - 1);
+        return;
+    }
+    struct stat st;
+    bool regular = r->in.fd >= 0 && fstat(r->in.fd, &st) == 0 && S_ISREG(st.st_mode);
+    for (;;) {
+        bool oom;
+        char *line = input_take(&r->in, &oom);
+        if (line) {
+            free(line);
+            r->unread++;
+            continue;
+        }
+        if (oom || r->in.eof) break;
+        if (!regular) {
+            r->unread_unknown = true;
+            break;
+        }
+        if (input_fill(&r->in) < 0) break;
+    }
+}
+
 static void begin_stop(struct runner *r)
 {
     if (r->stopping) return;
     r->stopping = true;
+    if (r->stop_signal && r->stop_signal != SIGPIPE) count_unread(r);
     stop_input(r);
     struct job *j;
     while ((j = q_pop(r)) != NULL) {
@@ -443,12 +627,14 @@ static void begin_stop(struct runner *r)
     }
 }
 
+static void first_cb(void *arg);
+
 static void schedule(struct runner *r)
 {
     if (!r->stopping) refill(r);
-    while (!r->stopping && !r->blocked && !r->pending_stop && r->nrunning < r->o->jobs) {
+    while (!r->stopping && !r->blocked && !r->pending_stop && r->nrunning < r->jobs) {
+        if (!r->q_head || !compat_may_start(r->loop, r->nrunning, first_cb, r)) break;
         struct job *j = q_pop(r);
-        if (!j) break;
         start_job(r, j);
         if (r->q_len < r->low_water / 2 && !r->stopping) refill(r);
     }
@@ -504,11 +690,33 @@ static void on_signal(struct runner *r, int sig)
         if (r->nrunning)
             fprintf(stderr, "casyncio: killing %d running job%s\n", r->nrunning,
                     r->nrunning == 1 ? "" : "s");
-        for (struct job *j = r->running; j; j = j->rnext) {
+        struct job *next;
+        for (struct job *j = r->running; j; j = next) {
+            next = j->rnext;
             j->stopped = true;
             signal_job(j, SIGKILL);
+            /* Its process is gone; what holds its pipes left its group: stop waiting. */
+            if (j->exited) detach_job(r, j);
         }
     }
+    after_event(r);
+}
+
+/* Ctrl-Z: the jobs are in sessions of their own, out of reach of the terminal's SIGTSTP, so
+ * the runner stops them (SIGSTOP: their groups are orphaned, where SIGTSTP would be dropped)
+ * and then itself; `fg` (SIGCONT) resumes it, and it resumes them. */
+static void sigtstp_cb(void *arg)
+{
+    struct runner *r = arg;
+    bar_clear(r);
+    for (struct job *j = r->running; j; j = j->rnext) signal_job(j, SIGSTOP);
+    kill(getpid(), SIGSTOP);
+}
+
+static void sigcont_cb(void *arg)
+{
+    struct runner *r = arg;
+    for (struct job *j = r->running; j; j = j->rnext) signal_job(j, SIGCONT);
     after_event(r);
 }
 
@@ -520,6 +728,8 @@ static void sighup_cb(void *arg) { on_signal(arg, SIGHUP); }
 static void sigpipe_cb(void *arg) { (void)arg; }
 
 /* ----- setup ------------------------------------------------------------------------------- */
+
+static const int handled_sigs[NSIGS] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGTSTP, SIGCONT};
 
 /* Each job holds up to three fds (two pipes and a pidfd) while it runs. */
 static void raise_fd_limit(int jobs)
@@ -554,10 +764,20 @@ static int setup_loop_steps(struct runner *r)
     if (!ca_child_watcher_is_active(r->watcher) &&
         (e = ca_child_watcher_attach_loop(r->watcher, r->loop)) < 0)
         return e;
-    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
-    static const ca_callback_fn fns[] = {sigint_cb, sigterm_cb, sighup_cb, sigpipe_cb};
-    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-        if ((e = ca_loop_add_signal_handler(r->loop, sigs[i], fns[i], r)) < 0) return e;
+    static const ca_callback_fn fns[NSIGS] = {sigint_cb,  sigterm_cb,  sighup_cb,
+                                              sigpipe_cb, sigtstp_cb, sigcont_cb};
+    for (size_t i = 0; i < NSIGS; i++) {
+        /* SIGHUP ignored when we started (nohup) stays ignored, and the jobs inherit it
+         * ignored too, which is what the user asked for; so does an ignored SIGTSTP. SIGINT
+         * and SIGTERM are handled whatever: a shell starts background commands with SIGINT
+         * ignored, and the runner must still be able to stop its jobs when told to. */
+        struct sigaction old;
+        if ((handled_sigs[i] == SIGHUP || handled_sigs[i] == SIGTSTP) &&
+            sigaction(handled_sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+            continue;
+        if ((e = ca_loop_add_signal_handler(r->loop, handled_sigs[i], fns[i], r)) < 0) return e;
+        r->sig_handled[i] = true;
+    }
     return 0;
 }
 
@@ -573,9 +793,8 @@ static int setup_loop(struct runner *r)
 static void teardown(struct runner *r)
 {
     if (r->loop) {
-        static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
-        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-            ca_loop_remove_signal_handler(r->loop, sigs[i]);
+        for (size_t i = 0; i < NSIGS; i++)
+            if (r->sig_handled[i]) ca_loop_remove_signal_handler(r->loop, handled_sigs[i]);
         if (r->bar_timer) {
             ca_handle_cancel(r->bar_timer);
             r->bar_timer = ca_handle_unref(r->bar_timer);
@@ -628,17 +847,80 @@ static int exit_status(struct runner *r)
     if (r->stop_signal) return 128 + r->stop_signal;
     unsigned long failed = r->counts[O_FAILED] + r->counts[O_SIGNAL] + r->counts[O_TIMEOUT] +
                            r->counts[O_NOEXEC];
+    if (r->halted) return compat_halt_status(failed, input_total(&r->in, r->next_seq - 1), r->ndone);
     return failed > CLI_MAX_FAILED_STATUS ? CLI_MAX_FAILED_STATUS : (int)failed;
+}
+
+/* A standard fd closed when we started would be reused by the first file we open (the joblog
+ * on fd 1 would receive the jobs' output): hold 0, 1 and 2 open on /dev/null instead. */
+static void reopen_std_fds(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0 || errno != EBADF) continue;
+        int n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+        if (n >= 0 && n != fd) {
+            dup2(n, fd);
+            close(n);
+        }
+    }
+}
+
+/* Whether stdout is the terminal stderr is (where the bar is drawn). */
+static bool same_terminal(void)
+{
+    struct stat a, b;
+    return isatty(1) && isatty(2) && fstat(1, &a) == 0 && fstat(2, &b) == 0 &&
+           a.st_rdev == b.st_rdev;
+}
+
+static int count_open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return 16;
+    int n = 0;
+    while (readdir(d)) n++;
+    closedir(d);
+    return n - 3; /* ".", ".." and the directory's own fd */
+}
+
+/* Each job holds three fds (two pipes and a pidfd) and a process: when the limits allow
+ * fewer than -j jobs, run fewer and say so, rather than find out job by job. */
+static void check_limits(struct runner *r)
+{
+    struct rlimit rl;
+    int jobs = r->jobs;
+    const char *why = NULL;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        long room = ((long)rl.rlim_cur - count_open_fds() - 16) / 3;
+        if (room < jobs) {
+            jobs = room < 1 ? 1 : (int)room;
+            why = "open files (ulimit -n)";
+        }
+    }
+    if (geteuid() != 0 && getrlimit(RLIMIT_NPROC, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        (rlim_t)jobs + 1 > rl.rlim_cur) {
+        jobs = rl.rlim_cur > 1 ? (int)rl.rlim_cur - 1 : 1;
+        why = "processes (ulimit -u)";
+    }
+    if (!why) return;
+    fprintf(stderr, "casyncio: -j %d lowered to %d: the limit on %s allows no more\n", r->jobs,
+            jobs, why);
+    r->jobs = jobs;
 }
 
 int run_main(const struct run_options *o)
 {
-    struct runner r = {.o = o, .next_seq = 1, .next_print = 1, .devnull = -1};
+    reopen_std_fds();
+    struct runner r = {.o = o, .next_seq = 1, .next_print = 1, .devnull = -1, .jobs = o->jobs};
     cmd_template_init(&r.tmpl, o);
+    r.tmpl.in = &r.in; /* --header's column names */
     int e = input_open(&r.in, o);
+    if (e == 0 && !o->dry_run) e = compat_begin(o) < 0 ? -EALREADY : 0;
     if (e < 0) {
-        fprintf(stderr, "casyncio: %s: %s\n", r.in.failed ? r.in.failed : "input",
-                strerror(-e));
+        if (e != -EALREADY && e != -EINVAL)
+            fprintf(stderr, "casyncio: %s: %s\n", r.in.failed ? r.in.failed : "input",
+                    strerror(-e));
+        compat_end();
         input_close(&r.in);
         return CLI_EXIT_ERROR;
     }
@@ -649,12 +931,15 @@ int run_main(const struct run_options *o)
         return e < 0 ? CLI_EXIT_ERROR : 0;
     }
     int status = CLI_EXIT_ERROR;
-    r.low_water = (size_t)o->jobs * 2 + 64;
-    r.free_slots = malloc((size_t)o->jobs * sizeof *r.free_slots);
+    if ((o->nsshlogin || o->nsshloginfile) && ssh_setup(&r) < 0) goto out;
+    raise_fd_limit(r.jobs);
+    check_limits(&r);
+    r.low_water = (size_t)r.jobs * 2 + 64;
+    r.free_slots = malloc((size_t)r.jobs * sizeof *r.free_slots);
     if (!r.free_slots) goto out;
-    for (int i = 0; i < o->jobs; i++) r.free_slots[i] = o->jobs - i;
-    r.nfree = o->jobs;
-    raise_fd_limit(o->jobs);
+    for (int i = 0; i < r.jobs; i++) r.free_slots[i] = r.jobs - i;
+    r.nfree = r.jobs;
+    r.tty_shared = same_terminal();
     r.devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (o->joblog && joblog_open(&r) < 0) goto out;
     if (setup_loop(&r) < 0) goto out;
@@ -691,8 +976,15 @@ out:
         running_remove(&r, j);
         j->proc = ca_process_unref(j->proc);
         cancel_timer(j);
+        free(j->pc); /* the loop is closed: no callback will come */
         if (!o->keep_order) job_free(j);
     }
+    while (r.detached) {
+        struct proc_ctx *pc = r.detached;
+        r.detached = pc->next;
+        free(pc);
+    }
+    ssh_teardown(&r);
     struct job *j;
     while ((j = q_pop(&r)) != NULL)
         if (!o->keep_order) job_free(j);
@@ -702,6 +994,7 @@ out:
         free(r.ring);
     }
     input_close(&r.in);
+    compat_end();
     if (r.devnull >= 0) close(r.devnull);
     free(r.free_slots);
     buf_free(&r.scratch);
