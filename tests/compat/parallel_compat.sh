@@ -192,6 +192,7 @@ cmp_run halt_percent_10 0 '' -j1 --halt now,fail=30% ./ex ::: 0 7 5 4 5 6 7 8 9 
 cmp_run halt_done_percent 0 '' -j1 --halt soon,done=50% ./ex ::: 0 7 5 4 5
 cmp_run halt_signal 0 '' -j1 --halt now,fail=1 ./sig ::: 9
 cmp_run halt_status_300 0 '' -j1 --halt now,fail=1 ./ex ::: 0 300
+cmp_run halt_percent_stdin 0 './ex 0\n./ex 1\n./ex 1\n./ex 0\n./ex 1\n./ex 0\n' -j1 --halt now,fail=50%%
 
 fi
 # ----- --retries: GNU parallel counts attempts ------------------------------------------------
