@@ -186,9 +186,12 @@ int ca_loop_remove_writer(ca_loop *loop, int fd);
  * writes to the interested loops' wakeup fds. Loops in any threads may watch the same signal.
  * Adding replaces the loop's previous callback for sig. Removing the last handler of a signal
  * in the process restores the disposition that was in place before the first one was added.
- * remove returns 1/0 (0 on a closed loop). -EINVAL NULL, sig out of range, SIGKILL or SIGSTOP;
- * -ECHILD; -EBADF; -EPERM wrong thread; -ENOSPC more than 1024 loops watch signals at once.
- * Loop's thread. */
+ * A disposition that other code installed over the library's handler since is left in place
+ * (the saved one is put back only over the library's own handler). remove returns 1/0 (0 on a
+ * closed loop). -EINVAL NULL, sig out of range, SIGKILL or SIGSTOP (they cannot be caught), or a
+ * synchronous fault signal: SIGSEGV, SIGBUS, SIGFPE, SIGILL (a handler that only sets a flag
+ * would return to the faulting instruction, which faults again, forever); -ECHILD; -EBADF;
+ * -EPERM wrong thread; -ENOSPC more than 1024 loops watch signals at once. Loop's thread. */
 int ca_loop_add_signal_handler(ca_loop *loop, int sig, ca_callback_fn fn, void *arg);
 int ca_loop_remove_signal_handler(ca_loop *loop, int sig);
 
@@ -203,7 +206,26 @@ ca_loop *ca_get_running_loop(void);
  * and run it with ca_handle_run when due. A NULL member means "not provided" (-ENOTSUP),
  * except stop and close (then only the core's part is done), time (CLOCK_MONOTONIC) and the
  * sock_* members, which the core implements with add_reader/add_writer. destroy is called
- * once, when the last reference goes, to free `data`. */
+ * once, when the last reference goes, to free `data`.
+ *
+ * Locks and threads. The library never calls an op, a user callback or the log handler while
+ * it holds a lock of its own, so an op may take a lock of the host's (Python's GIL) and hand it
+ * to other threads that call into the library meanwhile. Which threads call which op:
+ *   - every op: the thread that called the matching public function (ca_loop_add_reader...,
+ *     which allow it on the loop's own thread, or on any thread while the loop is not running
+ *     in C terms: see ca_loop_enter_running);
+ *   - call_soon_threadsafe, also from any thread at any time: the library's own threads post
+ *     to it (a Threaded watcher's waiting threads, MultiLoop's reaping thread, a thread that
+ *     removes a Pidfd handler or closes a watcher, a process's exit);
+ *   - add_reader/remove_reader (Pidfd), add_signal_handler/remove_signal_handler and call_at
+ *     (Safe and Fast), call_soon_threadsafe (every watcher), is_closed: from whichever thread
+ *     calls the watcher function concerned (add_child_handler[_on], remove_child_handler,
+ *     attach_loop, close), from the loop's own thread while it runs callbacks, or from any
+ *     thread the public function allows. A host loop that is not running in C terms (its own
+ *     run loop, as an asyncio adapter) can thus get any of them from any thread, and its ops
+ *     must then be thread-safe (the GIL does it for Python);
+ *   - close and the close hooks' ops (remove_reader...): the thread that closes the loop.
+ * No op is ever called from a signal handler. */
 typedef struct ca_loop_ops {
     int (*run_forever)(ca_loop *self); /* required */
     void (*stop)(ca_loop *self);
@@ -225,9 +247,12 @@ typedef struct ca_loop_ops {
                         ca_future **out);
     void (*destroy)(ca_loop *self);
     /* Optional (NULL: the loop is closed only by ca_loop_close). Whether the host closed its
-     * loop behind the core's back; the core consults it in ca_loop_is_closed, and watchers stop
-     * treating such a loop as a delivery loop. Called from any thread, with no library lock
-     * held. TODO(issue 13): final wording by the implementer. */
+     * loop behind the core's back (asyncio's loop.close() on the host's side). The core
+     * consults it in ca_loop_is_closed, and the watchers treat such a loop as closed: no exit
+     * is delivered to it (it is logged, "Loop that handles pid N is closed", and dropped, as
+     * for a loop closed by ca_loop_close), add_child_handler_on gives -EBADF for it, Safe and
+     * Fast attached to it are not active. Called from any thread, never with a library lock
+     * held; it must not call back into the library. */
     bool (*is_closed)(ca_loop *self);
 } ca_loop_ops;
 
@@ -459,38 +484,63 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
- *             until close, and its own reaping thread, woken by that handler, which polls every
- *             registered pid with waitpid(pid, WNOHANG): O(n) per SIGCHLD. Never reaps a child
- *             it does not watch. Works for loops in any thread. Changes the process's SIGCHLD
- *             disposition while it lives (the previous one is restored by close).
+ *             until close, and its own reaping thread, woken by that handler. On each SIGCHLD
+ *             it asks waitid(P_ALL, WNOWAIT) which child exited and reaps it by pid if it is a
+ *             registered one; when that cannot tell (the first exited child is not ours), and
+ *             at the latest 0.1 s after a SIGCHLD, it polls every registered pid with
+ *             waitpid(pid, WNOHANG): O(n) then. Never reaps a child it does not watch. Works
+ *             for loops in any thread. Changes the process's SIGCHLD disposition while it lives
+ *             (close restores the previous one, unless other code replaced ours since).
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
- *             then waitpid(pid, WNOHANG) for every registered pid: O(n) per SIGCHLD, never
- *             reaps other code's children. Active only while attached to a loop that is not
- *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
- *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
+ *             then reaping as MultiLoop does, on the attached loop: never reaps other code's
+ *             children. Active only while attached to a loop that is not closed; the attached
+ *             loop must run for exits to be seen. Needs a loop with signal handlers (a custom
+ *             loop without add_signal_handler: attach_loop gives -ENOTSUP).
  *   Fast      As Safe for attachment, but waitpid(-1, WNOHANG) until nothing is left: O(1) per
  *             exit. It reaps EVERY child of the process: other code's waitpid(pid) then fails
  *             with ECHILD and system() returns -1; such an exit is logged ("Caught subprocess
  *             termination from unknown pid") and dropped, except between enter and exit, where
- *             it is kept in case its handler comes next. A child reaped by someone else before
- *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
+ *             it is kept in case its handler comes next. A registered child that other code
+ *             reaped (before or after add_child_handler) is reported with returncode 255, as
+ *             the others do: waitpid(-1) cannot see it, so after a SIGCHLD Fast checks each
+ *             registered pid with waitid(WNOWAIT) within 0.1 s (at most once per 0.1 s: O(n)).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
- *             running child (RLIMIT_NOFILE applies). Linux 5.4+.
+ *             running child (RLIMIT_NOFILE applies). Linux 5.4+ (pidfd_open is 5.3, checked:
+ *             -ENOSYS without it; waitid(P_PIDFD) is 5.4).
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
- * a signal handler and never with a watcher lock held (it may call any watcher function).
- *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop" of the thread that called
- *     add_child_handler: the loop running in that thread, or else that thread's current loop
- *     (ca_get_event_loop). The callback runs ON that loop's thread: Threaded's and MultiLoop's
- *     threads only reap, and post the exit with ca_loop_call_soon_threadsafe (as asyncio 3.11
- *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
- *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
+ * a signal handler and never with a library lock held (it may call any library function).
+ *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop": the loop given to
+ *     ca_child_watcher_add_child_handler_on, or else (add_child_handler) the loop running in
+ *     the calling thread, or else that thread's current loop (ca_get_event_loop). The callback
+ *     runs ON that loop's thread: Threaded's and MultiLoop's threads only reap, and post the
+ *     exit with ca_loop_call_soon_threadsafe (as asyncio 3.11 does); Pidfd reaps on the loop
+ *     itself. If that loop is closed when the exit arrives (by ca_loop_close, or by its host:
+ *     ca_loop_ops.is_closed), the exit is logged and dropped (asyncio's "Loop that handles pid
+ *     ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
- *   API.md also says that Threaded "calls them from the child's waiting thread" and MultiLoop
- *   "from its own reaping thread"; that cannot hold together with "deliver to the loop", and
- *   we follow the delivery rule (and asyncio): those threads reap, the loop runs the callback.
- *   A callback should still be thread-safe, as the seed asks.
+ *   Threaded's and MultiLoop's threads reap and the loop runs the callback, as asyncio does; a
+ *   callback should still be thread-safe with respect to the code that added it.
+ * No exit is lost for want of memory: an exit whose post fails with -ENOMEM (the child already
+ * reaped) is kept and posted again (Threaded's waiting thread and MultiLoop's thread retry with
+ * a growing pause up to 0.1 s; Safe and Fast at their next SIGCHLD or slow check) until it is
+ * delivered, removed, or its loop closes; the warning lines need no allocation.
+ *
+ * Locks: the watchers never call a loop op, a callback or the log handler while they hold a lock
+ * of their own (see "Locks and threads" under ca_loop_ops), so a host whose ops take a lock of
+ * its own (the GIL) may call any watcher function while holding it. Every lock of the library
+ * is made safe across fork() (held by the forking thread around it).
+ *
+ * SIGCHLD. MultiLoop's thread and Safe/Fast (on their attached loop, every second) check that
+ * SIGCHLD still reaches them, and reap as if it had come: an exit is never lost because other
+ * code changed SIGCHLD's disposition (a foreign sigaction, a remove_signal_handler) under an
+ * active watcher; it is found at the latest about a second late (MultiLoop then polls every
+ * 0.1 s). When the library's handler was replaced and no host routes SIGCHLD with
+ * ca_sigchld_notify, a warning says so once per process ("SIGCHLD no longer reaches ..."). A
+ * host that owns SIGCHLD's disposition (Python's signal module) calls ca_sigchld_notify from
+ * its handler. Closing a watcher never puts SIG_DFL (or the saved disposition) over a handler
+ * that other code installed after the watcher's.
  * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
  * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
@@ -499,6 +549,7 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe and
  * Pidfd then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
  * reaps it, quietly; Fast reaps it and logs it as unknown.
+ *
  *
  * bpo-32115: a SIGCHLD disposition of SIG_IGN (or SA_NOCLDWAIT), for instance inherited from
  * the parent process, makes the kernel reap children itself, so no exit status could be read.
@@ -557,11 +608,13 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
 /* Calls cb(pid, returncode, arg) once when child pid exits (see "Delivery" above). Adding a
  * pid that is already registered replaces its callback and arg (and, for Threaded and
  * MultiLoop, its delivery loop, unless the exit is already on its way). A child that exited
- * before this call is reported too (Fast: only if it exited inside enter/exit, or has not been
- * reaped yet). The callback must be thread-safe with respect to the caller's code, as asyncio
+ * before this call is reported too (Fast: with its status if it exited inside enter/exit or has
+ * not been reaped yet; else, its status gone to Fast's "unknown pid" log line or to other code,
+ * with 255). The callback must be thread-safe with respect to the caller's code, as asyncio
  * says. Errors besides the common ones:
  *   -ENOENT   Threaded, MultiLoop, Pidfd: no running or current loop in this thread (or it is
- *             closed).
+ *             closed). The current loop is taken with a reference while the policy that owns
+ *             it is held, so a policy replaced by another thread meanwhile is harmless.
  *   -ENOTCONN Safe, Fast: not active (not attached, or the attached loop is closed).
  *   -EAGAIN   Threaded: no thread could be made (other pthread_create errors likewise).
  *   -EPERM    Pidfd: the delivery loop runs in another thread (the reader must be added on its
@@ -572,13 +625,35 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
  * On any error cb is never called. */
 int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
                                        void *arg);
-/* As ca_child_watcher_add_child_handler, with the delivery loop given explicitly (NULL: the
- * implicit rule above). For host-loop adapters, whose loop is not "running" in C terms.
- * TODO(issue 13): full docs by the implementer (Safe/Fast: NULL or the attached loop). */
+/* As ca_child_watcher_add_child_handler, with the delivery loop given explicitly: for host-loop
+ * adapters (an asyncio loop), whose loop is not "running" in C terms, and for code that adds
+ * from a thread other than the loop's. loop NULL: the implicit rule above. The caller keeps its
+ * reference to loop; the watcher takes what it needs.
+ *   Threaded, MultiLoop, Pidfd: the exit is delivered on loop, whatever thread calls this and
+ *     whatever loop runs there. Pidfd adds its reader (ca_loop_add_reader) on loop from the
+ *     calling thread, with no library lock held: for a loop that is not running in C terms
+ *     that is any thread, and the host's add_reader must then be thread-safe. As for
+ *     add_child_handler, -EPERM when loop runs (in C terms) in another thread and this watcher
+ *     has not used it yet (Pidfd: whenever it runs in another thread).
+ *   Safe, Fast: loop must be NULL or the attached loop (-EINVAL otherwise, also when nothing is
+ *     attached); they always deliver on the attached loop.
+ *   Custom watchers: -ENOTSUP for a loop that is not NULL (their op takes no loop).
+ * Errors: those of ca_child_watcher_add_child_handler, in its order, and after the watcher's
+ * checks: -ECHILD loop was made before fork(); -EBADF loop is closed (by ca_loop_close or by its
+ * host: ca_loop_ops.is_closed); -EINVAL (Safe, Fast) and -ENOTSUP (custom) as above. Any
+ * thread. */
 int ca_child_watcher_add_child_handler_on(ca_child_watcher *watcher, ca_loop *loop, pid_t pid,
                                           ca_child_fn cb, void *arg);
-/* Async-signal-safe: tells the library's watchers that SIGCHLD arrived, for a host that owns the
- * signal dispositions (Python's signal module) and routes SIGCHLD in itself. TODO(issue 13). */
+/* Tells the library that SIGCHLD arrived: for a host that owns the signal dispositions (Python's
+ * signal module) and has replaced the library's SIGCHLD handler with its own. It does what the
+ * library's handler does: it wakes MultiLoop's reaping thread and every built-in loop with a
+ * SIGCHLD handler (Safe and Fast attached to a built-in loop check their children there). Safe
+ * and Fast attached to a host loop get SIGCHLD through that loop's add_signal_handler op, and
+ * need no call. Calling it once (even before any child exits) also tells the watchers that the
+ * host routes SIGCHLD: they then do not warn that SIGCHLD was taken away from them (they keep
+ * their slow check, which finds any exit within about a second anyway). Extra calls are
+ * harmless. Async-signal-safe (atomics and write(2), errno saved); any thread, signal handlers
+ * included. */
 void ca_sigchld_notify(void);
 /* 1 if a handler was removed (its callback will never be called), 0 if there was none (never
  * registered, already delivered, or being delivered right now). A handler whose delivery loop
@@ -590,10 +665,13 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
 /* Attaches the watcher to loop (NULL detaches); takes its own reference to the loop. Only Safe
  * and Fast use it: they install a SIGCHLD handler on the loop and remove it from the previous
  * one, then check every registered child once on the new loop (one may have exited during the
- * switch). Call it from the loop's thread, or while the loop is not running (as the default
- * policy's ca_set_event_loop does in the main thread). The others do nothing and return 0.
+ * switch), and arm their slow SIGCHLD check (a timer, every second) on it. Call it from the
+ * loop's thread, or while the loop is not running (as the default policy's ca_set_event_loop
+ * does in the main thread). The loop ops (add/remove_signal_handler, call_soon_threadsafe,
+ * call_at) are called without any library lock held. The others do nothing and return 0.
  * Errors (Safe, Fast): -EPERM a loop concerned runs in another thread; -EBADF the new loop is
- * closed; -ENOTSUP a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
+ * closed; -EBUSY another attach_loop of this watcher is under way in another thread; -ENOTSUP
+ * a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
 int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
 /* Whether add_child_handler can work: Threaded and Pidfd always; MultiLoop from creation until
  * close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed
@@ -605,7 +683,9 @@ bool ca_child_watcher_is_active(ca_child_watcher *watcher);
  * waiting threads are detached: each ends, quietly, when its child exits (and reaps it).
  * Children are not killed. Idempotent (0). -EINVAL NULL. In a forked child: 0, frees nothing
  * of the parent's. If a Safe/Fast watcher's loop runs in another thread, its SIGCHLD handler
- * stays on that loop (doing nothing) until that loop closes. */
+ * stays on that loop (doing nothing) until that loop closes. A SIGCHLD handler that other code
+ * installed after the watcher's stays in place (the saved disposition is put back only over
+ * the library's own handler). */
 int ca_child_watcher_close(ca_child_watcher *watcher);
 /* The `with watcher:` protocol (asyncio's __enter__/__exit__), which the subprocess code calls
  * around every spawn. Only Fast uses it: between enter and exit, exit statuses of pids that are
