@@ -162,10 +162,11 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     }
     bool old_sig = ob && ob->sig_registered && ob->loop;
     a->attaching = true;
+    /* Ours, for the ops below: a close in between drops the attachment's reference. */
+    if (old) ca_loop_ref(old);
     ca__wcore_unlock(c);
 
-    /* The ops, without the lock. old stays alive: the attachment's reference is ours until
-     * the commit (a close in between leaves a->loop to... itself, see below). */
+    /* The ops, without the lock. */
     int err = 0;
     if (loop) err = ca_loop_add_signal_handler(loop, SIGCHLD, sigchld_cb, nb);
     if (err == 0 && old_sig) {
@@ -186,6 +187,7 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
         ca__wcore_unlock(c);
         if (undo_new) ca_loop_remove_signal_handler(loop, SIGCHLD);
         if (loop) ca__sigchld_keep_release();
+        ca_loop_unref(old);
         return err;
     }
     if (ob) {
@@ -222,7 +224,8 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     if (arm_tick) arm(nb, loop, &nb->tick_posted, TICK_DELAY, tick_cb);
     /* After the lock: the last reference may close the old loop, whose hooks take it. */
     if (old) {
-        ca_loop_unref(old);
+        ca_loop_unref(old); /* ours */
+        ca_loop_unref(old); /* the attachment's */
         ca__sigchld_keep_release();
     }
     return 0;
