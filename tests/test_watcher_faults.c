@@ -418,3 +418,70 @@ TEST(fast_reports_foreign_reaps) /* timeout: 90 */
     ca_loop_unref(loop);
     ca_set_log_handler(NULL, NULL);
 }
+
+/* ----- the delivery loop while another thread replaces the policy (issue 16, item 2) -------- */
+
+static atomic_bool policy_stop;
+
+static void *replace_policies(void *arg)
+{
+    while (!atomic_load(&policy_stop)) {
+        ca_policy *p;
+        if (ca_default_policy_new(&p) == 0) {
+            ca_set_event_loop_policy(p);
+            ca_policy_unref(p);
+        }
+    }
+    return NULL;
+}
+
+static atomic_int stress_exits;
+static void count_exit(pid_t pid, int rc, void *arg) { atomic_fetch_add(&stress_exits, 1); }
+
+TEST(add_while_policy_replaced) /* timeout: 60 */
+{
+    ca_set_log_handler(quiet, NULL); /* exits posted to loops closed meanwhile are logged */
+    int (*makers[])(ca_child_watcher **) = {ca_threaded_child_watcher_new,
+                                            ca_multiloop_child_watcher_new,
+                                            ca_pidfd_child_watcher_new};
+    for (size_t k = 0; k < 3; k++) {
+        ca_child_watcher *w;
+        int r = makers[k](&w);
+        if (r == -ENOSYS) continue;
+        CHECK_OK(r);
+        atomic_store(&policy_stop, false);
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, replace_policies, NULL) == 0);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int n = 0;
+        do {
+            /* No loop set in the main thread: the delivery loop is the policy's own, which
+             * the other thread's replacement frees as soon as nothing else holds it. */
+            pid_t pid = spawn_exit(0);
+            CHECK(pid > 0);
+            r = ca_child_watcher_add_child_handler(w, pid, count_exit, NULL);
+            CHECK(r == 0 || r == -ENOENT);
+            /* The loop is nobody's to run: take the child back and reap it. */
+            if (r == 0 && ca_child_watcher_remove_child_handler(w, pid) == 1) {
+                while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+                }
+            } else if (r < 0) {
+                waitpid(pid, NULL, 0);
+            }
+            n++;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+        } while ((t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9 < 1.0);
+        atomic_store(&policy_stop, true);
+        pthread_join(t, NULL);
+        CHECK(n > 10);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+    }
+    /* Threaded's threads end once their (reaped) child is gone: give them a moment. */
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+    ca_set_log_handler(NULL, NULL);
+}
