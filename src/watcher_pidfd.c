@@ -11,7 +11,11 @@
  * filters that forbid pidfd_open) are returned to the caller: the child is then not watched.
  *
  * Threads: the reader must be added on the delivery loop's thread (or while that loop is not
- * running), so add_child_handler gives -EPERM from any other thread. remove_child_handler and
+ * running), so add_child_handler gives -EPERM from any other thread. Readers are added and
+ * removed without our lock (a host's add_reader may hand its own lock to another thread): an
+ * add marks the registration rd_adding while it calls add_reader, and a remove or close in
+ * between leaves the release to it (rd_release_wanted); a removal is marked rd_releasing while
+ * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done. remove_child_handler and
  * close work from any thread: the registration is cancelled at once (the callback is never
  * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
@@ -20,7 +24,8 @@
  * rather than giving us a copy, which would cost a second fd per child (and every open fd makes
  * every later spawn dearer: clone copies the fd table). Both sides use the one fd until each is
  * done with it, and it is closed exactly once, after both:
- *   - we are done when the reader is removed (pidfd_release): at the exit, on remove or close
+ *   - we are done when the reader is removed (release_begin, then the removal as a queued op,
+ *     release_done after it): at the exit, on remove or close
  *     (on the delivery loop's thread, possibly later through release_cb), or when the delivery
  *     loop closes. We never close a lent fd ourselves while the loan runs;
  *   - the subprocess is done when its exit is known, its loop closes, or it is freed. It then

@@ -1,12 +1,17 @@
 /*
  * SafeChildWatcher: SIGCHLD through the attached loop's signal handler (asyncio attaches the
- * main thread's loop), and on each SIGCHLD waitpid(pid, WNOHANG) for every registered pid:
- * O(n) per signal, but it never reaps a child that is not registered, so other code's waitpid()
- * and system() keep working. Callbacks run on the attached loop's thread.
+ * main thread's loop); on each SIGCHLD the exited children that waitid(WNOWAIT) shows are reaped
+ * by pid while they are registered ones, and every registered pid is polled with
+ * waitpid(pid, WNOHANG) when that cannot tell, at the latest 0.1 s later: it never reaps a
+ * child that is not registered, so other code's waitpid() and system() keep working. Callbacks
+ * run on the attached loop's thread.
  *
  * This file also holds the attachment logic that Fast shares (ca__wattach_*): a SIGCHLD handler
  * on the attached loop, whose argument is the loop's binding; attach/detach from the loop's own
  * thread (or while it does not run), since signal handlers are the loop's thread's business.
+ * The attached loop also carries a slow check (a timer every TICK_DELAY) that reaps as if
+ * SIGCHLD had come, so that other code taking SIGCHLD away loses no exit. Loop ops (the signal
+ * handler, timers, posts) are called without the core's lock.
  */
 #include "internal.h"
 #include "watcher_internal.h"
