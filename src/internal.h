@@ -159,6 +159,24 @@ void ca__pidfd_watcher_give_back(struct ca__wreg *lease, int pidfd);
 /* The watcher's kind name: "threaded", "multiloop", "safe", "fast", "pidfd", "custom". */
 const char *ca__child_watcher_kind(const ca_child_watcher *w);
 
+/* ----- policy (policy.c) ---------------------------------------------------------------------- */
+/* Get-and-ref lookups for the library's own use, where the public getters' borrowed pointers
+ * would be a use-after-free: another thread may replace the watcher (ca_set_child_watcher) or
+ * the policy (ca_set_event_loop_policy) and drop the last reference between the lookup and the
+ * caller's ref. Here the lookup and the reference are one step: the process policy is held
+ * (referenced) across its op, and the built-in policies take the reference under the lock their
+ * set_* ops replace under. A custom policy's op returns a borrowed pointer, referenced as soon
+ * as the op returns (its own replacement is its business: see ca_policy_ops in the header).
+ * Any thread; the caller owns the reference (ca_loop_unref / ca_child_watcher_unref).
+ *
+ * ca__get_event_loop_ref: the loop running in this thread, else the policy's current loop for
+ * this thread, as ca_get_event_loop (the default policy makes one in the main thread). Errors
+ * of ca_get_event_loop: -ENOENT (no current loop), -ENOTSUP, -ENOMEM, a custom op's error.
+ * ca__get_child_watcher_ref: the policy's watcher, as ca_get_child_watcher (made on first use;
+ * in a forked child, a new one: see the policies' fork rule). Errors of ca_get_child_watcher. */
+int ca__get_event_loop_ref(ca_loop **out);
+int ca__get_child_watcher_ref(ca_child_watcher **out);
+
 /* ----- policy (policy.c), for the runner (runner.c) ------------------------------------------ */
 /* A reference to the process policy, safe against a concurrent replacement. Never NULL. */
 ca_policy *ca__policy_acquire(void);
