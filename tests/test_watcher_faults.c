@@ -495,6 +495,11 @@ TEST(add_while_policy_replaced) /* timeout: 60 */
         CHECK(n > 10);
         CHECK_OK(ca_child_watcher_close(w));
         ca_child_watcher_unref(w);
+        /* A fresh policy: the last one's main-thread loop goes with it. */
+        ca_policy *p;
+        CHECK_OK(ca_default_policy_new(&p));
+        CHECK_OK(ca_set_event_loop_policy(p));
+        ca_policy_unref(p);
     }
     /* Threaded's threads end once their (reaped) child is gone: give them a moment. */
     struct timespec ts = {0, 200000000};
