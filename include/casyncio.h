@@ -240,21 +240,31 @@ ca_loop *ca_get_running_loop(void);
  *
  * Locks and threads. The library never calls an op, a user callback or the log handler while
  * it holds a lock of its own, so an op may take a lock of the host's (Python's GIL) and hand it
- * to other threads that call into the library meanwhile. Which threads call which op:
- *   - every op: the thread that called the matching public function (ca_loop_add_reader...,
- *     which allow it on the loop's own thread, or on any thread while the loop is not running
- *     in C terms: see ca_loop_enter_running);
- *   - call_soon_threadsafe, also from any thread at any time: the library's own threads post
- *     to it (a Threaded watcher's waiting threads, MultiLoop's reaping thread, a thread that
- *     removes a Pidfd handler or closes a watcher, a process's exit);
- *   - add_reader/remove_reader (Pidfd), add_signal_handler/remove_signal_handler and call_at
- *     (Safe and Fast), call_soon_threadsafe (every watcher), is_closed: from whichever thread
- *     calls the watcher function concerned (add_child_handler[_on], remove_child_handler,
- *     attach_loop, close), from the loop's own thread while it runs callbacks, or from any
- *     thread the public function allows. A host loop that is not running in C terms (its own
- *     run loop, as an asyncio adapter) can thus get any of them from any thread, and its ops
- *     must then be thread-safe (the GIL does it for Python);
- *   - close and the close hooks' ops (remove_reader...): the thread that closes the loop.
+ * to other threads that call into the library meanwhile. "Loop-thread rule" below: the loop's
+ * own thread while it runs, or any thread while it is not running in C terms (see
+ * ca_loop_enter_running). Which threads call each op:
+ *   run_forever           the thread in ca_loop_run_forever / ca_loop_run_until_complete.
+ *   stop                  any thread (ca_loop_stop).
+ *   close                 the thread in ca_loop_close (or in the last ca_loop_unref).
+ *   time                  any thread in ca_loop_time; the loop-thread rule for call_later.
+ *   call_soon             the loop-thread rule (ca_loop_call_soon; process and future code).
+ *   call_soon_threadsafe  any thread, at any time: users, and the library's own threads
+ *                         (Threaded's waiting threads, MultiLoop's reaping thread, a thread
+ *                         that removes a Pidfd handler, closes a watcher or attaches Safe/Fast).
+ *   call_at               the loop-thread rule (call_at/call_later; Safe/Fast's timers, armed by
+ *                         attach_loop's thread or the loop's own callbacks).
+ *   add_reader, remove_reader, add_writer, remove_writer
+ *                         the loop-thread rule: users, the sock_* code, Pidfd (add from the
+ *                         thread of add_child_handler[_on], remove from the loop's callbacks or
+ *                         from remove/close's thread), close hooks in the closing thread.
+ *   add_signal_handler, remove_signal_handler
+ *                         the loop-thread rule: users, Safe/Fast (attach_loop's and close's
+ *                         thread).
+ *   sock_*                the loop-thread rule.
+ *   destroy               the thread that drops the last reference.
+ *   is_closed             any thread (every public call that checks for a closed loop).
+ * A host loop that is not running in C terms (its host runs it, as an asyncio adapter) can thus
+ * get any op from any thread, and its ops must then be thread-safe (the GIL does it for Python).
  * No op is ever called from a signal handler. */
 typedef struct ca_loop_ops {
     int (*run_forever)(ca_loop *self); /* required */
