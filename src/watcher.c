@@ -286,8 +286,7 @@ bool ca__wcore_retry(ca__wcore *c)
     return left;
 }
 
-/* Empties the retry list (close: its registrations were unregistered). Lock held. */
-static void retry_clear(ca__wcore *c)
+void ca__wcore_retry_clear(ca__wcore *c)
 {
     while (c->retry) {
         ca__wreg *r = c->retry;
@@ -547,7 +546,7 @@ void ca__wcore_cancel_all(ca__wcore *c)
         if (r) ca__wreg_unregister(c, r);
         else i++;
     }
-    retry_clear(c);
+    ca__wcore_retry_clear(c);
 }
 
 /* Queues r's delivery, posted by ca__wlog_flush after the unlock (lock held). */
