@@ -127,6 +127,12 @@ int ca__returncode_from_status(int status);
 #define CA__RC_DROPPED (INT32_MIN + 1)
 #define CA__RC_REPLACED (INT32_MIN + 2)
 int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
+/* As ca__child_watcher_add_internal, with the delivery loop given (NULL: the implicit rule), as
+ * ca_child_watcher_add_child_handler_on: for the subprocess code, whose loop need not be marked
+ * running for the watcher to pick it. Safe and Fast ignore loop (their attached loop delivers,
+ * as before). */
+int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
+                                      ca_child_fn cb, void *arg);
 /* Takes back the registration that cb(arg) has for pid, if it is still there: 1, and neither
  * the callback nor a drop call will come; 0 when it is not there (the callback or the drop call
  * is on its way, or came). Also works on a closed watcher (the close may still be cancelling in
@@ -144,6 +150,9 @@ int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, 
 struct ca__wreg;
 int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
                            struct ca__wreg **lease);
+/* As ca__pidfd_watcher_lend, delivering to loop (NULL: the implicit rule). */
+int ca__pidfd_watcher_lend_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, int pidfd,
+                              ca_child_fn cb, void *arg, struct ca__wreg **lease);
 /* Ends a loan: closes pidfd now if the watcher's reader is off it, else leaves the close to the
  * watcher, which does it right after removing the reader. Any thread. */
 void ca__pidfd_watcher_give_back(struct ca__wreg *lease, int pidfd);

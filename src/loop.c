@@ -1608,3 +1608,22 @@ int ca_loop_exit_running(ca_loop *loop)
     exit_running(loop);
     return 0;
 }
+
+/* ----- for the child watchers (h-watch; watcher*.c) ------------------------------------------
+ * The watchers call loop ops only after releasing their own locks; between the unlock and the
+ * op they need the loop alive without being the ones to hold it, hence a reference that fails
+ * once the last one is gone (the loop is then being closed and freed). Under their lock they
+ * may only ask whether ca_loop_close ran, never the host's is_closed op. */
+
+bool ca__loop_tryref(ca_loop *loop)
+{
+    int n = atomic_load_explicit(&loop->refs, memory_order_relaxed);
+    do {
+        if (n <= 0) return false;
+    } while (!atomic_compare_exchange_weak_explicit(&loop->refs, &n, n + 1,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return true;
+}
+
+bool ca__loop_core_closed(const ca_loop *loop) { return atomic_load(&loop->closed); }

@@ -225,4 +225,12 @@ void ca__future_finish(ca_future *fut, int err, void *result);
 /* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
 int ca__future_remove_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 
+/* ----- for the child watchers (loop.c's last block) ------------------------------------------ */
+/* A reference to loop unless its last one is already gone (then false: it is being closed).
+ * Any thread. */
+bool ca__loop_tryref(ca_loop *loop);
+/* Whether ca_loop_close ran (or runs): the closed flag only, never the host's is_closed op, so
+ * it may be asked with a library lock held. */
+bool ca__loop_core_closed(const ca_loop *loop);
+
 #endif

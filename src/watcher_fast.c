@@ -9,25 +9,68 @@
  * here: inside enter/exit (the spawn window) it is kept in case the handler comes next;
  * outside, it is logged ("Caught subprocess termination from unknown pid") and dropped. Use it
  * only when this process's children are all yours.
+ *
+ * The other way round, a registered child that other code reaped never shows in waitpid(-1):
+ * after a SIGCHLD, the deferred full reap (within 0.1 s, at most once per 0.1 s) asks each
+ * registered pid with waitid(WNOWAIT) and reports the ones that are gone with 255, as the other
+ * watchers do.
  */
 #include "internal.h"
 #include "watcher_internal.h"
 
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
+/* Registered children that other code reaped (their exit can never come through waitpid(-1)):
+ * reported as the other watchers do, returncode 255 and a warning (issue 16, item 7).
+ * waitid(WNOWAIT) on the pid says ECHILD once it is not our child any more. O(n). */
+static void fast_find_foreign(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+{
+    for (size_t i = 0; i < c->cap;) {
+        ca__wreg *r = c->slots[i];
+        if (!r || !r->registered || r->state != CA__W_WAITING) {
+            i++;
+            continue;
+        }
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        int e;
+        do {
+            e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+        } while (e < 0 && errno == EINTR);
+        if (e == 0 || errno != ECHILD) {
+            i++;
+            continue;
+        }
+        ca__wlog_add(q, CA_LOG_WARNING,
+                     "Unknown child process pid %d, will report returncode 255", (int)r->pid);
+        ca__wreg_take_into(c, r, 255, list); /* shifts the next entry into slot i */
+    }
+}
+
 static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
 {
-    (void)full; /* waitpid(-1) sees every exited child anyway */
     /* Signals coalesce: keep reaping while there is something to reap. */
     for (;;) {
         int status = 0;
         pid_t pid = waitpid(-1, &status, WNOHANG);
         if (pid < 0 && errno == EINTR) continue;
-        if (pid <= 0) return false; /* 0: the others still run; ECHILD: no child left */
+        if (pid < 0) {
+            /* ECHILD: no child left at all, so every registered one was reaped elsewhere. */
+            if (c->len > 0) fast_find_foreign(c, list, q);
+            return false;
+        }
+        if (pid == 0) {
+            /* The others still run. Whether other code reaped one of ours takes a look at
+             * each: done by the deferred full reap (at most once per delay), or now. */
+            if (full) fast_find_foreign(c, list, q);
+            return !full && c->len > 0;
+        }
         int rc = ca__returncode_from_status(status);
         ca__wreg *r = ca__wtable_get_live(c, pid);
         if (r && r->registered && r->state == CA__W_WAITING) {
@@ -56,19 +99,19 @@ static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
     }
 }
 
-static int fast_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
-                         bool internal)
+static int fast_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                       void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca__wlog q = {0};
-    int err = 0;
-    ca__wcore_lock(c);
+    ca_loop *attached;
+    int err = ca__wattach_add_begin(c, given, &attached);
+    if (err < 0) {
+        ca_loop_unref(attached);
+        return err;
+    }
     ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (c->closed) {
-        err = -EBADF; /* closed while this call was on its way in */
-    } else if (!ca__wattach_active(c)) {
-        err = -ENOTCONN;
-    } else if (r && r->state == CA__W_ZOMBIE) {
+    if (r && r->state == CA__W_ZOMBIE) {
         /* It exited before its handler came: deliver on the attached loop. */
         ca__wreg_replace(c, r, cb, arg, internal);
         r->state = CA__W_WAITING;
@@ -82,17 +125,13 @@ static int fast_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    ca_loop_unref(attached);
     return err;
 }
 
 static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return fast_add_impl(w, pid, cb, arg, false);
-}
-
-static int fast_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return fast_add_impl(w, pid, cb, arg, true);
+    return fast_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static int fast_enter(ca_child_watcher *w)
@@ -157,6 +196,6 @@ static const ca_child_watcher_ops fast_ops = {
 int ca_fast_child_watcher_new(ca_child_watcher **out)
 {
     int err = ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
-    if (err == 0) (*out)->add_internal = fast_add_internal;
+    if (err == 0) (*out)->add_on = fast_add_on;
     return err;
 }

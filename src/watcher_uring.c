@@ -428,8 +428,9 @@ static void ring_ready(void *arg)
 
 /* Cancels r (remove, take_back, close): it leaves the table, and its request is cancelled.
  * The child is not reaped: whoever removed it does that. Lock held. */
-static void uring_cancel(ca__wcore *c, ca__wreg *r)
+static void uring_cancel(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
+    (void)q; /* nothing to do after the unlock: the cancel is an SQE, not a loop op */
     ca__wreg_unregister(c, r);
     ur_op *op = r->kdata;
     if (op) cancel_op(op);
@@ -437,7 +438,7 @@ static void uring_cancel(ca__wcore *c, ca__wreg *r)
 
 /* Watches pid, with its exit delivered on loop (the caller's delivery loop, whose thread this
  * is). internal: a registration of the library's own (see watcher_internal.h). */
-static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb,
+static int uring_add_in(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb,
                         void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
@@ -512,21 +513,21 @@ static int uring_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
     return err;
 }
 
-static int uring_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg, bool internal)
+/* given: the delivery loop named by add_child_handler_on, or NULL for the implicit rule. */
+static int uring_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                        void *arg, bool internal)
 {
     ca_loop *loop;
-    int err = ca__watcher_delivery_loop(&loop);
-    return err < 0 ? err : uring_add_on(w, loop, pid, cb, arg, internal);
+    int err = ca__watcher_delivery_loop(given, &loop); /* a reference */
+    if (err < 0) return err;
+    err = uring_add_in(w, loop, pid, cb, arg, internal);
+    ca_loop_unref(loop);
+    return err;
 }
 
 static int uring_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return uring_add(w, pid, cb, arg, false);
-}
-
-static int uring_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return uring_add(w, pid, cb, arg, true);
+    return uring_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static int uring_remove(ca_child_watcher *w, pid_t pid)
@@ -536,7 +537,7 @@ static int uring_remove(ca_child_watcher *w, pid_t pid)
     ca__wreg *r = ca__wtable_get(c, pid);
     if (r) {
         ca__wreg_ref(r);
-        uring_cancel(c, r);
+        uring_cancel(c, r, NULL);
         ca__wreg_unref(c, r);
     }
     ca__wcore_unlock(c);
@@ -560,7 +561,7 @@ static int uring_close(ca_child_watcher *w)
             continue;
         }
         ca__wreg_ref(r);
-        uring_cancel(c, r); /* takes r out of slot i */
+        uring_cancel(c, r, NULL); /* takes r out of slot i */
         ca__wreg_unref(c, r);
     }
     for (ur_ring *g = state_of(c)->rings; g; g = g->next) {
@@ -666,7 +667,7 @@ int ca_uring_child_watcher_new(ca_child_watcher **out)
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_internal = uring_add_internal;
+    (*out)->add_on = uring_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;
