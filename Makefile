@@ -134,3 +134,34 @@ uninstall:
 
 clean:
 	rm -rf build
+
+# ----- fault sweeps, fuzzers, soak (docs/testing.md) -------------------------------------
+# `make sweep`: the allocation-failure sweep and the resource-limit checks, in MODE's build.
+# `make fuzz`: libFuzzer over the public API and the CLI's parsers (clang, ASan; FUZZ_SECONDS
+# each). `make soak`: threads replacing policies and watchers while others spawn (SOAK_SECONDS,
+# in MODE's build: use MODE=asan or MODE=tsan).
+FAULT_WRAP := malloc calloc realloc aligned_alloc posix_memalign strdup strndup free pthread_create
+FAULT_WRAP_LDFLAGS := $(foreach f,$(FAULT_WRAP),-Wl,--wrap=$(f))
+SOAK_SECONDS ?= 600
+FUZZ_SECONDS ?= 60
+
+.PHONY: sweep fuzz soak fault-bins
+
+# The test custom loop (tests/custom_loop.c) is test support, not the library: it does not
+# survive a failed allocation, so its calls go straight to the real allocator (uncounted).
+$(B)/fault/custom_loop_uncounted.o: $(B)/obj/tests/custom_loop.o
+	@mkdir -p $(dir $@)
+	objcopy $(foreach f,malloc calloc realloc free,--redefine-sym $(f)=__real_$(f)) $< $@
+
+# The library's objects, not the archive: a weak reference (ca_uring_child_watcher_new) does
+# not pull a member out of an archive.
+$(B)/fault/workload: tests/fault/workload.c tests/fault/alloc_wrap.c tests/fault/alloc_wrap.h \
+		$(LIB_OBJS) $(B)/fault/custom_loop_uncounted.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/workload.c tests/fault/alloc_wrap.c $(LIB_OBJS) \
+		$(B)/fault/custom_loop_uncounted.o $(FAULT_WRAP_LDFLAGS) -rdynamic $(LIBS)
+
+fault-bins: $(B)/fault/workload
+
+sweep: fault-bins
+	@sh tools/sweep.sh $(B) $(MODE)
