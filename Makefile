@@ -161,7 +161,14 @@ $(B)/fault/workload: tests/fault/workload.c tests/fault/alloc_wrap.c tests/fault
 	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/workload.c tests/fault/alloc_wrap.c $(LIB_OBJS) \
 		$(B)/fault/custom_loop_uncounted.o $(FAULT_WRAP_LDFLAGS) -rdynamic $(LIBS)
 
-fault-bins: $(B)/fault/workload
+fault-bins: $(B)/fault/workload $(B)/fault/soak
 
 sweep: fault-bins
 	@sh tools/sweep.sh $(B) $(MODE)
+
+$(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/soak.c $(LIB_OBJS) $(LIBS)
+
+soak: $(B)/fault/soak
+	@SOAK_SECONDS=$(SOAK_SECONDS) sh tools/soak.sh $(B) $(MODE)

@@ -23,6 +23,18 @@ passed=0 failed=0 last=0 end=0 start=$(date +%s)
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
+# Turns "prog(+0xADDR)" frames into "function file:line" where addr2line can.
+symbolize() {
+    while IFS= read -r l; do
+        a=$(echo "$l" | sed -n 's/.*(+\(0x[0-9a-f]*\)).*/\1/p')
+        if [ -n "$a" ] && command -v addr2line >/dev/null 2>&1; then
+            addr2line -f -i -e "$bin" "$a" | paste -s -d' ' -
+        else
+            echo "$l"
+        fi
+    done
+}
+
 # Runs one N; leaves its exit status in $tmp/rc.N and its output in $tmp/out.N.
 one() {
     CA_FAULT_N=$1 timeout -k 5 "$limit" "$bin" >"$tmp/out.$1" 2>&1
@@ -55,7 +67,9 @@ while [ "$end" -eq 0 ] && [ "$n" -le "$max" ]; do
         if [ -n "$why" ]; then
             failed=$((failed + 1))
             echo "FAIL N=$i: $why"
-            sed 's/^/    /' "$tmp/out.$i" | head -n 60
+            grep -v '^alloc_wrap: call\|^workload(\|^\S*(+0x\|^\S*(\w*+0x' "$tmp/out.$i" | sed 's/^/    /' | head -n 40
+            echo "    the failed allocation call:"
+            sed -n '/^alloc_wrap: call/,/__libc_start_main\|start_thread/p' "$tmp/out.$i" | symbolize | sed 's/^/      /' | head -n 14
         else
             passed=$((passed + 1))
             [ "${SWEEP_VERBOSE:-0}" = 1 ] && echo "ok N=$i: $(tail -n 1 "$tmp/out.$i")"

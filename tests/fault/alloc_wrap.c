@@ -139,11 +139,12 @@ static bool fail_now(long *when)
     }
     long n = atomic_fetch_add(&calls, 1) + 1;
     *when = n;
-    if (n == trace_at()) {
-        /* CA_FAULT_TRACE=N: where call N comes from, to read a leak report. */
+    if (n == trace_at() || (f > 0 && n == f)) {
+        /* Where the failed call comes from (printed always: the driver shows it only for a
+         * failed run), or with CA_FAULT_TRACE=N where call N does, to read a leak report. */
         void *bt[32];
         int k = backtrace(bt, 32);
-        fprintf(stderr, "alloc_wrap: call %ld from:\n", n);
+        fprintf(stderr, "alloc_wrap: call %ld%s from:\n", n, n == f ? " (failed)" : "");
         backtrace_symbols_fd(bt, k, 2);
     }
     if (f > 0 && n == f) {

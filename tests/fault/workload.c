@@ -113,6 +113,7 @@ struct lstate {
     volatile int all;
 };
 
+static void wake(void);
 static void count_cb(void *arg) { ++*(int *)arg; }
 
 static void fut_done(ca_future *f, void *arg)
@@ -147,10 +148,14 @@ static void writer_cb(void *arg)
     if (s->writable++ == 0) ca_loop_remove_writer(s->loop, s->wfd);
 }
 
+/* Each event that a run_until waits for also stops the loop, so that the slice ends at once. */
+static void wake(void) { ca_loop_stop(ca_get_running_loop()); }
+
 static void flag_fut_done(ca_future *f, void *arg)
 {
     (void)f;
     *(volatile int *)arg = 1;
+    wake();
 }
 
 /* Waits for fut (if any) for at most secs; true if done. */
@@ -322,6 +327,7 @@ static void p_exited(ca_process *p, void *arg)
 {
     (void)p;
     ((struct pstate *)arg)->exited = 1;
+    wake();
 }
 
 struct raw {
@@ -338,12 +344,14 @@ static void raw_cb(pid_t pid, int rc, void *arg)
     if (pid != r->pid) fail("raw child: callback for pid %d, not %d", (int)pid, (int)r->pid);
     r->rc = rc;
     r->done = 1;
+    wake();
 }
 
 static void raw_start(void *arg)
 {
     struct raw *rw = arg;
     rw->started = 1;
+    wake();
     if (!OK(ca_child_watcher_enter(rw->w))) return;
     pid_t pid = fork();
     if (pid == 0) _exit(5);
@@ -500,14 +508,14 @@ int main(void)
     }
     for (int k = 0; k < 4; k++) {
         one_loop(k);
-        if (verbose) fprintf(stderr, "after loop %d: %ld calls\n", k, aw_calls());
+        if (verbose) fprintf(stderr, "after loop %d: %ld calls, %.3f s\n", k, aw_calls(), now());
     }
     OKX(ca_run(runner_main, NULL, NULL), -EINVAL, 0);
     /* Safe and Fast need signal handlers, which the custom loop lacks. */
     static const int watcher_loop[6] = {3, 0, 1, 2, 3, 2};
     for (int k = 0; k < 6; k++) {
         one_watcher(k, watcher_loop[k]);
-        if (verbose) fprintf(stderr, "after watcher %d: %ld calls\n", k, aw_calls());
+        if (verbose) fprintf(stderr, "after watcher %d: %ld calls, %.3f s\n", k, aw_calls(), now());
     }
 
     /* Threaded's waiting threads are detached and end just after their child; give them a
