@@ -145,7 +145,7 @@ FAULT_WRAP_LDFLAGS := $(foreach f,$(FAULT_WRAP),-Wl,--wrap=$(f))
 SOAK_SECONDS ?= 600
 FUZZ_SECONDS ?= 60
 
-.PHONY: sweep fuzz soak fault-bins
+.PHONY: sweep fuzz soak fault-bins fuzz-bins
 
 # The test custom loop (tests/custom_loop.c) is test support, not the library: it does not
 # survive a failed allocation, so its calls go straight to the real allocator (uncounted).
@@ -172,3 +172,26 @@ $(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
 
 soak: $(B)/fault/soak
 	@SOAK_SECONDS=$(SOAK_SECONDS) sh tools/soak.sh $(B) $(MODE)
+
+# The fuzzers: always clang with libFuzzer, ASan and UBSan, in their own build directory; the
+# library (and the CLI without main.c) compiled in, instrumented for coverage.
+FUZZ_B := build/fuzz
+FUZZ_CC ?= clang
+FUZZ_CFLAGS := $(BASE_CFLAGS) -O1 -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_CLI_SRCS := $(filter-out src/cli/main.c,$(CLI_SRCS))
+
+$(FUZZ_B)/fuzz_api: tests/fuzz/fuzz_api.c $(LIB_SRCS) include/casyncio.h $(wildcard src/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_api.c $(LIB_SRCS) $(LIBS)
+
+$(FUZZ_B)/fuzz_cli: tests/fuzz/fuzz_cli.c $(LIB_SRCS) $(FUZZ_CLI_SRCS) include/casyncio.h \
+		$(wildcard src/*.h src/cli/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -Isrc/cli -o $@ tests/fuzz/fuzz_cli.c $(FUZZ_CLI_SRCS) $(LIB_SRCS) $(LIBS)
+
+fuzz-bins: $(FUZZ_B)/fuzz_api $(FUZZ_B)/fuzz_cli
+
+# FUZZ_SECONDS per target (CI: 60); the corpus grows in build/fuzz/corpus_* from the seeds.
+fuzz: fuzz-bins
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) sh tools/fuzz.sh $(FUZZ_B)
