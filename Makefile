@@ -161,10 +161,15 @@ $(B)/fault/workload: tests/fault/workload.c tests/fault/alloc_wrap.c tests/fault
 	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/workload.c tests/fault/alloc_wrap.c $(LIB_OBJS) \
 		$(B)/fault/custom_loop_uncounted.o $(FAULT_WRAP_LDFLAGS) -rdynamic $(LIBS)
 
-fault-bins: $(B)/fault/workload $(B)/fault/soak
+$(B)/fault/limits: tests/fault/limits.c $(B)/libcasyncio.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/limits.c $(B)/libcasyncio.a $(LIBS)
 
+fault-bins: $(B)/fault/workload $(B)/fault/soak $(B)/fault/limits
+
+# Two closing lines: "sweep: ..." (one per N) and "limits: ..." (one per case).
 sweep: fault-bins
-	@sh tools/sweep.sh $(B) $(MODE)
+	@sh tools/sweep.sh $(B) $(MODE); a=$$?; $(B)/fault/limits; [ $$a -eq 0 ] && [ $$? -eq 0 ]
 
 $(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
 	@mkdir -p $(dir $@)
