@@ -39,8 +39,20 @@
 #include <time.h>
 #include <unistd.h>
 
-/* tests/custom_loop.c. */
+/* tests/custom_loop.c, and the one harness function it may call (tests/harness.c is not
+ * linked: it has its own main). */
 int t_custom_loop_new(ca_loop **out);
+void t_fail(const char *file, int line, const char *fmt, ...);
+void t_fail(const char *file, int line, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "workload: FAIL in the test custom loop, %s:%d: ", file, line);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    _exit(1);
+}
 
 /* Defined by the uring watcher when it is linked in (h-uring's branch); weak so that this
  * program still links without it, and skips that watcher. */
