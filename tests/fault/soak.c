@@ -233,21 +233,42 @@ static ca_child_watcher *get_published(int *kind)
     return w;
 }
 
+/* One registration. The callback may still be running on another thread when remove answers
+ * 0 ("being delivered right now"), and nothing tells its caller when it is over; so a record
+ * is never freed nor reused soon: each thread takes the next one of its own ring. The fields
+ * the callback touches are atomic. */
 struct raw {
     ca_child_watcher *w;
     int kind;
-    pid_t pid;
+    atomic_int pid;
     int pidfd;
     atomic_int calls;
-    int rc;
+    atomic_int rc;
     int r;
 };
+
+#define RING 4096
+static struct raw rings[NMAX + 1][RING];
+
+static struct raw *next_raw(int ring, unsigned *i)
+{
+    struct raw *x = &rings[ring][(*i)++ % RING];
+    x->w = NULL;
+    x->kind = 0;
+    x->pidfd = -1;
+    x->r = 0;
+    atomic_store(&x->pid, 0);
+    atomic_store(&x->calls, 0);
+    atomic_store(&x->rc, 0);
+    return x;
+}
 
 static void raw_cb(pid_t pid, int rc, void *arg)
 {
     struct raw *x = arg;
-    if (pid != x->pid) fail("handler for pid %d called with pid %d", (int)x->pid, (int)pid);
-    x->rc = rc;
+    if (pid != atomic_load(&x->pid))
+        fail("handler for pid %d called with pid %d", atomic_load(&x->pid), (int)pid);
+    atomic_store(&x->rc, rc);
     if (atomic_fetch_add(&x->calls, 1) != 0) fail("pid %d reported twice", (int)pid);
     atomic_fetch_add(&n_delivered, 1);
 }
@@ -258,9 +279,10 @@ static void raw_add(struct raw *x)
     x->pidfd = -1;
     x->r = ca_child_watcher_enter(x->w);
     if (x->r < 0 && x->r != -EBADF) fail("enter: %s", ca_strerror(x->r));
-    x->pid = fork();
-    if (x->pid == 0) _exit(5);
-    if (x->pid < 0) {
+    pid_t pid = fork();
+    if (pid == 0) _exit(5);
+    atomic_store(&x->pid, pid);
+    if (pid < 0) {
         fail("fork: %s", strerror(errno));
         x->r = -errno;
         ca_child_watcher_exit(x->w);
@@ -268,8 +290,8 @@ static void raw_add(struct raw *x)
     }
     /* Before anybody may reap it? Fast's waitpid(-1) may be first: then there is no pidfd and
      * the child is Fast's. */
-    x->pidfd = (int)syscall(SYS_pidfd_open, x->pid, 0);
-    x->r = ca_child_watcher_add_child_handler(x->w, x->pid, raw_cb, x);
+    x->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    x->r = ca_child_watcher_add_child_handler(x->w, pid, raw_cb, x);
     atomic_fetch_add(x->r == 0 ? &n_add : &n_add_err, 1);
     if (x->r < 0 && x->r != -EBADF && x->r != -ENOTCONN && x->r != -EAGAIN && x->r != -ENOENT)
         fail("add_child_handler (%s): %d (%s)", wnames[x->kind], x->r, ca_strerror(x->r));
@@ -281,11 +303,12 @@ static void raw_add_cb(void *arg) { raw_add(arg); }
 /* After the registration: reap the child if it is still there and nobody else will. */
 static void raw_finish(struct raw *x, ca_loop *loop, bool remove_now)
 {
-    if (x->pid <= 0) return;
+    pid_t pid = atomic_load(&x->pid);
+    if (pid <= 0) return;
     int removed = 0;
     if (x->r == 0) {
         if (remove_now) {
-            removed = ca_child_watcher_remove_child_handler(x->w, x->pid);
+            removed = ca_child_watcher_remove_child_handler(x->w, pid);
             if (removed == 1) atomic_fetch_add(&n_removed, 1);
         } else {
             double deadline = now() + 10 * slow;
@@ -294,13 +317,13 @@ static void raw_finish(struct raw *x, ca_loop *loop, bool remove_now)
                 if (loop) run_until(loop, &never, 0.01);
                 else usleep(1000);
             }
-            removed = ca_child_watcher_remove_child_handler(x->w, x->pid);
+            removed = ca_child_watcher_remove_child_handler(x->w, pid);
             /* Still registered 10 s after the child's exit, on a watcher that was not closed
              * (a close cancels every handler, so remove would answer 0). Safe/Fast depend on the
              * watcher thread's loop, which runs all along; a main-thread registration goes to a
              * loop nobody runs, so only the adders' can tell. */
             if (removed == 1 && loop && ca_child_watcher_is_active(x->w))
-                fail("pid %d (%s): exit not reported in %.0f s", (int)x->pid, wnames[x->kind],
+                fail("pid %d (%s): exit not reported in %.0f s", (int)pid, wnames[x->kind],
                      10 * slow);
         }
     }
@@ -323,11 +346,11 @@ static void *adder(void *arg)
         fail("adder %u: loop: %s", id, ca_strerror(r));
         return NULL;
     }
+    unsigned ri = 0;
     while (!atomic_load(&stopping)) {
-        struct raw *x = calloc(1, sizeof *x);
+        struct raw *x = next_raw((int)id, &ri);
         x->w = get_published(&x->kind);
         if (!x->w) {
-            free(x);
             usleep(1000);
             continue;
         }
@@ -342,7 +365,6 @@ static void *adder(void *arg)
         /* A late callback (posted before the remove) may still be queued: let it run. */
         run_until(loop, &never, 0.002);
         ca_child_watcher_unref(x->w);
-        free(x);
     }
     volatile int never = 0;
     run_until(loop, &never, 0.05);
@@ -448,16 +470,17 @@ static void *policy_thread(void *arg)
 static void main_adds(double until)
 {
     unsigned seed = (unsigned)time(NULL) * 13u;
+    unsigned ri = 0;
     while (now() < until) {
-        struct raw x = {0};
-        x.w = get_published(&x.kind);
-        if (x.w) {
-            raw_add(&x);
-            /* Nobody runs the delivery loop here: give the exit time to be posted, then
-             * remove (the callback cannot come, the loop does not run). */
+        struct raw *x = next_raw(NMAX, &ri);
+        x->w = get_published(&x->kind);
+        if (x->w) {
+            raw_add(x);
+            /* Nobody runs the delivery loop here (Threaded, MultiLoop, Pidfd): give the exit
+             * time to be posted, then remove. Safe and Fast deliver on the watcher thread. */
             usleep(rand_r(&seed) % 2000);
-            raw_finish(&x, NULL, true);
-            ca_child_watcher_unref(x.w);
+            raw_finish(x, NULL, true);
+            ca_child_watcher_unref(x->w);
         }
         usleep(500);
     }
