@@ -169,7 +169,7 @@ fault-bins: $(B)/fault/workload $(B)/fault/soak $(B)/fault/limits
 
 # Two closing lines: "sweep: ..." (one per N) and "limits: ..." (one per case).
 sweep: fault-bins
-	@sh tools/sweep.sh $(B) $(MODE); a=$$?; $(B)/fault/limits; [ $$a -eq 0 ] && [ $$? -eq 0 ]
+	@sh tools/sweep.sh $(B) $(MODE); a=$$?; $(B)/fault/limits; b=$$?; [ $$a -eq 0 ] && [ $$b -eq 0 ]
 
 $(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
 	@mkdir -p $(dir $@)
