@@ -21,6 +21,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* The io_uring watcher, where it is built in (weak: some branches do not define it). */
+#pragma weak ca_uring_child_watcher_new
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
@@ -113,12 +116,13 @@ static void run_slice(ca_loop *loop)
 
 static int new_watcher(unsigned kind, ca_child_watcher **w)
 {
-    switch (kind % 5) {
+    switch (kind % 6) {
     case 0: return ca_threaded_child_watcher_new(w);
     case 1: return ca_multiloop_child_watcher_new(w);
     case 2: return ca_safe_child_watcher_new(w);
     case 3: return ca_fast_child_watcher_new(w);
-    default: return ca_pidfd_child_watcher_new(w);
+    case 4: return ca_pidfd_child_watcher_new(w);
+    default: return ca_uring_child_watcher_new ? ca_uring_child_watcher_new(w) : -ENOSYS;
     }
 }
 
