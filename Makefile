@@ -138,11 +138,12 @@ clean:
 # ----- fault sweeps, fuzzers, soak (docs/testing.md) -------------------------------------
 # `make sweep`: the allocation-failure sweep and the resource-limit checks, in MODE's build.
 # `make fuzz`: libFuzzer over the public API and the CLI's parsers (clang, ASan; FUZZ_SECONDS
-# each). `make soak`: threads replacing policies and watchers while others spawn (SOAK_SECONDS,
-# in MODE's build: use MODE=asan or MODE=tsan).
+# each). `make soak`: threads replacing policies and watchers while others spawn (SOAK_SECONDS
+# in each of SOAK_MODES' builds, default asan and tsan).
 FAULT_WRAP := malloc calloc realloc aligned_alloc posix_memalign strdup strndup free pthread_create
 FAULT_WRAP_LDFLAGS := $(foreach f,$(FAULT_WRAP),-Wl,--wrap=$(f))
 SOAK_SECONDS ?= 600
+SOAK_MODES ?= asan tsan
 FUZZ_SECONDS ?= 60
 
 .PHONY: sweep fuzz soak fault-bins fuzz-bins
@@ -175,8 +176,10 @@ $(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/soak.c $(LIB_OBJS) $(LIBS)
 
-soak: $(B)/fault/soak
-	@SOAK_SECONDS=$(SOAK_SECONDS) sh tools/soak.sh $(B) $(MODE)
+# One run per mode in SOAK_MODES (default: ASan, then TSan), SOAK_SECONDS each.
+soak:
+	@for m in $(SOAK_MODES); do $(MAKE) --no-print-directory MODE=$$m build/$$m/fault/soak || exit 1; done
+	@r=0; for m in $(SOAK_MODES); do SOAK_SECONDS=$(SOAK_SECONDS) sh tools/soak.sh build/$$m $$m || r=1; done; exit $$r
 
 # The fuzzers: always clang with libFuzzer, ASan and UBSan, in their own build directory; the
 # library (and the CLI without main.c) compiled in, instrumented for coverage.
