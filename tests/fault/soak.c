@@ -436,7 +436,11 @@ static void *watcher_thread(void *arg)
             ca_child_watcher_close(old);
         }
         ca_child_watcher_unref(old);
-        if ((kind == W_SAFE || kind == W_FAST) && (r = ca_child_watcher_attach_loop(w, loop)) < 0)
+        /* -EBUSY is documented: another attach of this watcher is under way in another
+         * thread. Here that is the main thread, whose ca_get_event_loop makes its loop and
+         * attaches the policy's watcher to it (asyncio's rule for the main thread). */
+        if ((kind == W_SAFE || kind == W_FAST) && (r = ca_child_watcher_attach_loop(w, loop)) < 0 &&
+            r != -EBUSY)
             fail("watcher thread: attach %s: %s", wnames[kind], ca_strerror(r));
         pthread_mutex_lock(&pub_lock);
         pub_w = w; /* our reference moves to the slot */
