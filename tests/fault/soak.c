@@ -159,6 +159,8 @@ static void *spawner(void *arg)
         unsigned x = (unsigned)rand_r(&seed);
         struct spawn_job j = {.loop = loop};
         long xclose = atomic_load(&n_xclose);
+        /* Replacements from here on may hand the child to a closed watcher (see below). */
+        long gen = atomic_load(&n_wrepl) + atomic_load(&n_prepl);
         bool seven = x & 1;
         j.opts.argv = seven ? seven_argv : true_argv;
         j.opts.stdout_mode = (x & 2) ? CA_PIPE : CA_DEVNULL;
@@ -187,7 +189,6 @@ static void *spawner(void *arg)
             continue;
         }
         atomic_fetch_add(&n_spawn, 1);
-        long gen = atomic_load(&n_wrepl) + atomic_load(&n_prepl);
         ca_future *wf = NULL;
         volatile int done = 0;
         r = ca_process_wait(j.proc, &wf);
