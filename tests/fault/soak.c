@@ -11,7 +11,8 @@
  *                  stdout pipe, sometimes from a callback on the running loop), then the wait
  *                  future. Every spawn that succeeds must complete with its status (255 is
  *                  accepted only once a Fast watcher was installed, since Fast reaps every
- *                  child, or when a watcher or policy was replaced while the child ran: a
+ *                  child, or when a watcher or policy was replaced during the spawn or while
+ *                  the child ran: a
  *                  closed Threaded watcher's thread may reap it, as docs/subprocess.md says);
  *                  errors must be -ENOTCONN (the watcher of the moment is not active, e.g.
  *                  Safe/Fast just replaced) or -EAGAIN.
