@@ -12,10 +12,10 @@
  *                  future. Every spawn that succeeds must complete with its status (255 is
  *                  accepted only once a Fast watcher was installed, since Fast reaps every
  *                  child, or when a watcher or policy was replaced during the spawn or while
- *                  the child ran: a
- *                  closed Threaded watcher's thread may reap it, as docs/subprocess.md says);
- *                  errors must be -ENOTCONN (the watcher of the moment is not active, e.g.
- *                  Safe/Fast just replaced) or -EAGAIN.
+ *                  the child ran: a closed Threaded watcher's thread may reap it, as
+ *                  docs/subprocess.md says); errors must be -ENOTCONN (the watcher of the
+ *                  moment is not active, e.g. Safe/Fast just replaced), -EAGAIN, or -EBADF
+ *                  when the watcher thread closed a replaced Safe/Fast watcher meanwhile.
  *   watcher thread makes a watcher of a random kind (Threaded, MultiLoop, Safe, Fast, Pidfd,
  *                  and the io_uring one when it is linked in), attaches Safe/Fast to its own
  *                  loop (which it runs between replacements), installs it with
