@@ -139,3 +139,72 @@ uninstall:
 
 clean:
 	rm -rf build
+
+# ----- fault sweeps, fuzzers, soak (docs/testing.md) -------------------------------------
+# `make sweep`: the allocation-failure sweep and the resource-limit checks, in MODE's build.
+# `make fuzz`: libFuzzer over the public API and the CLI's parsers (clang, ASan; FUZZ_SECONDS
+# each). `make soak`: threads replacing policies and watchers while others spawn (SOAK_SECONDS
+# in each of SOAK_MODES' builds, default asan and tsan).
+FAULT_WRAP := malloc calloc realloc aligned_alloc posix_memalign strdup strndup free pthread_create
+FAULT_WRAP_LDFLAGS := $(foreach f,$(FAULT_WRAP),-Wl,--wrap=$(f))
+SOAK_SECONDS ?= 600
+SOAK_MODES ?= asan tsan
+FUZZ_SECONDS ?= 60
+
+.PHONY: sweep fuzz soak fault-bins fuzz-bins
+
+# The test custom loop (tests/custom_loop.c) is test support, not the library: it does not
+# survive a failed allocation, so its calls go straight to the real allocator (uncounted).
+$(B)/fault/custom_loop_uncounted.o: $(B)/obj/tests/custom_loop.o
+	@mkdir -p $(dir $@)
+	objcopy $(foreach f,malloc calloc realloc free,--redefine-sym $(f)=__real_$(f)) $< $@
+
+# The library's objects, not the archive: a weak reference (ca_uring_child_watcher_new) does
+# not pull a member out of an archive.
+$(B)/fault/workload: tests/fault/workload.c tests/fault/alloc_wrap.c tests/fault/alloc_wrap.h \
+		$(LIB_OBJS) $(B)/fault/custom_loop_uncounted.o
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/workload.c tests/fault/alloc_wrap.c $(LIB_OBJS) \
+		$(B)/fault/custom_loop_uncounted.o $(FAULT_WRAP_LDFLAGS) -rdynamic $(LIBS)
+
+$(B)/fault/limits: tests/fault/limits.c $(B)/libcasyncio.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/limits.c $(B)/libcasyncio.a $(LIBS)
+
+fault-bins: $(B)/fault/workload $(B)/fault/soak $(B)/fault/limits
+
+# Two closing lines: "sweep: ..." (one per N) and "limits: ..." (one per case).
+sweep: fault-bins
+	@sh tools/sweep.sh $(B) $(MODE); a=$$?; $(B)/fault/limits; b=$$?; [ $$a -eq 0 ] && [ $$b -eq 0 ]
+
+$(B)/fault/soak: tests/fault/soak.c $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ tests/fault/soak.c $(LIB_OBJS) $(LIBS)
+
+# One run per mode in SOAK_MODES (default: ASan, then TSan), SOAK_SECONDS each.
+soak:
+	@for m in $(SOAK_MODES); do $(MAKE) --no-print-directory MODE=$$m build/$$m/fault/soak || exit 1; done
+	@r=0; for m in $(SOAK_MODES); do SOAK_SECONDS=$(SOAK_SECONDS) sh tools/soak.sh build/$$m $$m || r=1; done; exit $$r
+
+# The fuzzers: always clang with libFuzzer, ASan and UBSan, in their own build directory; the
+# library (and the CLI without main.c) compiled in, instrumented for coverage.
+FUZZ_B := build/fuzz
+FUZZ_CC ?= clang
+FUZZ_CFLAGS := $(BASE_CFLAGS) -O1 -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_CLI_SRCS := $(filter-out src/cli/main.c,$(CLI_SRCS))
+
+$(FUZZ_B)/fuzz_api: tests/fuzz/fuzz_api.c $(LIB_SRCS) include/casyncio.h $(wildcard src/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_api.c $(LIB_SRCS) $(LIBS)
+
+$(FUZZ_B)/fuzz_cli: tests/fuzz/fuzz_cli.c $(LIB_SRCS) $(FUZZ_CLI_SRCS) include/casyncio.h \
+		$(wildcard src/*.h src/cli/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -Isrc/cli -o $@ tests/fuzz/fuzz_cli.c $(FUZZ_CLI_SRCS) $(LIB_SRCS) $(LIBS)
+
+fuzz-bins: $(FUZZ_B)/fuzz_api $(FUZZ_B)/fuzz_cli
+
+# FUZZ_SECONDS per target (CI: 60); the corpus grows in build/fuzz/corpus_* from the seeds.
+fuzz: fuzz-bins
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) sh tools/fuzz.sh $(FUZZ_B)
