@@ -113,6 +113,25 @@ run: all
 bench: all
 	@sh bench/run.sh $(B)
 
+# ----- python -----------------------------------------------------------------------
+# `make python PYTHON=/abs/python3.X PYTHON_DEST=/abs/DIR` builds the casyncio package for that
+# interpreter into DIR/casyncio (docs/python.md). `make test-python` runs the package's tests and
+# CPython's own subprocess watcher tests against it for PYTHON; `make test-python-all` does so
+# for every CPython 3.8+ that pyenv installed (CI). Each prints "python: N passed, N failed, N
+# skipped".
+PYTHON ?= python3
+PYTHON_DEST ?= build/python
+
+.PHONY: python test-python test-python-all
+python: lib
+	@sh python/build.sh '$(PYTHON)' '$(PYTHON_DEST)' '$(B)' '$(CC)'
+
+test-python: lib
+	@sh python/test.sh '$(B)' '$(CC)' '$(PYTHON)'
+
+test-python-all: lib
+	@sh python/test.sh '$(B)' '$(CC)' all
+
 # ----- install -----------------------------------------------------------------------
 install: all
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/bin
