@@ -127,6 +127,11 @@ int ca__returncode_from_status(int status);
 #define CA__RC_DROPPED (INT32_MIN + 1)
 #define CA__RC_REPLACED (INT32_MIN + 2)
 int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
+/* As ca__child_watcher_add_internal, with the delivery loop given (NULL: the implicit rule), as
+ * ca_child_watcher_add_child_handler_on: for the subprocess code, whose loop need not be marked
+ * running for the watcher to pick it. */
+int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
+                                      ca_child_fn cb, void *arg);
 /* Takes back the registration that cb(arg) has for pid, if it is still there: 1, and neither
  * the callback nor a drop call will come; 0 when it is not there (the callback or the drop call
  * is on its way, or came). Also works on a closed watcher (the close may still be cancelling in
@@ -144,11 +149,32 @@ int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, 
 struct ca__wreg;
 int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
                            struct ca__wreg **lease);
+/* As ca__pidfd_watcher_lend, delivering to loop (NULL: the implicit rule). */
+int ca__pidfd_watcher_lend_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, int pidfd,
+                              ca_child_fn cb, void *arg, struct ca__wreg **lease);
 /* Ends a loan: closes pidfd now if the watcher's reader is off it, else leaves the close to the
  * watcher, which does it right after removing the reader. Any thread. */
 void ca__pidfd_watcher_give_back(struct ca__wreg *lease, int pidfd);
 /* The watcher's kind name: "threaded", "multiloop", "safe", "fast", "pidfd", "custom". */
 const char *ca__child_watcher_kind(const ca_child_watcher *w);
+
+/* ----- policy (policy.c) ---------------------------------------------------------------------- */
+/* Get-and-ref lookups for the library's own use, where the public getters' borrowed pointers
+ * would be a use-after-free: another thread may replace the watcher (ca_set_child_watcher) or
+ * the policy (ca_set_event_loop_policy) and drop the last reference between the lookup and the
+ * caller's ref. Here the lookup and the reference are one step: the process policy is held
+ * (referenced) across its op, and the built-in policies take the reference under the lock their
+ * set_* ops replace under. A custom policy's op returns a borrowed pointer, referenced as soon
+ * as the op returns (its own replacement is its business: see ca_policy_ops in the header).
+ * Any thread; the caller owns the reference (ca_loop_unref / ca_child_watcher_unref).
+ *
+ * ca__get_event_loop_ref: the loop running in this thread, else the policy's current loop for
+ * this thread, as ca_get_event_loop (the default policy makes one in the main thread). Errors
+ * of ca_get_event_loop: -ENOENT (no current loop), -ENOTSUP, -ENOMEM, a custom op's error.
+ * ca__get_child_watcher_ref: the policy's watcher, as ca_get_child_watcher (made on first use;
+ * in a forked child, a new one: see the policies' fork rule). Errors of ca_get_child_watcher. */
+int ca__get_event_loop_ref(ca_loop **out);
+int ca__get_child_watcher_ref(ca_child_watcher **out);
 
 /* ----- policy (policy.c), for the runner (runner.c) ------------------------------------------ */
 /* A reference to the process policy, safe against a concurrent replacement. Never NULL. */

@@ -27,6 +27,16 @@ static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static ca_log_fn log_fn = default_log;
 static void *log_arg;
 
+/* fork() in one thread while another holds log_lock would leave it locked forever in the
+ * child, whose first log line would then hang: the forking thread takes it around the fork. */
+static void log_fork_prepare(void) { pthread_mutex_lock(&log_lock); }
+static void log_fork_release(void) { pthread_mutex_unlock(&log_lock); }
+
+__attribute__((constructor)) static void log_init(void)
+{
+    pthread_atfork(log_fork_prepare, log_fork_release, log_fork_release);
+}
+
 void ca_set_log_handler(ca_log_fn fn, void *arg)
 {
     pthread_mutex_lock(&log_lock);

@@ -420,8 +420,11 @@ static void ts_drain_pending(ca_loop *loop)
         }
         ts_unlock(loop);
         /* Not enough room: grow the ring outside the lock, then look again. Out of memory,
-         * the items wait for the next iteration. */
-        if (!rq_grow(loop)) return;
+         * the items wait for the next iteration (which backs off: see run_once). */
+        if (!rq_grow(loop)) {
+            loop->starved = true;
+            return;
+        }
     }
 }
 
@@ -732,8 +735,17 @@ static inline bool skip_poll(ca_loop *loop)
            !(loop->sigslot && ca__sigslot_pending(loop->sigslot));
 }
 
+/* The wait of an iteration after one that was starved: timeout (ns, -1 for none) raised to
+ * the back-off, unless something nearer than it is due anyway. */
+static int64_t oom_backoff(ca_loop *loop, int64_t timeout)
+{
+    int64_t ns = (int64_t)loop->oom_wait_ms * 1000000;
+    return timeout > 0 && timeout < ns ? timeout : ns;
+}
+
 static int run_once(ca_loop *loop)
 {
+    loop->starved = false;
     ts_drain(loop);
     bool busy = loop->rq_len || atomic_load_explicit(&loop->stopping, memory_order_relaxed);
     int64_t timeout = -1;
@@ -750,12 +762,16 @@ static int run_once(ca_loop *loop)
         double d = loop->heap[0].when - ca__monotonic();
         timeout = d <= 0 ? 0 : d > 9e9 ? INT64_C(9000000000000000000) : (int64_t)ceil(d * 1e9);
     }
+    /* Out of memory at the last iteration, with nothing ready to run: what is due (a timer,
+     * a submission) cannot move yet, and retrying at once would spin. Wait, serving I/O. */
+    bool backoff = CA_UNLIKELY(loop->oom_wait_ms != 0) && !busy;
+    if (backoff) timeout = oom_backoff(loop, timeout);
     if (!busy || !skip_poll(loop)) {
         int r;
         if (timeout != 0) {
-            rq_trim(loop);
+            if (!backoff) rq_trim(loop);
             atomic_store(&loop->polling, true);
-            if (atomic_load(&loop->ts_pending)) timeout = 0;
+            if (!backoff && atomic_load(&loop->ts_pending)) timeout = 0;
             r = loop->be->poll(loop, timeout);
             atomic_store(&loop->polling, false);
         } else {
@@ -768,12 +784,21 @@ static int run_once(ca_loop *loop)
         double end = ca__monotonic() + 1e-9;
         while (loop->heap_len && loop->heap[0].when <= end) {
             /* Out of memory for the ring: what is left stays due for the next iteration. */
-            if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) break;
+            if (CA_UNLIKELY(loop->rq_len == loop->rq_cap) && !rq_grow(loop)) {
+                loop->starved = true;
+                break;
+            }
             struct ca__timer t = heap_pop(loop);
             ca_handle *h = timer_handle(&t);
             if (h && h->cancelled) handle_release(h);
             else rq_push(loop, t.fn, t.arg); /* a handle keeps its scheduled flag */
         }
+    }
+    if (CA_UNLIKELY(loop->starved)) {
+        loop->oom_wait_ms = loop->oom_wait_ms ? loop->oom_wait_ms * 2 : 1;
+        if (loop->oom_wait_ms > 128) loop->oom_wait_ms = 128;
+    } else {
+        loop->oom_wait_ms = 0;
     }
     /* Only what is ready now: a callback scheduled by a callback waits for the next
      * iteration. */
@@ -914,6 +939,157 @@ const ca_loop_ops ca__selector_ops = {
     .destroy = ca__core_destroy,
 };
 
+/* ----- the host's thread-safe queue (custom loops without call_soon_threadsafe) --------------- */
+
+/* An adapter to a foreign loop would otherwise write its own locked queue and wakeup fd. The
+ * host opts in with ca_loop_threadsafe_fd, which makes the eventfd; until then the queue does
+ * not exist and ca_loop_call_soon_threadsafe gives -ENOTSUP, as for any missing op. Items are
+ * (fn, arg), or (NULL, handle) for an internal callback with a drop function. The eventfd is
+ * written when an item goes into an empty queue, and read (reset) when the host takes the
+ * queue, both under ts_lock, so a push after a take always signals again. */
+
+static int host_ts_push(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
+{
+    ca_handle *h = NULL;
+    if (drop) {
+        h = handle_alloc(fn, arg);
+        if (!h) return -ENOMEM;
+        h->escaped = true;
+        h->drop = drop;
+        fn = NULL;
+        arg = h;
+    }
+    int r = 0;
+    ts_lock(loop);
+    if (loop->ts_closed) {
+        r = -EBADF;
+    } else if (loop->wake_fd < 0) {
+        r = -ENOTSUP; /* the host did not ask for the queue */
+    } else if (loop->ts_len == loop->ts_cap) {
+        size_t cap = loop->ts_cap ? loop->ts_cap * 2 : 64;
+        struct ca__entry *n = cap <= SIZE_MAX / sizeof *n ? realloc(loop->ts_buf, cap * sizeof *n)
+                                                          : NULL;
+        if (n) {
+            loop->ts_buf = n;
+            loop->ts_cap = cap;
+        } else {
+            r = -ENOMEM;
+        }
+    }
+    if (r == 0) {
+        loop->ts_buf[loop->ts_len++] = (struct ca__entry){fn, arg};
+        if (loop->ts_len == 1) {
+            uint64_t one = 1;
+            ssize_t w = write(loop->wake_fd, &one, sizeof one);
+            (void)w; /* EAGAIN only when the counter is full: it is readable anyway */
+        }
+    }
+    ts_unlock(loop);
+    if (r && h) {
+        h->drop = NULL; /* refused: the caller keeps arg */
+        ca_handle_unref(h);
+    }
+    return r;
+}
+
+/* Runs (or, with run false, drops) n items in order. */
+static void host_ts_items(struct ca__entry *items, size_t n, ca_loop *loop, bool run)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* A callback may close the loop: what is left is dropped, as a close drops it. */
+        if (run && loop && atomic_load(&loop->closed)) run = false;
+        if (items[i].fn) {
+            if (run) items[i].fn(items[i].arg);
+            continue;
+        }
+        ca_handle *h = items[i].arg;
+        if (run && !h->cancelled) {
+            h->ran = true;
+            h->fn(h->arg);
+        }
+        ca_handle_unref(h); /* never ran: calls its drop */
+    }
+}
+
+/* The loop closes (forked: in a child of fork(), where the lock may be held by a thread that
+ * does not exist there; only this process's copy of the fd is closed). */
+static void host_ts_close(ca_loop *loop, bool forked)
+{
+    if (!forked) ts_lock(loop);
+    loop->ts_closed = true;
+    struct ca__entry *items = loop->ts_buf;
+    size_t n = loop->ts_len;
+    int fd = loop->wake_fd;
+    loop->ts_buf = NULL;
+    loop->ts_len = loop->ts_cap = 0;
+    loop->wake_fd = -1;
+    if (!forked) ts_unlock(loop);
+    if (fd >= 0) close(fd);
+    host_ts_items(items, n, NULL, false);
+    free(items);
+}
+
+static int host_ts_check(ca_loop *loop)
+{
+    int r = ca__loop_check(loop);
+    if (r) return r;
+    if (loop->be || loop->ops->call_soon_threadsafe) return -EINVAL;
+    return 0;
+}
+
+int ca_loop_threadsafe_fd(ca_loop *loop)
+{
+    int r = host_ts_check(loop);
+    if (r) return r;
+    ts_lock(loop);
+    int fd = loop->ts_closed ? -EBADF : loop->wake_fd;
+    ts_unlock(loop);
+    if (fd != -1) return fd;
+    int made = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (made < 0) return -errno;
+    ts_lock(loop);
+    if (loop->ts_closed) fd = -EBADF;
+    else if (loop->wake_fd < 0) loop->wake_fd = fd = made;
+    else fd = loop->wake_fd; /* another thread made it first */
+    ts_unlock(loop);
+    if (fd != made) close(made);
+    return fd;
+}
+
+int ca_loop_run_threadsafe(ca_loop *loop)
+{
+    int r = host_ts_check(loop);
+    if (r) return r;
+    if (!ca__loop_in_own_thread(loop)) return -EPERM;
+    ts_lock(loop);
+    struct ca__entry *items = loop->ts_buf;
+    size_t n = loop->ts_len, cap = loop->ts_cap;
+    /* The spare array (the previous batch's) takes the producers' side: no allocation per
+     * batch in the steady state. */
+    loop->ts_buf = loop->ts_spare;
+    loop->ts_cap = loop->ts_spare_cap;
+    loop->ts_len = 0;
+    loop->ts_spare = NULL;
+    loop->ts_spare_cap = 0;
+    if (loop->wake_fd >= 0) {
+        uint64_t v;
+        ssize_t got = read(loop->wake_fd, &v, sizeof v);
+        (void)got; /* EAGAIN: nothing was signalled */
+    }
+    ts_unlock(loop);
+    host_ts_items(items, n, loop, true);
+    /* The batch's array becomes the spare, unless the loop closed meanwhile. */
+    ts_lock(loop);
+    if (!loop->ts_closed && !loop->ts_spare && items) {
+        loop->ts_spare = items;
+        loop->ts_spare_cap = cap;
+        items = NULL;
+    }
+    ts_unlock(loop);
+    free(items);
+    return n > INT_MAX ? INT_MAX : (int)n;
+}
+
 /* ----- construction ------------------------------------------------------------------------------ */
 
 static ca_loop *loop_alloc(const ca_loop_ops *ops, const char *kind)
@@ -982,6 +1158,8 @@ int ca_loop_new_custom(const ca_loop_ops *ops, void *data, ca_loop **out)
     ca_loop *loop = loop_alloc(ops, "custom");
     if (!loop) return -ENOMEM;
     loop->data = data;
+    loop->host_closed_op = ops->is_closed != NULL;
+    atomic_flag_clear(&loop->ts_lock);
     *out = loop;
     return 0;
 }
@@ -1066,6 +1244,8 @@ static void forked_close(ca_loop *loop)
         drop_handles(loop, true);
         atomic_store(&loop->ts_inflight, 0);
         release_kernel_objects(loop, true);
+    } else {
+        host_ts_close(loop, true);
     }
 }
 
@@ -1080,6 +1260,10 @@ ca_loop *ca_loop_unref(ca_loop *loop)
     if (loop->fork_gen != ca__fork_gen()) forked_close(loop);
     else if (!atomic_load(&loop->closed)) ca_loop_close(loop);
     if (loop->ops->destroy) loop->ops->destroy(loop);
+    if (!loop->be) {
+        free(loop->ts_buf);
+        free(loop->ts_spare);
+    }
     free_close_hooks(loop);
     if (loop->fork_gen == ca__fork_gen()) pthread_mutex_destroy(&loop->hooks_lock);
     free(loop);
@@ -1106,6 +1290,8 @@ int ca_loop_close(ca_loop *loop)
     }
     atomic_store(&loop->closed, true);
     int r = loop->ops->close ? loop->ops->close(loop) : 0;
+    /* After the close op, which may stop watching the queue's fd before it is closed. */
+    if (!loop->be) host_ts_close(loop, false);
     return r;
 }
 
@@ -1114,7 +1300,14 @@ bool ca_loop_is_running(const ca_loop *loop)
     return loop && loop->fork_gen == ca__fork_gen() && atomic_load(&loop->running);
 }
 
-bool ca_loop_is_closed(const ca_loop *loop) { return loop && atomic_load(&loop->closed); }
+bool ca_loop_is_closed(const ca_loop *loop)
+{
+    if (!loop) return false;
+    if (atomic_load(&loop->closed)) return true;
+    /* The host's op is its process's: not asked in a child of fork(). */
+    return loop->host_closed_op && loop->fork_gen == ca__fork_gen() &&
+           loop->ops->is_closed((ca_loop *)loop);
+}
 
 double ca_loop_time(const ca_loop *loop)
 {
@@ -1246,7 +1439,7 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     if (!loop || !fn) return -EINVAL;
     int r = ca__loop_check(loop);
     if (r) return r;
-    if (!loop->ops->call_soon_threadsafe) return -ENOTSUP;
+    if (!loop->ops->call_soon_threadsafe) return loop->be ? -ENOTSUP : host_ts_push(loop, fn, arg, NULL);
     if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
         return ts_push(loop, fn, arg, NULL);
@@ -1292,6 +1485,7 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     /* Custom loops: a reference-counted handle; whoever drops the last reference without
      * running it calls drop. */
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
+    if (!op && !own) return host_ts_push(loop, fn, arg, drop);
     if (!op) return -ENOTSUP;
     ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;
@@ -1394,3 +1588,22 @@ int ca_loop_exit_running(ca_loop *loop)
     exit_running(loop);
     return 0;
 }
+
+/* ----- for the child watchers (h-watch; watcher*.c) ------------------------------------------
+ * The watchers call loop ops only after releasing their own locks; between the unlock and the
+ * op they need the loop alive without being the ones to hold it, hence a reference that fails
+ * once the last one is gone (the loop is then being closed and freed). Under their lock they
+ * may only ask whether ca_loop_close ran, never the host's is_closed op. */
+
+bool ca__loop_tryref(ca_loop *loop)
+{
+    int n = atomic_load_explicit(&loop->refs, memory_order_relaxed);
+    do {
+        if (n <= 0) return false;
+    } while (!atomic_compare_exchange_weak_explicit(&loop->refs, &n, n + 1,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return true;
+}
+
+bool ca__loop_core_closed(const ca_loop *loop) { return atomic_load(&loop->closed); }

@@ -93,6 +93,7 @@ struct ca_loop {
     atomic_bool closed;
     atomic_bool running;
     atomic_bool stopping;
+    bool host_closed_op;               /* a custom loop with an is_closed op */
     _Atomic(const void *) owner;       /* token of the thread that runs it */
     struct ca__close_hook *close_hooks;
     struct ca__close_hook *retired;    /* hooks close already ran: freed with the loop, so a
@@ -106,6 +107,11 @@ struct ca_loop {
     /* ready queue: a FIFO ring of (fn, arg), grown by doubling, given back when idle */
     struct ca__entry *rq;
     size_t rq_cap, rq_head, rq_len;
+    /* Out of memory: an iteration could not move a due timer or a thread-safe submission onto
+     * the ready ring (`starved`); the next polls wait oom_wait_ms (1, doubling to 128) instead
+     * of 0, so a loop short of memory does not spin. 0 once an iteration moves everything. */
+    bool starved;
+    unsigned oom_wait_ms;
     /* timer heap: a 4-ary min-heap on (when, seq) with the keys stored inline, so sifting
      * never touches the handles; the four children of a node share one 128-byte block
      * (heap_mem is the allocation, heap points 3 entries into it); cancelled timers are
@@ -120,7 +126,10 @@ struct ca_loop {
     size_t n_watched;                  /* user readers/writers */
     /* thread-safe submissions: an array of (fn, arg) under a spinlock, taken whole by the
      * loop (exact arrival order, no allocation per call); ts_pending lets the loop look
-     * without the lock. On cache lines of their own: other threads write them. */
+     * without the lock. On cache lines of their own: other threads write them.
+     * A custom loop without call_soon_threadsafe uses ts_lock, ts_buf/ts_len/ts_cap,
+     * ts_spare, ts_closed and wake_fd (made by ca_loop_threadsafe_fd, -1 until then) for the
+     * queue the core keeps for it: see "the host's thread-safe queue" in loop.c. */
     _Alignas(64) atomic_flag ts_lock;  /* see ts_lock() in loop.c */
     struct ca__entry *ts_buf, *ts_spare;
     size_t ts_len, ts_cap, ts_spare_cap;
@@ -186,6 +195,9 @@ static inline int ca__loop_check(const ca_loop *loop)
     if (!loop) return -EINVAL;
     if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen())) return -ECHILD;
     if (CA_UNLIKELY(atomic_load_explicit(&loop->closed, memory_order_relaxed))) return -EBADF;
+    /* A host that closed its loop behind the core's back (never called with a library lock
+     * held: every caller of this check holds none). */
+    if (CA_UNLIKELY(loop->host_closed_op) && loop->ops->is_closed((ca_loop *)loop)) return -EBADF;
     return 0;
 }
 
@@ -211,5 +223,13 @@ void ca__future_set_owner(ca_future *fut, void (*fn)(void *), void *arg);
 void ca__future_finish(ca_future *fut, int err, void *result);
 /* future.c: removes a done callback that has not been scheduled yet (1 removed, 0 not). */
 int ca__future_remove_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
+
+/* ----- for the child watchers (loop.c's last block) ------------------------------------------ */
+/* A reference to loop unless its last one is already gone (then false: it is being closed).
+ * Any thread. */
+bool ca__loop_tryref(ca_loop *loop);
+/* Whether ca_loop_close ran (or runs): the closed flag only, never the host's is_closed op, so
+ * it may be asked with a library lock held. */
+bool ca__loop_core_closed(const ca_loop *loop);
 
 #endif

@@ -22,6 +22,7 @@
  *   custom op must be called every time.
  */
 #include "internal.h"
+#include "watcher_internal.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -63,6 +64,9 @@ struct entry {
 struct ca__pstate {
     struct entry *head;
     ca_child_watcher *watcher;   /* strong reference, or NULL */
+    /* The kind of watcher to make next (a forked child's replacement for the parent's), or
+     * NULL for the default (Threaded). Points to a string literal. */
+    const char *fresh_kind;
 };
 
 /* A hazard slot: names the policy a reader is about to take a reference to. Slots are never
@@ -388,14 +392,20 @@ int ca_policy_set_child_watcher(ca_policy *policy, ca_child_watcher *watcher)
 /* ----- the built-in policies (BaseDefaultEventLoopPolicy + _UnixDefaultEventLoopPolicy) ---- */
 
 static int builtin_set_event_loop(ca_policy *self, ca_loop *loop);
+static ca_child_watcher *watcher_take_stale(struct ca__pstate *st);
 
-static int builtin_get_event_loop(ca_policy *self, ca_loop **out)
+/* The built-in get_event_loop. With take_ref, the loop is returned with a reference taken under
+ * g_lock (ca__get_event_loop_ref); without, it is borrowed from this thread's entry, which only
+ * this thread's set_event_loop or the policy's destruction (prevented by the caller's reference
+ * to the policy) can replace. */
+static int builtin_get_loop(ca_policy *self, ca_loop **out, bool take_ref)
 {
     struct ca__pstate *st = self->state;
     ca_loop *stale = NULL;
     pthread_mutex_lock(&g_lock);
     struct entry *e = entry_current(st, &stale);
     ca_loop *loop = e ? e->loop : NULL;
+    if (loop && take_ref) ca_loop_ref(loop);
     bool set_called = e && e->set_called;
     pthread_mutex_unlock(&g_lock);
     if (stale) {
@@ -418,10 +428,16 @@ static int builtin_get_event_loop(ca_policy *self, ca_loop **out)
     pthread_mutex_lock(&g_lock);
     e = entry_find(st);
     loop = e ? e->loop : NULL;
+    if (loop && take_ref) ca_loop_ref(loop);
     pthread_mutex_unlock(&g_lock);
     if (!loop) return -ENOENT;
     *out = loop;
     return 0;
+}
+
+static int builtin_get_event_loop(ca_policy *self, ca_loop **out)
+{
+    return builtin_get_loop(self, out, false);
 }
 
 static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
@@ -451,8 +467,10 @@ static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
     e->set_called = true;
     e->gen = ca__fork_gen();
     bool main_thread = is_main_thread();
+    ca_child_watcher *gone = watcher_take_stale(st);
     ca_child_watcher *w = main_thread && st->watcher ? ca_child_watcher_ref(st->watcher) : NULL;
     pthread_mutex_unlock(&g_lock);
+    ca_child_watcher_unref(gone);
     thread_register();
     hot_clear();
     /* Attach before dropping the old loop: its last reference closes it, and a watcher
@@ -460,6 +478,13 @@ static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
     int r = 0;
     if (w) {
         r = ca_child_watcher_attach_loop(w, loop);
+        if (r == -EBADF) {
+            /* Closed by another thread's set_child_watcher, which installed its successor
+             * first: nothing of ours to attach (the successor is attached by its installer). */
+            pthread_mutex_lock(&g_lock);
+            if (st->watcher != w) r = 0;
+            pthread_mutex_unlock(&g_lock);
+        }
         ca_child_watcher_unref(w);
     }
     ca_loop_unref(old);
@@ -467,12 +492,51 @@ static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
     return r;
 }
 
-static int builtin_get_child_watcher(ca_policy *self, ca_child_watcher **out)
+/* A watcher made before a fork() belongs to the parent (its threads, its signal handler and
+ * its loop are not ours): in a child, the policy treats it as gone. It takes it out of the
+ * state under g_lock (the caller drops the reference outside the lock, which frees only this
+ * process's copy of the memory: watchers never close themselves in a forked child) and
+ * remembers its kind, so that the next get_child_watcher makes a fresh watcher of that kind. */
+static ca_child_watcher *watcher_take_stale(struct ca__pstate *st)
+{
+    ca_child_watcher *w = st->watcher;
+    if (!w || !ca__child_watcher_forked(w)) return NULL;
+    st->fresh_kind = ca__child_watcher_kind(w);
+    st->watcher = NULL;
+    return w;
+}
+
+/* A new watcher of the kind named by ca__child_watcher_kind (the parent's, in a forked child);
+ * the Threaded one for NULL, a custom kind, or a kind that cannot be made here. */
+static int watcher_make(const char *kind, ca_child_watcher **out)
+{
+    static const struct {
+        const char *name;
+        int (*make)(ca_child_watcher **);
+    } kinds[] = {
+        {"multiloop", ca_multiloop_child_watcher_new},
+        {"safe", ca_safe_child_watcher_new},
+        {"fast", ca_fast_child_watcher_new},
+        {"pidfd", ca_pidfd_child_watcher_new},
+    };
+    for (size_t i = 0; kind && i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strcmp(kind, kinds[i].name) == 0 && kinds[i].make(out) == 0) return 0;
+    return ca_threaded_child_watcher_new(out);
+}
+
+/* The built-in get_child_watcher. The watcher is process-wide and any thread may replace it:
+ * with take_ref its reference is taken under g_lock, the lock set_child_watcher replaces it
+ * under (ca__get_child_watcher_ref); without, it is borrowed, as the public op returns it. */
+static int builtin_get_watcher(ca_policy *self, ca_child_watcher **out, bool take_ref)
 {
     struct ca__pstate *st = self->state;
     pthread_mutex_lock(&g_lock);
+    ca_child_watcher *stale = watcher_take_stale(st);
     ca_child_watcher *w = st->watcher;
+    if (w && take_ref) ca_child_watcher_ref(w);
+    const char *kind = st->fresh_kind;
     pthread_mutex_unlock(&g_lock);
+    ca_child_watcher_unref(stale);
     if (w) {
         *out = w;
         return 0;
@@ -480,33 +544,42 @@ static int builtin_get_child_watcher(ca_policy *self, ca_child_watcher **out)
     /* Made outside the lock (it may take the watcher unit's locks); the first to install one
      * wins, as under Python's events._lock. */
     ca_child_watcher *fresh = NULL;
-    int r = ca_threaded_child_watcher_new(&fresh);
+    int r = watcher_make(kind, &fresh);
     if (r < 0) return r;
-    ca_loop *current = NULL, *stale = NULL;
+    ca_loop *current = NULL, *stale_loop = NULL;
     bool installed = false;
     bool main_thread = is_main_thread();
     pthread_mutex_lock(&g_lock);
+    stale = watcher_take_stale(st);
     if (!st->watcher) {
         st->watcher = fresh;
+        st->fresh_kind = NULL;
         installed = true;
-        struct entry *e = main_thread ? entry_current(st, &stale) : NULL;
+        struct entry *e = main_thread ? entry_current(st, &stale_loop) : NULL;
         if (e && e->loop) current = ca_loop_ref(e->loop);
     }
     w = st->watcher;
+    if (take_ref) ca_child_watcher_ref(w);
     pthread_mutex_unlock(&g_lock);
-    if (stale) hot_clear();
-    ca_loop_unref(stale);
+    ca_child_watcher_unref(stale);
+    if (stale_loop) hot_clear();
+    ca_loop_unref(stale_loop);
     if (!installed) {
         ca_child_watcher_close(fresh);
         ca_child_watcher_unref(fresh);
     } else if (current) {
-        /* As Python 3.7-3.10's _init_watcher did in the main thread (a no-op for the Threaded
-         * watcher, which needs no loop; it matters to a policy whose factory is overridden). */
+        /* As Python 3.7-3.10's _init_watcher did in the main thread: the loop-bound kinds
+         * (MultiLoop, Safe, Fast, Pidfd) need it, and a forked child may have made one. */
         ca_child_watcher_attach_loop(fresh, current);
     }
     ca_loop_unref(current);
     *out = w;
     return 0;
+}
+
+static int builtin_get_child_watcher(ca_policy *self, ca_child_watcher **out)
+{
+    return builtin_get_watcher(self, out, false);
 }
 
 static int builtin_set_child_watcher(ca_policy *self, ca_child_watcher *watcher)
@@ -516,6 +589,7 @@ static int builtin_set_child_watcher(ca_policy *self, ca_child_watcher *watcher)
     pthread_mutex_lock(&g_lock);
     ca_child_watcher *old = st->watcher;
     st->watcher = watcher;
+    st->fresh_kind = NULL;
     pthread_mutex_unlock(&g_lock);
     /* 3.11 closes the previous watcher; setting the same watcher again does not close it. */
     if (old && old != watcher) ca_child_watcher_close(old);
@@ -799,4 +873,63 @@ ca_loop *ca__policy_current_loop(ca_policy *policy)
         ca_loop_unref(stale);
     }
     return loop;
+}
+
+/* ----- get-and-ref, for the library's own lookups ------------------------------------------- */
+
+/* Both hold a reference to the process policy across the op and the reference taken on its
+ * result: a policy replaced meanwhile is destroyed (and drops what it owns) only after that.
+ * The built-in ops take the result's reference under g_lock, which also serialises their
+ * set_* ops. A custom op returns a borrowed pointer: the reference is taken as soon as it
+ * returns, and the header asks custom policies to keep what their get_* op returned alive
+ * until the op that replaces it returns (no library lock can cover a user op). */
+
+int ca__get_event_loop_ref(ca_loop **out)
+{
+    if (!out) return -EINVAL;
+    ca_loop *loop = ca_get_running_loop();
+    if (loop) {
+        /* Running in this thread: nobody can close it under us, and its owner's reference
+         * outlives the run (ca_loop_unref of a running loop is the caller's bug). */
+        *out = ca_loop_ref(loop);
+        return 0;
+    }
+    ca_policy *p = policy_acquire();
+    ca_policy *q = RESOLVE(p, get_event_loop);
+    int r;
+    if (!q) {
+        r = -ENOTSUP;
+    } else if (q->ops->get_event_loop == builtin_get_event_loop) {
+        ca_policy *saved = outer_enter(p);
+        r = builtin_get_loop(q, &loop, true);
+        tl_outer = saved;
+    } else {
+        r = ca_policy_get_event_loop(p, &loop);
+        if (r == 0) ca_loop_ref(loop);
+    }
+    ca_policy_unref(p);
+    if (r == 0) *out = loop;
+    return r;
+}
+
+int ca__get_child_watcher_ref(ca_child_watcher **out)
+{
+    if (!out) return -EINVAL;
+    ca_policy *p = policy_acquire();
+    ca_policy *q = RESOLVE(p, get_child_watcher);
+    ca_child_watcher *w = NULL;
+    int r;
+    if (!q) {
+        r = -ENOTSUP;
+    } else if (q->ops->get_child_watcher == builtin_get_child_watcher) {
+        ca_policy *saved = outer_enter(p);
+        r = builtin_get_watcher(q, &w, true);
+        tl_outer = saved;
+    } else {
+        r = ca_policy_get_child_watcher(p, &w);
+        if (r == 0) ca_child_watcher_ref(w);
+    }
+    ca_policy_unref(p);
+    if (r == 0) *out = w;
+    return r;
 }

@@ -1100,6 +1100,30 @@ static int watch_child(ca_process *p, ca_child_watcher *w)
 
 static void ignore_exit(pid_t pid, int returncode, void *arg) {}
 
+/* The policy's watcher, referenced (ca__get_child_watcher_ref: another thread may replace the
+ * watcher or the policy meanwhile) and entered. A watcher found closed was replaced, or closed,
+ * by another thread: a replacement installs the new watcher before it closes the old one, so
+ * looking again finds the new one; a few rounds cover replacements in a tight loop. Errors: the
+ * lookup's, -EBADF (the policy's watcher stayed closed), -ENOTCONN (not attached to a loop:
+ * checked before anything is spawned, as asyncio does). */
+static int enter_watcher(ca_child_watcher **out)
+{
+    int r = -EBADF;
+    for (int round = 0; round < 16 && r == -EBADF; round++) {
+        ca_child_watcher *w = NULL;
+        if ((r = ca__get_child_watcher_ref(&w)) < 0) return r;
+        r = ca_child_watcher_enter(w);
+        if (r == 0 && !ca_child_watcher_is_active(w))
+            r = ca_child_watcher_exit(w) == -EBADF ? -EBADF : -ENOTCONN;
+        if (r == 0) {
+            *out = w;
+            return 0;
+        }
+        ca_child_watcher_unref(w);
+    }
+    return r;
+}
+
 static int check_options(const ca_subprocess_options *o)
 {
     if (!o->argv || !o->argv[0]) return -EINVAL;
@@ -1136,20 +1160,10 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     if ((r = check_fds_open(o)) != 0) return r;
 
     ca_child_watcher *w = NULL;
-    if ((r = ca_get_child_watcher(&w)) < 0) return r;
-    ca_child_watcher_ref(w);
-    if ((r = ca_child_watcher_enter(w)) < 0) {
-        ca_child_watcher_unref(w);
-        return r;
-    }
+    if ((r = enter_watcher(&w)) < 0) return r;
     ca_process *p = NULL;
     char **paths = NULL, *one_path[2];
     struct stdio_setup s = {.ntmp = 0, .devnull = -1};
-    if (!ca_child_watcher_is_active(w)) {
-        /* Checked before anything is spawned, as asyncio does. */
-        r = -ENOTCONN;
-        goto out;
-    }
     size_t namelen = strlen(o->argv[0]);
     p = calloc(1, sizeof *p + namelen + 1);
     if (!p) {
@@ -1194,6 +1208,15 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
      * hook, which thus runs before the watcher's own hook on this loop (hooks run newest
      * first) and can still take the registration back. */
     r = watch_child(p, w);
+    bool self_watch = false;
+    if (r == -EBADF && p->pidfd >= 0 && !p->lease) {
+        /* Another thread closed the watcher after enter_watcher saw it open (ca_set_child_watcher
+         * closes the one it replaces). The child runs: learn its exit through our own pidfd,
+         * as after a drop, rather than kill it and fail. */
+        atomic_store(&p->relay, RELAY_DROPPED);
+        self_watch = true;
+        r = 0;
+    }
     if (r == 0 && !(p->hook = ca__loop_add_close_hook(loop, on_loop_close, p))) {
         /* Out of memory. If the registration cannot be taken back (the exit is already on its
          * way), keep the process, without the loop-close cleanup, rather than free it under
@@ -1208,6 +1231,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         reap_now(p->pid, p->pidfd);
         goto out;
     }
+    if (self_watch) own_watch(p);
 out:
     for (int i = 0; i < s.ntmp; i++) close(s.tmp[i]);
     if (paths != one_path) free(paths);

@@ -49,10 +49,42 @@ static void sig_child(void)
     pthread_mutex_unlock(&sig_lock);
 }
 static void setup_atfork(void) { pthread_atfork(sig_prepare, sig_parent, sig_child); }
+static void fanout_handler(int sig);
 
 bool ca__signal_valid(int sig)
 {
-    return sig >= 1 && sig < NSIG && sig <= 64 && sig != SIGKILL && sig != SIGSTOP;
+    if (sig < 1 || sig >= NSIG || sig > 64) return false;
+    switch (sig) {
+    case SIGKILL:
+    case SIGSTOP: /* cannot be caught (asyncio refuses them too) */
+    case SIGSEGV:
+    case SIGBUS:
+    case SIGFPE:
+    case SIGILL:
+        /* Synchronous faults: the handler would only set a flag and return to the faulting
+         * instruction, which faults again, forever (issue 16). */
+        return false;
+    default:
+        return true;
+    }
+}
+
+static atomic_ulong sigchld_notified;
+
+void ca_sigchld_notify(void)
+{
+    /* What the library's own SIGCHLD handler does: async-signal-safe (atomics and write(2)). */
+    atomic_fetch_add(&sigchld_notified, 1);
+    fanout_handler(SIGCHLD);
+}
+
+unsigned long ca__sigchld_notified(void) { return atomic_load(&sigchld_notified); }
+
+bool ca__sigchld_handler_installed(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGCHLD, NULL, &cur) < 0) return true; /* cannot tell: assume it is */
+    return !(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == fanout_handler;
 }
 
 static void fanout_handler(int sig)
@@ -131,7 +163,14 @@ static void unwatch_locked(struct ca__sigslot *s, int sig)
     uint64_t bit = UINT64_C(1) << (sig - 1);
     if (!(atomic_load(&s->wanted) & bit)) return;
     atomic_fetch_and(&s->wanted, ~bit);
-    if (--wanters[sig] == 0) sigaction(sig, &saved[sig], NULL);
+    if (--wanters[sig] == 0) {
+        /* Put the old disposition back only over our own handler: one that other code
+         * installed after ours (a host's, a library's) is theirs and stays (issue 16, item 8). */
+        struct sigaction cur;
+        if (sigaction(sig, NULL, &cur) == 0 && !(cur.sa_flags & SA_SIGINFO) &&
+            cur.sa_handler == fanout_handler)
+            sigaction(sig, &saved[sig], NULL);
+    }
 }
 
 void ca__sigslot_unwatch(ca__sigslot *s, int sig)

@@ -36,26 +36,66 @@ int ca__wait_nohang(pid_t pid, int *rc)
     return 1;
 }
 
-int ca__watcher_delivery_loop(ca_loop **out)
+/* This thread's current loop, with a reference taken while the policy that owns it is held, so
+ * that another thread replacing the policy cannot free it in between (issue 16, item 2).
+ * TODO(h-core): use policy.c's ca__get_event_loop_ref once it lands; this is the same rule. */
+static int get_event_loop_ref(ca_loop **out)
 {
-    ca_loop *loop = ca_get_running_loop();
-    if (!loop) {
-        int r = ca_get_event_loop(&loop);
+    ca_policy *p = ca__policy_acquire();
+    ca_loop *loop = NULL;
+    int r = ca_policy_get_event_loop(p, &loop);
+    if (r == 0 && loop) *out = ca_loop_ref(loop);
+    else if (r == 0) r = -ENOENT;
+    ca_policy_unref(p);
+    return r;
+}
+
+int ca__watcher_delivery_loop(ca_loop *given, ca_loop **out)
+{
+    ca_loop *loop = given;
+    if (loop) {
+        /* The caller holds a reference to the loop it gave us for the whole call. */
+        ca_loop_ref(loop);
+        if (ca_loop_is_closed(loop)) {
+            ca_loop_unref(loop);
+            return -EBADF;
+        }
+        *out = loop;
+        return 0;
+    }
+    /* The loop running in this thread cannot go away under its own run. */
+    loop = ca_get_running_loop();
+    if (loop) {
+        ca_loop_ref(loop);
+    } else {
+        int r = get_event_loop_ref(&loop);
         if (r < 0) return r == -ENOMEM ? r : -ENOENT;
     }
-    if (!loop || ca_loop_is_closed(loop)) return -ENOENT;
+    if (ca_loop_is_closed(loop)) {
+        ca_loop_unref(loop);
+        return -ENOENT;
+    }
     *out = loop;
     return 0;
 }
 
+/* The keep-lock and its counters. Like every lock of the library it survives fork(): held
+ * across it by the forking thread (prepare/parent/child), so that a child never inherits it
+ * locked by a thread that does not exist there (issue 16, item 3). */
 static pthread_mutex_t keep_lock = PTHREAD_MUTEX_INITIALIZER;
 static int keep_count;
 static bool keep_changed;
 static struct sigaction keep_saved;
+static pthread_once_t keep_once = PTHREAD_ONCE_INIT;
+
+static void keep_prepare(void) { pthread_mutex_lock(&keep_lock); }
+static void keep_parent(void) { pthread_mutex_unlock(&keep_lock); }
+static void keep_setup(void) { pthread_atfork(keep_prepare, keep_parent, keep_parent); }
 
 void ca__sigchld_keep_acquire(void)
 {
     bool warn = false;
+    pthread_once(&keep_once, keep_setup);
     pthread_mutex_lock(&keep_lock);
     if (keep_count++ == 0) {
         struct sigaction cur;
@@ -83,6 +123,7 @@ void ca__sigchld_keep_acquire(void)
 
 void ca__sigchld_keep_release(void)
 {
+    pthread_once(&keep_once, keep_setup);
     pthread_mutex_lock(&keep_lock);
     if (keep_count > 0 && --keep_count == 0 && keep_changed) {
         keep_changed = false;
@@ -127,11 +168,17 @@ void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)
     va_end(ap);
     if (n < 0) return;
     size_t len = strlen(msg);
+    if (!q->buf) {
+        /* The first lines go to the buffer inside q: a warning needs no allocation. */
+        q->buf = q->small;
+        q->cap = sizeof q->small;
+    }
     if (q->len + len + 2 > q->cap) {
-        size_t cap = q->cap ? q->cap * 2 : 512;
+        size_t cap = q->cap * 2;
         while (cap < q->len + len + 2) cap *= 2;
-        char *nb = realloc(q->buf, cap);
-        if (!nb) return; /* out of memory: the line is lost, never the exit */
+        char *nb = q->buf == q->small ? malloc(cap) : realloc(q->buf, cap);
+        if (!nb) return; /* out of memory: this line is lost, never the exit */
+        if (q->buf == q->small) memcpy(nb, q->small, q->len);
         q->buf = nb;
         q->cap = cap;
     }
@@ -141,11 +188,49 @@ void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...)
 }
 
 static void post_exit(ca__wcore *c, ca__wreg *r, ca__wlog *q);
+static void post_failed(ca__wcore *c, ca__wreg *r, int err, ca__wlog *q);
+static void deliver_cb(void *arg);
+
+void ca__wlog_op(ca__wlog *q, ca__wcore *c, ca__wreg *r, int op, ca_loop *loop, bool ref_loop)
+{
+    ca__wreg_ref(r); /* the op's own, dropped by the flusher under the lock */
+    r->op = (unsigned char)op;
+    r->op_loop = loop;
+    r->op_loop_ref = false;
+    if (loop && ref_loop) {
+        /* The loop's last reference is gone: it is being closed, its hook is on the way. */
+        if (ca__loop_tryref(loop)) r->op_loop_ref = true;
+        else r->op_loop = NULL;
+    }
+    r->onext = NULL;
+    if (q->ops_last) q->ops_last->onext = r;
+    else q->ops = r;
+    q->ops_last = r;
+    q->core = c;
+}
+
+/* A queued exit: posted now, the lock not held. The post's reference to r (taken with
+ * r->posted) goes to the loop; if the post fails, whoever still finds r->posted set under the
+ * lock owns it: a loop's close hook may have taken it first. */
+static void flush_post_exit(ca__wcore *c, ca__wreg *r, ca_loop *loop)
+{
+    int err = -EBADF;
+    /* A loop its host closed behind our back gets nothing, as a loop closed by ca_loop_close. */
+    if (loop && !ca_loop_is_closed(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
+    ca__wlog q = {0};
+    ca__wcore_lock(c);
+    if (err < 0 && r->posted) {
+        r->posted = false;
+        post_failed(c, r, err, &q);
+        ca__wreg_unref(c, r); /* the post's */
+    }
+    ca__wreg_unref(c, r); /* the op's */
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+}
 
 void ca__wlog_flush(ca__wlog *q)
 {
-    ca__wreg *pending = q->pending;
-    q->pending = NULL;
     size_t i = 0;
     while (i < q->len) {
         int level = q->buf[i++] * 10;
@@ -153,22 +238,82 @@ void ca__wlog_flush(ca__wlog *q)
         ca__log(level, "%s", msg);
         i += strlen(msg) + 1;
     }
-    free(q->buf);
+    if (q->buf != q->small) free(q->buf);
     q->buf = NULL;
     q->len = q->cap = 0;
-    if (!pending) return;
+    ca__wreg *list = q->ops;
+    q->ops = q->ops_last = NULL;
+    ca__wreg *hooked = q->hook_rel;
+    q->hook_rel = NULL;
+    if (!list && !hooked) return;
     ca__wcore *c = q->core;
-    ca__wlog q2 = {0};
+    ca__wcore_ref(c);
+    while (list) {
+        ca__wreg *r = list;
+        /* Read and cleared before the op: once it is done, another thread may queue r again. */
+        list = r->onext;
+        int op = r->op;
+        ca_loop *loop = r->op_loop;
+        bool held = r->op_loop_ref;
+        r->onext = NULL;
+        r->op = CA__OP_NONE;
+        r->op_loop = NULL;
+        r->op_loop_ref = false;
+        if (op == CA__OP_POST_EXIT) {
+            flush_post_exit(c, r, loop);
+        } else {
+            ca__pidfd_op(c, r, op, loop);
+            ca__wcore_lock(c);
+            ca__wreg_unref(c, r); /* the op's */
+            ca__wcore_unlock(c);
+        }
+        /* The last reference may close the loop here: its hooks take the lock, not held. */
+        if (held) ca_loop_unref(loop);
+    }
+    while (hooked) {
+        ca__wreg *r = hooked;
+        hooked = r->hnext;
+        r->hnext = NULL;
+        ca__pidfd_op(c, r, CA__OP_RELEASE, q->hook_loop);
+        ca__wcore_lock(c);
+        ca__wreg_unref(c, r); /* the hook list's */
+        ca__wcore_unlock(c);
+    }
+    ca__wcore_unref(c);
+}
+
+bool ca__wcore_retry(ca__wcore *c)
+{
+    ca__wlog q = {0};
     ca__wcore_lock(c);
-    while (pending) {
-        ca__wreg *r = pending;
-        pending = r->dnext;
-        r->pending = false;
-        if (r->registered && r->state == CA__W_EXITED) post_exit(c, r, &q2);
-        ca__wreg_unref(c, r);
+    ca__wreg *list = c->retry;
+    c->retry = NULL;
+    while (list) {
+        ca__wreg *r = list;
+        list = r->rnext;
+        r->rnext = NULL;
+        r->in_retry = false;
+        if (r->registered && r->state == CA__W_EXITED && !r->posted) post_exit(c, r, &q);
+        ca__wreg_unref(c, r); /* the list's */
     }
     ca__wcore_unlock(c);
-    ca__wlog_flush(&q2);
+    ca__wlog_flush(&q);
+    ca__wcore_lock(c);
+    bool left = c->retry != NULL;
+    ca__wcore_unlock(c);
+    return left;
+}
+
+/* Empties the retry list (close: its registrations were unregistered). Lock held. */
+static void retry_clear(ca__wcore *c)
+{
+    while (c->retry) {
+        ca__wreg *r = c->retry;
+        c->retry = r->rnext;
+        r->rnext = NULL;
+        r->in_retry = false;
+        ca__wreg_unref(c, r);
+    }
 }
 
 /* ----- core: pid table ------------------------------------------------------------------- */
@@ -420,23 +565,38 @@ void ca__wcore_cancel_all(ca__wcore *c)
         if (r) ca__wreg_unregister(c, r);
         else i++;
     }
+    retry_clear(c);
 }
 
-static void deliver_cb(void *arg);
-
-/* Posts r's delivery (lock held). */
+/* Queues r's delivery, posted by ca__wlog_flush after the unlock (lock held). */
 static void post_exit(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
+    if (r->posted) return;
     ca__wbind *b = r->bind;
-    int err = -EBADF;
-    if (b && b->loop && !r->posted) {
+    if (b && b->loop) {
         r->posted = true;
-        ca__wreg_ref(r);
-        err = ca_loop_call_soon_threadsafe(b->loop, deliver_cb, r);
-        if (err == 0) return;
-        r->posted = false;
-        ca__wreg_unref(c, r);
+        ca__wreg_ref(r); /* the post's */
+        ca__wlog_op(q, c, r, CA__OP_POST_EXIT, b->loop, true);
+        return;
     }
+    post_failed(c, r, -EBADF, q);
+}
+
+/* r's exit could not be posted (lock held). Out of memory, it is kept (registered, reaped) on
+ * the retry list: the exit must not be lost for want of memory (issue 16, item 4); otherwise
+ * it is logged and dropped, as asyncio does for a closed loop. */
+static void post_failed(ca__wcore *c, ca__wreg *r, int err, ca__wlog *q)
+{
+    if (err == -ENOMEM && r->registered) {
+        if (!r->in_retry) {
+            r->in_retry = true;
+            ca__wreg_ref(r); /* the list's */
+            r->rnext = c->retry;
+            c->retry = r;
+        }
+        return;
+    }
+    if (!r->registered) return;
     if (err == -EBADF)
         ca__wlog_add(q, CA_LOG_WARNING,
                      "Loop that handles pid %d is closed: its exit (returncode %d) is dropped",
@@ -454,25 +614,18 @@ void ca__wreg_exited(ca__wcore *c, ca__wreg *r, int rc, bool echild, ca__wlog *q
     ca__wreg_unwait(c, r);
     r->state = CA__W_EXITED;
     r->rc = rc;
-    if (echild) {
-        /* The warning comes before the callback, as in asyncio: the delivery is posted by
-         * ca__wlog_flush, after the line was logged. */
+    /* The warning comes before the callback, as in asyncio: ca__wlog_flush logs the lines
+     * before it posts. */
+    if (echild)
         ca__wlog_add(q, CA_LOG_WARNING,
                      "Unknown child process pid %d, will report returncode 255", (int)r->pid);
-        ca__wreg_ref(r);
-        r->pending = true;
-        r->dnext = q->pending;
-        q->pending = r;
-        q->core = c;
-        return;
-    }
     post_exit(c, r, q);
 }
 
 ca__wreg *ca__wtable_get_live(ca__wcore *c, pid_t pid)
 {
     ca__wreg *r = ca__wtable_get(c, pid);
-    if (r && r->registered && ((r->state == CA__W_EXITED && !r->posted && !r->pending) ||
+    if (r && r->registered && ((r->state == CA__W_EXITED && !r->posted && !r->in_retry) ||
                                (r->state == CA__W_WAITING && r->pidfd_lost))) {
         ca__wreg_unregister(c, r);
         r = NULL;
@@ -564,7 +717,7 @@ void ca__wbind_put(ca__wbind *b)
     /* A binding with nothing left but its hook is dropped while we are on its loop's thread
      * (the only thread that may remove a close hook); the next child brings it back. */
     if (b->refs == 2 && b->hook && b->loop && !b->check_posted && !b->rescan_posted &&
-        !b->sig_registered && ca__loop_in_own_thread(b->loop)) {
+        !b->tick_posted && !b->sig_registered && ca__loop_in_own_thread(b->loop)) {
         ca__loop_remove_close_hook(b->loop, b->hook);
         b->hook = NULL;
         b->refs--;
@@ -585,8 +738,11 @@ static void bind_hook(void *arg)
     b->hook = NULL;
     b->loop = NULL;
     b->refs++;
+    q.hook_loop = loop;
     for (ca__wreg *r = b->regs; r;) {
         ca__wreg_ref(r);
+        /* First the kind's hook: it may need to see what was posted (Pidfd's releases). */
+        if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);
         if (r->posted) {
             /* The exit will never be delivered. It stays registered, so that whoever owns the
              * child (the subprocess code, in its own close hook) learns from remove returning
@@ -599,12 +755,11 @@ static void bind_hook(void *arg)
                              (int)r->pid, r->rc);
             ca__wreg_unref(c, r);
         }
-        if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);
         /* An internal registration whose exit can no longer come through this loop is
          * dropped now rather than kept for a remove: its owner hears of it (with the
          * returncode if the child was reaped) and may still finish on a loop of its own. */
         if (r->internal && r->registered &&
-            ((r->state == CA__W_EXITED && !r->pending) ||
+            ((r->state == CA__W_EXITED && !r->in_retry) ||
              (r->state == CA__W_WAITING && r->pidfd_lost)))
             ca__wreg_unregister(c, r);
         ca__wreg *next = r->bnext;
@@ -617,6 +772,10 @@ static void bind_hook(void *arg)
     }
     if (b->rescan_posted) { /* the timer is dropped with the loop's other handles */
         b->rescan_posted = false;
+        b->refs--;
+    }
+    if (b->tick_posted) {
+        b->tick_posted = false;
         b->refs--;
     }
     b->sig_registered = false; /* the loop removes its signal handlers when it closes */
@@ -635,7 +794,8 @@ int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out)
             return 0;
         }
     }
-    if (ca_loop_is_closed(loop)) return -ENOENT;
+    /* The closed flag only: the host's is_closed op is asked before the lock was taken. */
+    if (ca__loop_core_closed(loop)) return -ENOENT;
     if (!ca__loop_in_own_thread(loop)) return -EPERM;
     ca__wbind *b = calloc(1, sizeof *b);
     if (!b) return -ENOMEM;
@@ -645,7 +805,7 @@ int ca__wbind_get(ca__wcore *c, ca_loop *loop, ca__wbind **out)
     b->hook = ca__loop_add_close_hook(loop, bind_hook, b);
     if (!b->hook) {
         free(b);
-        return ca_loop_is_closed(loop) ? -ENOENT : -ENOMEM;
+        return ca__loop_core_closed(loop) ? -ENOENT : -ENOMEM;
     }
     ca__wcore_ref(c);
     b->next = c->binds;
@@ -797,24 +957,53 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *w, pid_t pid)
     return r < 0 ? r : w->ops->remove_child_handler(w, pid);
 }
 
-int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+/* The checks of an explicit delivery loop, after the watcher's: -ECHILD, then -EBADF. */
+static int check_loop(ca_loop *loop)
+{
+    if (!loop) return 0;
+    if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen())) return -ECHILD;
+    if (ca_loop_is_closed(loop)) return -EBADF;
+    return 0;
+}
+
+int ca_child_watcher_add_child_handler_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
+                                          ca_child_fn cb, void *arg)
 {
     if (!w || !cb || pid <= 0) return -EINVAL;
     int r = check(w);
+    if (r == 0) r = check_loop(loop);
+    if (r < 0) return r;
+    if (!loop) return w->ops->add_child_handler(w, pid, cb, arg);
+    /* A custom watcher's op has no loop argument to pass it on. */
+    return w->add_on ? w->add_on(w, loop, pid, cb, arg, false) : -ENOTSUP;
+}
+
+int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
+                                      ca_child_fn cb, void *arg)
+{
+    if (!w || !cb || pid <= 0) return -EINVAL;
+    int r = check(w);
+    if (r == 0) r = check_loop(loop);
     if (r < 0) return r;
     /* A custom watcher cannot tell its caller about a drop: the caller falls back to the
      * public add, and to guessing (see process.c's on_loop_close). */
-    return w->add_internal ? w->add_internal(w, pid, cb, arg) : -ENOTSUP;
+    return w->add_on ? w->add_on(w, loop, pid, cb, arg, true) : -ENOTSUP;
+}
+
+int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    return ca__child_watcher_add_internal_on(w, NULL, pid, cb, arg);
 }
 
 int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
     if (!w || pid <= 0) return -EINVAL;
-    if (!w->add_internal) return ca_child_watcher_remove_child_handler(w, pid);
+    if (!w->add_on) return ca_child_watcher_remove_child_handler(w, pid);
     if (CA_UNLIKELY(ca__child_watcher_forked(w))) return -ECHILD;
     /* No closed check: a close running in another thread may not have cancelled it yet, and
      * under the lock exactly one of us does (a close then has nothing left to drop). */
     ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
     ca__wcore_lock(c);
     ca__wreg *r = ca__wtable_get(c, pid);
     /* Only our own: a handler that a user added for the pid since is not ours to remove. */
@@ -823,11 +1012,12 @@ int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, 
     if (ours) {
         r->internal = false; /* taken back: no drop call */
         ca__wreg_ref(r);
-        if (c->reg_cancel) c->reg_cancel(c, r);
+        if (c->reg_cancel) c->reg_cancel(c, r, &q);
         else ca__wreg_unregister(c, r);
         ca__wreg_unref(c, r);
     }
     ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
     return ours;
 }
 
@@ -864,4 +1054,18 @@ int ca_child_watcher_exit(ca_child_watcher *w)
     int r = check(w);
     if (r < 0) return r;
     return w->ops->exit ? w->ops->exit(w) : 0;
+}
+
+/* ----- SIGCHLD taken away ------------------------------------------------------------------ */
+
+static atomic_bool taken_warned;
+
+void ca__sigchld_warn_taken(ca__wlog *q, const char *kind)
+{
+    if (atomic_exchange(&taken_warned, true)) return;
+    ca__wlog_add(q, CA_LOG_WARNING,
+                 "SIGCHLD no longer reaches %s: its handler was replaced by other code (a host "
+                 "that owns SIGCHLD should call ca_sigchld_notify from its own); exits are now "
+                 "found by polling",
+                 kind);
 }

@@ -56,19 +56,19 @@ static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
     }
 }
 
-static int fast_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
-                         bool internal)
+static int fast_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                       void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca__wlog q = {0};
-    int err = 0;
-    ca__wcore_lock(c);
+    ca_loop *attached;
+    int err = ca__wattach_add_begin(c, given, &attached);
+    if (err < 0) {
+        ca_loop_unref(attached);
+        return err;
+    }
     ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (c->closed) {
-        err = -EBADF; /* closed while this call was on its way in */
-    } else if (!ca__wattach_active(c)) {
-        err = -ENOTCONN;
-    } else if (r && r->state == CA__W_ZOMBIE) {
+    if (r && r->state == CA__W_ZOMBIE) {
         /* It exited before its handler came: deliver on the attached loop. */
         ca__wreg_replace(c, r, cb, arg, internal);
         r->state = CA__W_WAITING;
@@ -82,17 +82,13 @@ static int fast_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    ca_loop_unref(attached);
     return err;
 }
 
 static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return fast_add_impl(w, pid, cb, arg, false);
-}
-
-static int fast_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return fast_add_impl(w, pid, cb, arg, true);
+    return fast_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static int fast_enter(ca_child_watcher *w)
@@ -157,6 +153,6 @@ static const ca_child_watcher_ops fast_ops = {
 int ca_fast_child_watcher_new(ca_child_watcher **out)
 {
     int err = ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
-    if (err == 0) (*out)->add_internal = fast_add_internal;
+    if (err == 0) (*out)->add_on = fast_add_on;
     return err;
 }

@@ -14,7 +14,17 @@
  *     valid while the core's lock is held and it is not NULL, because the close hook clears it
  *     under that lock before the loop can be freed.
  * Everything in the core is protected by its one mutex, except the reference counts of the core
- * (atomic). A user callback or the log handler is never called with the lock held.
+ * (atomic).
+ *
+ * Lock order (issue 13). A loop op (a host's ops may take a lock of their own, such as Python's
+ * GIL, and hand it to other threads), a user callback and the log handler are never called with
+ * the core's lock held: code under the lock decides what to do and queues it on a ca__wlog
+ * (log lines, posts of exits, Pidfd's reader removals), and ca__wlog_flush does it after the
+ * unlock. A queued operation holds a reference to its registration and, taken with
+ * ca__loop_tryref under the lock, to its loop: the binding's loop pointer is only valid under
+ * the lock. The flags that say an operation is on its way (posted, rd_releasing) are set under
+ * the lock when it is queued, so that a remove, a close or a loop's close hook racing with it
+ * sees it and leaves it to its flusher, or takes it over (see each user).
  *
  * Internal registrations (the library's own, made by process.c through ca__child_watcher_add_
  * internal or ca__pidfd_watcher_lend) are told when they are dropped without their callback
@@ -29,6 +39,7 @@
 #define CA_WATCHER_INTERNAL_H
 
 #include "internal.h"
+#include "loop_internal.h"
 
 #include <pthread.h>
 #include <stddef.h>
@@ -41,8 +52,10 @@ struct ca_child_watcher {
     atomic_int refs;
     unsigned fork_gen;
     atomic_bool closed;
-    /* Built-ins: add_child_handler for an internal registration (see above); custom: NULL. */
-    int (*add_internal)(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
+    /* Built-ins: add_child_handler with an explicit delivery loop (NULL: the implicit rule)
+     * and, for internal registrations (see above), internal true; custom: NULL. */
+    int (*add_on)(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb, void *arg,
+                  bool internal);
 };
 
 /* What a registration knows about its child. */
@@ -53,12 +66,18 @@ enum {
     CA__W_DONE,         /* delivered, dropped, or cancelled */
 };
 
-/* ----- deferred log lines: logged after the lock is released --------------------------- */
+/* ----- work deferred to after the unlock: log lines, then loop ops ------------------------ */
+enum { CA__OP_NONE = 0, CA__OP_POST_EXIT, CA__OP_POST_RELEASE, CA__OP_RELEASE };
 typedef struct ca__wlog {
-    char *buf;                   /* "<level char><message>\0" records */
+    char *buf;                   /* "<level char><message>\0" records (small, then malloc'ed) */
     size_t len, cap;
-    struct ca__wreg *pending;    /* deliveries to post once the lines are logged */
+    struct ca__wreg *ops, *ops_last; /* registrations with an op queued (r->op), in order */
+    /* A loop's close hook (bind_hook): Pidfd's reader removals on that closing loop (alive for
+     * the hook's duration, so no reference), linked through r->hnext. */
+    struct ca__wreg *hook_rel;
+    ca_loop *hook_loop;
     struct ca__wcore *core;
+    char small[320];             /* the usual one or two lines need no allocation */
 } ca__wlog;
 typedef struct ca__wcore ca__wcore;
 typedef struct ca__wbind ca__wbind;
@@ -77,14 +96,26 @@ struct ca__wreg {
     bool in_wait : 1;            /* waiting for its child (in the core's waiting array) */
     bool pidfd_lost : 1;         /* Pidfd: its loop closed, the fd was released */
     bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
-    bool pending : 1;            /* on a ca__wlog's pending list: to be posted */
     bool internal : 1;           /* the owner hears of a drop (see the top of the file) */
+    bool in_retry : 1;           /* on the core's retry list: its post failed for memory */
+    bool rd_adding : 1;          /* Pidfd: add_reader is being called (lock not held) */
+    bool rd_on : 1;              /* Pidfd: the reader is on the loop */
+    bool rd_releasing : 1;       /* Pidfd: its removal is queued or posted (release_cb) */
+    bool rd_release_wanted : 1;  /* Pidfd: cancelled while rd_adding: release after the add */
     ca_child_fn cb;
     void *arg;
     ca__wreg *drop_next;         /* c->dropped (unregistered: pid, rc, cb, arg are final) */
     ca__wbind *bind;             /* delivery binding, or NULL */
     ca__wreg *bprev, *bnext;     /* binding's list */
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
+    ca__wreg *rnext;             /* the core's retry list */
+    /* A queued op (CA__OP_*): set under the lock when queued; the flusher reads and clears them
+     * unlocked before it performs the op (the flags above keep anyone else from queuing r). */
+    unsigned char op;
+    bool op_loop_ref;            /* op_loop is a reference (else: a closing loop, hook only) */
+    ca_loop *op_loop;
+    ca__wreg *onext;
+    ca__wreg *hnext;             /* a close hook's list of releases (ca__wlog.hook_rel) */
 };
 
 struct ca__wbind {
@@ -97,6 +128,7 @@ struct ca__wbind {
     bool check_posted;           /* Safe/Fast: a "poll now" callback is posted */
     bool rescan_posted;          /* Safe: a "poll every child" timer is pending */
     bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop (no ref) */
+    bool tick_posted;            /* Safe/Fast: the slow check timer is pending */
 };
 
 struct ca__wcore {
@@ -122,19 +154,31 @@ struct ca__wcore {
     pid_t replaced_pid;
     int replaced_rc;
     bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
+    /* Registrations whose post failed for memory (ENOMEM): kept, reaped, and posted again by
+     * ca__wcore_retry (each holds a reference while on the list). */
+    ca__wreg *retry;
     /* Kind hooks, called with the lock held; may be NULL. */
     /* r's binding's loop is closing (r is in any state; loop runs nothing any more). */
     void (*reg_loop_closed)(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q);
     void (*reg_free)(ca__wreg *r);                       /* r is about to be freed */
     /* Cancels registered r for a remove (Pidfd: also releases its fd); NULL: unregister. */
-    void (*reg_cancel)(ca__wcore *c, ca__wreg *r);
+    void (*reg_cancel)(ca__wcore *c, ca__wreg *r, ca__wlog *q);
     void *impl;                  /* the kind's own state */
 };
 
 void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...) CA_PRINTF(3, 4);
-/* Logs the lines, then posts the deliveries that wait for them (taking the core's lock: call
- * it without the lock, while holding a reference to the core). */
+/* Queues op for r (lock held): takes a reference to r and, if loop is not NULL, one to loop
+ * (ref_loop; a loop whose last reference is gone is treated as closed: op_loop NULL). */
+void ca__wlog_op(ca__wlog *q, ca__wcore *c, ca__wreg *r, int op, ca_loop *loop, bool ref_loop);
+/* Logs the lines, then performs the queued ops in order (taking the core's lock for their
+ * outcome: call it without the lock, while holding a reference to the core, or to something
+ * that holds one). */
 void ca__wlog_flush(ca__wlog *q);
+/* Posts again the exits whose post failed for memory. true when some are still waiting. Lock
+ * NOT held. */
+bool ca__wcore_retry(ca__wcore *c);
+/* Pidfd's ops, performed by ca__wlog_flush (watcher_pidfd.c). */
+void ca__pidfd_op(ca__wcore *c, ca__wreg *r, int op, ca_loop *loop);
 
 /* ----- the public object ------------------------------------------------------------------ */
 /* Makes a built-in watcher around core c (which it takes over). */
@@ -216,15 +260,23 @@ void ca__wbind_unref(ca__wbind *b);   /* lock held */
 void ca__wbind_put(ca__wbind *b);
 
 /* ----- shared helpers ----------------------------------------------------------------------- */
-/* The loop that exits of children registered by this thread go to: the running loop, else this
- * thread's current loop. Borrowed. -ENOENT none (or it is closed). */
-int ca__watcher_delivery_loop(ca_loop **out);
+/* The delivery loop of an add, with a reference: loop itself if not NULL (-ENOENT if it is
+ * closed, its host's is_closed op included), else the loop running in this thread, else this
+ * thread's current loop (-ENOENT none, or it is closed). Lock NOT held (it may call is_closed). */
+int ca__watcher_delivery_loop(ca_loop *loop, ca_loop **out);
 /* bpo-32115: a SIGCHLD disposition of SIG_IGN makes the kernel reap children itself, so no
  * watcher could learn their exit status. While at least one watcher is active we keep SIG_DFL
  * there (logging that we did) and put SIG_IGN back when the last one is closed. Counted,
  * process-wide. */
 void ca__sigchld_keep_acquire(void);
 void ca__sigchld_keep_release(void);
+/* SIGCHLD routing (signal.c): whether the library's handler is SIGCHLD's disposition now, and
+ * how many times ca_sigchld_notify was called (a host that routes SIGCHLD itself). */
+bool ca__sigchld_handler_installed(void);
+unsigned long ca__sigchld_notified(void);
+/* Logs (once per process, through q) that SIGCHLD was taken away from the library while a watcher
+ * needs it, and that exits are now found by polling. Lock held. */
+void ca__sigchld_warn_taken(ca__wlog *q, const char *kind);
 /* waitpid(pid, WNOHANG) without EINTR: pid's rc in *rc and 1 if it was reaped, 0 if it is still
  * running, -ECHILD if it is not our child (or already reaped). */
 int ca__wait_nohang(pid_t pid, int *rc);
@@ -248,6 +300,7 @@ typedef struct ca__wattach {
      * checked (after an attach, or Safe's deferred poll). Returns true when it left checks
      * for later: the caller then makes sure that a full reap follows soon (Safe). */
     bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q);
+    bool attaching;              /* an attach is calling loop ops (lock not held) */
     int forks;                   /* Fast: enter/exit depth */
     unsigned zombies;            /* Fast: zombie registrations made (at least as many as exist) */
 } ca__wattach;
@@ -255,6 +308,11 @@ typedef struct ca__wattach {
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
 /* Attached to a loop that is not closed. Lock held. */
 bool ca__wattach_active(ca__wcore *c);
+/* The start of an add for both (given: the loop asked for, NULL for the attached one): the lock
+ * is taken and held on success; *attached gets a reference to the attached loop (or NULL) in
+ * any case, for the caller to drop after its unlock. -EINVAL given is not the attached loop;
+ * -EBADF closed; -ENOTCONN not active (its host's is_closed included). */
+int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached);
 /* close for both: cancels everything, detaches. */
 int ca__wattach_close(ca__wcore *c);
 /* The ops Safe and Fast share: remove (a Fast zombie has no handler to remove), attach_loop,

@@ -51,14 +51,23 @@ static void poll_all(ca__wcore *c, ca__wlog *q)
     }
 }
 
+/* How often the thread checks that SIGCHLD still reaches it (its handler may have been replaced
+ * by other code, or a host routes SIGCHLD with ca_sigchld_notify), and reaps as if it had come:
+ * an exit is never lost to a changed disposition, it is found at the latest this late. */
+#define TICK_NS 1000000000LL
+/* The same once SIGCHLD is known not to reach us: polling. */
+#define POLL_NS 100000000LL
+
 /* After a SIGCHLD (full: poll every registration). The exited children are found with
  * ca__wreap_next; every registration is polled only when that cannot tell. Returns true when
- * that poll is owed: the thread then runs it within RESCAN_DELAY_NS. */
-static bool reap_exits(ca__wcore *c, bool full)
+ * that poll is owed: the thread then runs it within RESCAN_DELAY_NS. taken: SIGCHLD no longer
+ * reaches us (logged once). */
+static bool reap_exits(ca__wcore *c, bool full, bool taken)
 {
     ca__wlog q = {0};
     bool owed = false;
     ca__wcore_lock(c);
+    if (taken) ca__sigchld_warn_taken(&q, "MultiLoopChildWatcher");
     if (c->nwait > 0) {
         int e = -1;
         while (!full) {
@@ -89,16 +98,18 @@ static void *reaper_main(void *arg)
     multiloop *m = ml(c);
     pthread_setname_np(pthread_self(), "ca-multiloop");
     long long due = -1; /* when the owed poll of every registration runs; -1: none owed */
+    long long tick = now_ns() + TICK_NS;
+    bool retrying = false;
     for (;;) {
-        int timeout = -1;
-        if (due >= 0) {
-            long long left = due - now_ns();
-            timeout = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
-        }
+        long long next = tick;
+        if (due >= 0 && due < next) next = due;
+        if (retrying && now_ns() + POLL_NS < next) next = now_ns() + POLL_NS;
+        long long left = next - now_ns();
+        int timeout = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
         struct pollfd p = {.fd = m->efd, .events = POLLIN};
         int n = poll(&p, 1, timeout);
         if (n < 0 && errno != EINTR) break;
-        bool full = false;
+        bool full = false, taken = false;
         if (n > 0) {
             uint64_t v;
             if (read(m->efd, &v, sizeof v) < 0 && errno != EAGAIN && errno != EINTR) break;
@@ -107,28 +118,38 @@ static void *reaper_main(void *arg)
         } else if (n < 0) {
             continue;
         }
-        if (due >= 0 && now_ns() >= due) {
+        long long now = now_ns();
+        if (due >= 0 && now >= due) {
             full = true;
             due = -1;
-        } else if (n == 0) {
+        }
+        if (now >= tick) {
+            /* The slow check: reap as if SIGCHLD had come, whatever its disposition. If our
+             * handler is gone and no host routes SIGCHLD to us, say so once and poll. */
+            taken = !ca__sigchld_handler_installed() && ca__sigchld_notified() == 0;
+            tick = now + (taken ? POLL_NS : TICK_NS);
+        } else if (n == 0 && !full && !retrying) {
             continue;
         }
-        if (reap_exits(c, full) && due < 0) due = now_ns() + RESCAN_DELAY_NS;
+        if (reap_exits(c, full, taken) && due < 0) due = now_ns() + RESCAN_DELAY_NS;
+        /* Exits whose post failed for memory are posted again, every POLL_NS until done. */
+        retrying = ca__wcore_retry(c);
     }
     return NULL;
 }
 
-static int multiloop_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
-                              bool internal)
+static int multiloop_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                            void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
-    int err = ca__watcher_delivery_loop(&loop);
+    int err = ca__watcher_delivery_loop(given, &loop);
     if (err < 0) return err;
     ca__wlog q = {0};
     ca__wcore_lock(c);
     if (c->closed) { /* closed while this call was on its way in */
         ca__wcore_unlock(c);
+        ca_loop_unref(loop);
         return -EBADF;
     }
     ca__wbind *b;
@@ -150,17 +171,13 @@ static int multiloop_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, vo
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    ca_loop_unref(loop);
     return err;
 }
 
 static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return multiloop_add_impl(w, pid, cb, arg, false);
-}
-
-static int multiloop_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return multiloop_add_impl(w, pid, cb, arg, true);
+    return multiloop_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static int multiloop_remove(ca_child_watcher *w, pid_t pid)
@@ -269,7 +286,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
         else m->thread_started = true;
     }
     if (err == 0) err = ca__child_watcher_make(&multiloop_ops, "multiloop", c, out);
-    if (err == 0) (*out)->add_internal = multiloop_add_internal;
+    if (err == 0) (*out)->add_on = multiloop_add_on;
     if (err < 0) {
         multiloop_stop(c);
         ca__sigchld_keep_release();

@@ -57,17 +57,73 @@ static int sys_pidfd_open(pid_t pid)
 #endif
 }
 
-/* Stops watching r's pidfd and closes it, unless it is lent and still in use by its owner (see
- * the top of the file). Lock held; on loop's thread (or while the loop does not run, or is
- * closing). */
-static void pidfd_release(ca__wcore *c, ca__wreg *r, ca_loop *loop)
+/* Ends r's release once its reader is off (or was never put on): closes the fd unless it is
+ * lent and still in use by its owner (see the top of the file), drops the reader's reference.
+ * Lock held. */
+static void release_done(ca__wcore *c, ca__wreg *r)
 {
     if (r->pidfd < 0) return;
-    if (loop) ca_loop_remove_reader(loop, r->pidfd);
     if (!r->pidfd_lent) close(r->pidfd);
     r->pidfd = -1;
     r->pidfd_lent = false;
+    r->rd_on = false;
+    r->rd_releasing = false;
     ca__wreg_unref(c, r); /* the reader's reference */
+}
+
+/* Starts releasing r's fd (lock held). No reader on it: done at once. Otherwise the reader's
+ * removal is a loop op, made after the unlock: queued on q if this thread may use the loop, or
+ * posted to the loop's thread (release_cb). rd_releasing says that one is on its way; an add
+ * still calling add_reader is asked to release when it is done. */
+static void release_begin(ca__wcore *c, ca__wreg *r, ca__wlog *q)
+{
+    if (r->pidfd < 0 || r->rd_releasing) return;
+    if (r->rd_adding) {
+        r->rd_release_wanted = true;
+        return;
+    }
+    ca_loop *loop = r->bind ? r->bind->loop : NULL;
+    if (!r->rd_on || !loop) {
+        release_done(c, r);
+        return;
+    }
+    r->rd_releasing = true;
+    if (ca__loop_in_own_thread(loop)) {
+        ca__wlog_op(q, c, r, CA__OP_RELEASE, loop, true);
+    } else {
+        r->posted = true;
+        ca__wreg_ref(r); /* the post's */
+        ca__wlog_op(q, c, r, CA__OP_POST_RELEASE, loop, true);
+    }
+}
+
+static void release_cb(void *arg);
+
+void ca__pidfd_op(ca__wcore *c, ca__wreg *r, int op, ca_loop *loop)
+{
+    if (op == CA__OP_POST_RELEASE) {
+        int err = loop ? ca_loop_call_soon_threadsafe(loop, release_cb, r) : -EBADF;
+        if (err == 0) return;
+        ca__wcore_lock(c);
+        if (r->posted) {
+            /* Not posted, and no close hook took it over (it clears posted): whoever comes
+             * next on the loop's thread (the reader firing, the loop's close hook) releases. */
+            r->posted = false;
+            r->rd_releasing = false;
+            ca__wreg_unref(c, r); /* the post's */
+        }
+        ca__wcore_unlock(c);
+        return;
+    }
+    /* CA__OP_RELEASE: the fd stays r->pidfd until release_done, so a give_back in between
+     * hands it to us instead of closing it under the reader. */
+    ca__wcore_lock(c);
+    int fd = r->pidfd;
+    ca__wcore_unlock(c);
+    if (loop && fd >= 0) ca_loop_remove_reader(loop, fd);
+    ca__wcore_lock(c);
+    release_done(c, r);
+    ca__wcore_unlock(c);
 }
 
 static void pidfd_ready(void *arg)
@@ -85,7 +141,7 @@ static void pidfd_ready(void *arg)
     ca__wbind *b = r->bind;
     b->refs++;
     ca__wreg_ref(r);
-    if (r->pidfd >= 0 && r->registered) {
+    if (r->pidfd >= 0 && r->registered && !r->rd_releasing) {
         siginfo_t info = {0};
         int e;
         do {
@@ -101,12 +157,12 @@ static void pidfd_ready(void *arg)
                              "child process pid %d exit status already read: "
                              "will report returncode 255",
                              (int)pid);
-            pidfd_release(c, r, b->loop);
+            release_begin(c, r, &q);
             call = ca__wreg_take(c, r, &cb, &cbarg);
         }
-    } else {
-        /* Removed from another thread; its release is on the way, do it now. */
-        pidfd_release(c, r, b->loop);
+    } else if (!r->registered) {
+        /* Removed from another thread; its release is on the way (or this is it). */
+        release_begin(c, r, &q);
     }
     ca__wreg_unref(c, r);
     ca__wbind_put(b);
@@ -116,44 +172,42 @@ static void pidfd_ready(void *arg)
     if (call) cb(pid, rc, cbarg);
 }
 
-/* Posted by remove/close from another thread. */
+/* Posted by remove/close from another thread: the reader comes off here, on its loop. */
 static void release_cb(void *arg)
 {
     ca__wreg *r = arg;
     ca__wcore *c = r->core;
+    ca__wlog q = {0};
     ca__wcore_ref(c);
     ca__wcore_lock(c);
     ca__wbind *b = r->bind;
     b->refs++;
     r->posted = false;
-    pidfd_release(c, r, b->loop);
-    ca__wreg_unref(c, r);
+    if (r->rd_releasing && r->pidfd >= 0 && b->loop) {
+        ca__wlog_op(&q, c, r, CA__OP_RELEASE, b->loop, true);
+    } else {
+        r->rd_releasing = false;
+        release_begin(c, r, &q);
+    }
+    ca__wreg_unref(c, r); /* the post's */
     ca__wbind_put(b);
     ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
     ca__wcore_unref(c);
 }
 
-/* Cancels r and releases its fd now if this thread may, else on its loop. Lock held. */
-static void pidfd_cancel(ca__wcore *c, ca__wreg *r)
+/* Cancels r and starts releasing its fd. Lock held. */
+static void pidfd_cancel(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
     ca__wreg_unregister(c, r);
-    if (r->pidfd < 0) return;
-    ca__wbind *b = r->bind;
-    if (!b->loop || ca__loop_in_own_thread(b->loop)) {
-        pidfd_release(c, r, b->loop);
-    } else if (!r->posted) {
-        r->posted = true;
-        ca__wreg_ref(r);
-        if (ca_loop_call_soon_threadsafe(b->loop, release_cb, r) < 0) {
-            /* The loop is closing: its close hook releases the fd. */
-            r->posted = false;
-            ca__wreg_unref(c, r);
-        }
-    }
+    release_begin(c, r, q);
 }
 
-/* Its loop is closing: the fd goes. The registration stays (remove answers 1 for it: the
- * child's owner, such as the subprocess code in its own close hook, then reaps it). */
+/* Its loop is closing, in this thread (it runs nothing any more): the fd goes. The registration
+ * stays (remove answers 1 for it: the child's owner, such as the subprocess code in its own
+ * close hook, then reaps it). A removal posted to this loop will never run: the hook takes it
+ * over (bind_hook drops the post's reference after this); one queued in another thread (loop
+ * not running there) is left to it. */
 static void pidfd_loop_closed(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q)
 {
     if (r->registered && r->state == CA__W_WAITING && r->pidfd >= 0) {
@@ -163,7 +217,18 @@ static void pidfd_loop_closed(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog
                      (int)r->pid);
         r->pidfd_lost = true;
     }
-    pidfd_release(c, r, loop);
+    if (r->pidfd < 0) return;
+    if (r->rd_adding) {
+        r->rd_release_wanted = true;
+    } else if (!r->rd_on) {
+        release_done(c, r);
+    } else if (!r->rd_releasing || r->posted) {
+        r->rd_releasing = true;
+        ca__wreg_ref(r); /* the hook list's */
+        r->hnext = q->hook_rel;
+        q->hook_rel = r;
+        q->core = c;
+    }
 }
 
 static void pidfd_reg_free(ca__wreg *r)
@@ -172,83 +237,107 @@ static void pidfd_reg_free(ca__wreg *r)
     if (r->pidfd >= 0 && !r->pidfd_lent) close(r->pidfd);
 }
 
-/* Watches pid. lent < 0: with a pidfd of our own, opened here. lent >= 0: with that pidfd,
- * borrowed from a subprocess; the loan (a reference to the registration) goes to *lease, which
- * stays NULL if an earlier registration for pid, with its own fd, was kept instead. */
-static int pidfd_add(ca_child_watcher *w, pid_t pid, int lent, ca_child_fn cb, void *arg,
-                     bool internal, ca__wreg **lease)
+/* Watches pid, delivering to given (NULL: the implicit rule). lent < 0: with a pidfd of our own,
+ * opened here. lent >= 0: with that pidfd, borrowed from a subprocess; the loan (a reference to
+ * the registration) goes to *lease, which stays NULL if an earlier registration for pid, with
+ * its own fd, was kept instead. The reader is added after the unlock (a loop op); a remove in
+ * between finds rd_adding and leaves the release to us. */
+static int pidfd_add(ca_child_watcher *w, ca_loop *given, pid_t pid, int lent, ca_child_fn cb,
+                     void *arg, bool internal, ca__wreg **lease)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
-    int err = ca__watcher_delivery_loop(&loop);
-    if (err == 0 && !ca__loop_in_own_thread(loop)) err = -EPERM;
+    int err = ca__watcher_delivery_loop(given, &loop);
     if (err < 0) return err;
+    if (!ca__loop_in_own_thread(loop)) {
+        ca_loop_unref(loop);
+        return -EPERM;
+    }
     ca__wlog q = {0};
+    bool adding = false;
+    ca__wreg *r = NULL;
+    int pidfd = lent;
     ca__wcore_lock(c);
     if (c->closed) { /* closed while this call was on its way in */
-        ca__wcore_unlock(c);
-        return -EBADF;
-    }
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r) {
+        err = -EBADF;
+    } else if ((r = ca__wtable_get_live(c, pid)) != NULL) {
         ca__wreg_replace(c, r, cb, arg, internal);
-        ca__wcore_unlock(c);
-        return 0;
+    } else {
+        ca__wbind *b;
+        err = ca__wbind_get(c, loop, &b);
+        if (err == 0 && pidfd < 0) {
+            pidfd = sys_pidfd_open(pid);
+            if (pidfd < 0 && errno != ESRCH) err = -errno;
+        }
+        if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
+        if (err == 0) r->internal = internal;
+        if (err == 0 && pidfd >= 0) {
+            r->pidfd = pidfd;
+            r->pidfd_lent = lent >= 0;
+            r->rd_adding = true;
+            ca__wreg_ref(r); /* the reader's */
+            ca__wreg_ref(r); /* ours, across the unlock */
+            adding = true;
+        } else if (err == 0) {
+            /* ESRCH: already reaped by someone else. Reported through the loop, as an exit. */
+            ca__wreg_exited(c, r, 255, true, &q);
+        }
     }
-    ca__wbind *b;
-    int pidfd = lent;
-    err = ca__wbind_get(c, loop, &b);
-    if (err == 0 && pidfd < 0) {
-        pidfd = sys_pidfd_open(pid);
-        if (pidfd < 0 && errno != ESRCH) err = -errno;
-    }
-    if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
-    if (err == 0) r->internal = internal;
-    if (err == 0 && pidfd >= 0) {
-        r->pidfd = pidfd;
-        r->pidfd_lent = lent >= 0;
-        ca__wreg_ref(r); /* the reader's */
+    ca__wcore_unlock(c);
+    if (adding) {
         err = ca_loop_add_reader(loop, pidfd, pidfd_ready, r);
+        ca__wcore_lock(c);
+        r->rd_adding = false;
         if (err < 0) {
             r->pidfd = -1;
             r->pidfd_lent = false;
-            ca__wreg_unref(c, r);
+            r->rd_release_wanted = false;
+            ca__wreg_unref(c, r); /* the reader's */
             ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
-        } else if (lent >= 0) {
-            ca__wreg_ref(r); /* the loan's */
-            *lease = r;
+        } else {
+            r->rd_on = true;
+            if (lent >= 0) {
+                ca__wreg_ref(r); /* the loan's */
+                *lease = r;
+            }
+            if (r->rd_release_wanted) { /* removed (or closed) meanwhile */
+                r->rd_release_wanted = false;
+                release_begin(c, r, &q);
+            }
         }
-    } else if (err == 0) {
-        /* ESRCH: already reaped by someone else. Reported through the loop, as an exit. */
-        ca__wreg_exited(c, r, 255, true, &q);
+        ca__wreg_unref(c, r); /* ours */
+        ca__wcore_unlock(c);
     }
-    ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     if (err < 0 && pidfd >= 0 && lent < 0) close(pidfd);
+    ca_loop_unref(loop);
     return err;
 }
 
 static int pidfd_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return pidfd_add(w, pid, -1, cb, arg, false, NULL);
+    return pidfd_add(w, NULL, pid, -1, cb, arg, false, NULL);
 }
 
-static int pidfd_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+static int pidfd_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb, void *arg,
+                        bool internal)
 {
-    return pidfd_add(w, pid, -1, cb, arg, true, NULL);
+    return pidfd_add(w, loop, pid, -1, cb, arg, internal, NULL);
 }
 
 static int pidfd_remove(ca_child_watcher *w, pid_t pid)
 {
     ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
     ca__wcore_lock(c);
     ca__wreg *r = ca__wtable_get(c, pid);
     if (r) {
         ca__wreg_ref(r);
-        pidfd_cancel(c, r);
+        pidfd_cancel(c, r, &q);
         ca__wreg_unref(c, r);
     }
     ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
     return r != NULL;
 }
 
@@ -257,6 +346,7 @@ static bool pidfd_is_active(ca_child_watcher *w) { return true; }
 static int pidfd_close(ca_child_watcher *w)
 {
     ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
     ca__wcore_lock(c);
     c->closed = true;
     for (size_t i = 0; i < c->cap;) {
@@ -266,12 +356,14 @@ static int pidfd_close(ca_child_watcher *w)
             continue;
         }
         ca__wreg_ref(r);
-        pidfd_cancel(c, r); /* takes r out of slot i */
+        pidfd_cancel(c, r, &q); /* takes r out of slot i */
         ca__wreg_unref(c, r);
     }
+    ca__wcore_cancel_all(c); /* the table is empty: the retry list */
     bool keep = c->keeps_sigchld;
     c->keeps_sigchld = false;
     ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
     if (keep) ca__sigchld_keep_release();
     return 0;
 }
@@ -287,15 +379,21 @@ static const ca_child_watcher_ops pidfd_ops = {
     .destroy = ca__wcore_destroy_op,
 };
 
-int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
-                           ca__wreg **lease)
+int ca__pidfd_watcher_lend_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, int pidfd,
+                              ca_child_fn cb, void *arg, ca__wreg **lease)
 {
     if (!w || w->ops != &pidfd_ops) return -ENOTSUP;
     if (!cb || pid <= 0 || pidfd < 0 || !lease) return -EINVAL;
     if (ca__child_watcher_forked(w)) return -ECHILD;
     if (atomic_load(&w->closed)) return -EBADF;
     *lease = NULL;
-    return pidfd_add(w, pid, pidfd, cb, arg, true, lease);
+    return pidfd_add(w, loop, pid, pidfd, cb, arg, true, lease);
+}
+
+int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
+                           ca__wreg **lease)
+{
+    return ca__pidfd_watcher_lend_on(w, NULL, pid, pidfd, cb, arg, lease);
 }
 
 void ca__pidfd_watcher_give_back(ca__wreg *r, int pidfd)
@@ -341,7 +439,7 @@ int ca_pidfd_child_watcher_new(ca_child_watcher **out)
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_internal = pidfd_add_internal;
+    (*out)->add_on = pidfd_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

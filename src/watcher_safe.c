@@ -13,31 +13,67 @@
 
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
 bool ca__wattach_active(ca__wcore *c)
 {
     ca__wattach *a = att(c);
-    return !c->closed && a->loop && a->bind && a->bind->loop && !ca_loop_is_closed(a->loop);
+    /* The core's closed flag only: the host's is_closed op is asked before the lock (see
+     * attached_loop). */
+    return !c->closed && a->loop && a->bind && a->bind->loop && !ca__loop_core_closed(a->loop);
+}
+
+/* The attached loop with a reference (NULL: none), and in *open whether it is open, its host's
+ * is_closed op included: asked without the lock. */
+static ca_loop *attached_loop(ca__wcore *c, bool *open)
+{
+    ca__wcore_lock(c);
+    ca_loop *loop = att(c)->loop ? ca_loop_ref(att(c)->loop) : NULL; /* the attachment holds one */
+    ca__wcore_unlock(c);
+    *open = loop && !ca_loop_is_closed(loop);
+    return loop;
 }
 
 /* How long a registered child that other code reaped (waitpid says ECHILD) may stay unnoticed
  * by Safe: the poll of every child that finds it runs at the latest this long after the
  * SIGCHLD whose handling skipped it. */
 #define RESCAN_DELAY 0.1
+/* The slow check (issue 13, item 5): every TICK_DELAY on the attached loop, the watcher reaps as
+ * if SIGCHLD had come, so that no exit is lost when other code took SIGCHLD away from the loop
+ * (a foreign sigaction, a remove_signal_handler); it warns once when it sees that. */
+#define TICK_DELAY 1.0
 
-enum { REAP_SIGNAL, REAP_CHECK, REAP_RESCAN };
+enum { REAP_SIGNAL, REAP_CHECK, REAP_RESCAN, REAP_TICK };
 
 static void rescan_cb(void *arg);
+static void tick_cb(void *arg);
 
-/* SIGCHLD arrived (or a check or a deferred poll was asked for): reap on the attached loop's
- * thread. */
+/* Arms a timer of b's (lock NOT held, on b's loop's thread, which is alive: we run in one of
+ * its callbacks or attach it); *flag was set with a reference to b, given back on failure. */
+static bool arm(ca__wbind *b, ca_loop *loop, bool *flag, double delay, ca_callback_fn fn)
+{
+    if (loop && ca_loop_call_later(loop, delay, fn, b, NULL) == 0) return true;
+    ca__wcore *c = b->core;
+    ca__wcore_lock(c);
+    if (*flag) {
+        *flag = false;
+        ca__wbind_put(b);
+    }
+    ca__wcore_unlock(c);
+    return false;
+}
+
+/* SIGCHLD arrived (or a check, a deferred poll or the slow check is due): reap on the attached
+ * loop's thread. */
 static void reap_now(ca__wbind *b, int why)
 {
     ca__wcore *c = b->core;
     ca__wreg *list = NULL;
     ca__wlog q = {0};
+    bool want_rescan = false, want_tick = false, full_now = false;
+    ca_loop *loop = NULL; /* b's loop: we run in one of its callbacks, it is alive */
     ca__wcore_ref(c);
     ca__wcore_lock(c);
     b->refs++;
@@ -49,44 +85,57 @@ static void reap_now(ca__wbind *b, int why)
         b->rescan_posted = false;
         b->refs--;
     }
-    if (!c->closed && att(c)->bind == b) {
-        bool later = att(c)->reap(c, why != REAP_SIGNAL, &list, &q);
-        if (later && !b->rescan_posted && b->loop) {
+    if (why == REAP_TICK && b->tick_posted) {
+        b->tick_posted = false;
+        b->refs--;
+    }
+    if (!c->closed && att(c)->bind == b && b->loop) {
+        loop = b->loop;
+        /* A built-in loop gets SIGCHLD through the library's handler: if it is gone and no
+         * host routes SIGCHLD to us, say so (once); the ticks keep the exits coming. */
+        if (why == REAP_TICK && strcmp(ca_loop_kind(b->loop), "custom") != 0 &&
+            !ca__sigchld_handler_installed() && ca__sigchld_notified() == 0)
+            ca__sigchld_warn_taken(&q, "SafeChildWatcher/FastChildWatcher");
+        bool later = att(c)->reap(c, why == REAP_CHECK || why == REAP_RESCAN, &list, &q);
+        if (later && !b->rescan_posted) {
             b->rescan_posted = true;
             b->refs++;
-            if (ca_loop_call_later(b->loop, RESCAN_DELAY, rescan_cb, b, NULL) < 0) {
-                /* No timer: poll every child now rather than maybe never. */
-                b->rescan_posted = false;
-                b->refs--;
-                att(c)->reap(c, true, &list, &q);
-            }
+            want_rescan = true;
+        }
+        if (!b->tick_posted) {
+            b->tick_posted = true;
+            b->refs++;
+            want_tick = true;
         }
     }
     ca__wbind_put(b);
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    /* No timer: poll every child now rather than maybe never. */
+    if (want_rescan && !arm(b, loop, &b->rescan_posted, RESCAN_DELAY, rescan_cb)) full_now = true;
+    if (want_tick) arm(b, loop, &b->tick_posted, TICK_DELAY, tick_cb);
+    if (full_now) {
+        ca__wlog q2 = {0};
+        ca__wcore_lock(c);
+        if (!c->closed && att(c)->bind == b) att(c)->reap(c, true, &list, &q2);
+        ca__wcore_unlock(c);
+        ca__wlog_flush(&q2);
+    }
     ca__wdeliver_list(c, list);
+    /* Exits found by an add whose post failed for memory: posted again from here. */
+    ca__wcore_retry(c);
     ca__wcore_unref(c);
 }
 
 static void sigchld_cb(void *arg) { reap_now(arg, REAP_SIGNAL); }
 static void check_cb(void *arg) { reap_now(arg, REAP_CHECK); }
 static void rescan_cb(void *arg) { reap_now(arg, REAP_RESCAN); }
+static void tick_cb(void *arg) { reap_now(arg, REAP_TICK); }
 
-/* Detaches b (lock held): removes our SIGCHLD handler from its loop, if this thread may. */
-static int detach_bind(ca__wbind *b, ca_loop *loop, bool force)
-{
-    if (b->sig_registered) {
-        int err = ca_loop_remove_signal_handler(loop, SIGCHLD);
-        if (err < 0 && !force) return err;
-        /* When forced (close) and refused (-EPERM: the loop runs in another thread), the
-         * handler stays until that loop closes; it finds the watcher closed and does nothing. */
-        if (err >= 0) b->sig_registered = false;
-    }
-    ca__wbind_put(b); /* the attachment's reference */
-    return 0;
-}
-
+/* Attaching calls loop ops (add and remove the SIGCHLD handler, post the first check, arm the
+ * slow check), so it runs in three steps: decide under the lock, call the ops without it, commit
+ * under it. An attach racing with another attach of the same watcher gets -EBUSY; a close
+ * racing with it detaches what was attached and the attach undoes its own work. */
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
 {
     ca__wattach *a = att(c);
@@ -94,49 +143,83 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;
-    if (loop == old || c->closed) {
-        int r = c->closed ? -EBADF : 0; /* closed while this call was on its way in */
+    if (loop == old || c->closed || a->attaching) {
+        /* closed while this call was on its way in; or another attach is under way */
+        int r = c->closed ? -EBADF : loop == old ? 0 : -EBUSY;
         ca__wcore_unlock(c);
         if (loop) ca__sigchld_keep_release();
         return r;
     }
-    int err = 0;
-    ca__wbind *nb = NULL;
+    ca__wbind *nb = NULL, *ob = a->bind;
     if (loop) {
-        err = ca__wbind_get(c, loop, &nb);
-        if (err == 0) {
-            nb->refs++; /* the attachment's */
-            err = ca_loop_add_signal_handler(loop, SIGCHLD, sigchld_cb, nb);
-            if (err < 0) ca__wbind_put(nb);
-            else nb->sig_registered = true;
+        int err = ca__wbind_get(c, loop, &nb);
+        if (err < 0) {
+            ca__wcore_unlock(c);
+            ca__sigchld_keep_release();
+            return err;
         }
+        nb->refs++; /* the attachment's */
     }
-    if (err == 0 && old) {
-        err = detach_bind(a->bind, old, false);
-        if (err < 0 && nb) {
-            ca_loop_remove_signal_handler(loop, SIGCHLD);
-            nb->sig_registered = false;
-            ca__wbind_put(nb);
-        }
+    bool old_sig = ob && ob->sig_registered && ob->loop;
+    a->attaching = true;
+    ca__wcore_unlock(c);
+
+    /* The ops, without the lock. old stays alive: the attachment's reference is ours until
+     * the commit (a close in between leaves a->loop to... itself, see below). */
+    int err = 0;
+    if (loop) err = ca_loop_add_signal_handler(loop, SIGCHLD, sigchld_cb, nb);
+    if (err == 0 && old_sig) {
+        err = ca_loop_remove_signal_handler(old, SIGCHLD);
+        if (err < 0 && loop) ca_loop_remove_signal_handler(loop, SIGCHLD);
+    }
+
+    ca__wcore_lock(c);
+    a->attaching = false;
+    bool undo_new = false;
+    if (err == 0 && c->closed) {
+        /* Closed meanwhile: the close detached the old loop; the new one is undone here. */
+        err = -EBADF;
+        undo_new = loop != NULL;
     }
     if (err < 0) {
+        if (nb) ca__wbind_put(nb);
         ca__wcore_unlock(c);
+        if (undo_new) ca_loop_remove_signal_handler(loop, SIGCHLD);
         if (loop) ca__sigchld_keep_release();
         return err;
     }
+    if (ob) {
+        if (old_sig) ob->sig_registered = false;
+        ca__wbind_put(ob); /* the attachment's */
+    }
     a->loop = loop ? ca_loop_ref(loop) : NULL;
     a->bind = nb;
-    /* A child may have exited during the switch (asyncio's "prevent a race condition"): check
-     * every registered child once, on the new loop. */
-    if (nb && !nb->check_posted) {
-        nb->check_posted = true;
-        nb->refs++;
-        if (ca_loop_call_soon_threadsafe(loop, check_cb, nb) < 0) {
-            nb->check_posted = false;
-            nb->refs--;
+    bool post_check = false, arm_tick = false;
+    if (nb) {
+        nb->sig_registered = true;
+        /* A child may have exited during the switch (asyncio's "prevent a race condition"):
+         * check every registered child once, on the new loop. */
+        if (!nb->check_posted) {
+            nb->check_posted = true;
+            nb->refs++;
+            post_check = true;
+        }
+        if (!nb->tick_posted) {
+            nb->tick_posted = true;
+            nb->refs++;
+            arm_tick = true;
         }
     }
     ca__wcore_unlock(c);
+    if (post_check && ca_loop_call_soon_threadsafe(loop, check_cb, nb) < 0) {
+        ca__wcore_lock(c);
+        if (nb->check_posted) {
+            nb->check_posted = false;
+            ca__wbind_put(nb);
+        }
+        ca__wcore_unlock(c);
+    }
+    if (arm_tick) arm(nb, loop, &nb->tick_posted, TICK_DELAY, tick_cb);
     /* After the lock: the last reference may close the old loop, whose hooks take it. */
     if (old) {
         ca_loop_unref(old);
@@ -165,10 +248,27 @@ int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop)
 bool ca__wattach_is_active_op(ca_child_watcher *w)
 {
     ca__wcore *c = ca__wcore_of(w);
+    bool open;
+    ca_loop *loop = attached_loop(c, &open);
     ca__wcore_lock(c);
-    bool on = ca__wattach_active(c);
+    bool on = open && att(c)->loop == loop && ca__wattach_active(c);
     ca__wcore_unlock(c);
+    ca_loop_unref(loop);
     return on;
+}
+
+int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached)
+{
+    bool open;
+    ca_loop *loop = attached_loop(c, &open);
+    *attached = loop;
+    if (given && given != loop) return -EINVAL;
+    ca__wcore_lock(c);
+    int err = c->closed ? -EBADF /* closed while this call was on its way in */
+              : !open || att(c)->loop != loop || !ca__wattach_active(c) ? -ENOTCONN
+                                                                          : 0;
+    if (err < 0) ca__wcore_unlock(c);
+    return err;
 }
 
 int ca__wattach_close_op(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
@@ -200,10 +300,19 @@ int ca__wattach_close(ca__wcore *c)
     c->closed = true;
     ca__wcore_cancel_all(c);
     ca_loop *old = a->loop;
-    if (old) detach_bind(a->bind, old, true);
+    ca__wbind *ob = a->bind;
+    bool old_sig = ob && ob->sig_registered && ob->loop;
+    /* Removing the handler is for the loop's thread: from another one (-EPERM) it stays until
+     * that loop closes; it finds the watcher closed and does nothing. */
+    bool remove = old_sig && ca__loop_in_own_thread(old);
+    if (ob) {
+        if (remove) ob->sig_registered = false;
+        ca__wbind_put(ob); /* the attachment's */
+    }
     a->loop = NULL;
     a->bind = NULL;
     ca__wcore_unlock(c);
+    if (remove) ca_loop_remove_signal_handler(old, SIGCHLD);
     if (old) {
         ca_loop_unref(old);
         ca__sigchld_keep_release();
@@ -262,19 +371,19 @@ static bool safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
     return false;
 }
 
-static int safe_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
-                         bool internal)
+static int safe_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                       void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca__wlog q = {0};
-    int err = 0;
-    ca__wcore_lock(c);
+    ca_loop *attached;
+    int err = ca__wattach_add_begin(c, given, &attached);
+    if (err < 0) {
+        ca_loop_unref(attached);
+        return err;
+    }
     ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (c->closed) {
-        err = -EBADF; /* closed while this call was on its way in */
-    } else if (!ca__wattach_active(c)) {
-        err = -ENOTCONN;
-    } else if (r) {
+    if (r) {
         ca__wreg_replace(c, r, cb, arg, internal);
     } else {
         err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
@@ -289,17 +398,13 @@ static int safe_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *a
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
+    ca_loop_unref(attached);
     return err;
 }
 
 static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return safe_add_impl(w, pid, cb, arg, false);
-}
-
-static int safe_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return safe_add_impl(w, pid, cb, arg, true);
+    return safe_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static const ca_child_watcher_ops safe_ops = {
@@ -318,7 +423,7 @@ int ca_safe_child_watcher_new(ca_child_watcher **out)
     int err = ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
     if (err == 0) {
         ca__wcore_of(*out)->track_wait = true;
-        (*out)->add_internal = safe_add_internal;
+        (*out)->add_on = safe_add_on;
     }
     return err;
 }

@@ -18,6 +18,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
@@ -54,26 +55,49 @@ static void *wait_main(void *arg)
     ca__wlog q = {0};
     ca__wcore_lock(c);
     ca__wreg_exited(c, r, rc, echild, &q); /* no-op (and silent) if it was removed */
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q); /* the post, made without the lock */
+    /* The post failed for memory: the status is ours alone now, so this thread stays until
+     * the exit is posted, removed, or its loop closes (issue 16, item 4). */
+    for (long ns = 1000000;; ns = ns < 100000000 ? ns * 2 : ns) {
+        ca__wcore_lock(c);
+        bool waiting = r->in_retry;
+        ca__wcore_unlock(c);
+        if (!waiting) break;
+        struct timespec ts = {0, ns};
+        nanosleep(&ts, NULL);
+        ca__wcore_retry(c);
+    }
+    ca__wcore_lock(c);
     ca__wreg_unref(c, r);
     ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
     ca__wcore_unref(c);
     return NULL;
 }
 
-static int threaded_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg,
-                             bool internal)
+static int threaded_add_locked(ca__wcore *c, ca_loop *loop, pid_t pid, ca_child_fn cb,
+                               void *arg, bool internal);
+
+static int threaded_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
+                           void *arg, bool internal)
 {
     ca__wcore *c = ca__wcore_of(w);
     ca_loop *loop;
-    int err = ca__watcher_delivery_loop(&loop);
+    int err = ca__watcher_delivery_loop(given, &loop);
     if (err < 0) return err;
-
     ca__wcore_lock(c);
-    if (c->closed) { /* closed while this call was on its way in */
-        ca__wcore_unlock(c);
-        return -EBADF;
-    }
+    err = threaded_add_locked(c, loop, pid, cb, arg, internal);
+    ca__wcore_unlock(c);
+    ca_loop_unref(loop); /* after the unlock: it may be the last reference */
+    return err;
+}
+
+/* The add, lock held (and left held). */
+static int threaded_add_locked(ca__wcore *c, ca_loop *loop, pid_t pid, ca_child_fn cb,
+                               void *arg, bool internal)
+{
+    int err;
+    if (c->closed) return -EBADF; /* closed while this call was on its way in */
     ca__wbind *b;
     err = ca__wbind_get(c, loop, &b);
     ca__wreg *r = ca__wtable_get_live(c, pid);
@@ -81,14 +105,10 @@ static int threaded_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, voi
         /* Already watched: replace the callback (and the loop, if it has not exited yet). */
         ca__wreg_replace(c, r, cb, arg, internal);
         if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
-        ca__wcore_unlock(c);
         return 0;
     }
     if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
-    if (err < 0) {
-        ca__wcore_unlock(c);
-        return err;
-    }
+    if (err < 0) return err;
     r->internal = internal;
     ca__wreg_ref(r); /* the thread's */
     ca__wcore_ref(c);
@@ -108,22 +128,16 @@ static int threaded_add_impl(ca_child_watcher *w, pid_t pid, ca_child_fn cb, voi
         /* Nobody waits for this child: the caller learns it now, not never. */
         ca__wreg_unregister_quiet(c, r);
         ca__wreg_unref(c, r);
-        ca__wcore_unlock(c);
-        ca__wcore_unref(c);
+        /* Never the last reference: the watcher's caller holds one. */
+        atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel);
         return -e;
     }
-    ca__wcore_unlock(c);
     return 0;
 }
 
 static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
-    return threaded_add_impl(w, pid, cb, arg, false);
-}
-
-static int threaded_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return threaded_add_impl(w, pid, cb, arg, true);
+    return threaded_add_on(w, NULL, pid, cb, arg, false);
 }
 
 static int threaded_remove(ca_child_watcher *w, pid_t pid)
@@ -174,7 +188,7 @@ int ca_threaded_child_watcher_new(ca_child_watcher **out)
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_internal = threaded_add_internal;
+    (*out)->add_on = threaded_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <time.h>
 
 struct timer {
@@ -37,6 +38,7 @@ struct cl {
     size_t nts, cap_ts;
     bool stopping;
     int wake[2];
+    _Atomic bool host_closed; /* the host-queue variant: t_custom_loop_host_close */
 };
 
 static int push(void **arr, size_t *n, size_t *cap, size_t elem, const void *item)
@@ -302,3 +304,58 @@ int t_custom_loop_new(ca_loop **out)
     }
     return r;
 }
+
+/* The variant of an adapter that leaves the thread-safe queue to the core: no
+ * call_soon_threadsafe op; it watches ca_loop_threadsafe_fd with its own reader and runs
+ * ca_loop_run_threadsafe when it is readable. It also has an is_closed op, which answers what
+ * t_custom_loop_host_close set (a host that closed its loop behind the core's back). */
+static bool cl_is_closed(ca_loop *self) { return atomic_load(&CL(self)->host_closed); }
+
+static void cl_run_queue(void *arg)
+{
+    int r = ca_loop_run_threadsafe(arg);
+    if (r < 0 && r != -EBADF) t_fail(__FILE__, __LINE__, "ca_loop_run_threadsafe: %d", r);
+}
+
+static const ca_loop_ops custom_hostq_ops = {
+    .run_forever = cl_run_forever,
+    .stop = cl_stop,
+    .close = cl_close,
+    .call_soon = cl_call_soon,
+    .call_at = cl_call_at,
+    .add_reader = cl_add_reader,
+    .remove_reader = cl_remove_reader,
+    .add_writer = cl_add_writer,
+    .remove_writer = cl_remove_writer,
+    .destroy = cl_destroy,
+    .is_closed = cl_is_closed,
+};
+
+int t_custom_loop_new_hostq(ca_loop **out)
+{
+    struct cl *c = calloc(1, sizeof *c);
+    if (!c) return -ENOMEM;
+    pthread_mutex_init(&c->mu, NULL);
+    if (pipe2(c->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        free(c);
+        return -errno;
+    }
+    ca_loop *loop = NULL;
+    int r = ca_loop_new_custom(&custom_hostq_ops, c, &loop);
+    if (r) {
+        close(c->wake[0]);
+        close(c->wake[1]);
+        free(c);
+        return r;
+    }
+    int fd = ca_loop_threadsafe_fd(loop);
+    if (fd < 0 || (r = ca_loop_add_reader(loop, fd, cl_run_queue, loop)) < 0) {
+        ca_loop_close(loop);
+        ca_loop_unref(loop);
+        return fd < 0 ? fd : r;
+    }
+    *out = loop;
+    return 0;
+}
+
+void t_custom_loop_host_close(ca_loop *loop) { atomic_store(&CL(loop)->host_closed, true); }

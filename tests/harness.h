@@ -30,6 +30,10 @@ extern const char *t_loop_kind;
 int t_new_loop(ca_loop **out);
 /* The custom loop of tests/custom_loop.c (a ca_loop_ops implementation over plain poll(2)). */
 int t_custom_loop_new(ca_loop **out);
+/* Its variant without call_soon_threadsafe, which uses the core's queue (ca_loop_threadsafe_fd,
+ * ca_loop_run_threadsafe), with an is_closed op answering t_custom_loop_host_close. */
+int t_custom_loop_new_hostq(ca_loop **out);
+void t_custom_loop_host_close(ca_loop *loop);
 /* A factor for time limits: > 1 under valgrind and the sanitizers (CA_TEST_SLOW). */
 double t_slow(void);
 
