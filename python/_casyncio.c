@@ -34,9 +34,6 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
-#include <pthread.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
 
 static PyObject *g_dispatch;  /* casyncio._dispatch(token, pid, returncode) */
 static PyObject *g_log;       /* casyncio._log(level, message) */
@@ -167,11 +164,6 @@ static PyObject *call_callable(ca_callback_fn fn, void *arg)
 
 typedef struct bridge {
     PyObject *pyloop; /* strong reference, dropped by destroy */
-    /* TRANSITIONAL (until ca_loop_threadsafe_fd is in the library): our own queue. */
-    pthread_mutex_t mu;
-    ca_handle **q;
-    size_t n, cap;
-    int efd;
 } bridge;
 
 static PyObject *bridge_pyloop(ca_loop *self)
@@ -350,98 +342,8 @@ static void op_destroy(ca_loop *self)
         Py_DECREF(b->pyloop);
         PyGILState_Release(st);
     }
-    if (b->efd >= 0)
-        close(b->efd);
-    free(b->q);
     PyMem_RawFree(b);
 }
-
-/* ---- TRANSITIONAL: entry points other branches are adding to the library ----------------
- * Weak references read as NULL while the library lacks them; then the bridge keeps its own
- * thread-safe queue and makes itself "running" around add_child_handler. Removed once the
- * library has them. */
-#pragma weak ca_loop_threadsafe_fd
-#pragma weak ca_loop_run_threadsafe
-#pragma weak ca_child_watcher_add_child_handler_on
-#pragma weak ca_sigchld_notify
-
-static int op_call_soon_threadsafe(ca_loop *self, ca_handle *h)
-{
-    bridge *b = ca_loop_data(self);
-    pthread_mutex_lock(&b->mu);
-    if (b->n == b->cap) {
-        size_t cap = b->cap ? 2 * b->cap : 16;
-        ca_handle **q = realloc(b->q, cap * sizeof *q);
-        if (q == NULL) {
-            pthread_mutex_unlock(&b->mu);
-            return -ENOMEM;
-        }
-        b->q = q;
-        b->cap = cap;
-    }
-    b->q[b->n++] = ca_handle_ref(h);
-    pthread_mutex_unlock(&b->mu);
-    uint64_t one = 1;
-    if (write(b->efd, &one, sizeof one) < 0) {
-        /* the counter is already non-zero: the reader will run */
-    }
-    return 0;
-}
-
-static int own_run_threadsafe(ca_loop *loop)
-{
-    bridge *b = ca_loop_data(loop);
-    uint64_t v;
-    if (read(b->efd, &v, sizeof v) < 0) {
-        /* nothing pending */
-    }
-    pthread_mutex_lock(&b->mu);
-    ca_handle **q = b->q;
-    size_t n = b->n;
-    b->q = NULL;
-    b->n = b->cap = 0;
-    pthread_mutex_unlock(&b->mu);
-    for (size_t i = 0; i < n; i++) {
-        ca_handle_run(q[i]);
-        ca_handle_unref(q[i]);
-    }
-    free(q);
-    return (int)n;
-}
-
-static int add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb, void *arg)
-{
-    if (ca_child_watcher_add_child_handler_on != NULL)
-        return ca_child_watcher_add_child_handler_on(w, loop, pid, cb, arg);
-    if (loop == NULL)
-        return ca_child_watcher_add_child_handler(w, pid, cb, arg);
-    int err = ca_loop_enter_running(loop);
-    if (err < 0)
-        return err;
-    err = ca_child_watcher_add_child_handler(w, pid, cb, arg);
-    ca_loop_exit_running(loop);
-    return err;
-}
-
-static void sigchld_notify(void)
-{
-    if (ca_sigchld_notify != NULL)
-        ca_sigchld_notify();
-}
-
-static const ca_loop_ops bridge_ops_own_queue = {
-    .run_forever = op_run_forever,
-    .time = op_time,
-    .call_soon = op_call_soon,
-    .call_soon_threadsafe = op_call_soon_threadsafe,
-    .call_at = op_call_at,
-    .add_reader = op_add_reader,
-    .remove_reader = op_remove_reader,
-    .add_signal_handler = op_add_signal_handler,
-    .remove_signal_handler = op_remove_signal_handler,
-    .is_closed = op_is_closed,
-    .destroy = op_destroy,
-};
 
 /* call_soon_threadsafe is NULL: the core's own thread-safe queue is used, whose fd the bridge
  * watches (see bridge_new). */
@@ -485,10 +387,7 @@ static PyObject *drain(PyObject *cap, PyObject *unused)
     ca_loop *loop = PyCapsule_GetPointer(cap, BRIDGE_CAPSULE);
     if (loop == NULL)
         return NULL;
-    if (ca_loop_run_threadsafe != NULL)
-        ca_loop_run_threadsafe(loop);
-    else
-        own_run_threadsafe(loop);
+    ca_loop_run_threadsafe(loop);
     Py_RETURN_NONE;
 }
 
@@ -535,22 +434,9 @@ static ca_loop *bridge_for(PyObject *pyloop)
     }
     Py_INCREF(pyloop);
     b->pyloop = pyloop;
-    pthread_mutex_init(&b->mu, NULL);
-    b->q = NULL;
-    b->n = b->cap = 0;
-    b->efd = -1;
-    bool own = ca_loop_threadsafe_fd == NULL;
-    if (own && (b->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
-        Py_DECREF(pyloop);
-        PyMem_RawFree(b);
-        PyErr_SetFromErrno(PyExc_OSError);
-        return NULL;
-    }
     ca_loop *loop;
-    int err = ca_loop_new_custom(own ? &bridge_ops_own_queue : &bridge_ops, b, &loop);
+    int err = ca_loop_new_custom(&bridge_ops, b, &loop);
     if (err < 0) {
-        if (b->efd >= 0)
-            close(b->efd);
         Py_DECREF(pyloop);
         PyMem_RawFree(b);
         set_error(err);
@@ -562,7 +448,7 @@ static ca_loop *bridge_for(PyObject *pyloop)
         ca_loop_unref(loop);
         return NULL;
     }
-    int fd = own ? b->efd : ca_loop_threadsafe_fd(loop);
+    int fd = ca_loop_threadsafe_fd(loop);
     if (fd < 0) {
         Py_DECREF(reg);
         set_error(fd);
@@ -699,7 +585,8 @@ static PyObject *cwatcher_add(CWatcher *self, PyObject *args)
     ca_loop_ref(loop);
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = add_on(self->w, loop, (pid_t)pid, deliver, (void *)(uintptr_t)token);
+    err = ca_child_watcher_add_child_handler_on(self->w, loop, (pid_t)pid, deliver,
+                                                (void *)(uintptr_t)token);
     ca_loop_unref(loop);
     Py_END_ALLOW_THREADS
     if (err < 0)
@@ -843,7 +730,7 @@ static PyObject *mod_after_fork_child(PyObject *mod, PyObject *unused)
 
 static PyObject *mod_sigchld_notify(PyObject *mod, PyObject *unused)
 {
-    sigchld_notify();
+    ca_sigchld_notify();
     Py_RETURN_NONE;
 }
 
