@@ -101,10 +101,15 @@ tests: $(TEST_BINS)
 
 # `make test` builds everything (the examples too) and runs every test program; the last
 # line is "test: N passed, N failed, N skipped". tools/deps.sh installs what is missing.
+# The Python tests (test-python, below) run first for PYTHON in the release and debug modes (a
+# sanitizer build cannot be loaded into an interpreter); their failure fails `make test` after
+# the C tests ran.
 test:
 	@sh tools/deps.sh test
 	@$(MAKE) --no-print-directory all tests
-	@sh tools/run-tests.sh $(B) $(MODE)
+	@py=0; if [ "$(MODE)" = release ] || [ "$(MODE)" = debug ]; then \
+		sh python/test.sh $(B) '$(CC)' '$(PYTHON)' || py=1; fi; \
+		sh tools/run-tests.sh $(B) $(MODE) || exit 1; exit $$py
 
 # ----- run, bench ----------------------------------------------------------------------
 run: all
