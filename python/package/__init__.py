@@ -180,7 +180,10 @@ with warnings.catch_warnings():
                 return
             if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
                 raise TypeError(f"an asyncio event loop or None is required, not {loop!r}")
-            self._c.attach(loop)
+            if not self._implicit_loop:
+                # Safe and Fast watch SIGCHLD through the loop; the others only remember it
+                # (their delivery loop outside a running loop), as asyncio's do nothing.
+                self._c.attach(loop)
             self._loop = loop
 
         def is_active(self):
@@ -198,6 +201,17 @@ with warnings.catch_warnings():
             self._pids.clear()
             self._c.close()
             self._loop = None
+
+        # Not part of the contract; only so that code written against asyncio's classes'
+        # internals (CPython's own tests clear Fast's _callbacks and join Threaded's _threads)
+        # finds something harmless: a snapshot of the registrations, and no Python threads.
+        @property
+        def _callbacks(self):
+            return {pid: _regs[t][2:] for pid, t in list(self._pids.items()) if t in _regs}
+
+        @property
+        def _threads(self):
+            return {}
 
         def __enter__(self):
             self._check_fork()
