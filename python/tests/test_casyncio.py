@@ -43,6 +43,15 @@ def new_watcher(cls):
         return cls()
 
 
+def _fork_child_main():
+    async def main():
+        proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", "exit 0")
+        return await asyncio.wait_for(proc.wait(), LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sys.exit(asyncio.run(main()))
+
+
 class Base(unittest.TestCase):
     def setUp(self):
         self.loop = asyncio.new_event_loop()
@@ -275,6 +284,64 @@ class TestLogging(Base):
         self.assertTrue(any(str(pid) in line for line in logs.output), logs.output)
 
 
+    def test_reaped_elsewhere_gives_255_and_logs_from_any_thread(self):
+        # Threaded and MultiLoop log from their own threads (without the GIL: the handler takes
+        # it); Pidfd and Safe on the loop.
+        for cls in (casyncio.ThreadedChildWatcher, casyncio.MultiLoopChildWatcher,
+                    casyncio.PidfdChildWatcher, casyncio.SafeChildWatcher):
+            with self.subTest(cls.__name__), \
+                    contextlib.closing(self.watcher(cls)) as w, \
+                    self.assertLogs("asyncio", level=logging.WARNING) as logs:
+                pid = spawn("exit 0")
+                os.waitpid(pid, 0)
+                self.assertEqual(self.wait_exit(w, pid)[1], 255)
+            self.assertTrue(any(str(pid) in line for line in logs.output), logs.output)
+
+
+class TestThreads(Base):
+    def test_many_threads_many_children(self):
+        # Loops in 4 threads add and remove handlers at once: the GIL taken by the bridge's
+        # ops and the watchers' locks never deadlock, and every exit arrives on its own loop.
+        for cls in IMPLICIT:
+            with self.subTest(cls.__name__), \
+                    contextlib.closing(self.watcher(cls, attach=False)) as w:
+                bad = []
+
+                def thread(i):
+                    async def main():
+                        loop = asyncio.get_running_loop()
+                        me = threading.get_ident()
+                        for j in range(10):
+                            futs = []
+                            for k in range(4):
+                                fut = loop.create_future()
+                                code = (i * 40 + j * 4 + k) % 200
+                                w.add_child_handler(
+                                    spawn(f"exit {code}"),
+                                    lambda p, rc, f=fut: f.set_result(
+                                        (rc, threading.get_ident())))
+                                futs.append((code, fut))
+                            gone = spawn("sleep 0.05")
+                            w.add_child_handler(gone, lambda *a: bad.append(("removed", a)))
+                            w.remove_child_handler(gone)
+                            for code, fut in futs:
+                                rc, tid = await asyncio.wait_for(fut, LIMIT)
+                                if (rc, tid) != (code, me):
+                                    bad.append((code, rc, tid, me))
+                            reap(gone)
+                    try:
+                        asyncio.run(main())
+                    except BaseException as exc:  # reported below
+                        bad.append(exc)
+                threads = [threading.Thread(target=thread, args=(i,)) for i in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                self.assertFalse(any(t.is_alive() for t in threads))
+                self.assertEqual(bad, [])
+
+
 class TestSignals(Base):
     """No exit is lost when Python code changes SIGCHLD's disposition."""
 
@@ -313,6 +380,25 @@ class TestSignals(Base):
 
 
 class TestFork(Base):
+    def test_multiprocessing_fork_child_uses_the_policy_watcher(self):
+        # 3.12's TestFork.test_fork_asyncio_subprocess, with each of our watchers.
+        import multiprocessing
+        if not HAS_ABC:
+            self.skipTest("asyncio 3.14+ has no set_child_watcher")
+        ctx = multiprocessing.get_context("fork")
+        for cls in KINDS:
+            with self.subTest(cls.__name__), warnings.catch_warnings(), \
+                    contextlib.closing(self.watcher(cls, attach=False)) as w:
+                warnings.simplefilter("ignore", DeprecationWarning)
+                asyncio.set_child_watcher(w)
+                try:
+                    p = ctx.Process(target=_fork_child_main)
+                    p.start()
+                    p.join(LIMIT + 20)
+                    self.assertEqual(p.exitcode, 0)
+                finally:
+                    asyncio.set_child_watcher(None)
+
     def test_watcher_works_in_forked_child(self):
         for cls in KINDS:
             with self.subTest(cls.__name__), \
