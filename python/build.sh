@@ -28,11 +28,11 @@ tag=$(echo "$suffix" | sed -e 's/^\.//' -e 's/\.so$//' -e 's/[^A-Za-z0-9_-]/_/g'
 
 obj=build/python/$tag
 mkdir -p "$obj" "$DEST/casyncio"
-# The module is compiled as the library is (C17, every warning an error), with the
-# interpreter's headers as system headers: their own style is not ours to warn about.
+# The module is compiled as the library is: C17, every warning an error (clean with gcc and
+# clang against the headers of CPython 3.8 to 3.13).
 $CC -std=c17 -D_GNU_SOURCE -O2 -g -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
-    -Wno-unused-parameter -Wno-missing-field-initializers -fPIC -pthread \
-    -Iinclude -isystem "$inc" -c python/_casyncio.c -o "$obj/_casyncio.o"
+    -Wno-unused-parameter -fPIC -pthread -Iinclude -I"$inc" \
+    -c python/_casyncio.c -o "$obj/_casyncio.o"
 # libcasyncio.a is linked in (its objects are -fPIC and hidden): no LD_LIBRARY_PATH needed.
 $CC -shared -pthread -o "$obj/_casyncio$suffix" "$obj/_casyncio.o" "$B/libcasyncio.a" \
     -luring -lm
