@@ -1,4 +1,5 @@
-# casyncio build. Targets: all test run bench install clean (and check-deps, examples, cli).
+# casyncio build. Targets: all (lib cli examples), tests, test, run, bench, install, uninstall,
+# clean, check-deps.
 # MODE=release|asan|tsan|debug selects flags and the build directory (build/MODE).
 # CC=clang works as well as gcc; both build with -Wall -Wextra -Werror.
 
@@ -100,7 +101,8 @@ $(B)/tests/%: $(B)/obj/tests/%.o $(B)/obj/gen/%_list.o $(TEST_SUPPORT) $(B)/libc
 tests: $(TEST_BINS)
 
 # `make test` builds everything (the examples too) and runs every test program; the last
-# line is "test: N passed, N failed, N skipped". tools/deps.sh installs what is missing.
+# line is "MODE: N passed, N failed, N skipped" (release: ...). tools/deps.sh installs what is
+# missing (valgrind and clang are CI's alone: tools/deps.sh ci).
 # The Python tests (test-python, below) run first for PYTHON in the release and debug modes (a
 # sanitizer build cannot be loaded into an interpreter); their failure fails `make test` after
 # the C tests ran.
@@ -150,6 +152,7 @@ install: all
 	if [ -f $(B)/casyncio ]; then install -m 755 $(B)/casyncio $(DESTDIR)$(PREFIX)/bin/casyncio; fi
 	if [ -f docs/casyncio.1 ]; then install -d $(DESTDIR)$(PREFIX)/share/man/man1 && \
 		install -m 644 docs/casyncio.1 $(DESTDIR)$(PREFIX)/share/man/man1/casyncio.1; fi
+	@sh tools/post-install.sh "$(DESTDIR)" "$(PREFIX)"
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/include/casyncio.h $(DESTDIR)$(PREFIX)/lib/libcasyncio.* \

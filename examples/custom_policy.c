@@ -1,5 +1,5 @@
 /*
- * The seed's custom policy, in C:
+ * The custom policy of Python's asyncio-policy documentation, in C:
  *
  *     class MyEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
  *         def get_event_loop(self):

@@ -13,8 +13,9 @@
  *     -ECHILD    the object was made by the parent of this process (we are in a child made by
  *                fork()); only close and unref work there, and they free memory without
  *                touching the parent's kernel objects.
- *     -EBADF     the loop (or watcher) is closed ("Event loop is closed"), except for
- *                remove_reader/remove_writer/remove_signal_handler, which return 0 there.
+ *     -EBADF     the loop (or watcher) is closed ("Event loop is closed"; a custom loop also
+ *                when its is_closed op says so), except for remove_reader/remove_writer/
+ *                remove_signal_handler, which return 0 there.
  *     -ENOENT    no current event loop in this thread.
  *     -ENOTCONN  the child watcher is not active.
  *     -ENOTSUP   a custom loop does not provide the operation, or a policy op is NULL with no
@@ -23,6 +24,7 @@
  *     -EPERM     a loop function that is for the loop's own thread was called from another
  *                thread while the loop runs there.
  *     -ENOMEM    out of memory.
+ *   ca_strerror_for(function, err) gives a message that fits the call that returned err.
  *   When several apply, the order is: bad argument, then fork, then closed.
  * - Ownership: objects are reference counted. ca_X_ref() returns its argument; ca_X_unref()
  *   accepts NULL and returns NULL, so `p = ca_loop_unref(p);` is the idiom. A _new function
@@ -33,7 +35,8 @@
  * - Threads: everything under "Policy", "Child watchers", ca_loop_call_soon_threadsafe(),
  *   ca_loop_stop(), ca_set_log_handler() and the ref/unref functions is safe from any thread.
  *   Other loop, handle, future and process functions are for the loop's own thread (the thread
- *   running it), or for any single thread while the loop is not running.
+ *   running it), or for any single thread while the loop is not running; most of them check it
+ *   and give -EPERM (see Futures for theirs).
  * - If a function that takes a callback returns an error, the callback is never called.
  */
 #ifndef CASYNCIO_H
@@ -70,9 +73,27 @@ typedef void (*ca_callback_fn)(void *arg);
  * Errors and logging
  * ------------------------------------------------------------------------------------------- */
 
-/* A static, thread-safe description of err (negative or positive errno; 0 is "Success").
- * Never NULL; unknown codes give "Unknown error". Any thread. */
+/* A static, thread-safe description of err (negative or positive errno; 0 is "Success"): the
+ * code's general meaning, the same text whatever call returned it ("No such file or directory"
+ * for ENOENT, "Device or resource busy" for EBUSY). Where the library gives a code a meaning
+ * that is not the errno's, the text says so neutrally (ECHILD: an object of the parent process
+ * used after fork(); ENOTCONN: a child watcher not active). Never NULL; unknown codes give
+ * "Unknown error". Any thread. */
 const char *ca_strerror(int err);
+/* The same for a message that fits the call: what err means when `function` returned it, as
+ * this header documents it. function is the public function's name, with or without its
+ * "ca_" ("ca_loop_subprocess_exec", "loop_subprocess_exec"). For instance:
+ *   ca_strerror_for("ca_get_event_loop", -ENOENT)       "no current event loop in this thread"
+ *   ca_strerror_for("ca_loop_subprocess_exec", -ENOENT)
+ *                     "program not found (or the working directory does not exist)"
+ *   ca_strerror_for("ca_process_communicate", -EBUSY)
+ *                     "communicate was already called for this process"
+ *   ca_strerror_for("ca_loop_call_soon", -EPERM)
+ *                     "called from another thread while the loop runs there"
+ * A code the function gives with its general meaning, an unknown function name and NULL give
+ * ca_strerror(err). Static text (lower case, no final period, to follow "function: "); never
+ * NULL. Any thread. */
+const char *ca_strerror_for(const char *function, int err);
 
 enum { CA_LOG_DEBUG = 10, CA_LOG_INFO = 20, CA_LOG_WARNING = 30, CA_LOG_ERROR = 40 };
 
@@ -113,7 +134,13 @@ const char *ca_loop_kind(const ca_loop *loop);
 
 /* Runs until ca_loop_stop(). A stop requested before the call makes it run one iteration.
  * -EINVAL NULL; -ECHILD; -EBADF closed; -EBUSY this loop is already running (in any thread)
- * or another loop runs in this thread. Returns 0 after stopping, or a backend error. */
+ * or another loop runs in this thread. Returns 0 after stopping, or a backend error.
+ * Out of memory, a built-in loop keeps running and does not spin: when an iteration cannot
+ * move a due timer or a callback submitted from another thread onto its ready queue (which may
+ * need to grow), nothing is dropped, and the following iterations wait for I/O (serving it)
+ * for 1 ms, then 2, 4... up to 128 ms before trying again, until one succeeds. (asyncio would
+ * raise MemoryError out of run_forever; a C loop that other threads feed is better off
+ * waiting for memory than stopping.) */
 int ca_loop_run_forever(ca_loop *loop);
 
 /* Runs until fut is done and returns the future's outcome: 0 if it has a result, its error if
@@ -148,8 +175,11 @@ int ca_loop_call_soon(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **o
 
 /* As call_soon, from any thread; wakes the loop (without a system call when the loop is
  * awake). One FIFO with call_soon, as in asyncio: a call_soon made after this call returned
- * (in any thread that knows it returned) runs after fn. Returns no handle. -EINVAL, -ECHILD, -EBADF (closed, also when the close races with
- * this call: then fn is never called), -ENOMEM. Any thread. */
+ * (in any thread that knows it returned) runs after fn. Returns no handle. A custom loop
+ * without the call_soon_threadsafe op uses the core's queue once its host asked for it
+ * (ca_loop_threadsafe_fd), and gives -ENOTSUP before. -EINVAL, -ECHILD, -EBADF (closed, also
+ * when the close races with this call: then fn is never called), -ENOTSUP, -ENOMEM. Any
+ * thread. */
 int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg);
 
 /* Schedules fn(arg) at ca_loop_time() + delay (delay < 0 counts as 0), or at the absolute
@@ -225,9 +255,17 @@ typedef struct ca_loop_ops {
                         ca_future **out);
     void (*destroy)(ca_loop *self);
     /* Optional (NULL: the loop is closed only by ca_loop_close). Whether the host closed its
-     * loop behind the core's back; the core consults it in ca_loop_is_closed, and watchers stop
-     * treating such a loop as a delivery loop. Called from any thread, with no library lock
-     * held. TODO(issue 13): final wording by the implementer. */
+     * loop behind the core's back (an asyncio loop closed by Python code, a GMainLoop
+     * destroyed...). Once it says true it must keep saying so. The core consults it wherever
+     * it checks for a closed loop: ca_loop_is_closed answers true, every function that refuses
+     * a closed loop gives -EBADF (the remove_* functions return 0), ca_loop_call_soon_threadsafe
+     * refuses (the callback is never called), and the watchers stop treating the loop as a
+     * delivery loop (an exit for it is then handled as for a closed loop). The core still
+     * needs ca_loop_close to release its own side (close hooks, such as the subprocesses'
+     * cleanup, and the thread-safe queue, whose callbacks are dropped then); the close op is
+     * called then too, after is_closed said true. Called from any thread, possibly often (every
+     * public call checks it), never with a library lock held and never in a child of fork();
+     * it must not call back into the library for this loop. */
     bool (*is_closed)(ca_loop *self);
 } ca_loop_ops;
 
@@ -242,12 +280,34 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
  * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
  * -EINVAL exit from a thread where this loop is not the running one. */
 int ca_loop_enter_running(ca_loop *loop);
-/* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL
- * (TODO(issue 13): full docs by the implementer). ca_loop_threadsafe_fd returns an fd (owned by
- * the loop, O_CLOEXEC, readable while callbacks are queued) that the host watches;
- * ca_loop_run_threadsafe, called by the host on the loop's thread when that fd is readable, runs
- * what was queued (returns how many ran, >= 0). Errors: -EINVAL NULL or not a custom loop
- * without the op; -EBADF closed; -ECHILD forked; -ENOMEM. */
+/* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL,
+ * so that an adapter need not write its own locked queue and wakeup fd.
+ *
+ * ca_loop_threadsafe_fd turns the queue on (the first call; later calls return the same fd)
+ * and returns its fd: an eventfd (O_CLOEXEC | O_NONBLOCK) owned by the loop, readable while
+ * callbacks are queued. The host watches it for reading (a reader of its own loop, a GSource,
+ * a uv_poll_t...). From then on ca_loop_call_soon_threadsafe (and the library's own
+ * deliveries from other threads, such as the child watchers') append to the queue under a
+ * short lock and write to the fd when the queue was empty. Before the first call, a loop
+ * without the op has no thread-safe scheduling: -ENOTSUP, as for any missing op. Any thread.
+ * Returns the fd (>= 0), or -EINVAL NULL, a built-in loop, or a custom loop that has the op;
+ * -ECHILD; -EBADF closed; -EMFILE/-ENFILE/-ENOMEM (eventfd).
+ *
+ * ca_loop_run_threadsafe takes everything queued so far (and resets the fd) and runs it on
+ * the calling thread, in FIFO order: callbacks queued by one thread run in the order they were
+ * queued, and a callback queued while this runs waits for the next call (the fd is readable
+ * again). The host calls it when the fd is readable, on the loop's thread (the thread that
+ * runs it, or, while it is not running, any single thread); ca_loop_enter_running is not
+ * required. A callback may close the loop: what is left of the batch is then dropped.
+ * Returns how many callbacks it took (>= 0). -EINVAL NULL, a built-in loop, or a custom loop
+ * that has the op; -ECHILD; -EBADF closed; -EPERM another thread while the loop runs there.
+ *
+ * Closing: ca_loop_close closes the fd after the loop's close op has run (so the op can stop
+ * watching it first) and drops the queued callbacks without running them (the library's own
+ * ones release what they own), as the built-in loops do; later calls give -EBADF. In a child
+ * made by fork() every call gives -ECHILD, and the loop's last unref there frees the queue and
+ * closes the child's copy of the fd without running anything and without taking the lock (a
+ * parent's thread may have held it at the fork). */
 int ca_loop_threadsafe_fd(ca_loop *loop);
 int ca_loop_run_threadsafe(ca_loop *loop);
 int ca_loop_exit_running(ca_loop *loop);
@@ -282,18 +342,31 @@ int ca_loop_sock_connect(ca_loop *loop, int fd, const struct sockaddr *addr, soc
  * Futures (the small part of asyncio.Future that C needs)
  * ------------------------------------------------------------------------------------------- */
 
+/* Threads. A future has no lock: its state and its callbacks belong to its loop's thread while
+ * the loop runs, and to any single thread while it does not (the conventions' rule, enforced):
+ * ca_future_set_result, ca_future_set_error and ca_future_add_done_callback give -EPERM, and
+ * ca_future_cancel returns false without cancelling, when called from another thread while the
+ * loop runs. To complete a future from another thread, schedule the completion on its loop
+ * with ca_loop_call_soon_threadsafe. ca_future_new, ref and unref work from any thread
+ * (unref: the last reference is dropped in whatever thread drops it). ca_future_done,
+ * ca_future_cancelled, ca_future_result and ca_future_loop only read; from another thread
+ * while the loop runs their answer may already be stale, so read them on the loop's thread
+ * (a done callback, or after run_until_complete). */
+
 /* A new pending future bound to loop; it holds a reference to the loop. -EINVAL; -ECHILD;
- * -EBADF closed; -ENOMEM. */
+ * -EBADF closed; -ENOMEM. Any thread. */
 int ca_future_new(ca_loop *loop, ca_future **out);
 ca_future *ca_future_ref(ca_future *fut);
 ca_future *ca_future_unref(ca_future *fut);
 ca_loop *ca_future_loop(const ca_future *fut);   /* borrowed */
 
-/* Completes the future. -EINVAL NULL or already done (set_error also for err >= 0).
- * Done callbacks are scheduled with call_soon, never run inside these calls. */
+/* Completes the future. -EINVAL NULL or already done (set_error also for err >= 0); -EPERM
+ * another thread while the loop runs (see Threads above). Done callbacks are scheduled with
+ * call_soon, never run inside these calls. */
 int ca_future_set_result(ca_future *fut, void *result);
 int ca_future_set_error(ca_future *fut, int err);
-/* Cancels a pending future (true) or does nothing (false: NULL or already done). */
+/* Cancels a pending future (true) or does nothing (false: NULL, already done, or called from
+ * another thread while the loop runs). */
 bool ca_future_cancel(ca_future *fut);
 bool ca_future_done(const ca_future *fut);
 bool ca_future_cancelled(const ca_future *fut);
@@ -301,7 +374,8 @@ bool ca_future_cancelled(const ca_future *fut);
  * -EAGAIN not done; -ECANCELED cancelled; -EINVAL NULL fut. */
 int ca_future_result(const ca_future *fut, void **result);
 /* fn(fut, arg) runs through the loop once the future is done (at once, through the loop, if
- * it already is). -EINVAL NULL; -EBADF the future's loop is closed; -ENOMEM. */
+ * it already is). -EINVAL NULL; -EBADF the future's loop is closed; -EPERM another thread while
+ * the loop runs; -ENOMEM. */
 int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *), void *arg);
 
 /* ---------------------------------------------------------------------------------------------
@@ -322,7 +396,12 @@ int ca_future_add_done_callback(ca_future *fut, void (*fn)(ca_future *, void *),
  * the call gives -ENOTSUP. When a built-in op reached that way needs another op (the default
  * policy's main-thread get_event_loop calls new_event_loop and set_event_loop), it calls it
  * on the derived policy, as Python's self.new_event_loop() would. Ops may be called from any
- * thread at once: a custom policy protects its own state.
+ * thread at once: a custom policy protects its own state. The pointers get_event_loop and
+ * get_child_watcher return are borrowed; the library calls ops without holding any lock of its
+ * own, keeps a reference to the policy across the call, and references the result as soon as
+ * the op returns. A custom policy whose loop or watcher one thread may replace while another
+ * calls the get op must therefore keep the replaced object alive a little longer than the
+ * replacing call (for example until the policy is destroyed).
  *   get_event_loop     the context's loop, borrowed. -ENOENT for none (returning 0 with a
  *                      NULL loop counts as -ENOENT).
  *   set_event_loop     makes loop (NULL: none) the context's loop; keeps its own reference.
@@ -369,7 +448,17 @@ typedef struct ca_policy_ops {
  * - get_child_watcher makes a ThreadedChildWatcher on first use (one per policy, shared by
  *   all threads) and, called in the main thread, attaches it to the main thread's loop if one
  *   is set. The watcher is borrowed: valid until set_child_watcher replaces it or the policy
- *   is destroyed. Errors of ca_threaded_child_watcher_new.
+ *   is destroyed, which another thread may do at any time (take a reference at once where
+ *   that can happen). Errors of ca_threaded_child_watcher_new (or of the kind's _new below).
+ * - Fork: in a child made by fork(), a watcher made before the fork is the parent's (its
+ *   threads, signal handler and loop stay there) and the policy treats it as gone: it drops its
+ *   reference (freeing this process's copy of the memory, closing nothing of the parent's) and
+ *   the next get_child_watcher makes a new watcher of the same kind (MultiLoop, Safe, Fast,
+ *   Pidfd, Threaded; a custom watcher's replacement is a Threaded one; should the kind fail to
+ *   be made there, Threaded), attached to the main thread's loop as above. set_event_loop in
+ *   the child no longer fails with -ECHILD for it. So a forked child can get its loop, set it
+ *   and spawn (ca_loop_subprocess_exec), as asyncio's can. A reference the program itself kept
+ *   to the parent's watcher still answers -ECHILD there.
  * - set_child_watcher(w) takes a reference to w, closes the previous watcher (as 3.11 does;
  *   not when it is w itself) and drops it. It does not attach w to any loop: the next
  *   set_event_loop in the main thread does. A destroyed policy drops its watcher unclosed. */
@@ -459,13 +548,20 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
- *             until close, and its own reaping thread, woken by that handler, which polls every
- *             registered pid with waitpid(pid, WNOHANG): O(n) per SIGCHLD. Never reaps a child
- *             it does not watch. Works for loops in any thread. Changes the process's SIGCHLD
- *             disposition while it lives (the previous one is restored by close).
+ *             until close, and its own reaping thread, woken by that handler. It finds exited
+ *             children with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT), which does not reap, and
+ *             reaps each watched one by pid: O(1) per exit. It polls every registered pid with
+ *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell: the first
+ *             exited child is not one it watches, or no child exists, and at the latest 0.1 s
+ *             after a SIGCHLD that skipped the poll (to notice children other code reaped:
+ *             they may be reported up to 0.1 s late). Never reaps a child it does not watch.
+ *             Works for loops in any thread. Changes the process's SIGCHLD disposition while
+ *             it lives (the previous one is restored by close). docs/watchers.md has details.
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
- *             then waitpid(pid, WNOHANG) for every registered pid: O(n) per SIGCHLD, never
- *             reaps other code's children. Active only while attached to a loop that is not
+ *             then the same search as MultiLoop (waitid(WNOWAIT), then reap by pid; the full
+ *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and within
+ *             0.1 s through a timer on the attached loop); never reaps other code's children.
+ *             Active only while attached to a loop that is not
  *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
  *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
  *   Fast      As Safe for attachment, but waitpid(-1, WNOHANG) until nothing is left: O(1) per
@@ -476,7 +572,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
- *             running child (RLIMIT_NOFILE applies). Linux 5.4+.
+ *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
+ *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
  * a signal handler and never with a watcher lock held (it may call any watcher function).
@@ -487,10 +584,9 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
  *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
- *   API.md also says that Threaded "calls them from the child's waiting thread" and MultiLoop
- *   "from its own reaping thread"; that cannot hold together with "deliver to the loop", and
- *   we follow the delivery rule (and asyncio): those threads reap, the loop runs the callback.
- *   A callback should still be thread-safe, as the seed asks.
+ *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
+ *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
+ *   still be thread-safe with respect to the code that registered it, as asyncio asks.
  * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
  * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
@@ -535,7 +631,8 @@ typedef struct ca_child_watcher_ops {
  *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
  *     -ENOSPC (too many signal slots in the process).
  *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
- *     checked once per process. */
+ *     checked once per process. (Linux 5.3 has pidfd_open but not waitid(P_PIDFD): the watcher
+ *     is made there, but every exit is then reported as 255 with a warning; Pidfd needs 5.4.) */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);
@@ -709,11 +806,23 @@ typedef struct ca_subprocess_protocol {
  * loop is made the delivery loop for the registration). The Pidfd watcher is handed the pidfd
  * obtained at spawn. A watcher that reports from another thread is fine: the exit is passed on
  * to loop with ca_loop_call_soon_threadsafe.
+ * The watcher is looked up with a reference (another thread may replace it, or the policy,
+ * meanwhile: the spawn uses the old or the new one, never a freed one). A watcher found closed
+ * is looked up again, since a replacement installs the new watcher before it closes the old one;
+ * a child whose watcher is closed by another thread after that check, before its registration,
+ * is watched through its own pidfd instead, so a replacement never fails a spawn. In a child
+ * made by fork() the default policy provides a new watcher (see the policies' fork rule), so a
+ * forked child spawns as any process does.
  * Errors (nothing is left behind: no child, no zombie, no fd):
  *   -EINVAL    NULL loop, opts or out; argv NULL or empty; a mode out of range; CA_STDOUT for
  *              stdin or stdout; CA_FD with a negative fd.
- *   -ECHILD    loop was made by the parent of this process (fork()).
- *   -EBADF     loop is closed; or a CA_FD fd is not open.
+ *   -ECHILD    loop was made by the parent of this process (fork()); or a custom policy
+ *              handed out a watcher made by the parent.
+ *   -EBADF     loop is closed (also a custom loop whose is_closed op says so); a CA_FD fd is
+ *              not open; or the policy's child watcher is closed and stayed so (closed by its
+ *              owner and not replaced; or, without a pidfd, closed by another thread in the
+ *              instant between the check and the registration: then the child was killed and
+ *              reaped).
  *   -EPERM     called from another thread while loop runs.
  *   -ENOTCONN  the policy's child watcher is not active (e.g. Safe or Fast not attached to a
  *              loop): refused before anything is spawned.

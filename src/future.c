@@ -285,23 +285,32 @@ static void complete(ca_future *f, int state, void *result, int err, bool steal)
     else if (steal) ca_future_unref(f);
 }
 
+/* A future has no lock: its state and callback list belong to its loop's thread while the loop
+ * runs (any single thread while it does not). The functions that change it refuse other threads
+ * then, rather than race with the loop: -EPERM (cancel: false). */
+static inline bool may_change(const ca_future *f) { return ca__loop_in_own_thread(f->loop); }
+
 int ca_future_set_result(ca_future *f, void *result)
 {
-    if (!f || f->state != PENDING) return -EINVAL;
+    if (!f) return -EINVAL;
+    if (CA_UNLIKELY(!may_change(f))) return -EPERM;
+    if (f->state != PENDING) return -EINVAL;
     complete(f, RESULT, result, 0, false);
     return 0;
 }
 
 int ca_future_set_error(ca_future *f, int err)
 {
-    if (!f || err >= 0 || f->state != PENDING) return -EINVAL;
+    if (!f || err >= 0) return -EINVAL;
+    if (CA_UNLIKELY(!may_change(f))) return -EPERM;
+    if (f->state != PENDING) return -EINVAL;
     complete(f, ERROR, NULL, err, false);
     return 0;
 }
 
 bool ca_future_cancel(ca_future *f)
 {
-    if (!f || f->state != PENDING) return false;
+    if (!f || CA_UNLIKELY(!may_change(f)) || f->state != PENDING) return false;
     complete(f, CANCELLED, NULL, -ECANCELED, false);
     return true;
 }
@@ -327,6 +336,7 @@ int ca_future_add_done_callback(ca_future *f, void (*fn)(ca_future *, void *), v
     if (!f || !fn) return -EINVAL;
     int r = ca__loop_check(f->loop);
     if (r) return r;
+    if (CA_UNLIKELY(!may_change(f))) return -EPERM;
     struct done_cb *c = cb_alloc(f);
     if (!c) return -ENOMEM;
     c->fn = fn;

@@ -62,8 +62,11 @@ void ca__log(int level, const char *fmt, ...)
 
 const char *ca_version(void) { return CA_VERSION_STRING; }
 
-/* strerror() is not thread-safe and its texts are not ours to choose for the named codes, so
- * the library keeps its own table. */
+/* strerror() is not thread-safe and its texts are not ours to choose, so the library keeps its
+ * own table. These are the codes' general meanings: a code the library returns with a meaning of
+ * its own that is not the errno's (ECHILD, ENOTCONN) says so; a code whose meaning depends on the
+ * call (ENOENT, EBUSY, EAGAIN, EPERM...) gets its plain text here and a fitting one from
+ * ca_strerror_for. */
 const char *ca_strerror(int err)
 {
     if (err == INT_MIN) return "Unknown error";
@@ -71,18 +74,18 @@ const char *ca_strerror(int err)
     switch (err) {
     case 0: return "Success";
     case EINVAL: return "Invalid argument";
-    case ECHILD: return "Object belongs to the parent process (used after fork)";
+    case ECHILD: return "Object belongs to the parent process (used after fork())";
     case EBADF: return "Closed object or bad file descriptor";
-    case ENOENT: return "No such file or directory, or no current event loop";
-    case ENOTCONN: return "Child watcher is not active";
+    case ENOENT: return "No such file or directory";
+    case ENOTCONN: return "Not connected (a child watcher: not active)";
     case ENOTSUP: return "Operation not supported";
-    case EBUSY: return "Busy: the loop is running, or another loop runs in this thread";
-    case EPERM: return "Operation not permitted (or called from the wrong thread)";
+    case EBUSY: return "Device or resource busy";
+    case EPERM: return "Operation not permitted";
     case ENOMEM: return "Out of memory";
-    case EAGAIN: return "Resource temporarily unavailable, or not done yet";
+    case EAGAIN: return "Resource temporarily unavailable";
     case ECANCELED: return "Operation cancelled";
-    case ENOSYS: return "Function not implemented by this kernel";
-    case ENOSPC: return "No space left (too many loops watch signals)";
+    case ENOSYS: return "Function not implemented (by this kernel)";
+    case ENOSPC: return "No space left";
     case EMFILE: return "Too many open files";
     case ENFILE: return "Too many open files in system";
     case EACCES: return "Permission denied";
@@ -120,4 +123,111 @@ const char *ca_strerror(int err)
     case ETIME: return "Timer expired";
     default: return "Unknown error";
     }
+}
+
+/* The messages of ca_strerror_for: the first rule whose function matches (an exact name, or a
+ * prefix when it ends with '_' or '*') and whose code is err. Specific rules come first. */
+struct err_rule {
+    const char *fn;
+    int err;
+    const char *text;
+};
+
+static const struct err_rule rules[] = {
+    /* policies */
+    {"ca_get_event_loop", ENOENT, "no current event loop in this thread"},
+    {"ca_policy_get_event_loop", ENOENT, "the policy has no current event loop here"},
+    {"ca_policy_get_child_watcher", ENOENT, "the policy has no child watcher"},
+    {"ca_policy_*", ENOTSUP, "no policy in the chain provides this operation"},
+    {"ca_get_*", ENOTSUP, "the process policy does not provide this operation"},
+    {"ca_set_*", ENOTSUP, "the process policy does not provide this operation"},
+    {"ca_new_event_loop", ENOTSUP, "the process policy does not provide this operation"},
+    {"ca_set_event_loop", ECHILD, "the policy's child watcher belongs to the parent process"},
+    {"ca_proactor_*", ENOSYS, "io_uring is not available here"},
+    {"ca_proactor_*", EPERM, "io_uring is forbidden here (seccomp or kernel.io_uring_disabled)"},
+    {"ca_run", EBUSY, "an event loop is already running in this thread"},
+    {"ca_run", EAGAIN, "the loop was stopped before the main future was done"},
+    {"ca_run", EINVAL, "invalid argument, or main gave no future of its loop"},
+    /* subprocesses */
+    {"ca_loop_subprocess_exec", ENOENT,
+     "program not found (or the working directory does not exist)"},
+    {"ca_loop_subprocess_exec", EACCES,
+     "permission denied: the program (or a directory on the way) is not executable"},
+    {"ca_loop_subprocess_exec", ENOTDIR, "a directory on the way is not a directory"},
+    {"ca_loop_subprocess_exec", ENOTCONN,
+     "the policy's child watcher is not active (not attached to a loop)"},
+    {"ca_loop_subprocess_exec", EAGAIN, "no process or thread could be created (limits)"},
+    {"ca_loop_subprocess_exec", EBADF,
+     "the event loop or the child watcher is closed, or a given fd is not open"},
+    {"ca_loop_subprocess_exec", ECHILD, "the loop or the watcher belongs to the parent process"},
+    {"ca_process_communicate", EBUSY, "communicate was already called for this process"},
+    {"ca_process_returncode", EAGAIN, "the process has not exited yet"},
+    {"ca_process_write", EPIPE, "the child's stdin is closed"},
+    {"ca_process_*", EBADF, "the process's loop is closed"},
+    {"ca_process_*", EPERM, "called from another thread while the process's loop runs there"},
+    {"ca_process_*", ECHILD, "the process belongs to the parent process (used after fork())"},
+    {"ca_process_*", ESRCH, "the child process is gone"},
+    /* child watchers */
+    {"ca_child_watcher_add_child_handler*", ENOENT,
+     "no running or current event loop in this thread to deliver the exit to"},
+    {"ca_child_watcher_add_child_handler*", ENOTCONN,
+     "the child watcher is not active (not attached to a loop)"},
+    {"ca_child_watcher_add_child_handler*", EAGAIN, "no thread could be created for the child"},
+    {"ca_child_watcher_add_child_handler*", EPERM, "the delivery loop runs in another thread"},
+    {"ca_child_watcher_attach_loop", EPERM, "a loop concerned runs in another thread"},
+    {"ca_child_watcher_attach_loop", ENOTSUP, "the loop has no signal handlers"},
+    {"ca_child_watcher_*", EBADF, "the child watcher is closed"},
+    {"ca_child_watcher_*", ECHILD, "the child watcher belongs to the parent process"},
+    {"ca_pidfd_child_watcher_new", ENOSYS, "pidfd_open is not available (Linux 5.3 or later)"},
+    {"ca_multiloop_child_watcher_new", EAGAIN, "its reaping thread could not be created"},
+    {"ca_multiloop_child_watcher_new", ENOSPC, "too many signal slots in the process"},
+    /* futures */
+    {"ca_future_result", EAGAIN, "the future is not done yet"},
+    {"ca_future_result", ECANCELED, "the future was cancelled"},
+    {"ca_future_set_*", EINVAL, "invalid argument, or the future is already done"},
+    {"ca_future_*", EBADF, "the future's event loop is closed"},
+    {"ca_future_*", ECHILD, "the future's loop belongs to the parent process"},
+    /* loops */
+    {"ca_loop_run_until_complete", EAGAIN, "the loop was stopped before the future was done"},
+    {"ca_loop_run_until_complete", ECANCELED, "the future was cancelled"},
+    {"ca_loop_run_*", EBUSY, "this loop is already running, or another loop runs in this thread"},
+    {"ca_loop_enter_running", EBUSY,
+     "this loop is already running, or another loop runs in this thread"},
+    {"ca_loop_exit_running", EINVAL, "this loop is not the one running in this thread"},
+    {"ca_loop_close", EBUSY, "the event loop is running"},
+    {"ca_loop_add_signal_handler", ENOSPC, "too many loops watch signals at once"},
+    {"ca_loop_add_signal_handler", EINVAL, "invalid argument, or a signal that cannot be handled"},
+    {"ca_loop_sock_*", EBUSY, "a send or connect is already in progress on this socket"},
+    {"ca_loop_threadsafe_fd", EINVAL,
+     "invalid argument: not a custom loop without call_soon_threadsafe"},
+    {"ca_loop_run_threadsafe", EINVAL,
+     "invalid argument: not a custom loop without call_soon_threadsafe"},
+    {"ca_loop_*", ENOTSUP, "this custom loop does not provide the operation"},
+    {"ca_loop_*", EBADF, "the event loop is closed"},
+    {"ca_loop_*", EPERM, "called from another thread while the loop runs there"},
+    {"ca_loop_*", ECHILD, "the event loop belongs to the parent process (used after fork())"},
+    {"ca_handle_*", EPERM, "called from another thread while the loop runs there"},
+};
+
+static bool rule_matches(const char *pattern, const char *fn)
+{
+    size_t n = strlen(pattern);
+    if (pattern[n - 1] == '*') return strncmp(pattern, fn, n - 1) == 0;
+    return strcmp(pattern, fn) == 0;
+}
+
+const char *ca_strerror_for(const char *function, int err)
+{
+    if (err == INT_MIN || !function) return ca_strerror(err);
+    int code = err < 0 ? -err : err;
+    /* "loop_subprocess_exec" and "ca_loop_subprocess_exec" alike: the prefix is optional. */
+    char name[96];
+    if (strncmp(function, "ca_", 3) != 0) {
+        int n = snprintf(name, sizeof name, "ca_%s", function);
+        if (n < 0 || (size_t)n >= sizeof name) return ca_strerror(err);
+        function = name;
+    }
+    for (size_t i = 0; i < sizeof rules / sizeof rules[0]; i++)
+        if (rules[i].err == code && rule_matches(rules[i].fn, function)) return rules[i].text;
+    return ca_strerror(err);
 }

@@ -56,7 +56,7 @@ int ca__watcher_delivery_loop(ca_loop *given, ca_loop **out)
     if (loop) {
         /* The caller holds a reference to the loop it gave us for the whole call. */
         ca_loop_ref(loop);
-        if (ca_loop_is_closed(loop)) {
+        if (ca__loop_closed_any(loop)) {
             ca_loop_unref(loop);
             return -EBADF;
         }
@@ -71,7 +71,7 @@ int ca__watcher_delivery_loop(ca_loop *given, ca_loop **out)
         int r = get_event_loop_ref(&loop);
         if (r < 0) return r == -ENOMEM ? r : -ENOENT;
     }
-    if (ca_loop_is_closed(loop)) {
+    if (ca__loop_closed_any(loop)) {
         ca_loop_unref(loop);
         return -ENOENT;
     }
@@ -216,7 +216,7 @@ static void flush_post_exit(ca__wcore *c, ca__wreg *r, ca_loop *loop)
 {
     int err = -EBADF;
     /* A loop its host closed behind our back gets nothing, as a loop closed by ca_loop_close. */
-    if (loop && !ca_loop_is_closed(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
+    if (loop && !ca__loop_closed_any(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
     ca__wlog q = {0};
     ca__wcore_lock(c);
     if (err < 0 && r->posted) {
@@ -962,7 +962,7 @@ static int check_loop(ca_loop *loop)
 {
     if (!loop) return 0;
     if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen())) return -ECHILD;
-    if (ca_loop_is_closed(loop)) return -EBADF;
+    if (ca__loop_closed_any(loop)) return -EBADF;
     return 0;
 }
 

@@ -14,20 +14,58 @@
 #include "watcher_internal.h"
 
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
+/* Registered children that other code reaped (their exit can never come through waitpid(-1)):
+ * reported as the other watchers do, returncode 255 and a warning (issue 16, item 7).
+ * waitid(WNOWAIT) on the pid says ECHILD once it is not our child any more. O(n). */
+static void fast_find_foreign(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+{
+    for (size_t i = 0; i < c->cap;) {
+        ca__wreg *r = c->slots[i];
+        if (!r || !r->registered || r->state != CA__W_WAITING) {
+            i++;
+            continue;
+        }
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        int e;
+        do {
+            e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+        } while (e < 0 && errno == EINTR);
+        if (e == 0 || errno != ECHILD) {
+            i++;
+            continue;
+        }
+        ca__wlog_add(q, CA_LOG_WARNING,
+                     "Unknown child process pid %d, will report returncode 255", (int)r->pid);
+        ca__wreg_take_into(c, r, 255, list); /* shifts the next entry into slot i */
+    }
+}
+
 static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
 {
-    (void)full; /* waitpid(-1) sees every exited child anyway */
     /* Signals coalesce: keep reaping while there is something to reap. */
     for (;;) {
         int status = 0;
         pid_t pid = waitpid(-1, &status, WNOHANG);
         if (pid < 0 && errno == EINTR) continue;
-        if (pid <= 0) return false; /* 0: the others still run; ECHILD: no child left */
+        if (pid < 0) {
+            /* ECHILD: no child left at all, so every registered one was reaped elsewhere. */
+            if (c->len > 0) fast_find_foreign(c, list, q);
+            return false;
+        }
+        if (pid == 0) {
+            /* The others still run. Whether other code reaped one of ours takes a look at
+             * each: done by the deferred full reap (at most once per delay), or now. */
+            if (full) fast_find_foreign(c, list, q);
+            return !full && c->len > 0;
+        }
         int rc = ca__returncode_from_status(status);
         ca__wreg *r = ca__wtable_get_live(c, pid);
         if (r && r->registered && r->state == CA__W_WAITING) {

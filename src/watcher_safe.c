@@ -32,7 +32,7 @@ static ca_loop *attached_loop(ca__wcore *c, bool *open)
     ca__wcore_lock(c);
     ca_loop *loop = att(c)->loop ? ca_loop_ref(att(c)->loop) : NULL; /* the attachment holds one */
     ca__wcore_unlock(c);
-    *open = loop && !ca_loop_is_closed(loop);
+    *open = loop && !ca__loop_closed_any(loop);
     return loop;
 }
 
@@ -139,7 +139,7 @@ static void tick_cb(void *arg) { reap_now(arg, REAP_TICK); }
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
 {
     ca__wattach *a = att(c);
-    if (loop && ca_loop_is_closed(loop)) return -EBADF;
+    if (loop && ca__loop_closed_any(loop)) return -EBADF;
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;

@@ -5,7 +5,7 @@
  * custom). Tests are registered by tools/gen-test-list.sh, which scans for TEST( and
  * LOOP_TEST( at the start of a line.
  *
- * We do not use Criterion (DESIGN.md's suggestion): its worker arena cannot be set up under
+ * We do not use Criterion (once suggested for this project): its worker arena cannot be set up under
  * ThreadSanitizer ("Could not initialize inheritable arena"), and it reports tests as passing
  * when the sanitizer or valgrind finds a leak in them. This harness fails both.
  */

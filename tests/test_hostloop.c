@@ -121,6 +121,23 @@ static int h_call_soon(ca_loop *self, ca_handle *hd)
     return r;
 }
 
+/* Allocation-failure injection: the next fail_posts thread-safe posts fail with -ENOMEM, as
+ * a post whose queue cannot grow does. */
+static atomic_int fail_posts;
+static atomic_int failed_posts;
+
+static int h_call_soon_threadsafe(ca_loop *self, ca_handle *hd)
+{
+    int n = atomic_load(&fail_posts);
+    while (n > 0 && !atomic_compare_exchange_weak(&fail_posts, &n, n - 1)) {
+    }
+    if (n > 0) {
+        atomic_fetch_add(&failed_posts, 1);
+        return -ENOMEM;
+    }
+    return h_call_soon(self, hd);
+}
+
 static int h_call_at(ca_loop *self, double when, ca_handle *hd)
 {
     bool d = op_enter();
@@ -246,7 +263,7 @@ static const ca_loop_ops host_ops = {
     .stop = h_stop,
     .close = h_close,
     .call_soon = h_call_soon,
-    .call_soon_threadsafe = h_call_soon, /* every op is thread-safe: it takes the GIL */
+    .call_soon_threadsafe = h_call_soon_threadsafe, /* every op takes the GIL: thread-safe */
     .call_at = h_call_at,
     .add_reader = h_add_reader,
     .remove_reader = h_remove_reader,
@@ -407,13 +424,19 @@ static void *worker(void *arg)
         int i = atomic_load(&R->npids);
         if (i >= NPIDS - 1) break;
         int code = (int)(rand_r(&seed) % 8);
+        /* asyncio's `with watcher:` around the spawn: Fast keeps an early exit for the add. */
+        CHECK_OK(ca_child_watcher_enter(R->w));
         pid_t pid = spawn(code);
-        if (pid < 0) break;
+        if (pid < 0) {
+            ca_child_watcher_exit(R->w);
+            break;
+        }
         R->pids[i] = pid;
         R->expect_rc[i] = code;
         atomic_store(&R->npids, i + 1);
         int r = ca_child_watcher_add_child_handler_on(R->w, R->loop, pid, on_exit_cb,
                                                       (void *)(intptr_t)i);
+        CHECK_OK(ca_child_watcher_exit(R->w));
         if (r < 0) {
             R->bad++;
             break;
@@ -560,4 +583,123 @@ TEST(hostloop_gil_safe) /* timeout: 60 */
 TEST(hostloop_gil_fast) /* timeout: 60 */
 {
     run_kind(ca_fast_child_watcher_new, true, 2.0);
+}
+
+/* ----- an exit whose post fails for memory is kept and posted again ------------------------ */
+
+static atomic_int ok_calls;
+static int ok_rc[8];
+
+static void rec_cb(pid_t pid, int rc, void *arg)
+{
+    ok_rc[(intptr_t)arg] = rc;
+    atomic_fetch_add(&ok_calls, 1);
+}
+
+static void post_enomem(int (*make)(ca_child_watcher **))
+{
+    ca_loop *loop;
+    ca_child_watcher *w;
+    CHECK_OK(host_new(&loop));
+    CHECK_OK(make(&w));
+    atomic_store(&ok_calls, 0);
+    atomic_store(&failed_posts, 0);
+    atomic_store(&fail_posts, 12); /* every first try fails, and some retries */
+    for (int i = 0; i < 8; i++) {
+        pid_t pid = spawn(i);
+        CHECK(pid > 0);
+        CHECK_OK(ca_child_watcher_add_child_handler_on(w, loop, pid, rec_cb, (void *)(intptr_t)i));
+    }
+    gil_take();
+    for (int k = 0; k < 2000 && atomic_load(&ok_calls) < 8; k++) host_iterate(loop, 10);
+    gil_drop();
+    CHECK_EQ(atomic_load(&ok_calls), 8);
+    CHECK(atomic_load(&failed_posts) >= 8);
+    for (int i = 0; i < 8; i++) CHECK_EQ(ok_rc[i], i);
+    gil_take();
+    for (int k = 0; k < 20; k++) host_iterate(loop, 1); /* a duplicate would come now */
+    gil_drop();
+    CHECK_EQ(atomic_load(&ok_calls), 8);
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}
+
+TEST(hostloop_post_enomem_threaded) /* timeout: 60 */
+{
+    post_enomem(ca_threaded_child_watcher_new);
+}
+
+TEST(hostloop_post_enomem_multiloop) /* timeout: 60 */
+{
+    post_enomem(ca_multiloop_child_watcher_new);
+}
+
+/* ----- a loop its host closed behind the core's back ---------------------------------------- */
+
+static atomic_int closed_lines;
+static void closed_log(int level, const char *msg, void *arg)
+{
+    if (level == CA_LOG_WARNING && strstr(msg, "is closed")) atomic_fetch_add(&closed_lines, 1);
+}
+
+static void never_cb(pid_t pid, int rc, void *arg) { atomic_fetch_add(&ok_calls, 1); }
+
+TEST(hostloop_closed_by_host) /* timeout: 60 */
+{
+    ca_set_log_handler(closed_log, NULL);
+    int (*makers[])(ca_child_watcher **) = {ca_threaded_child_watcher_new,
+                                            ca_multiloop_child_watcher_new};
+    for (int k = 0; k < 2; k++) {
+        ca_loop *loop;
+        ca_child_watcher *w;
+        CHECK_OK(host_new(&loop));
+        CHECK_OK(makers[k](&w));
+        atomic_store(&ok_calls, 0);
+        atomic_store(&closed_lines, 0);
+        int gate[2];
+        CHECK(pipe2(gate, O_CLOEXEC) == 0);
+        CHECK(fcntl(gate[0], F_SETFD, 0) == 0);
+        char fd[16];
+        snprintf(fd, sizeof fd, "%d", gate[0]);
+        char *argv[] = {"sh", "-c", "read x <&$0; exit 4", fd, NULL};
+        pid_t pid;
+        CHECK(posix_spawn(&pid, "/bin/sh", NULL, NULL, argv, environ) == 0);
+        CHECK_OK(ca_child_watcher_add_child_handler_on(w, loop, pid, never_cb, NULL));
+        H(loop)->host_closed = true; /* the host closes its loop; the core is not told */
+        CHECK_ERR(ca_child_watcher_add_child_handler_on(w, loop, 1, never_cb, NULL), -EBADF);
+        close(gate[1]);
+        close(gate[0]);
+        /* The exit is reaped, not delivered: logged as for a closed loop, and dropped. */
+        for (int i = 0; i < 500 && atomic_load(&closed_lines) == 0; i++) {
+            struct timespec ts = {0, 10000000};
+            nanosleep(&ts, NULL);
+        }
+        CHECK_EQ(atomic_load(&closed_lines), 1);
+        CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 0);
+        gil_take();
+        host_iterate(loop, 10);
+        gil_drop();
+        CHECK_EQ(atomic_load(&ok_calls), 0);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+        CHECK_OK(ca_loop_close(loop));
+        ca_loop_unref(loop);
+    }
+    /* Safe: attached to a loop its host closed, it is not active. */
+    ca_loop *loop;
+    ca_child_watcher *w;
+    CHECK_OK(host_new(&loop));
+    CHECK_OK(ca_safe_child_watcher_new(&w));
+    CHECK_OK(ca_child_watcher_attach_loop(w, loop));
+    CHECK(ca_child_watcher_is_active(w));
+    H(loop)->host_closed = true;
+    CHECK(!ca_child_watcher_is_active(w));
+    CHECK_ERR(ca_child_watcher_add_child_handler(w, 1, never_cb, NULL), -ENOTCONN);
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+    ca_set_log_handler(NULL, NULL);
 }

@@ -744,7 +744,7 @@ TEST(policy_without_base_is_enotsup)
     CHECK_OK(ca_set_event_loop_policy(NULL));
 }
 
-/* The seed's MyEventLoopPolicy, twice derived: each get_event_loop calls "super" and logs. */
+/* asyncio's documented MyEventLoopPolicy, twice derived: each get_event_loop calls "super" and logs. */
 static char super_log[16];
 
 static int super_get(ca_policy *self, ca_loop **out)

@@ -1,6 +1,10 @@
 #!/bin/sh
 # Checks the Debian packages casyncio needs; installs what is missing when run as root,
-# otherwise names them and fails.  usage: deps.sh build|test|bench
+# otherwise names them and fails.  usage: deps.sh build|test|ci|bench
+#   build, test: what `make` and `make test` need (the tests need nothing more than the build);
+#   ci:          also valgrind and clang, which only CI uses (.ci/run: the memcheck pass and the
+#                clang -Werror build);
+#   bench:       the benchmark peers (libuv, libev, GLib, sd-event, uvloop...).
 set -u
 what=${1:-build}
 missing=""
@@ -10,7 +14,7 @@ need_header liburing.h liburing-dev
 need_cmd cc gcc
 need_cmd make make
 need_cmd pkg-config pkg-config
-if [ "$what" != build ]; then
+if [ "$what" = ci ]; then
     need_cmd valgrind valgrind
     need_cmd clang clang
 fi
