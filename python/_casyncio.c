@@ -27,12 +27,10 @@
 
 #include <errno.h>
 #include <math.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <string.h>
 #include <time.h>
 
 static PyObject *g_dispatch;  /* casyncio._dispatch(token, pid, returncode) */

@@ -11,6 +11,7 @@ derive from object and work on their own (add_child_handler on any asyncio loop)
 docs/python.md.
 """
 import asyncio
+import atexit
 import itertools
 import logging
 import os
@@ -79,18 +80,16 @@ _casyncio._setup(_dispatch, _log)
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _shutdown():
-    _casyncio._shutdown()
-
-
-import atexit  # noqa: E402  (registered after _setup, so it runs before anything we rely on)
-
-atexit.register(_shutdown)
+# At interpreter exit the library's threads stop calling into Python (a thread asking for the
+# GIL during finalization would hang). atexit runs handlers last-registered first, so the
+# program's own handlers, registered after this import, still have working watchers.
+atexit.register(_casyncio._shutdown)
 
 
 def _current_loop():
-    """asyncio.get_event_loop() without its deprecation warnings (we are not in a coroutine
-    here by construction: the running loop was checked first)."""
+    """The thread's current loop, asyncio.get_event_loop()'s answer outside a running loop
+    (through the policy before 3.14, where asyncio.get_event_loop() itself warns on 3.10 and
+    3.11)."""
     if sys.version_info >= (3, 14):
         return asyncio.get_event_loop()
     return asyncio.get_event_loop_policy().get_event_loop()
