@@ -78,6 +78,13 @@ async def spawn_wait(n, k):
     return n / (time.perf_counter() - t)
 
 
+def kill(pid):
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def rss_kb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
@@ -89,7 +96,7 @@ async def mem(w, m):
     env = dict(os.environ)
     # One child first, so that lazy allocations (a thread stack cache, the bridge) are not
     # counted per child.
-    p0 = os.posix_spawn("/bin/sleep", ["sleep", "5"], env)
+    p0 = os.posix_spawn("/bin/sleep", ["sleep", "60"], env)
     w.add_child_handler(p0, lambda *a: None)
     await asyncio.sleep(0.2)
     base = rss_kb()
@@ -101,13 +108,13 @@ async def mem(w, m):
         if left[0] == 0:
             done.set_result(None)
     for _ in range(m):
-        pid = os.posix_spawn("/bin/sleep", ["sleep", "5"], env)
+        pid = os.posix_spawn("/bin/sleep", ["sleep", "60"], env)
         pids.append(pid)
         w.add_child_handler(pid, cb)
     await asyncio.sleep(1.0)
     per = (rss_kb() - base) / m
     for pid in pids + [p0]:
-        os.kill(pid, 9)
+        kill(pid)
     try:
         await asyncio.wait_for(done, LIMIT)
     except asyncio.TimeoutError:
@@ -128,9 +135,9 @@ async def reap(w, m, n):
     await spawn_wait(n, 1)
     us = (time.perf_counter() - t) / n * 1e6
     for pid in idle:
-        os.kill(pid, 9)
-    for pid in idle:
         w.remove_child_handler(pid)
+    for pid in idle:
+        kill(pid)
     for pid in idle:
         try:
             os.waitpid(pid, 0)
@@ -192,7 +199,11 @@ def main():
                 try:
                     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                     out = r.stdout
+                    if r.returncode != 0:
+                        print(f"py_watchers: {' '.join(cmd[2:])}: exit {r.returncode}:\n"
+                              f"{r.stderr[-2000:]}", file=sys.stderr, flush=True)
                 except subprocess.TimeoutExpired:
+                    print(f"py_watchers: {' '.join(cmd[2:])}: timeout", file=sys.stderr)
                     out = ""
                 line = next((x for x in out.splitlines() if x.startswith("name=")), None)
                 if line is None:
