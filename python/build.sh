@@ -9,20 +9,24 @@
 #   CC         the C compiler
 # Everything about the interpreter comes from its sysconfig (the include directory and
 # EXT_SUFFIX): no pip, no setuptools. Objects go to build/python/<tag>/, <tag> being EXT_SUFFIX
-# without its dots (cpython-311-x86_64-linux-gnu), so builds for several interpreters in one
-# tree do not collide. Exits non-zero on any failure.
+# without its dots and a checksum of the interpreter's path (cpython-311-x86_64-linux-gnu-123),
+# so builds for several interpreters in one tree do not collide. Exits non-zero on failure.
 set -eu
 PY=$1 DEST=$2 B=$3 CC=${4:-cc}
 
-info=$("$PY" -c 'import sysconfig
+info=$("$PY" -c 'import sys, sysconfig
 print(sysconfig.get_paths()["include"])
-print(sysconfig.get_config_var("EXT_SUFFIX") or ".so")') || {
+print(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+print(sys.executable)') || {
     echo "python: cannot run $PY" >&2
     exit 1
 }
 inc=$(echo "$info" | sed -n 1p)
 suffix=$(echo "$info" | sed -n 2p)
-tag=$(echo "$suffix" | sed -e 's/^\.//' -e 's/\.so$//' -e 's/[^A-Za-z0-9_-]/_/g')
+# Two interpreters of one version (Debian's and pyenv's 3.11) share EXT_SUFFIX: the checksum
+# of the interpreter's path keeps their objects apart too.
+exe_sum=$(echo "$info" | sed -n 3p | cksum | cut -d' ' -f1)
+tag=$(echo "$suffix" | sed -e 's/^\.//' -e 's/\.so$//' -e 's/[^A-Za-z0-9_-]/_/g')-$exe_sum
 [ -f "$inc/Python.h" ] || { echo "python: no Python.h in $inc (for $PY)" >&2; exit 1; }
 [ -f "$B/libcasyncio.a" ] || { echo "python: $B/libcasyncio.a missing" >&2; exit 1; }
 
