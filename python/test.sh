@@ -18,7 +18,8 @@ root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
 add() { # $1: output file; adds its "<name>: N passed, N failed, N skipped" line
     line=$(grep -E '^[a-z-]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$1" | tail -n 1)
     if [ -z "$line" ]; then F=$((F + 1)); return; fi
-    set -- $(echo "$line" | sed -E 's/^[a-z-]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')
+    set -- $(echo "$line" |
+        sed -E 's/^[a-z-]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')
     P=$((P + $1)) F=$((F + $2)) S=$((S + $3))
 }
 
@@ -32,7 +33,9 @@ unit_summary() { # $1: unittest output file
     fl=${fl:-0} er=${er:-0} sk=${sk:-0}
     failed=$((fl + er))
     [ "$ran" = 0 ] && failed=$((failed + 1))
-    echo "module-tests: $((ran - failed - sk < 0 ? 0 : ran - failed - sk)) passed, $failed failed, $sk skipped"
+    # (a failing subTest counts as a failure of its own: the passed count stays >= 0)
+    passed=$((ran - failed - sk < 0 ? 0 : ran - failed - sk))
+    echo "module-tests: $passed passed, $failed failed, $sk skipped"
 }
 
 if [ "$WHICH" = all ]; then
