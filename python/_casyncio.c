@@ -701,10 +701,13 @@ static PyObject *mod_setup(PyObject *mod, PyObject *args)
     PyObject *dispatch, *log;
     if (!PyArg_ParseTuple(args, "OO", &dispatch, &log))
         return NULL;
+    PyObject *old_dispatch = g_dispatch, *old_log = g_log;
     Py_INCREF(dispatch);
-    Py_XSETREF(g_dispatch, dispatch);
+    g_dispatch = dispatch;
     Py_INCREF(log);
-    Py_XSETREF(g_log, log);
+    g_log = log;
+    Py_XDECREF(old_dispatch);
+    Py_XDECREF(old_log);
     ca_set_log_handler(log_handler, NULL);
     Py_RETURN_NONE;
 }
@@ -766,15 +769,23 @@ PyMODINIT_FUNC PyInit__casyncio(void)
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL)
         return NULL;
+    /* PyModule_AddObjectRef (3.10+) does not steal; PyModule_AddObject, soft-deprecated since,
+     * steals only on success. */
+#if PY_VERSION_HEX >= 0x030A0000
+    int added = PyModule_AddObjectRef(m, "CWatcher", (PyObject *)&CWatcher_Type);
+#else
     Py_INCREF(&CWatcher_Type);
-    if (PyModule_AddObject(m, "CWatcher", (PyObject *)&CWatcher_Type) < 0 ||
+    int added = PyModule_AddObject(m, "CWatcher", (PyObject *)&CWatcher_Type);
+    if (added < 0)
+        Py_DECREF(&CWatcher_Type);
+#endif
+    if (added < 0 ||
         PyModule_AddIntConstant(m, "THREADED", KIND_THREADED) < 0 ||
         PyModule_AddIntConstant(m, "MULTILOOP", KIND_MULTILOOP) < 0 ||
         PyModule_AddIntConstant(m, "SAFE", KIND_SAFE) < 0 ||
         PyModule_AddIntConstant(m, "FAST", KIND_FAST) < 0 ||
         PyModule_AddIntConstant(m, "PIDFD", KIND_PIDFD) < 0 ||
         PyModule_AddStringConstant(m, "LIBRARY_VERSION", ca_version()) < 0) {
-        Py_DECREF(&CWatcher_Type);
         Py_DECREF(m);
         return NULL;
     }
