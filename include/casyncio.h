@@ -216,9 +216,12 @@ int ca_loop_remove_writer(ca_loop *loop, int fd);
  * writes to the interested loops' wakeup fds. Loops in any threads may watch the same signal.
  * Adding replaces the loop's previous callback for sig. Removing the last handler of a signal
  * in the process restores the disposition that was in place before the first one was added.
- * remove returns 1/0 (0 on a closed loop). -EINVAL NULL, sig out of range, SIGKILL or SIGSTOP;
- * -ECHILD; -EBADF; -EPERM wrong thread; -ENOSPC more than 1024 loops watch signals at once.
- * Loop's thread. */
+ * A disposition that other code installed over the library's handler since is left in place
+ * (the saved one is put back only over the library's own handler). remove returns 1/0 (0 on a
+ * closed loop). -EINVAL NULL, sig out of range, SIGKILL or SIGSTOP (they cannot be caught), or a
+ * synchronous fault signal: SIGSEGV, SIGBUS, SIGFPE, SIGILL (a handler that only sets a flag
+ * would return to the faulting instruction, which faults again, forever); -ECHILD; -EBADF;
+ * -EPERM wrong thread; -ENOSPC more than 1024 loops watch signals at once. Loop's thread. */
 int ca_loop_add_signal_handler(ca_loop *loop, int sig, ca_callback_fn fn, void *arg);
 int ca_loop_remove_signal_handler(ca_loop *loop, int sig);
 
@@ -233,7 +236,36 @@ ca_loop *ca_get_running_loop(void);
  * and run it with ca_handle_run when due. A NULL member means "not provided" (-ENOTSUP),
  * except stop and close (then only the core's part is done), time (CLOCK_MONOTONIC) and the
  * sock_* members, which the core implements with add_reader/add_writer. destroy is called
- * once, when the last reference goes, to free `data`. */
+ * once, when the last reference goes, to free `data`.
+ *
+ * Locks and threads. The library never calls an op, a user callback or the log handler while
+ * it holds a lock of its own, so an op may take a lock of the host's (Python's GIL) and hand it
+ * to other threads that call into the library meanwhile. "Loop-thread rule" below: the loop's
+ * own thread while it runs, or any thread while it is not running in C terms (see
+ * ca_loop_enter_running). Which threads call each op:
+ *   run_forever           the thread in ca_loop_run_forever / ca_loop_run_until_complete.
+ *   stop                  any thread (ca_loop_stop).
+ *   close                 the thread in ca_loop_close (or in the last ca_loop_unref).
+ *   time                  any thread in ca_loop_time; the loop-thread rule for call_later.
+ *   call_soon             the loop-thread rule (ca_loop_call_soon; process and future code).
+ *   call_soon_threadsafe  any thread, at any time: users, and the library's own threads
+ *                         (Threaded's waiting threads, MultiLoop's reaping thread, a thread
+ *                         that removes a Pidfd handler, closes a watcher or attaches Safe/Fast).
+ *   call_at               the loop-thread rule (call_at/call_later; Safe/Fast's timers, armed by
+ *                         attach_loop's thread or the loop's own callbacks).
+ *   add_reader, remove_reader, add_writer, remove_writer
+ *                         the loop-thread rule: users, the sock_* code, Pidfd (add from the
+ *                         thread of add_child_handler[_on], remove from the loop's callbacks or
+ *                         from remove/close's thread), close hooks in the closing thread.
+ *   add_signal_handler, remove_signal_handler
+ *                         the loop-thread rule: users, Safe/Fast (attach_loop's and close's
+ *                         thread).
+ *   sock_*                the loop-thread rule.
+ *   destroy               the thread that drops the last reference.
+ *   is_closed             any thread (every public call that checks for a closed loop).
+ * A host loop that is not running in C terms (its host runs it, as an asyncio adapter) can thus
+ * get any op from any thread, and its ops must then be thread-safe (the GIL does it for Python).
+ * No op is ever called from a signal handler. */
 typedef struct ca_loop_ops {
     int (*run_forever)(ca_loop *self); /* required */
     void (*stop)(ca_loop *self);
@@ -260,7 +292,9 @@ typedef struct ca_loop_ops {
      * it checks for a closed loop: ca_loop_is_closed answers true, every function that refuses
      * a closed loop gives -EBADF (the remove_* functions return 0), ca_loop_call_soon_threadsafe
      * refuses (the callback is never called), and the watchers stop treating the loop as a
-     * delivery loop (an exit for it is then handled as for a closed loop). The core still
+     * delivery loop (an exit for it is then handled as for a closed loop: logged, "Loop that
+     * handles pid N is closed", and dropped; add_child_handler_on gives -EBADF for it; Safe
+     * and Fast attached to it are not active). The core still
      * needs ca_loop_close to release its own side (close hooks, such as the subprocesses'
      * cleanup, and the thread-safe queue, whose callbacks are dropped then); the close op is
      * called then too, after is_closed said true. Called from any thread, possibly often (every
@@ -280,6 +314,8 @@ void ca_handle_run(ca_handle *h);         /* runs the callback unless cancelled 
  * -EBADF closed; -EBUSY already running, or another loop runs in this thread (enter);
  * -EINVAL exit from a thread where this loop is not the running one. */
 int ca_loop_enter_running(ca_loop *loop);
+int ca_loop_exit_running(ca_loop *loop);
+
 /* The thread-safe queue the core keeps for a custom loop whose call_soon_threadsafe op is NULL,
  * so that an adapter need not write its own locked queue and wakeup fd.
  *
@@ -310,7 +346,6 @@ int ca_loop_enter_running(ca_loop *loop);
  * parent's thread may have held it at the fork). */
 int ca_loop_threadsafe_fd(ca_loop *loop);
 int ca_loop_run_threadsafe(ca_loop *loop);
-int ca_loop_exit_running(ca_loop *loop);
 
 /* Socket operations (asyncio's loop.sock_*). fd must be a non-blocking socket; it must stay
  * open, and the buffer valid, until the future is done (cancel it before closing the fd).
@@ -556,7 +591,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             after a SIGCHLD that skipped the poll (to notice children other code reaped:
  *             they may be reported up to 0.1 s late). Never reaps a child it does not watch.
  *             Works for loops in any thread. Changes the process's SIGCHLD disposition while
- *             it lives (the previous one is restored by close). docs/watchers.md has details.
+ *             it lives (close restores the previous one, unless other code replaced ours since).
+ *             docs/watchers.md has details.
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
  *             then the same search as MultiLoop (waitid(WNOWAIT), then reap by pid; the full
  *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and within
@@ -568,25 +604,48 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             exit. It reaps EVERY child of the process: other code's waitpid(pid) then fails
  *             with ECHILD and system() returns -1; such an exit is logged ("Caught subprocess
  *             termination from unknown pid") and dropped, except between enter and exit, where
- *             it is kept in case its handler comes next. A child reaped by someone else before
- *             add_child_handler is never reported by Fast (waitpid(-1) cannot see it).
+ *             it is kept in case its handler comes next. A registered child that other code
+ *             reaped (before or after add_child_handler) is reported with returncode 255, as
+ *             the others do: waitpid(-1) cannot see it, so after a SIGCHLD Fast checks each
+ *             registered pid with waitid(WNOWAIT) within 0.1 s (at most once per 0.1 s: O(n)).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
  *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
  *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
  *
  * Delivery: the callback cb(pid, returncode, arg) is called exactly once per exit, never inside
- * a signal handler and never with a watcher lock held (it may call any watcher function).
- *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop" of the thread that called
- *     add_child_handler: the loop running in that thread, or else that thread's current loop
- *     (ca_get_event_loop). The callback runs ON that loop's thread: Threaded's and MultiLoop's
- *     threads only reap, and post the exit with ca_loop_call_soon_threadsafe (as asyncio 3.11
- *     does); Pidfd reaps on the loop itself. If that loop is closed when the exit arrives, the
- *     exit is logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
+ * a signal handler and never with a library lock held (it may call any library function).
+ *   - Threaded, MultiLoop and Pidfd deliver to the "delivery loop": the loop given to
+ *     ca_child_watcher_add_child_handler_on, or else (add_child_handler) the loop running in
+ *     the calling thread, or else that thread's current loop (ca_get_event_loop). The callback
+ *     runs ON that loop's thread: Threaded's and MultiLoop's threads only reap, and post the
+ *     exit with ca_loop_call_soon_threadsafe (as asyncio 3.11 does); Pidfd reaps on the loop
+ *     itself. If that loop is closed when the exit arrives (by ca_loop_close, or by its host:
+ *     ca_loop_ops.is_closed), the exit is logged and dropped (asyncio's "Loop that handles pid
+ *     ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
  *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
  *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
  *   still be thread-safe with respect to the code that registered it, as asyncio asks.
+ * No exit is lost for want of memory: an exit whose post fails with -ENOMEM (the child already
+ * reaped) is kept and posted again (Threaded's waiting thread and MultiLoop's thread retry with
+ * a growing pause up to 0.1 s; Safe and Fast at their next SIGCHLD or slow check) until it is
+ * delivered, removed, or its loop closes; the warning lines need no allocation.
+ *
+ * Locks: the watchers never call a loop op, a callback or the log handler while they hold a lock
+ * of their own (see "Locks and threads" under ca_loop_ops), so a host whose ops take a lock of
+ * its own (the GIL) may call any watcher function while holding it. Every lock of the library
+ * is made safe across fork() (held by the forking thread around it).
+ *
+ * SIGCHLD. MultiLoop's thread and Safe/Fast (on their attached loop, every second) check that
+ * SIGCHLD still reaches them, and reap as if it had come: an exit is never lost because other
+ * code changed SIGCHLD's disposition (a foreign sigaction, a remove_signal_handler) under an
+ * active watcher; it is found at the latest about a second late (MultiLoop then polls every
+ * 0.1 s). When the library's handler was replaced and no host routes SIGCHLD with
+ * ca_sigchld_notify, a warning says so once per process ("SIGCHLD no longer reaches ..."). A
+ * host that owns SIGCHLD's disposition (Python's signal module) calls ca_sigchld_notify from
+ * its handler. Closing a watcher never puts SIG_DFL (or the saved disposition) over a handler
+ * that other code installed after the watcher's.
  * returncode: the exit status (0..255), or -SIG for a child killed by signal SIG, or 255 when
  * the status could not be read because somebody else reaped the child (waitpid gave ECHILD, or
  * pidfd_open gave ESRCH): that case is logged ("Unknown child process pid N, will report
@@ -595,6 +654,7 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe and
  * Pidfd then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
  * reaps it, quietly; Fast reaps it and logs it as unknown.
+ *
  *
  * bpo-32115: a SIGCHLD disposition of SIG_IGN (or SA_NOCLDWAIT), for instance inherited from
  * the parent process, makes the kernel reap children itself, so no exit status could be read.
@@ -654,11 +714,13 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
 /* Calls cb(pid, returncode, arg) once when child pid exits (see "Delivery" above). Adding a
  * pid that is already registered replaces its callback and arg (and, for Threaded and
  * MultiLoop, its delivery loop, unless the exit is already on its way). A child that exited
- * before this call is reported too (Fast: only if it exited inside enter/exit, or has not been
- * reaped yet). The callback must be thread-safe with respect to the caller's code, as asyncio
+ * before this call is reported too (Fast: with its status if it exited inside enter/exit or has
+ * not been reaped yet; else, its status gone to Fast's "unknown pid" log line or to other code,
+ * with 255). The callback must be thread-safe with respect to the caller's code, as asyncio
  * says. Errors besides the common ones:
  *   -ENOENT   Threaded, MultiLoop, Pidfd: no running or current loop in this thread (or it is
- *             closed).
+ *             closed). The current loop is taken with a reference while the policy that owns
+ *             it is held, so a policy replaced by another thread meanwhile is harmless.
  *   -ENOTCONN Safe, Fast: not active (not attached, or the attached loop is closed).
  *   -EAGAIN   Threaded: no thread could be made (other pthread_create errors likewise).
  *   -EPERM    Pidfd: the delivery loop runs in another thread (the reader must be added on its
@@ -669,13 +731,35 @@ ca_child_watcher *ca_child_watcher_unref(ca_child_watcher *watcher);
  * On any error cb is never called. */
 int ca_child_watcher_add_child_handler(ca_child_watcher *watcher, pid_t pid, ca_child_fn cb,
                                        void *arg);
-/* As ca_child_watcher_add_child_handler, with the delivery loop given explicitly (NULL: the
- * implicit rule above). For host-loop adapters, whose loop is not "running" in C terms.
- * TODO(issue 13): full docs by the implementer (Safe/Fast: NULL or the attached loop). */
+/* As ca_child_watcher_add_child_handler, with the delivery loop given explicitly: for host-loop
+ * adapters (an asyncio loop), whose loop is not "running" in C terms, and for code that adds
+ * from a thread other than the loop's. loop NULL: the implicit rule above. The caller keeps its
+ * reference to loop; the watcher takes what it needs.
+ *   Threaded, MultiLoop, Pidfd: the exit is delivered on loop, whatever thread calls this and
+ *     whatever loop runs there. Pidfd adds its reader (ca_loop_add_reader) on loop from the
+ *     calling thread, with no library lock held: for a loop that is not running in C terms
+ *     that is any thread, and the host's add_reader must then be thread-safe. As for
+ *     add_child_handler, -EPERM when loop runs (in C terms) in another thread and this watcher
+ *     has not used it yet (Pidfd: whenever it runs in another thread).
+ *   Safe, Fast: loop must be NULL or the attached loop (-EINVAL otherwise, also when nothing is
+ *     attached); they always deliver on the attached loop.
+ *   Custom watchers: -ENOTSUP for a loop that is not NULL (their op takes no loop).
+ * Errors: those of ca_child_watcher_add_child_handler, in its order, and after the watcher's
+ * checks: -ECHILD loop was made before fork(); -EBADF loop is closed (by ca_loop_close or by its
+ * host: ca_loop_ops.is_closed); -EINVAL (Safe, Fast) and -ENOTSUP (custom) as above. Any
+ * thread. */
 int ca_child_watcher_add_child_handler_on(ca_child_watcher *watcher, ca_loop *loop, pid_t pid,
                                           ca_child_fn cb, void *arg);
-/* Async-signal-safe: tells the library's watchers that SIGCHLD arrived, for a host that owns the
- * signal dispositions (Python's signal module) and routes SIGCHLD in itself. TODO(issue 13). */
+/* Tells the library that SIGCHLD arrived: for a host that owns the signal dispositions (Python's
+ * signal module) and has replaced the library's SIGCHLD handler with its own. It does what the
+ * library's handler does: it wakes MultiLoop's reaping thread and every built-in loop with a
+ * SIGCHLD handler (Safe and Fast attached to a built-in loop check their children there). Safe
+ * and Fast attached to a host loop get SIGCHLD through that loop's add_signal_handler op, and
+ * need no call. Calling it once (even before any child exits) also tells the watchers that the
+ * host routes SIGCHLD: they then do not warn that SIGCHLD was taken away from them (they keep
+ * their slow check, which finds any exit within about a second anyway). Extra calls are
+ * harmless. Async-signal-safe (atomics and write(2), errno saved); any thread, signal handlers
+ * included. */
 void ca_sigchld_notify(void);
 /* 1 if a handler was removed (its callback will never be called), 0 if there was none (never
  * registered, already delivered, or being delivered right now). A handler whose delivery loop
@@ -687,10 +771,13 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
 /* Attaches the watcher to loop (NULL detaches); takes its own reference to the loop. Only Safe
  * and Fast use it: they install a SIGCHLD handler on the loop and remove it from the previous
  * one, then check every registered child once on the new loop (one may have exited during the
- * switch). Call it from the loop's thread, or while the loop is not running (as the default
- * policy's ca_set_event_loop does in the main thread). The others do nothing and return 0.
+ * switch), and arm their slow SIGCHLD check (a timer, every second) on it. Call it from the
+ * loop's thread, or while the loop is not running (as the default policy's ca_set_event_loop
+ * does in the main thread). The loop ops (add/remove_signal_handler, call_soon_threadsafe,
+ * call_at) are called without any library lock held. The others do nothing and return 0.
  * Errors (Safe, Fast): -EPERM a loop concerned runs in another thread; -EBADF the new loop is
- * closed; -ENOTSUP a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
+ * closed; -EBUSY another attach_loop of this watcher is under way in another thread; -ENOTSUP
+ * a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
 int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
 /* Whether add_child_handler can work: Threaded and Pidfd always; MultiLoop from creation until
  * close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed
@@ -702,7 +789,9 @@ bool ca_child_watcher_is_active(ca_child_watcher *watcher);
  * waiting threads are detached: each ends, quietly, when its child exits (and reaps it).
  * Children are not killed. Idempotent (0). -EINVAL NULL. In a forked child: 0, frees nothing
  * of the parent's. If a Safe/Fast watcher's loop runs in another thread, its SIGCHLD handler
- * stays on that loop (doing nothing) until that loop closes. */
+ * stays on that loop (doing nothing) until that loop closes. A SIGCHLD handler that other code
+ * installed after the watcher's stays in place (the saved disposition is put back only over
+ * the library's own handler). */
 int ca_child_watcher_close(ca_child_watcher *watcher);
 /* The `with watcher:` protocol (asyncio's __enter__/__exit__), which the subprocess code calls
  * around every spawn. Only Fast uses it: between enter and exit, exit statuses of pids that are

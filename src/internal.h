@@ -129,7 +129,8 @@ int ca__returncode_from_status(int status);
 int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg);
 /* As ca__child_watcher_add_internal, with the delivery loop given (NULL: the implicit rule), as
  * ca_child_watcher_add_child_handler_on: for the subprocess code, whose loop need not be marked
- * running for the watcher to pick it. */
+ * running for the watcher to pick it. Safe and Fast ignore loop (their attached loop delivers,
+ * as before). */
 int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
                                       ca_child_fn cb, void *arg);
 /* Takes back the registration that cb(arg) has for pid, if it is still there: 1, and neither

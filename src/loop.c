@@ -1607,11 +1607,3 @@ bool ca__loop_tryref(ca_loop *loop)
 }
 
 bool ca__loop_core_closed(const ca_loop *loop) { return atomic_load(&loop->closed); }
-
-bool ca__loop_closed_any(const ca_loop *loop)
-{
-    if (atomic_load(&loop->closed)) return true;
-    /* A host's loop closed behind the core's back (issue 13): the optional op says so. */
-    return !loop->be && loop->ops->is_closed && loop->fork_gen == ca__fork_gen() &&
-           loop->ops->is_closed((ca_loop *)loop);
-}

@@ -231,8 +231,5 @@ bool ca__loop_tryref(ca_loop *loop);
 /* Whether ca_loop_close ran (or runs): the closed flag only, never the host's is_closed op, so
  * it may be asked with a library lock held. */
 bool ca__loop_core_closed(const ca_loop *loop);
-/* Closed by ca_loop_close, or by its host (a custom loop's is_closed op): the op is a loop op,
- * so never with a library lock held. */
-bool ca__loop_closed_any(const ca_loop *loop);
 
 #endif

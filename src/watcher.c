@@ -36,42 +36,24 @@ int ca__wait_nohang(pid_t pid, int *rc)
     return 1;
 }
 
-/* This thread's current loop, with a reference taken while the policy that owns it is held, so
- * that another thread replacing the policy cannot free it in between (issue 16, item 2).
- * TODO(h-core): use policy.c's ca__get_event_loop_ref once it lands; this is the same rule. */
-static int get_event_loop_ref(ca_loop **out)
-{
-    ca_policy *p = ca__policy_acquire();
-    ca_loop *loop = NULL;
-    int r = ca_policy_get_event_loop(p, &loop);
-    if (r == 0 && loop) *out = ca_loop_ref(loop);
-    else if (r == 0) r = -ENOENT;
-    ca_policy_unref(p);
-    return r;
-}
-
 int ca__watcher_delivery_loop(ca_loop *given, ca_loop **out)
 {
     ca_loop *loop = given;
     if (loop) {
         /* The caller holds a reference to the loop it gave us for the whole call. */
         ca_loop_ref(loop);
-        if (ca__loop_closed_any(loop)) {
+        if (ca_loop_is_closed(loop)) {
             ca_loop_unref(loop);
             return -EBADF;
         }
         *out = loop;
         return 0;
     }
-    /* The loop running in this thread cannot go away under its own run. */
-    loop = ca_get_running_loop();
-    if (loop) {
-        ca_loop_ref(loop);
-    } else {
-        int r = get_event_loop_ref(&loop);
-        if (r < 0) return r == -ENOMEM ? r : -ENOENT;
-    }
-    if (ca__loop_closed_any(loop)) {
+    /* The running loop, else the current one, with its reference taken in the same step as
+     * the lookup: another thread replacing the policy cannot free it in between (issue 16). */
+    int r = ca__get_event_loop_ref(&loop);
+    if (r < 0) return r == -ENOMEM ? r : -ENOENT;
+    if (ca_loop_is_closed(loop)) {
         ca_loop_unref(loop);
         return -ENOENT;
     }
@@ -216,7 +198,7 @@ static void flush_post_exit(ca__wcore *c, ca__wreg *r, ca_loop *loop)
 {
     int err = -EBADF;
     /* A loop its host closed behind our back gets nothing, as a loop closed by ca_loop_close. */
-    if (loop && !ca__loop_closed_any(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
+    if (loop && !ca_loop_is_closed(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
     ca__wlog q = {0};
     ca__wcore_lock(c);
     if (err < 0 && r->posted) {
@@ -304,8 +286,7 @@ bool ca__wcore_retry(ca__wcore *c)
     return left;
 }
 
-/* Empties the retry list (close: its registrations were unregistered). Lock held. */
-static void retry_clear(ca__wcore *c)
+void ca__wcore_retry_clear(ca__wcore *c)
 {
     while (c->retry) {
         ca__wreg *r = c->retry;
@@ -565,7 +546,7 @@ void ca__wcore_cancel_all(ca__wcore *c)
         if (r) ca__wreg_unregister(c, r);
         else i++;
     }
-    retry_clear(c);
+    ca__wcore_retry_clear(c);
 }
 
 /* Queues r's delivery, posted by ca__wlog_flush after the unlock (lock held). */
@@ -962,7 +943,7 @@ static int check_loop(ca_loop *loop)
 {
     if (!loop) return 0;
     if (CA_UNLIKELY(loop->fork_gen != ca__fork_gen())) return -ECHILD;
-    if (ca__loop_closed_any(loop)) return -EBADF;
+    if (ca_loop_is_closed(loop)) return -EBADF;
     return 0;
 }
 
@@ -985,6 +966,9 @@ int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t 
     int r = check(w);
     if (r == 0) r = check_loop(loop);
     if (r < 0) return r;
+    /* Safe and Fast deliver on their attached loop whatever the subprocess's loop is (the
+     * subprocess code copes with that), as they did before the loop could be given. */
+    if (loop && (strcmp(w->kind, "safe") == 0 || strcmp(w->kind, "fast") == 0)) loop = NULL;
     /* A custom watcher cannot tell its caller about a drop: the caller falls back to the
      * public add, and to guessing (see process.c's on_loop_close). */
     return w->add_on ? w->add_on(w, loop, pid, cb, arg, true) : -ENOTSUP;

@@ -9,6 +9,11 @@
  * here: inside enter/exit (the spawn window) it is kept in case the handler comes next;
  * outside, it is logged ("Caught subprocess termination from unknown pid") and dropped. Use it
  * only when this process's children are all yours.
+ *
+ * The other way round, a registered child that other code reaped never shows in waitpid(-1):
+ * after a SIGCHLD, the deferred full reap (within 0.1 s, at most once per 0.1 s) asks each
+ * registered pid with waitid(WNOWAIT) and reports the ones that are gone with 255, as the other
+ * watchers do.
  */
 #include "internal.h"
 #include "watcher_internal.h"

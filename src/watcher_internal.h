@@ -101,7 +101,8 @@ struct ca__wreg {
     bool rd_adding : 1;          /* Pidfd: add_reader is being called (lock not held) */
     bool rd_on : 1;              /* Pidfd: the reader is on the loop */
     bool rd_releasing : 1;       /* Pidfd: its removal is queued or posted (release_cb) */
-    bool rd_release_wanted : 1;  /* Pidfd: cancelled while rd_adding: release after the add */
+    bool rd_release_wanted : 1;  /* Pidfd: release once rd_adding ends */
+    bool rd_cancel_wanted : 1;   /* Pidfd: removed (or closed) while rd_adding: the add does it */
     ca_child_fn cb;
     void *arg;
     ca__wreg *drop_next;         /* c->dropped (unregistered: pid, rc, cb, arg are final) */
@@ -177,6 +178,8 @@ void ca__wlog_flush(ca__wlog *q);
 /* Posts again the exits whose post failed for memory. true when some are still waiting. Lock
  * NOT held. */
 bool ca__wcore_retry(ca__wcore *c);
+/* Empties the retry list (close: its registrations were unregistered). Lock held. */
+void ca__wcore_retry_clear(ca__wcore *c);
 /* Pidfd's ops, performed by ca__wlog_flush (watcher_pidfd.c). */
 void ca__pidfd_op(ca__wcore *c, ca__wreg *r, int op, ca_loop *loop);
 

@@ -13,6 +13,11 @@
  * A pid is also checked when it is added (it may have exited before). The exited children are
  * found with waitid(WNOWAIT) (ca__wreap_next), the poll of every pid runs when that cannot tell
  * and at the latest 0.1 s after a wake that skipped it, as Safe does.
+ *
+ * Other code may replace our SIGCHLD handler (a host that owns the dispositions, a library): the
+ * thread also wakes every second, reaps as if SIGCHLD had come, and checks the disposition; if
+ * ours is gone and no host routes SIGCHLD to us (ca_sigchld_notify), it warns once and polls
+ * every 0.1 s. It also posts again the exits whose post failed for memory (ca__wcore_retry).
  */
 #include "internal.h"
 #include "watcher_internal.h"

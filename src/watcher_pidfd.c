@@ -11,7 +11,11 @@
  * filters that forbid pidfd_open) are returned to the caller: the child is then not watched.
  *
  * Threads: the reader must be added on the delivery loop's thread (or while that loop is not
- * running), so add_child_handler gives -EPERM from any other thread. remove_child_handler and
+ * running), so add_child_handler gives -EPERM from any other thread. Readers are added and
+ * removed without our lock (a host's add_reader may hand its own lock to another thread): an
+ * add marks the registration rd_adding while it calls add_reader, and a remove or close in
+ * between leaves the release to it (rd_release_wanted); a removal is marked rd_releasing while
+ * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done. remove_child_handler and
  * close work from any thread: the registration is cancelled at once (the callback is never
  * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
@@ -20,7 +24,8 @@
  * rather than giving us a copy, which would cost a second fd per child (and every open fd makes
  * every later spawn dearer: clone copies the fd table). Both sides use the one fd until each is
  * done with it, and it is closed exactly once, after both:
- *   - we are done when the reader is removed (pidfd_release): at the exit, on remove or close
+ *   - we are done when the reader is removed (release_begin, then the removal as a queued op,
+ *     release_done after it): at the exit, on remove or close
  *     (on the delivery loop's thread, possibly later through release_cb), or when the delivery
  *     loop closes. We never close a lent fd ourselves while the loan runs;
  *   - the subprocess is done when its exit is known, its loop closes, or it is freed. It then
@@ -196,9 +201,17 @@ static void release_cb(void *arg)
     ca__wcore_unref(c);
 }
 
-/* Cancels r and starts releasing its fd. Lock held. */
+/* Cancels r and starts releasing its fd. Lock held. While its add is still calling add_reader
+ * (rd_adding), r stays in the table and the add does both when it is done: the add then fails
+ * (closed watcher) or returns with the handler removed, and no drop call comes before the add
+ * returned. */
 static void pidfd_cancel(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
+    if (r->rd_adding) {
+        r->rd_cancel_wanted = true;
+        r->rd_release_wanted = true;
+        return;
+    }
     ca__wreg_unregister(c, r);
     release_begin(c, r, q);
 }
@@ -294,17 +307,28 @@ static int pidfd_add(ca_child_watcher *w, ca_loop *given, pid_t pid, int lent, c
             r->rd_release_wanted = false;
             ca__wreg_unref(c, r); /* the reader's */
             ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
+        } else if (r->rd_cancel_wanted) {
+            /* Removed, or the watcher closed, while we added: done now, quietly (no drop call
+             * before this add returns), the reader off again before we return (q). Nothing is
+             * lent; our own fd is closed by the release, not below. */
+            ca__wreg_unregister_quiet(c, r);
+            if (c->closed) err = -EBADF;
+            r->rd_on = true;
+            r->rd_release_wanted = false;
+            release_begin(c, r, &q);
+            pidfd = -1;
         } else {
             r->rd_on = true;
             if (lent >= 0) {
                 ca__wreg_ref(r); /* the loan's */
                 *lease = r;
             }
-            if (r->rd_release_wanted) { /* removed (or closed) meanwhile */
+            if (r->rd_release_wanted) { /* its loop closed meanwhile */
                 r->rd_release_wanted = false;
                 release_begin(c, r, &q);
             }
         }
+        r->rd_cancel_wanted = false;
         ca__wreg_unref(c, r); /* ours */
         ca__wcore_unlock(c);
     }
@@ -356,10 +380,12 @@ static int pidfd_close(ca_child_watcher *w)
             continue;
         }
         ca__wreg_ref(r);
-        pidfd_cancel(c, r, &q); /* takes r out of slot i */
+        bool adding = r->rd_adding;
+        pidfd_cancel(c, r, &q); /* takes r out of slot i, unless its add finishes it */
         ca__wreg_unref(c, r);
+        if (adding) i++;
     }
-    ca__wcore_cancel_all(c); /* the table is empty: the retry list */
+    ca__wcore_retry_clear(c); /* adds in flight (still in the table) see closed themselves */
     bool keep = c->keeps_sigchld;
     c->keeps_sigchld = false;
     ca__wcore_unlock(c);

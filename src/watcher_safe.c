@@ -1,12 +1,17 @@
 /*
  * SafeChildWatcher: SIGCHLD through the attached loop's signal handler (asyncio attaches the
- * main thread's loop), and on each SIGCHLD waitpid(pid, WNOHANG) for every registered pid:
- * O(n) per signal, but it never reaps a child that is not registered, so other code's waitpid()
- * and system() keep working. Callbacks run on the attached loop's thread.
+ * main thread's loop); on each SIGCHLD the exited children that waitid(WNOWAIT) shows are reaped
+ * by pid while they are registered ones, and every registered pid is polled with
+ * waitpid(pid, WNOHANG) when that cannot tell, at the latest 0.1 s later: it never reaps a
+ * child that is not registered, so other code's waitpid() and system() keep working. Callbacks
+ * run on the attached loop's thread.
  *
  * This file also holds the attachment logic that Fast shares (ca__wattach_*): a SIGCHLD handler
  * on the attached loop, whose argument is the loop's binding; attach/detach from the loop's own
  * thread (or while it does not run), since signal handlers are the loop's thread's business.
+ * The attached loop also carries a slow check (a timer every TICK_DELAY) that reaps as if
+ * SIGCHLD had come, so that other code taking SIGCHLD away loses no exit. Loop ops (the signal
+ * handler, timers, posts) are called without the core's lock.
  */
 #include "internal.h"
 #include "watcher_internal.h"
@@ -32,7 +37,7 @@ static ca_loop *attached_loop(ca__wcore *c, bool *open)
     ca__wcore_lock(c);
     ca_loop *loop = att(c)->loop ? ca_loop_ref(att(c)->loop) : NULL; /* the attachment holds one */
     ca__wcore_unlock(c);
-    *open = loop && !ca__loop_closed_any(loop);
+    *open = loop && !ca_loop_is_closed(loop);
     return loop;
 }
 
@@ -139,7 +144,7 @@ static void tick_cb(void *arg) { reap_now(arg, REAP_TICK); }
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
 {
     ca__wattach *a = att(c);
-    if (loop && ca__loop_closed_any(loop)) return -EBADF;
+    if (loop && ca_loop_is_closed(loop)) return -EBADF;
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;
@@ -162,10 +167,11 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     }
     bool old_sig = ob && ob->sig_registered && ob->loop;
     a->attaching = true;
+    /* Ours, for the ops below: a close in between drops the attachment's reference. */
+    if (old) ca_loop_ref(old);
     ca__wcore_unlock(c);
 
-    /* The ops, without the lock. old stays alive: the attachment's reference is ours until
-     * the commit (a close in between leaves a->loop to... itself, see below). */
+    /* The ops, without the lock. */
     int err = 0;
     if (loop) err = ca_loop_add_signal_handler(loop, SIGCHLD, sigchld_cb, nb);
     if (err == 0 && old_sig) {
@@ -186,6 +192,7 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
         ca__wcore_unlock(c);
         if (undo_new) ca_loop_remove_signal_handler(loop, SIGCHLD);
         if (loop) ca__sigchld_keep_release();
+        ca_loop_unref(old);
         return err;
     }
     if (ob) {
@@ -222,7 +229,8 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     if (arm_tick) arm(nb, loop, &nb->tick_posted, TICK_DELAY, tick_cb);
     /* After the lock: the last reference may close the old loop, whose hooks take it. */
     if (old) {
-        ca_loop_unref(old);
+        ca_loop_unref(old); /* ours */
+        ca_loop_unref(old); /* the attachment's */
         ca__sigchld_keep_release();
     }
     return 0;

@@ -463,3 +463,91 @@ TEST(fork_then_spawn_pidfd) { fork_then_spawn(ca_pidfd_child_watcher_new, "pidfd
 
 /* With no watcher ever made in the parent, the child makes the default one. */
 TEST(fork_then_spawn_default) { fork_then_spawn(NULL, "threaded"); }
+
+/* ----- custom policies: the policy is held across its op and the reference ------------------ */
+
+/* A policy that owns one loop and one watcher, handed out borrowed, and frees both when the
+ * policy is destroyed: a lookup that referenced the result after letting go of the policy
+ * would read freed memory when another thread replaces the policy in between. */
+struct owning {
+    ca_loop *loop;
+    ca_child_watcher *w;
+};
+
+static int owning_get_loop(ca_policy *self, ca_loop **out)
+{
+    *out = ((struct owning *)ca_policy_data(self))->loop;
+    return 0;
+}
+
+static int owning_get_watcher(ca_policy *self, ca_child_watcher **out)
+{
+    *out = ((struct owning *)ca_policy_data(self))->w;
+    return 0;
+}
+
+static void owning_destroy(ca_policy *self)
+{
+    struct owning *o = ca_policy_data(self);
+    ca_loop_close(o->loop);
+    ca_loop_unref(o->loop);
+    ca_child_watcher_close(o->w);
+    ca_child_watcher_unref(o->w);
+    free(o);
+}
+
+static const ca_policy_ops owning_ops = {
+    .get_event_loop = owning_get_loop,
+    .get_child_watcher = owning_get_watcher,
+    .destroy = owning_destroy,
+};
+
+static void *replace_owning_policies(void *arg)
+{
+    struct churn_ctx *c = arg;
+    while (!atomic_load(&c->stop)) {
+        struct owning *o = calloc(1, sizeof *o);
+        CHECK(o != NULL);
+        CHECK_OK(ca_selector_loop_new(&o->loop));
+        CHECK_OK(ca_threaded_child_watcher_new(&o->w));
+        ca_policy *p = NULL;
+        CHECK_OK(ca_policy_new(&owning_ops, o, NULL, &p));
+        CHECK_OK(ca_set_event_loop_policy(p));
+        ca_policy_unref(p);
+        atomic_fetch_add(&c->rounds, 1);
+    }
+    return NULL;
+}
+
+static void *lookup_owning(void *arg)
+{
+    struct churn_ctx *c = arg;
+    while (!atomic_load(&c->stop)) {
+        ca_loop *loop = NULL;
+        if (ca__get_event_loop_ref(&loop) == 0) {
+            CHECK(strcmp(ca_loop_kind(loop), "epoll") == 0);
+            ca_loop_unref(loop);
+        }
+        ca_child_watcher *w = NULL;
+        if (ca__get_child_watcher_ref(&w) == 0) {
+            CHECK(strcmp(ca__child_watcher_kind(w), "threaded") == 0);
+            ca_child_watcher_unref(w);
+        }
+    }
+    return NULL;
+}
+
+TEST(get_and_ref_with_custom_policies_replaced) /* timeout: 60 */
+{
+    struct churn_ctx c = {0};
+    pthread_t th[3];
+    CHECK_EQ(pthread_create(&th[0], NULL, replace_owning_policies, &c), 0);
+    CHECK_EQ(pthread_create(&th[1], NULL, lookup_owning, &c), 0);
+    CHECK_EQ(pthread_create(&th[2], NULL, lookup_owning, &c), 0);
+    struct timespec ts = {1, 500 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    atomic_store(&c.stop, true);
+    for (int i = 0; i < 3; i++) pthread_join(th[i], NULL);
+    CHECK(atomic_load(&c.rounds) > 0);
+    CHECK_OK(ca_set_event_loop_policy(NULL));
+}

@@ -100,11 +100,23 @@ static void taken_away(ca_loop *loop, ca_child_watcher *w, bool attach)
     struct sigaction old;
     install_foreign(&old);
     CHECK_OK(ca_set_event_loop(loop));
+    /* The children exit only once every handler is added (they wait for the pipe's end), so
+     * that no add finds its child exited already: only the slow check can see them. */
+    int gate[2];
+    CHECK(pipe2(gate, O_CLOEXEC) == 0);
+    CHECK(fcntl(gate[0], F_SETFD, 0) == 0);
+    char fd[16];
+    snprintf(fd, sizeof fd, "%d", gate[0]);
     for (int i = 0; i < NKIDS; i++) {
-        pid_t pid = spawn_exit(i % 5);
-        CHECK(pid > 0);
+        char script[64];
+        snprintf(script, sizeof script, "read x <&$0; exit %d", i % 5);
+        char *argv[] = {"sh", "-c", script, fd, NULL};
+        pid_t pid;
+        CHECK(posix_spawn(&pid, "/bin/sh", NULL, NULL, argv, environ) == 0);
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_cb, (void *)(intptr_t)i));
     }
+    close(gate[1]);
+    close(gate[0]);
     CHECK(t_run_until(loop, all_got, NULL, 20.0));
     for (int i = 0; i < NKIDS; i++) CHECK_EQ(got_rc[i], i % 5);
     CHECK_EQ(atomic_load(&warnings), 1);
@@ -295,6 +307,10 @@ TEST(add_on_from_another_thread)
 
 /* ----- fork while the keep-lock is busy ---------------------------------------------------- */
 
+/* The library's SIGCHLD keep-lock (watcher.c), taken by every watcher that becomes active. */
+void ca__sigchld_keep_acquire(void);
+void ca__sigchld_keep_release(void);
+
 static atomic_bool hammer_stop;
 
 static void *hammer(void *arg)
@@ -316,11 +332,13 @@ TEST(fork_while_keep_lock_busy) /* timeout: 60 */
         pid_t pid = fork();
         CHECK(pid >= 0);
         if (pid == 0) {
-            /* Takes the keep-lock in the child: it hangs if a parent's thread held it. */
-            ca_child_watcher *w;
-            int code = ca_threaded_child_watcher_new(&w) == 0 ? 0 : 3;
-            if (code == 0) ca_child_watcher_unref(w);
-            t_child_exit(code);
+            /* Takes the keep-lock in the child (as any new watcher there does): it hangs if a
+             * parent's thread held it at the fork. Called directly, without the allocations
+             * of a watcher: the sanitizers' allocators do not survive a fork() that another
+             * thread's malloc was in. */
+            ca__sigchld_keep_acquire();
+            ca__sigchld_keep_release();
+            t_child_exit(0);
         }
         int status = 0;
         pid_t r = 0;
@@ -416,5 +434,77 @@ TEST(fast_reports_foreign_reaps) /* timeout: 90 */
     ca_child_watcher_unref(w);
     CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* ----- the delivery loop while another thread replaces the policy (issue 16, item 2) -------- */
+
+static atomic_bool policy_stop;
+
+static void *replace_policies(void *arg)
+{
+    while (!atomic_load(&policy_stop)) {
+        ca_policy *p;
+        if (ca_default_policy_new(&p) == 0) {
+            ca_set_event_loop_policy(p);
+            ca_policy_unref(p);
+        }
+    }
+    return NULL;
+}
+
+static atomic_int stress_exits;
+static void count_exit(pid_t pid, int rc, void *arg) { atomic_fetch_add(&stress_exits, 1); }
+
+TEST(add_while_policy_replaced) /* timeout: 60 */
+{
+    ca_set_log_handler(quiet, NULL); /* exits posted to loops closed meanwhile are logged */
+    int (*makers[])(ca_child_watcher **) = {ca_threaded_child_watcher_new,
+                                            ca_multiloop_child_watcher_new,
+                                            ca_pidfd_child_watcher_new};
+    for (size_t k = 0; k < 3; k++) {
+        ca_child_watcher *w;
+        int r = makers[k](&w);
+        if (r == -ENOSYS) continue;
+        CHECK_OK(r);
+        atomic_store(&policy_stop, false);
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, replace_policies, NULL) == 0);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int n = 0;
+        do {
+            /* No loop set in the main thread: the delivery loop is the policy's own, which
+             * the other thread's replacement frees as soon as nothing else holds it. */
+            pid_t pid = spawn_exit(0);
+            CHECK(pid > 0);
+            r = ca_child_watcher_add_child_handler(w, pid, count_exit, NULL);
+            CHECK(r == 0 || r == -ENOENT);
+            /* The loop is nobody's to run: take the child back and reap it. */
+            if (r == 0 && ca_child_watcher_remove_child_handler(w, pid) == 1) {
+                while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+                }
+            } else if (r < 0) {
+                waitpid(pid, NULL, 0);
+            }
+            n++;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+        } while ((t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9 < 1.0);
+        atomic_store(&policy_stop, true);
+        pthread_join(t, NULL);
+        CHECK(n > 10);
+        CHECK_OK(ca_child_watcher_close(w));
+        ca_child_watcher_unref(w);
+        /* A fresh policy: the last one's main-thread loop goes with it. */
+        ca_policy *p;
+        CHECK_OK(ca_default_policy_new(&p));
+        CHECK_OK(ca_set_event_loop_policy(p));
+        ca_policy_unref(p);
+    }
+    /* Threaded's threads end once their (reaped) child is gone: give them a moment. */
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
     ca_set_log_handler(NULL, NULL);
 }

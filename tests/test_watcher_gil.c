@@ -327,7 +327,7 @@ static void host_iterate(ca_loop *loop, int max_ms)
     size_t n = h->nready;
     ca_handle **batch = malloc((n ? n : 1) * sizeof *batch);
     CHECK(batch != NULL);
-    memcpy(batch, h->ready, n * sizeof *batch);
+    if (n) memcpy(batch, h->ready, n * sizeof *batch);
     h->nready = 0;
     for (size_t i = 0; i < n; i++) {
         ca_handle_run(batch[i]);
