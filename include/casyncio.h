@@ -136,8 +136,8 @@ const char *ca_loop_kind(const ca_loop *loop);
  * -EINVAL NULL; -ECHILD; -EBADF closed; -EBUSY this loop is already running (in any thread)
  * or another loop runs in this thread. Returns 0 after stopping, or a backend error.
  * Out of memory, a built-in loop keeps running and does not spin: when an iteration cannot
- * move a due timer or a callback submitted from another thread onto its ready queue (which may
- * need to grow), nothing is dropped, and the following iterations wait for I/O (serving it)
+ * move a due timer, a callback submitted from another thread or an arrived signal's handler
+ * onto its ready queue (which may need to grow), nothing is dropped, and the following iterations wait for I/O (serving it)
  * for 1 ms, then 2, 4... up to 128 ms before trying again, until one succeeds. (asyncio would
  * raise MemoryError out of run_forever; a C loop that other threads feed is better off
  * waiting for memory than stopping.) */
@@ -691,8 +691,7 @@ typedef struct ca_child_watcher_ops {
  *   ca_multiloop_child_watcher_new: also -EMFILE/-ENFILE (its eventfd), -EAGAIN (its thread),
  *     -ENOSPC (too many signal slots in the process).
  *   ca_pidfd_child_watcher_new: -ENOSYS where pidfd_open is missing (Linux < 5.3, or valgrind);
- *     checked once per process. (Linux 5.3 has pidfd_open but not waitid(P_PIDFD): the watcher
- *     is made there, but every exit is then reported as 255 with a warning; Pidfd needs 5.4.) */
+ *     checked once per process. */
 int ca_threaded_child_watcher_new(ca_child_watcher **out);
 int ca_multiloop_child_watcher_new(ca_child_watcher **out);
 int ca_safe_child_watcher_new(ca_child_watcher **out);

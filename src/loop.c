@@ -527,15 +527,9 @@ static void wake(ca_loop *loop)
     }
 }
 
-static void on_wakeup(void *arg)
+/* Queues the handlers of the signals in mask (bit sig - 1). */
+static void sig_dispatch(ca_loop *loop, uint64_t mask)
 {
-    ca_loop *loop = arg;
-    uint64_t v;
-    ssize_t r = read(loop->wake_fd, &v, sizeof v);
-    (void)r;
-    atomic_store(&loop->wake_pending, false);
-    if (!loop->sigslot) return;
-    uint64_t mask = ca__sigslot_take(loop->sigslot);
     for (int sig = 1; mask && sig <= 64; sig++) {
         uint64_t bit = UINT64_C(1) << (sig - 1);
         if (!(mask & bit)) continue;
@@ -544,12 +538,26 @@ static void on_wakeup(void *arg)
         if (h && !h->scheduled && !h->cancelled) {
             ca_handle_ref(h); /* the queue's reference; the registration keeps its own */
             if (CA_UNLIKELY(ready_push(loop, h))) {
-                /* Out of memory for the ring: the signal stays pending for next time. */
+                /* Out of memory for the ring: the signal stays pending here, and the next
+                 * iteration, which backs off (see run_once), tries again. Not through the
+                 * signal slot, whose wakeup would make the loop spin. */
                 ca_handle_unref(h);
-                ca__sigslot_repend(loop->sigslot, sig);
+                loop->sig_retry |= bit;
+                loop->starved = true;
             }
         }
     }
+}
+
+static void on_wakeup(void *arg)
+{
+    ca_loop *loop = arg;
+    uint64_t v;
+    ssize_t r = read(loop->wake_fd, &v, sizeof v);
+    (void)r;
+    atomic_store(&loop->wake_pending, false);
+    if (!loop->sigslot) return;
+    sig_dispatch(loop, ca__sigslot_take(loop->sigslot));
 }
 
 /* ----- the fd table ---------------------------------------------------------------------------- */
@@ -779,6 +787,11 @@ static int run_once(ca_loop *loop)
         }
         if (r < 0) return r;
         ts_drain(loop);
+    }
+    if (CA_UNLIKELY(loop->sig_retry != 0)) {
+        uint64_t retry = loop->sig_retry;
+        loop->sig_retry = 0;
+        sig_dispatch(loop, retry);
     }
     if (loop->heap_len) {
         double end = ca__monotonic() + 1e-9;
@@ -1439,7 +1452,8 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     if (!loop || !fn) return -EINVAL;
     int r = ca__loop_check(loop);
     if (r) return r;
-    if (!loop->ops->call_soon_threadsafe) return loop->be ? -ENOTSUP : host_ts_push(loop, fn, arg, NULL);
+    if (!loop->ops->call_soon_threadsafe)
+        return loop->be ? -ENOTSUP : host_ts_push(loop, fn, arg, NULL);
     if (loop->be && loop->ops->call_soon_threadsafe == ca__core_call_soon_threadsafe) {
         /* Built-in loops: no handle at all, just (fn, arg) into the queue. */
         return ts_push(loop, fn, arg, NULL);
@@ -1482,10 +1496,16 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
         }
         return r;
     }
+    /* A host loop that uses the core's queue: from any thread but one where it is marked
+     * running, the queue, which is safe from anywhere (the core cannot tell the host's thread
+     * from another while the host has not marked its loop running). -ENOTSUP: no queue. */
+    if (!loop->ops->call_soon_threadsafe && !ca__running_here(loop)) {
+        r = host_ts_push(loop, fn, arg, drop);
+        if (r != -ENOTSUP) return r;
+    }
     /* Custom loops: a reference-counted handle; whoever drops the last reference without
      * running it calls drop. */
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
-    if (!op && !own) return host_ts_push(loop, fn, arg, drop);
     if (!op) return -ENOTSUP;
     ca_handle *h = handle_alloc(fn, arg);
     if (!h) return -ENOMEM;

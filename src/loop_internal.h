@@ -112,6 +112,7 @@ struct ca_loop {
      * of 0, so a loop short of memory does not spin. 0 once an iteration moves everything. */
     bool starved;
     unsigned oom_wait_ms;
+    uint64_t sig_retry;                /* signals whose handler could not be queued (memory) */
     /* timer heap: a 4-ary min-heap on (when, seq) with the keys stored inline, so sifting
      * never touches the handles; the four children of a node share one 128-byte block
      * (heap_mem is the allocation, heap points 3 entries into it); cancelled timers are

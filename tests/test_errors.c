@@ -46,7 +46,8 @@ TEST(strerror_for_fits_the_call)
     CHECK(has(ca_strerror_for("ca_get_event_loop", r), "no current event loop"));
 
     static const char *const cat[] = {"/bin/cat", NULL};
-    const ca_subprocess_options piped = {.argv = cat, .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
+    const ca_subprocess_options piped = {
+        .argv = cat, .stdin_mode = CA_PIPE, .stdout_mode = CA_PIPE};
     CHECK_OK(ca_loop_subprocess_exec(loop, &piped, NULL, NULL, &p));
     ca_future *f1 = NULL, *f2 = NULL;
     CHECK_OK(ca_process_communicate(p, "x", 1, &f1));
@@ -62,7 +63,8 @@ TEST(strerror_for_fits_the_call)
     CHECK(has(ca_strerror_for("ca_loop_call_soon", -EPERM), "another thread"));
     CHECK(has(ca_strerror_for("ca_loop_run_forever", -EBUSY), "already running"));
     CHECK(has(ca_strerror_for("ca_loop_close", -EBUSY), "running"));
-    CHECK(has(ca_strerror_for("ca_child_watcher_remove_child_handler", -EBADF), "watcher is closed"));
+    CHECK(has(ca_strerror_for("ca_child_watcher_remove_child_handler", -EBADF),
+              "watcher is closed"));
     CHECK(has(ca_strerror_for("ca_loop_call_soon", -EBADF), "event loop is closed"));
     CHECK(has(ca_strerror_for("ca_future_result", -EAGAIN), "not done"));
     CHECK_OK(ca_loop_close(loop));

@@ -155,7 +155,7 @@ TEST(host_queue_is_opt_in)
     ca_loop_unref(loop);
 }
 
-/* ----- close, thread rule, fork ---------------------------------------------------------------- */
+/* ----- close, thread rule, fork --------------------------------------------------------------- */
 
 struct dropped {
     atomic_int ran, dropped;
@@ -223,7 +223,7 @@ TEST(host_queue_in_forked_child)
     ca_loop_unref(loop);
 }
 
-/* ----- is_closed ------------------------------------------------------------------------------- */
+/* ----- is_closed ------------------------------------------------------------------------------ */
 
 TEST(host_closed_loop)
 {
@@ -246,5 +246,31 @@ TEST(host_closed_loop)
     /* ca_loop_close still releases the core's side: the queued callback is dropped. */
     CHECK_OK(ca_loop_close(loop));
     CHECK_EQ(atomic_load(&d.ran), 0);
+    ca_loop_unref(loop);
+}
+
+/* The library's own deliveries (a watcher's thread posting an exit) reach a host loop that is
+ * not marked running through the queue, never through its call_soon op from a foreign thread. */
+static void *schedule_idle(void *arg)
+{
+    struct sched_arg *a = arg;
+    CHECK_OK(ca__loop_schedule(a->loop, drop_run, a->d, drop_drop));
+    return NULL;
+}
+
+TEST(host_queue_takes_library_deliveries_from_other_threads)
+{
+    ca_loop *loop = NULL;
+    CHECK_OK(t_custom_loop_new_hostq(&loop));
+    struct dropped d = {0};
+    struct sched_arg a = {loop, &d};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, schedule_idle, &a), 0);
+    pthread_join(t, NULL);
+    CHECK(readable(ca_loop_threadsafe_fd(loop)));
+    CHECK_EQ(ca_loop_run_threadsafe(loop), 1);
+    CHECK_EQ(atomic_load(&d.ran), 1);
+    CHECK_EQ(atomic_load(&d.dropped), 0);
+    CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);
 }

@@ -184,6 +184,14 @@ static void spawn_under_churn(unsigned what, bool allow_ebadf, int (*make)(ca_ch
     }
     CHECK_OK(ca_selector_loop_new(&s.loop));
     struct churn_ctx c = {.make = make};
+    if (make && !(what & CHURN_POLICY)) {
+        /* Installed before the first spawn, which would otherwise make the default (Threaded)
+         * watcher, and a closed Threaded watcher's threads still reap (see above). */
+        ca_child_watcher *w = NULL;
+        CHECK_OK(make(&w));
+        CHECK_OK(ca_set_child_watcher(w));
+        ca_child_watcher_unref(w);
+    }
     pthread_t th[3];
     int n = 0;
     if (what & CHURN_WATCHER) CHECK_EQ(pthread_create(&th[n++], NULL, replace_watchers, &c), 0);
