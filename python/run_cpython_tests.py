@@ -8,6 +8,10 @@ classes, a TestCase from its SubprocessWatcherMixin and test_utils.TestCase with
 3.11) and _get_watcher (3.12+) giving our class: every test of SubprocessMixin then runs with
 our watcher set as the policy's child watcher, MultiLoop included (CPython skips its own
 MultiLoop class: @unittest.skip for bpo-38323 up to 3.11; 3.12+ keeps only a warning test).
+With --as-asyncio, asyncio's own watcher classes are replaced by ours (in asyncio and
+asyncio.unix_events, before the test module is imported) and the test module's own classes
+run: Subprocess*WatcherTests (its skipped MultiLoop class included) and, on 3.12+,
+MultiLoopChildWatcherTests (the constructor's DeprecationWarning).
 Each test is bounded in time (faulthandler ends the process with a traceback on a hang) and
 must leave no child process behind: a test after which a child is still there, or after which
 CPython's support.reap_children() had to reap one, fails.
@@ -16,6 +20,7 @@ Last line: "cpython-tests: N passed, N failed, N skipped".
 import argparse
 import faulthandler
 import os
+import re
 import sys
 import time
 import unittest
@@ -104,8 +109,17 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0, help="per test, seconds")
     ap.add_argument("-k", dest="pattern", action="append", help="only tests matching")
     ap.add_argument("-v", dest="verbosity", action="store_const", const=2, default=1)
+    ap.add_argument("--as-asyncio", action="store_true",
+                    help="replace asyncio's classes by ours and run the module's own classes")
     ap.add_argument("kinds", nargs="*", default=list(KINDS))
     args = ap.parse_args()
+    if args.as_asyncio:
+        import asyncio
+        from asyncio import unix_events
+        for kind in args.kinds:
+            cls = KINDS[kind]
+            setattr(unix_events, cls.__name__, cls)
+            setattr(asyncio, cls.__name__, cls)
 
     try:
         from test.test_asyncio import test_subprocess
@@ -120,14 +134,24 @@ def main():
     if args.pattern:
         loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.pattern]
     suite = unittest.TestSuite()
-    for kind in args.kinds:
-        suite.addTests(loader.loadTestsFromTestCase(
-            make_case(mixin, test_utils.TestCase, KINDS[kind])))
+    if args.as_asyncio:
+        names = {KINDS[k].__name__.replace("ChildWatcher", "") for k in args.kinds}
+        for name in sorted(dir(test_subprocess)):
+            m = re.fullmatch(r"Subprocess(\w+)WatcherTests|(MultiLoop)ChildWatcherTests", name)
+            if m and (m.group(1) or m.group(2)) in names:
+                case = getattr(test_subprocess, name)
+                case.__unittest_skip__ = False  # bpo-38323's skip: ours has no such race
+                suite.addTests(loader.loadTestsFromTestCase(case))
+    else:
+        for kind in args.kinds:
+            suite.addTests(loader.loadTestsFromTestCase(
+                make_case(mixin, test_utils.TestCase, KINDS[kind])))
 
     Result.timeout = args.timeout
     runner = unittest.TextTestRunner(verbosity=args.verbosity, resultclass=Result,
                                      stream=sys.stdout)
-    print(f"cpython-tests: {sys.executable} {sys.version.split()[0]}, "
+    mode = "asyncio's classes replaced by ours" if args.as_asyncio else "SubprocessWatcherMixin"
+    print(f"cpython-tests: {sys.executable} {sys.version.split()[0]}, {mode}, "
           f"test_subprocess from {os.path.dirname(test_subprocess.__file__)}", flush=True)
     try:
         result = runner.run(suite)

@@ -5,7 +5,7 @@
 # For each interpreter (PYTHON, or with "all" every CPython 3.8+ under $(pyenv root)/versions):
 # builds the package into build/python (make python), runs the package's own tests
 # (python/tests) and CPython's own subprocess watcher tests against our five classes
-# (python/run_cpython_tests.py). An interpreter without its test package (Debian's python3
+# (python/run_cpython_tests.py, with and without --as-asyncio). An interpreter without its test package (Debian's python3
 # without libpython3.X-testsuite) borrows the test package of pyenv's CPython of the same X.Y
 # when there is one (said so in the output), else those tests count as one skip.
 # Last line: "python: N passed, N failed, N skipped" (a build failure counts as one failure).
@@ -78,9 +78,13 @@ for py in $pys; do
         S=$((S + 1))
         continue
     fi
-    PYTHONPATH=$DEST timeout 1800 "$testpy" python/run_cpython_tests.py > "$out" 2>&1
-    grep -E '^(FAIL|ERROR):|^cpython-tests:|Timeout|Fatal' "$out"
-    add "$out"
+    # Both ways of running CPython's tests with our classes: the mixin with ours, and the
+    # module's own classes with asyncio's replaced by ours.
+    for mode in "" --as-asyncio; do
+        PYTHONPATH=$DEST timeout 1800 "$testpy" python/run_cpython_tests.py $mode > "$out" 2>&1
+        grep -E '^(FAIL|ERROR):|^cpython-tests:|Timeout|Fatal' "$out"
+        add "$out"
+    done
 done
 rm -f "$out"
 echo "python: $P passed, $F failed, $S skipped"
