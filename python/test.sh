@@ -5,9 +5,10 @@
 # For each interpreter (PYTHON, or with "all" every CPython 3.8+ under $(pyenv root)/versions):
 # builds the package into build/python (make python), runs the package's own tests
 # (python/tests) and CPython's own subprocess watcher tests against our five classes
-# (python/run_cpython_tests.py, with and without --as-asyncio). An interpreter without its test package (Debian's python3
-# without libpython3.X-testsuite) borrows the test package of pyenv's CPython of the same X.Y
-# when there is one (said so in the output), else those tests count as one skip.
+# (python/run_cpython_tests.py, with and without --as-asyncio). An interpreter without its test
+# package (Debian's python3 without libpython3.X-testsuite) borrows the test package of pyenv's
+# CPython of the same X.Y when there is one (said so in the output), else those tests count as
+# one skip.
 # Last line: "python: N passed, N failed, N skipped" (a build failure counts as one failure).
 set -u
 B=$1 CC=$2 WHICH=$3
