@@ -97,6 +97,9 @@ static void taken_away(ca_loop *loop, ca_child_watcher *w, bool attach)
     atomic_store(&warnings, 0);
     ca_set_log_handler(count_log, NULL);
     if (attach) CHECK_OK(ca_child_watcher_attach_loop(w, loop));
+    /* The check that attach_loop posts runs now, before any child exists: after this, only
+     * the slow check can find the exits. */
+    t_run_for(loop, 0.05);
     struct sigaction old;
     install_foreign(&old);
     CHECK_OK(ca_set_event_loop(loop));

@@ -28,6 +28,7 @@ extern char **environ;
 static atomic_bool armed;
 static atomic_int failures;
 
+#ifndef T_SANITIZED
 /* In a waiting thread of the Threaded watcher? prctl reads the name without allocating. */
 static bool in_wait_thread(void)
 {
@@ -43,7 +44,6 @@ static bool fail_now(void)
     return true;
 }
 
-#ifndef T_SANITIZED
 void *__libc_malloc(size_t n);
 void *__libc_realloc(void *p, size_t n);
 
@@ -104,7 +104,7 @@ TEST(threaded_exit_survives_enomem_post) /* timeout: 60 */
     CHECK_OK(ca_set_event_loop(loop));
     atomic_store(&armed, true);
     for (int i = 0; i < N; i++) {
-        char arg[16];
+        char arg[24];
         snprintf(arg, sizeof arg, "exit %d", i);
         char *argv[] = {"sh", "-c", arg, NULL};
         pid_t pid;
