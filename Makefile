@@ -105,10 +105,15 @@ tests: $(TEST_BINS)
 # `make test` builds everything (the examples too) and runs every test program; the last
 # line is "MODE: N passed, N failed, N skipped" (release: ...). tools/deps.sh installs what is
 # missing (valgrind and clang are CI's alone: tools/deps.sh ci).
+# The Python tests (test-python, below) run first for PYTHON in the release and debug modes (a
+# sanitizer build cannot be loaded into an interpreter); their failure fails `make test` after
+# the C tests ran.
 test:
 	@sh tools/deps.sh test
 	@$(MAKE) --no-print-directory all tests
-	@sh tools/run-tests.sh $(B) $(MODE)
+	@py=0; if [ "$(MODE)" = release ] || [ "$(MODE)" = debug ]; then \
+		sh python/test.sh $(B) '$(CC)' '$(PYTHON)' || py=1; fi; \
+		sh tools/run-tests.sh $(B) $(MODE) || exit 1; exit $$py
 
 # ----- run, bench ----------------------------------------------------------------------
 run: all
@@ -116,6 +121,25 @@ run: all
 
 bench: all
 	@sh bench/run.sh $(B)
+
+# ----- python -----------------------------------------------------------------------
+# `make python PYTHON=/abs/python3.X PYTHON_DEST=/abs/DIR` builds the casyncio package for that
+# interpreter into DIR/casyncio (docs/python.md). `make test-python` runs the package's tests and
+# CPython's own subprocess watcher tests against it for PYTHON; `make test-python-all` does so
+# for every CPython 3.8+ that pyenv installed (CI). Each prints "python: N passed, N failed, N
+# skipped".
+PYTHON ?= python3
+PYTHON_DEST ?= build/python
+
+.PHONY: python test-python test-python-all
+python: lib
+	@sh python/build.sh '$(PYTHON)' '$(PYTHON_DEST)' '$(B)' '$(CC)'
+
+test-python: lib
+	@sh python/test.sh '$(B)' '$(CC)' '$(PYTHON)'
+
+test-python-all: lib
+	@sh python/test.sh '$(B)' '$(CC)' all
 
 # ----- install -----------------------------------------------------------------------
 install: all

@@ -8,6 +8,8 @@
 #   REPS_SLOW=N repetitions of the slow workloads, reap_scaling and jobs (default: min(REPS, 2))
 #   ONLY=REGEX  run only the workloads whose name matches (grep -E), e.g. ONLY='spawn|reap';
 #               results then stay under build/bench (docs/ is written by complete runs only)
+#   PY_WATCH=PY the interpreter for the Python watcher workloads (bench/py_watchers.py; default
+#               python3 from PATH, with its headers); ONLY=python runs only those
 #
 # Installs the missing peers (tools/deps.sh bench), builds every program into build/bench/,
 # runs every workload REPS times interleaving the peers (the order is reversed on every other
@@ -216,11 +218,45 @@ done
 echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 echo "elapsed_s=$(($(date +%s) - t_start))" >> "$OUT/machine.txt"
 
+# ---- python: casyncio's watchers against asyncio's own (bench/py_watchers.py) -------------
+# One interpreter for both sides, measured in the same run, interleaved. PY_WATCH picks it
+# (default: python3 from PATH, which must have its headers: make python builds the module).
+PY_WATCH=${PY_WATCH:-python3}
+PYMD=$OUT/python.md
+if echo "python" | grep -Eq "$ONLY"; then
+    echo "bench: python watchers ($PY_WATCH)"
+    if sh python/build.sh "$PY_WATCH" "$OUT/python" "$B" "$CC" > "$OUT/logs/build-python.log" 2>&1
+    then
+        qa=""
+        [ "$QUICK" != 0 ] && qa=--quick
+        if ! PYTHONPATH=$OUT/python timeout 3600 "$PY_WATCH" bench/py_watchers.py $qa \
+                --reps "$REPS" --md "$PYMD" > "$OUT/logs/python.log" 2>&1; then
+            echo "FAIL python watchers (see $OUT/logs/python.log)" | tee -a "$FAILS" >&2
+        fi
+        grep -E '^\|' "$OUT/logs/python.log"
+    else
+        cat "$OUT/logs/build-python.log" >&2
+        echo "FAIL python module build for $PY_WATCH" | tee -a "$FAILS" >&2
+    fi
+fi
+
 # ---- report -----------------------------------------------------------------------------
 if [ "$QUICK" != 0 ] || [ "$ONLY" != . ]; then   # docs/ only from a complete full run
     $PY bench/report.py "$OUT" "$OUT" || { echo "bench: report failed" >&2; exit 1; }
 else
     $PY bench/report.py "$OUT" docs docs/benchmarks.md || { echo "bench: report failed" >&2; exit 1; }
+    # The Python section of docs/benchmarks.md, between its own markers.
+    if [ -s "$PYMD" ]; then
+        $PY - "$PYMD" docs/benchmarks.md <<'PYEOF' || { echo "bench: python report failed" >&2; exit 1; }
+import sys
+new, doc = open(sys.argv[1]).read(), sys.argv[2]
+text = open(doc).read()
+a, b = "<!-- BEGIN PYTHON RESULTS -->", "<!-- END PYTHON RESULTS -->"
+if a in text and b in text:
+    text = text[:text.index(a) + len(a)] + "\n" + new + text[text.index(b):]
+    open(doc, "w").write(text)
+PYEOF
+    fi
 fi
 if [ -s "$FAILS" ]; then
     echo "bench: $(wc -l < "$FAILS") program run(s) failed:" >&2
