@@ -86,6 +86,18 @@ void ca__loop_remove_close_hook(ca_loop *loop, void *token);
  * called instead, once, so whatever arg owns (references, memory) is released. On error
  * neither is called. */
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop);
+/* As ca__loop_schedule, with a reservation for deliveries that must not fail for memory (issue
+ * 16, item 4). spare: NULL, or a handle from ca__handle_reserve that is used (and *spare set
+ * to NULL: the loop frees it) when a custom loop's handle cannot be allocated; otherwise it
+ * stays the caller's. any_thread: the caller may be another thread than the loop's even while
+ * the loop is not running (a watcher's thread): call_soon only when the loop runs in this
+ * thread, else call_soon_threadsafe. */
+int ca__loop_schedule_ex(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop,
+                         ca_handle **spare, bool any_thread);
+/* An uninitialised handle for ca__loop_schedule_ex's spare, or NULL (ENOMEM); one not used is
+ * freed with ca__handle_unreserve (NULL is accepted). Any thread. */
+ca_handle *ca__handle_reserve(void);
+void ca__handle_unreserve(ca_handle *h);
 /* Whether the calling thread may use loop's thread-bound functions now. */
 bool ca__loop_in_own_thread(const ca_loop *loop);
 

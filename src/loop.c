@@ -1468,7 +1468,17 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     return r;
 }
 
+ca_handle *ca__handle_reserve(void) { return malloc(sizeof(ca_handle)); }
+
+void ca__handle_unreserve(ca_handle *h) { free(h); }
+
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
+{
+    return ca__loop_schedule_ex(loop, fn, arg, drop, NULL, false);
+}
+
+int ca__loop_schedule_ex(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop,
+                         ca_handle **spare, bool any_thread)
 {
     int r;
     /* The common case, from a callback of the loop itself, needs no further check: a loop
@@ -1476,7 +1486,7 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     bool own = loop && ca__running_here(loop);
     if (!own) {
         if ((r = ca__loop_check(loop)) != 0) return r;
-        own = ca__loop_in_own_thread(loop);
+        own = !any_thread && ca__loop_in_own_thread(loop);
     }
     if (!fn) return -EINVAL;
     if (loop->be) {
@@ -1508,6 +1518,14 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
     if (!op) return -ENOTSUP;
     ca_handle *h = handle_alloc(fn, arg);
+    bool reserved = false;
+    if (CA_UNLIKELY(!h) && spare && *spare) {
+        /* The caller's reservation: the loop owns it from now on (its last unref frees it). */
+        h = *spare;
+        *spare = NULL;
+        handle_init(h, fn, arg);
+        reserved = true;
+    }
     if (!h) return -ENOMEM;
     h->escaped = true;
     h->drop = drop;
@@ -1515,6 +1533,10 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     r = op(loop, h);
     atomic_fetch_sub(&loop->ts_inflight, 1);
     if (r) h->drop = NULL; /* refused: the caller keeps arg */
+    if (CA_UNLIKELY(r && reserved) && atomic_load(&h->refs) == 1) {
+        *spare = h; /* refused: the reservation stays the caller's */
+        return r;
+    }
     ca_handle_unref(h);
     return r;
 }
