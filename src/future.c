@@ -27,10 +27,13 @@ struct ca_future {
     struct done_cb *fired;        /* the callbacks of the completion, until they run */
     void (*owner_fn)(void *);     /* the operation completing it (ca__future_set_owner) */
     void *owner_arg;
-    /* A custom loop's future: the handle reserved for its callbacks' entry, so that completing
-     * it cannot lose them for want of memory (issue 16, item 4). Built-in loops need none: the
-     * entry is (fn, arg) in the ready ring. */
-    ca_handle *spare;
+    /* What its callbacks' entry needs when memory fails, so that completing it cannot lose them
+     * (issue 16, item 4): a custom loop's future has a handle reserved; a built-in loop's
+     * posts this node (its ring entry is (fn, arg), which needs a place in the ring). */
+    union {
+        ca_handle *spare;
+        struct ca__post post;
+    };
     struct done_cb slot[INLINE_CBS];
 };
 
@@ -184,7 +187,7 @@ ca_future *ca_future_unref(ca_future *f)
         loop_unref_own(loop);
         return NULL;
     }
-    ca__handle_unreserve(f->spare);
+    if (!loop->be) ca__handle_unreserve(f->spare);
     free(f);
     ca_loop_unref(loop);
     return NULL;
@@ -261,10 +264,17 @@ static int schedule_cbs(ca_future *f, struct done_cb *c, bool late, bool steal)
     if (!late || !f->fired) {
         /* the future's own entry is free: no entry of its callbacks is waiting */
         f->fired = c;
+        bool be = f->loop->be != NULL;
         r = ca__loop_schedule_ex(f->loop, ca__future_run_fired, f, ca__future_drop_fired,
-                                 &f->spare, false);
+                                 be ? NULL : &f->spare, false);
+        if (CA_UNLIKELY(r == -ENOMEM) && be) {
+            /* No room in the ring: the node waits in the loop's list (the entry is free, so
+             * the node is). */
+            f->post = (struct ca__post){.fn = ca__future_run_fired, .arg = f};
+            r = ca__loop_post_node(f->loop, &f->post);
+        }
         if (r) f->fired = NULL;
-        else if (CA_UNLIKELY(!f->spare) && !f->loop->be)
+        else if (CA_UNLIKELY(!be && !f->spare))
             f->spare = ca__handle_reserve(); /* used up: again if memory allows */
     } else {
         struct late *l = malloc(sizeof *l);

@@ -88,9 +88,10 @@ struct ca_process {
     pid_t pid;
     int pidfd;                      /* ours, for signals and the final reap; -1 without */
     struct ca__wreg *lease;         /* the Pidfd watcher borrows pidfd: see drop_pidfd */
-    /* A custom loop's process: the handle reserved for posting the exit (or the drop) to the
-     * loop, so that it cannot be lost for want of memory (issue 16, item 4). child_exited or
-     * child_dropped takes it (once, before its relay exchange); else proc_free frees it. */
+    /* What posting the exit (or the drop) to the loop needs when memory fails, so that it
+     * cannot be lost (issue 16, item 4): a custom loop's handle, or a built-in loop's node
+     * (ca__loop_schedule_ex). child_exited or child_dropped takes it (once, before its relay
+     * exchange); else proc_free frees it. */
     ca_handle *spare;
 
     /* Written by the watcher's callback, possibly in another thread. */
@@ -766,10 +767,10 @@ static ca_handle *take_spare(ca_process *p)
 }
 
 /* Posts fn(p) to loop: call_soon when the loop runs in this thread, else call_soon_threadsafe
- * (the loop closing or closed refuses it: its close hook finishes the process then). A custom
- * loop's post falls back on the reserved handle when no handle can be allocated; spare is
- * consumed either way. p is not touched here. Out of memory with a built-in loop's queue
- * full, nothing is left to reserve: said, and the close hook ends the child. */
+ * (the loop closing or closed refuses it: its close hook finishes the process then). Out of
+ * memory, the post falls back on the reservation; spare is consumed either way. p is not
+ * touched here. Without a reservation (it could not be made again) and without memory, the
+ * exit is said lost, and the loop's close ends the child. */
 static void post_to_loop(ca_loop *loop, ca_callback_fn fn, ca_process *p, pid_t pid,
                          ca_handle *spare)
 {
@@ -1213,7 +1214,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         goto out;
     }
     memcpy(p->name, o->argv[0], namelen + 1);
-    if (!loop->be && !(p->spare = ca__handle_reserve())) {
+    if (!(p->spare = ca__handle_reserve())) {
         free(p);
         p = NULL;
         r = -ENOMEM;
