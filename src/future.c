@@ -27,14 +27,16 @@ struct ca_future {
     struct done_cb *fired;        /* the callbacks of the completion, until they run */
     void (*owner_fn)(void *);     /* the operation completing it (ca__future_set_owner) */
     void *owner_arg;
+    struct done_cb slot[INLINE_CBS];
     /* What its callbacks' entry needs when memory fails, so that completing it cannot lose them
      * (issue 16, item 4): a custom loop's future has a handle reserved; a built-in loop's
-     * posts this node (its ring entry is (fn, arg), which needs a place in the ring). */
+     * posts this node (its ring entry is (fn, arg), which needs a place in the ring). Last:
+     * touched only then (and when a custom loop's future is made or freed), so the fields
+     * above keep their cache lines. */
     union {
         ca_handle *spare;
         struct ca__post post;
     };
-    struct done_cb slot[INLINE_CBS];
 };
 
 static struct done_cb *cb_alloc(ca_future *f)
