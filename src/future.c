@@ -28,6 +28,15 @@ struct ca_future {
     void (*owner_fn)(void *);     /* the operation completing it (ca__future_set_owner) */
     void *owner_arg;
     struct done_cb slot[INLINE_CBS];
+    /* What its callbacks' entry needs when memory fails, so that completing it cannot lose them
+     * (issue 16, item 4): a custom loop's future has a handle reserved; a built-in loop's
+     * posts this node (its ring entry is (fn, arg), which needs a place in the ring). Last:
+     * touched only then (and when a custom loop's future is made or freed), so the fields
+     * above keep their cache lines. */
+    union {
+        ca_handle *spare;
+        struct ca__post post;
+    };
 };
 
 static struct done_cb *cb_alloc(ca_future *f)
@@ -129,6 +138,11 @@ int ca_future_new(ca_loop *loop, ca_future **out)
     } else {
         f = malloc(sizeof *f);
         if (!f) return -ENOMEM;
+        f->spare = NULL;
+        if (!loop->be && !(f->spare = ca__handle_reserve())) {
+            free(f);
+            return -ENOMEM;
+        }
     }
     if (own) loop_ref_own(loop);
     else ca_loop_ref(loop);
@@ -175,6 +189,7 @@ ca_future *ca_future_unref(ca_future *f)
         loop_unref_own(loop);
         return NULL;
     }
+    if (!loop->be) ca__handle_unreserve(f->spare);
     free(f);
     ca_loop_unref(loop);
     return NULL;
@@ -241,7 +256,9 @@ static void drop_late(void *arg)
 }
 
 /* Hands callbacks to the loop; if the loop cannot take them (closed), they are dropped, as
- * asyncio's call_soon on a closed loop would refuse them. */
+ * asyncio's call_soon on a closed loop would refuse them. Memory is not a reason to lose them
+ * (issue 16, item 4): a custom loop's future uses its reserved handle when none can be
+ * allocated, and late callbacks that get no entry of their own join the waiting entry. */
 static int schedule_cbs(ca_future *f, struct done_cb *c, bool late, bool steal)
 {
     int r = -ENOMEM;
@@ -249,8 +266,18 @@ static int schedule_cbs(ca_future *f, struct done_cb *c, bool late, bool steal)
     if (!late || !f->fired) {
         /* the future's own entry is free: no entry of its callbacks is waiting */
         f->fired = c;
-        r = ca__loop_schedule(f->loop, ca__future_run_fired, f, ca__future_drop_fired);
+        bool be = f->loop->be != NULL;
+        r = ca__loop_schedule_ex(f->loop, ca__future_run_fired, f, ca__future_drop_fired,
+                                 be ? NULL : &f->spare, false);
+        if (CA_UNLIKELY(r == -ENOMEM) && be) {
+            /* No room in the ring: the node waits in the loop's list (the entry is free, so
+             * the node is). */
+            f->post = (struct ca__post){.fn = ca__future_run_fired, .arg = f};
+            r = ca__loop_post_node(f->loop, &f->post);
+        }
         if (r) f->fired = NULL;
+        else if (CA_UNLIKELY(!be && !f->spare))
+            f->spare = ca__handle_reserve(); /* used up: again if memory allows */
     } else {
         struct late *l = malloc(sizeof *l);
         if (l) {
@@ -258,8 +285,21 @@ static int schedule_cbs(ca_future *f, struct done_cb *c, bool late, bool steal)
             r = ca__loop_schedule(f->loop, run_late, l, drop_late);
             if (r) free(l);
         }
+        if (CA_UNLIKELY(r == -ENOMEM)) {
+            /* The entry of the earlier callbacks still waits and runs f->fired: these run with
+             * them, at its turn rather than after what was scheduled meanwhile, but they run.
+             * That entry holds a reference already. */
+            struct done_cb **tail = &f->fired;
+            while (*tail) tail = &(*tail)->next;
+            *tail = c;
+            ca_future_unref(f);
+            return 0;
+        }
     }
     if (r) {
+        if (r == -ENOMEM)
+            ca__log(CA_LOG_ERROR, "a future's done callbacks cannot be scheduled: %s",
+                    ca_strerror(r));
         free_list(f, c);
         ca_future_unref(f);
     }

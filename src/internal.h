@@ -86,6 +86,33 @@ void ca__loop_remove_close_hook(ca_loop *loop, void *token);
  * called instead, once, so whatever arg owns (references, memory) is released. On error
  * neither is called. */
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop);
+/* A post that needs no memory: the poster's node, linked into the loop's list (issue 16, item
+ * 4: a delivery must not fail for memory). Built-in loops only (-ENOTSUP otherwise); -EBADF
+ * once the loop's queue closed (the node is left alone then). Any thread. fn(arg) runs on the
+ * loop's thread as if call_soon'ed when the loop next drains its queue; if the loop closes
+ * first, the drop function the loop knows for fn (the futures') is called. The node is not
+ * touched by its poster until then; with `owned` the loop frees it (free()) once done. */
+struct ca__post {
+    ca_callback_fn fn;
+    void *arg;
+    struct ca__post *next;
+    bool owned;
+};
+int ca__loop_post_node(ca_loop *loop, struct ca__post *node);
+/* As ca__loop_schedule, with a reservation for deliveries that must not fail for memory (issue
+ * 16, item 4). spare: NULL, or memory from ca__handle_reserve that is used (and *spare set to
+ * NULL: the loop frees it) when a custom loop's handle cannot be allocated or a built-in
+ * loop's queue cannot grow (then as an owned ca__post node; drop must be NULL or known to the
+ * loop); otherwise it stays the caller's. any_thread: the caller may be another thread than the loop's even while
+ * the loop is not running (a watcher's thread): call_soon only when the loop runs in this
+ * thread, else call_soon_threadsafe. */
+int ca__loop_schedule_ex(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop,
+                         ca_handle **spare, bool any_thread);
+/* A reservation for ca__loop_schedule_ex's spare (uninitialised memory that serves as a custom
+ * loop's handle or as a built-in loop's owned ca__post node), or NULL (ENOMEM); one not used
+ * is freed with ca__handle_unreserve (NULL is accepted). Any thread. */
+ca_handle *ca__handle_reserve(void);
+void ca__handle_unreserve(ca_handle *h);
 /* Whether the calling thread may use loop's thread-bound functions now. */
 bool ca__loop_in_own_thread(const ca_loop *loop);
 

@@ -389,6 +389,30 @@ static inline void ts_unlock(ca_loop *loop)
     atomic_flag_clear_explicit(&loop->ts_lock, memory_order_release);
 }
 
+/* The posts that waited for memory (ca__loop_post_node), after the queue's items, in their
+ * order. Those the ring has no room for go back to the front of the list, for the next
+ * iteration (which backs off: see run_once). */
+static void move_nodes(ca_loop *loop, struct ca__post *nodes)
+{
+    while (nodes) {
+        if (rq_push(loop, nodes->fn, nodes->arg) != 0) {
+            loop->starved = true;
+            struct ca__post *last = nodes;
+            while (last->next) last = last->next;
+            ts_lock(loop);
+            last->next = loop->ts_nodes;
+            if (!loop->ts_nodes) loop->ts_nodes_last = last;
+            loop->ts_nodes = nodes;
+            atomic_store_explicit(&loop->ts_pending, true, memory_order_relaxed);
+            ts_unlock(loop);
+            return;
+        }
+        struct ca__post *next = nodes->next;
+        if (nodes->owned) free(nodes);
+        nodes = next;
+    }
+}
+
 /* Moves everything other threads submitted onto the ready queue, in arrival order. When the
  * ring is empty (the usual case for a loop that other threads feed) the submitted array
  * becomes the ring and the old ring the spare: nothing is copied. */
@@ -401,6 +425,8 @@ static void ts_drain_pending(ca_loop *loop)
         /* Capacities are 256 << k on both sides, so the array is a valid ring. */
         bool take = loop->rq_len == 0 && n;
         if (take || loop->rq_cap - loop->rq_len >= n) {
+            struct ca__post *nodes = loop->ts_nodes;
+            loop->ts_nodes = loop->ts_nodes_last = NULL;
             loop->ts_buf = loop->ts_spare;
             loop->ts_cap = loop->ts_spare_cap;
             loop->ts_spare = take ? loop->rq : items;
@@ -416,6 +442,7 @@ static void ts_drain_pending(ca_loop *loop)
             } else {
                 for (size_t i = 0; i < n; i++) rq_push(loop, items[i].fn, items[i].arg); /* fits */
             }
+            if (CA_UNLIKELY(nodes != NULL)) move_nodes(loop, nodes);
             return;
         }
         ts_unlock(loop);
@@ -860,8 +887,18 @@ static void drop_handles(ca_loop *loop, bool forked)
     loop->ts_buf = NULL;
     loop->ts_cap = 0;
     loop->ts_len = 0;
+    struct ca__post *nodes = loop->ts_nodes;
+    loop->ts_nodes = loop->ts_nodes_last = NULL;
     atomic_store(&loop->ts_pending, false);
     if (!forked) ts_unlock(loop);
+    while (nodes) {
+        struct ca__post *next = nodes->next;
+        ca_callback_fn d = known_drop(nodes->fn);
+        void *arg = nodes->arg;
+        if (nodes->owned) free(nodes);
+        if (d) d(arg);
+        nodes = next;
+    }
     for (size_t i = 0; i < n; i++) {
         if (!items[i].fn) {
             ca_handle_unref(items[i].arg); /* calls its drop */
@@ -1468,7 +1505,51 @@ int ca_loop_call_soon_threadsafe(ca_loop *loop, ca_callback_fn fn, void *arg)
     return r;
 }
 
+union reservation {
+    ca_handle handle;
+    struct ca__post node;
+};
+
+ca_handle *ca__handle_reserve(void) { return malloc(sizeof(union reservation)); }
+
+/* A built-in loop's post failed for memory: the caller's reservation becomes an owned node. */
+static int post_spare(ca_loop *loop, ca_callback_fn fn, void *arg, ca_handle **spare)
+{
+    struct ca__post *node = (struct ca__post *)(void *)*spare;
+    *node = (struct ca__post){.fn = fn, .arg = arg, .owned = true};
+    int r = ca__loop_post_node(loop, node);
+    if (r == 0) *spare = NULL;
+    return r;
+}
+
+void ca__handle_unreserve(ca_handle *h) { free(h); }
+
+int ca__loop_post_node(ca_loop *loop, struct ca__post *node)
+{
+    if (!loop->be) return -ENOTSUP;
+    int r = 0;
+    node->next = NULL;
+    ts_lock(loop);
+    if (loop->ts_closed) {
+        r = -EBADF;
+    } else {
+        if (loop->ts_nodes) loop->ts_nodes_last->next = node;
+        else loop->ts_nodes = node;
+        loop->ts_nodes_last = node;
+        atomic_store(&loop->ts_pending, true);
+        wake(loop);
+    }
+    ts_unlock(loop);
+    return r;
+}
+
 int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop)
+{
+    return ca__loop_schedule_ex(loop, fn, arg, drop, NULL, false);
+}
+
+int ca__loop_schedule_ex(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_fn drop,
+                         ca_handle **spare, bool any_thread)
 {
     int r;
     /* The common case, from a callback of the loop itself, needs no further check: a loop
@@ -1476,16 +1557,20 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     bool own = loop && ca__running_here(loop);
     if (!own) {
         if ((r = ca__loop_check(loop)) != 0) return r;
-        own = ca__loop_in_own_thread(loop);
+        own = !any_thread && ca__loop_in_own_thread(loop);
     }
     if (!fn) return -EINVAL;
     if (loop->be) {
         /* Built-in loops: straight into the core's queues, whatever their ops table. */
-        if (!own) {
-            return ts_push(loop, fn, arg, drop);
+        bool plain = !drop || drop == known_drop(fn);
+        if (own) ts_drain(loop);
+        if (!own || plain) {
+            r = own ? rq_push(loop, fn, arg) : ts_push(loop, fn, arg, drop);
+            /* Out of memory: the caller's reservation carries it (a node needs no room). */
+            if (CA_UNLIKELY(r == -ENOMEM) && plain && spare && *spare)
+                r = post_spare(loop, fn, arg, spare);
+            return r;
         }
-        ts_drain(loop);
-        if (!drop || drop == known_drop(fn)) return rq_push(loop, fn, arg);
         ca_handle *h = handle_alloc(fn, arg);
         if (!h) return -ENOMEM;
         h->drop = drop;
@@ -1508,6 +1593,14 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     int (*op)(ca_loop *, ca_handle *) = own ? loop->ops->call_soon : loop->ops->call_soon_threadsafe;
     if (!op) return -ENOTSUP;
     ca_handle *h = handle_alloc(fn, arg);
+    bool reserved = false;
+    if (CA_UNLIKELY(!h) && spare && *spare) {
+        /* The caller's reservation: the loop owns it from now on (its last unref frees it). */
+        h = *spare;
+        *spare = NULL;
+        handle_init(h, fn, arg);
+        reserved = true;
+    }
     if (!h) return -ENOMEM;
     h->escaped = true;
     h->drop = drop;
@@ -1515,6 +1608,10 @@ int ca__loop_schedule(ca_loop *loop, ca_callback_fn fn, void *arg, ca_callback_f
     r = op(loop, h);
     atomic_fetch_sub(&loop->ts_inflight, 1);
     if (r) h->drop = NULL; /* refused: the caller keeps arg */
+    if (CA_UNLIKELY(r && reserved) && atomic_load(&h->refs) == 1) {
+        *spare = h; /* refused: the reservation stays the caller's */
+        return r;
+    }
     ca_handle_unref(h);
     return r;
 }

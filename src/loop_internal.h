@@ -135,6 +135,10 @@ struct ca_loop {
     struct ca__entry *ts_buf, *ts_spare;
     size_t ts_len, ts_cap, ts_spare_cap;
     bool ts_closed;
+    /* Posts that could not get a place in the queues for want of memory (ca__loop_post_node):
+     * a FIFO list of the posters' nodes, under ts_lock, moved to the ready ring when the loop
+     * drains the queue (ts_pending is set while the list is not empty). */
+    struct ca__post *ts_nodes, *ts_nodes_last;
     atomic_bool ts_pending;
     atomic_bool polling;               /* the loop is (about to be) blocked in the backend */
     atomic_bool wake_pending;          /* an eventfd write is in flight */

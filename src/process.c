@@ -88,6 +88,11 @@ struct ca_process {
     pid_t pid;
     int pidfd;                      /* ours, for signals and the final reap; -1 without */
     struct ca__wreg *lease;         /* the Pidfd watcher borrows pidfd: see drop_pidfd */
+    /* What posting the exit (or the drop) to the loop needs when memory fails, so that it
+     * cannot be lost (issue 16, item 4): a custom loop's handle, or a built-in loop's node
+     * (ca__loop_schedule_ex). child_exited or child_dropped takes it (once, before its relay
+     * exchange); else proc_free frees it. */
+    ca_handle *spare;
 
     /* Written by the watcher's callback, possibly in another thread. */
     atomic_int relay;
@@ -752,12 +757,35 @@ static void exit_on_loop(void *arg)
 static void end_child(ca_process *p, bool reap);
 static void child_dropped(ca_process *p, bool watch);
 
+/* The reserved handle, taken out of p while p is surely alive (before the relay exchange):
+ * child_exited and child_dropped run once between them, so nobody else touches it then. */
+static ca_handle *take_spare(ca_process *p)
+{
+    ca_handle *h = p->spare;
+    p->spare = NULL;
+    return h;
+}
+
+/* Posts fn(p) to loop: call_soon when the loop runs in this thread, else call_soon_threadsafe
+ * (the loop closing or closed refuses it: its close hook finishes the process then). Out of
+ * memory, the post falls back on the reservation; spare is consumed either way. p is not
+ * touched here. Without a reservation (it could not be made again) and without memory, the
+ * exit is said lost, and the loop's close ends the child. */
+static void post_to_loop(ca_loop *loop, ca_callback_fn fn, ca_process *p, pid_t pid,
+                         ca_handle *spare)
+{
+    int r = ca__loop_schedule_ex(loop, fn, p, NULL, &spare, true);
+    ca__handle_unreserve(spare);
+    if (r == -ENOMEM)
+        ca__log(CA_LOG_ERROR, "child process %d: its exit cannot be posted to its loop: %s",
+                (int)pid, ca_strerror(r));
+}
+
 /* The watcher's callback: any thread, possibly while the loop closes in its own thread. Until
  * the relay leaves RELAY_WAITING the loop's reference keeps p alive; after our successful
  * exchange the close hook may free p at any moment, so p is not touched after it. */
 static void child_exited(pid_t pid, int returncode, void *arg)
 {
-    (void)pid;
     ca_process *p = arg;
     if (returncode == CA__RC_DROPPED || returncode == CA__RC_REPLACED) {
         child_dropped(p, returncode == CA__RC_DROPPED);
@@ -765,17 +793,18 @@ static void child_exited(pid_t pid, int returncode, void *arg)
     }
     set_exit(p, returncode); /* no more signals to this pid from now on */
     ca_loop *loop = ca_loop_ref(p->loop);
+    ca_handle *spare = take_spare(p);
     int expected = RELAY_WAITING;
     if (!atomic_compare_exchange_strong(&p->relay, &expected, RELAY_REPORTED)) {
         /* The loop closed while this callback was on its way: the reference is ours. */
+        ca__handle_unreserve(spare);
         ca_loop_unref(loop);
         ca_process_unref(p);
         return;
     }
     /* Skip one iteration, as asyncio's _child_watcher_callback: never re-enter the watcher. If
      * the loop is closing or closed, its close hook finishes the process instead. */
-    if (ca_get_running_loop() == loop) ca_loop_call_soon(loop, exit_on_loop, p, NULL);
-    else ca_loop_call_soon_threadsafe(loop, exit_on_loop, p);
+    post_to_loop(loop, exit_on_loop, p, pid, spare);
     ca_loop_unref(loop);
 }
 
@@ -823,17 +852,22 @@ static void own_watch(void *arg)
 static void child_dropped(ca_process *p, bool watch)
 {
     ca_loop *loop = ca_loop_ref(p->loop);
+    ca_handle *spare = take_spare(p);
+    pid_t pid = p->pid; /* p is not touched after the exchange */
     int expected = RELAY_WAITING;
     if (atomic_compare_exchange_strong(&p->relay, &expected, RELAY_DROPPED)) {
         /* The loop runs (or has not closed yet): finish on our own there if we can. p is not
          * touched after the exchange (the close hook may free it), as in child_exited. */
-        if (watch && ca_get_running_loop() == loop) ca_loop_call_soon(loop, own_watch, p, NULL);
-        else if (watch) ca_loop_call_soon_threadsafe(loop, own_watch, p);
+        if (watch) post_to_loop(loop, own_watch, p, pid, spare);
+        else ca__handle_unreserve(spare);
     } else if (expected == RELAY_ABANDONED) {
         /* The loop closed meanwhile and left the child to us (it kept the pidfd for this):
          * nobody else will reap it. The reference is ours. */
         end_child(p, true);
         ca_process_unref(p);
+        ca__handle_unreserve(spare);
+    } else {
+        ca__handle_unreserve(spare);
     }
     ca_loop_unref(loop);
 }
@@ -1078,6 +1112,7 @@ static void proc_free(ca_process *p)
         free(p->buf);
     }
     ca_child_watcher_unref(p->watcher);
+    ca__handle_unreserve(p->spare);
     ca_loop_unref(p->loop);
     free(p);
 }
@@ -1179,6 +1214,12 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
         goto out;
     }
     memcpy(p->name, o->argv[0], namelen + 1);
+    if (!(p->spare = ca__handle_reserve())) {
+        free(p);
+        p = NULL;
+        r = -ENOMEM;
+        goto out;
+    }
     atomic_init(&p->refs, 2); /* the caller's and the loop's (until finished) */
     p->fork_gen = ca__fork_gen();
     p->loop = ca_loop_ref(loop);
