@@ -193,10 +193,22 @@ static void op_free(ca__wcore *c, ur_op *op)
 static void ring_ready(void *arg);
 static void ring_hook(void *arg);
 
+/* Unmaps ring and closes its fd. The fd is closed here, through libc, and liburing is given -1
+ * (its close of it then fails harmlessly): liburing opens and closes the ring's fd with raw
+ * system calls, which ThreadSanitizer does not see, so the loop's epoll_ctl on the fd would
+ * later look like a race with the close of an unrelated fd that got the same number in another
+ * thread. The mappings do not need the fd. */
+static void ring_exit(struct io_uring *ring)
+{
+    close(ring->ring_fd);
+    ring->ring_fd = -1;
+    io_uring_queue_exit(ring);
+}
+
 static void ring_unref(ur_ring *g)
 {
     if (--g->refs > 0) return;
-    io_uring_queue_exit(&g->ring);
+    ring_exit(&g->ring);
     free(g);
 }
 
@@ -298,7 +310,7 @@ static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
     }
     g->hook = ca__loop_add_close_hook(loop, ring_hook, g);
     if (!g->hook) {
-        io_uring_queue_exit(&g->ring);
+        ring_exit(&g->ring);
         free(g);
         return -ENOMEM;
     }
@@ -595,7 +607,7 @@ static void uring_destroy(ca_child_watcher *w)
             if (!op->r->registered && !op->r->bind) free(op->r);
             free(op);
         }
-        io_uring_queue_exit(&g->ring);
+        ring_exit(&g->ring);
         free(g);
     }
     ca__wcore_free_forked(c);
