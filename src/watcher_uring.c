@@ -66,6 +66,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -193,16 +194,21 @@ static void op_free(ca__wcore *c, ur_op *op)
 static void ring_ready(void *arg);
 static void ring_hook(void *arg);
 
-/* Unmaps ring and closes its fd. The fd is closed here, through libc, and liburing is given -1
- * (its close of it then fails harmlessly): liburing opens and closes the ring's fd with raw
- * system calls, which ThreadSanitizer does not see, so the loop's epoll_ctl on the fd would
- * later look like a race with the close of an unrelated fd that got the same number in another
- * thread. The mappings do not need the fd. */
+/* Unmaps ring and closes its fd, as io_uring_queue_exit does (our rings use neither SQE128,
+ * registered ring fds nor application memory), but through libc: liburing maps, unmaps and
+ * closes with raw system calls, which ThreadSanitizer does not see, so that a later ring mapped
+ * at the same address (or an fd given the same number) would look, to it, like memory (or an
+ * fd) shared by the threads that used the old and the new one without synchronisation. The
+ * intercepted munmap and close make it forget the old ones. */
 static void ring_exit(struct io_uring *ring)
 {
+    struct io_uring_sq *sq = &ring->sq;
+    struct io_uring_cq *cq = &ring->cq;
+    munmap(sq->sqes, (size_t)*sq->kring_entries * sizeof(struct io_uring_sqe));
+    munmap(sq->ring_ptr, sq->ring_sz);
+    if (cq->ring_ptr && cq->ring_ptr != sq->ring_ptr) munmap(cq->ring_ptr, cq->ring_sz);
     close(ring->ring_fd);
     ring->ring_fd = -1;
-    io_uring_queue_exit(ring);
 }
 
 static void ring_unref(ur_ring *g)
