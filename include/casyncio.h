@@ -474,7 +474,16 @@ typedef struct ca_policy_ops {
  *   one); set_event_loop(NULL) clears it, and the main thread then gets -ENOENT too. In the
  *   main thread it also attaches the policy's child watcher, if one exists, to loop
  *   (ca_child_watcher_attach_loop; NULL detaches) and returns that call's error, the loop being
- *   set all the same.
+ *   set all the same; except -EPERM, which it does not return. A Safe or Fast watcher stays
+ *   where it is (attached to its loop, or to none), the loop being set and 0 returned, when a
+ *   loop concerned is another thread's: the new loop, or the attached one, runs in another
+ *   thread, or the attached loop (not closed) was attached by another thread (with
+ *   ca_child_watcher_attach_loop there): that thread may start running it at any moment, so
+ *   the main thread cannot take its SIGCHLD handler away safely. That thread (or a call of
+ *   ca_child_watcher_attach_loop made where it is allowed) moves the watcher; it moves
+ *   with set_event_loop again once that loop is closed. (asyncio attaches unconditionally: its
+ *   Safe/Fast only work with the main thread's loop.) get_child_watcher's attach below follows
+ *   the same rule.
  * - A loop set before fork() is never returned in the child: there the thread's context is
  *   as if nothing was ever set (Python 3.12's at-fork reset). The child only drops its
  *   reference, which frees memory without touching the parent's loop.
@@ -809,9 +818,12 @@ int ca_child_watcher_remove_child_handler(ca_child_watcher *watcher, pid_t pid);
  * loop's thread, or while the loop is not running (as the default policy's ca_set_event_loop
  * does in the main thread). The loop ops (add/remove_signal_handler, call_soon_threadsafe,
  * call_at) are called without any library lock held. The others do nothing and return 0.
- * Errors (Safe, Fast): -EPERM a loop concerned runs in another thread; -EBADF the new loop is
+ * Errors (Safe, Fast): -EPERM a loop concerned (loop, or the attached loop while it is not
+ * closed) runs in another thread: checked before anything is touched; -EBADF the new loop is
  * closed; -EBUSY another attach_loop of this watcher is under way in another thread; -ENOTSUP
- * a custom loop without signal handlers; -ENOMEM. On error nothing changed. */
+ * a custom loop without signal handlers; -ENOMEM. On error nothing changed. Calling it for a
+ * loop that is not running while another thread may start running it is a race (the
+ * default policy's ca_set_event_loop avoids it: see ca_default_policy_new). */
 int ca_child_watcher_attach_loop(ca_child_watcher *watcher, ca_loop *loop);
 /* Whether add_child_handler can work: Threaded, Pidfd and Uring always; MultiLoop from creation
  * until close; Safe and Fast while attached to a loop that is not closed. false for NULL, a closed

@@ -160,6 +160,12 @@ int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn c
  * as before). */
 int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
                                       ca_child_fn cb, void *arg);
+/* The default policy's attach in ca_set_event_loop (and when it installs a watcher): as
+ * ca_child_watcher_attach_loop, but Safe and Fast also refuse with -EPERM, touching nothing, when
+ * another thread made their current attachment and that loop is not closed (the loop is that
+ * thread's: it may start running it at any moment). The caller then leaves the watcher where it
+ * is. Any thread. */
+int ca__child_watcher_attach_implicit(ca_child_watcher *w, ca_loop *loop);
 /* Takes back the registration that cb(arg) has for pid, if it is still there: 1, and neither
  * the callback nor a drop call will come; 0 when it is not there (the callback or the drop call
  * is on its way, or came). Also works on a closed watcher (the close may still be cancelling in

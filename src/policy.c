@@ -478,8 +478,13 @@ static int builtin_set_event_loop(ca_policy *self, ca_loop *loop)
      * should move to the new loop rather than see its loop closed under it. */
     int r = 0;
     if (w) {
-        r = ca_child_watcher_attach_loop(w, loop);
-        if (r == -EBADF) {
+        r = ca__child_watcher_attach_implicit(w, loop);
+        if (r == -EPERM) {
+            /* A loop concerned is another thread's (running there, or Safe/Fast attached to it
+             * by that thread): the watcher stays where it is, and the loop is set all the same
+             * (see ca_set_event_loop in the header). */
+            r = 0;
+        } else if (r == -EBADF) {
             /* Closed by another thread's set_child_watcher, which installed its successor
              * first: nothing of ours to attach (the successor is attached by its installer). */
             pthread_mutex_lock(&g_lock);
@@ -562,7 +567,7 @@ static int builtin_get_watcher(ca_policy *self, ca_child_watcher **out, bool tak
     } else if (current) {
         /* As Python 3.7-3.10's _init_watcher did in the main thread: the loop-bound kinds
          * (MultiLoop, Safe, Fast, Pidfd) need it, and a forked child may have made one. */
-        ca_child_watcher_attach_loop(fresh, current);
+        ca__child_watcher_attach_implicit(fresh, current);
     }
     ca_loop_unref(current);
     *out = w;

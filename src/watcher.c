@@ -1012,6 +1012,17 @@ int ca_child_watcher_attach_loop(ca_child_watcher *w, ca_loop *loop)
     return w->ops->attach_loop ? w->ops->attach_loop(w, loop) : 0;
 }
 
+int ca__child_watcher_attach_implicit(ca_child_watcher *w, ca_loop *loop)
+{
+    int r = check(w);
+    if (r < 0) return r;
+    /* Safe and Fast (their op is the shared one): the stricter rule. A custom watcher's op
+     * cannot tell, and gets the call as asyncio makes it. */
+    if (w->ops->attach_loop == ca__wattach_attach_op)
+        return ca__wattach_attach(ca__wcore_of(w), loop, true);
+    return w->ops->attach_loop ? w->ops->attach_loop(w, loop) : 0;
+}
+
 bool ca_child_watcher_is_active(ca_child_watcher *w)
 {
     return check(w) == 0 && w->ops->is_active(w);

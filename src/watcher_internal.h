@@ -305,11 +305,14 @@ typedef struct ca__wattach {
      * for later: the caller then makes sure that a full reap follows soon (Safe). */
     bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q);
     bool attaching;              /* an attach is calling loop ops (lock not held) */
+    uint64_t attacher;           /* the thread that made the attachment (watcher_safe.c) */
     int forks;                   /* Fast: enter/exit depth */
     unsigned zombies;            /* Fast: zombie registrations made (at least as many as exist) */
 } ca__wattach;
-/* c->impl is a ca__wattach. attach_loop for both; loop NULL detaches. */
-int ca__wattach_attach(ca__wcore *c, ca_loop *loop);
+/* c->impl is a ca__wattach. attach_loop for both; loop NULL detaches. implicit: the default
+ * policy's attach (ca__child_watcher_attach_implicit), which also gives -EPERM when another
+ * thread made the current attachment to a loop that is not closed. */
+int ca__wattach_attach(ca__wcore *c, ca_loop *loop, bool implicit);
 /* Attached to a loop that is not closed. Lock held. */
 bool ca__wattach_active(ca__wcore *c);
 /* The start of an add for both (given: the loop asked for, NULL for the attached one): the lock

@@ -17,6 +17,8 @@
 #include "watcher_internal.h"
 
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,14 +139,32 @@ static void check_cb(void *arg) { reap_now(arg, REAP_CHECK); }
 static void rescan_cb(void *arg) { reap_now(arg, REAP_RESCAN); }
 static void tick_cb(void *arg) { reap_now(arg, REAP_TICK); }
 
+/* A number for the calling thread, unique in the process's life (a thread's address or a
+ * thread-local's can be a later thread's too): who attached the watcher (ca__wattach.attacher). */
+static uint64_t self_thread_id(void)
+{
+    static atomic_uint_least64_t next_id;
+    static _Thread_local uint64_t id;
+    if (!id) id = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed) + 1;
+    return id;
+}
+
 /* Attaching calls loop ops (add and remove the SIGCHLD handler, post the first check, arm the
  * slow check), so it runs in three steps: decide under the lock, call the ops without it, commit
  * under it. An attach racing with another attach of the same watcher gets -EBUSY; a close
- * racing with it detaches what was attached and the attach undoes its own work. */
-int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
+ * racing with it detaches what was attached and the attach undoes its own work.
+ *
+ * -EPERM comes before anything is touched (no handler added to the new loop, none removed from
+ * the old one) when either loop runs in another thread right now. implicit (the default
+ * policy's set_event_loop in the main thread, which the caller did not ask for) also refuses
+ * when the watcher is attached, to a loop that is not closed, by another thread: that loop
+ * belongs to that thread, which may start running it at any moment, so a removal of its
+ * SIGCHLD handler from here would race with its run; the watcher stays where it is. */
+int ca__wattach_attach(ca__wcore *c, ca_loop *loop, bool implicit)
 {
     ca__wattach *a = att(c);
     if (loop && ca_loop_is_closed(loop)) return -EBADF;
+    if (loop && !ca__loop_in_own_thread(loop)) return -EPERM;
     if (loop) ca__sigchld_keep_acquire(); /* before our handler replaces a SIG_IGN */
     ca__wcore_lock(c);
     ca_loop *old = a->loop;
@@ -155,7 +175,16 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
         if (loop) ca__sigchld_keep_release();
         return r;
     }
-    ca__wbind *nb = NULL, *ob = a->bind;
+    ca__wbind *ob = a->bind;
+    /* The old loop is only touched when it still has our handler (ob->loop: not closed). Its
+     * running state is an atomic: asking it under the lock calls no loop op. */
+    if (ob && ob->sig_registered && ob->loop &&
+        (!ca__loop_in_own_thread(ob->loop) || (implicit && a->attacher != self_thread_id()))) {
+        ca__wcore_unlock(c);
+        if (loop) ca__sigchld_keep_release();
+        return -EPERM;
+    }
+    ca__wbind *nb = NULL;
     if (loop) {
         int err = ca__wbind_get(c, loop, &nb);
         if (err < 0) {
@@ -201,6 +230,7 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop)
     }
     a->loop = loop ? ca_loop_ref(loop) : NULL;
     a->bind = nb;
+    a->attacher = self_thread_id();
     bool post_check = false, arm_tick = false;
     if (nb) {
         nb->sig_registered = true;
@@ -250,7 +280,7 @@ int ca__wattach_remove_op(ca_child_watcher *w, pid_t pid)
 
 int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop)
 {
-    return ca__wattach_attach(ca__wcore_of(w), loop);
+    return ca__wattach_attach(ca__wcore_of(w), loop, false);
 }
 
 bool ca__wattach_is_active_op(ca_child_watcher *w)

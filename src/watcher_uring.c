@@ -66,6 +66,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -193,10 +194,27 @@ static void op_free(ca__wcore *c, ur_op *op)
 static void ring_ready(void *arg);
 static void ring_hook(void *arg);
 
+/* Unmaps ring and closes its fd, as io_uring_queue_exit does (our rings use neither SQE128,
+ * registered ring fds nor application memory), but through libc: liburing maps, unmaps and
+ * closes with raw system calls, which ThreadSanitizer does not see, so that a later ring mapped
+ * at the same address (or an fd given the same number) would look, to it, like memory (or an
+ * fd) shared by the threads that used the old and the new one without synchronisation. The
+ * intercepted munmap and close make it forget the old ones. */
+static void ring_exit(struct io_uring *ring)
+{
+    struct io_uring_sq *sq = &ring->sq;
+    struct io_uring_cq *cq = &ring->cq;
+    munmap(sq->sqes, (size_t)*sq->kring_entries * sizeof(struct io_uring_sqe));
+    munmap(sq->ring_ptr, sq->ring_sz);
+    if (cq->ring_ptr && cq->ring_ptr != sq->ring_ptr) munmap(cq->ring_ptr, cq->ring_sz);
+    close(ring->ring_fd);
+    ring->ring_fd = -1;
+}
+
 static void ring_unref(ur_ring *g)
 {
     if (--g->refs > 0) return;
-    io_uring_queue_exit(&g->ring);
+    ring_exit(&g->ring);
     free(g);
 }
 
@@ -298,7 +316,7 @@ static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
     }
     g->hook = ca__loop_add_close_hook(loop, ring_hook, g);
     if (!g->hook) {
-        io_uring_queue_exit(&g->ring);
+        ring_exit(&g->ring);
         free(g);
         return -ENOMEM;
     }
@@ -319,105 +337,101 @@ typedef struct ur_exit {
     bool reap;                   /* a zombie: reap it after the callback */
 } ur_exit;
 
-/* The ring's fd is readable: completions are there. On the delivery loop's thread. */
+/* The ring's fd is readable: completions are there. On the delivery loop's thread.
+ *
+ * It works in rounds of at most UR_BATCH completions, with no allocation: a round reads its
+ * completions into an array on the stack and consumes them (io_uring_cq_advance), then unlocks
+ * and delivers them, callback and reap, before the next round reads more. Delivery thus never
+ * depends on memory: an exit that the ring reported is always delivered (a failed allocation
+ * here used to drop it and leave the child a zombie). Between rounds the callbacks may close
+ * the watcher or kill the ring: each round looks again. */
 static void ring_ready(void *arg)
 {
     ur_ring *g = arg;
     ca__wcore *c = g->core;
     if (!c) return;
-    ca__wlog q = {0};
-    ur_exit *ex = NULL;
-    size_t nex = 0, cap = 0;
     ca__wcore_ref(c);
     ca__wcore_lock(c);
     g->refs++;
-    bool closed = c->closed;
-    while (!g->dead) {
-        struct io_uring_cqe *cqes[UR_BATCH];
-        unsigned n = io_uring_peek_batch_cqe(&g->ring, cqes, UR_BATCH);
-        if (n == 0) break;
-        for (unsigned i = 0; i < n; i++) {
-            ur_op *op = io_uring_cqe_get_data(cqes[i]);
-            int res = cqes[i]->res;
-            if (!op) continue; /* a cancel's or a wake-up's own completion */
-            ca__wreg *r = op->r;
-            bool live = r->registered && r->state == CA__W_WAITING;
-            if (res == -ECANCELED && !op->cancelled && live && !closed) {
-                /* The thread that submitted it exited: ask again, from this thread. */
-                if (prep_waitid(g, op, NULL) == 0) continue;
-            }
-            if (live) {
-                int rc = 255;
-                bool reap = false;
-                if (res == 0) {
-                    /* Exited, still a zombie: its status, without reaping it. */
-                    siginfo_t si;
-                    memset(&si, 0, sizeof si);
-                    int e;
-                    do {
-                        e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
-                    } while (e < 0 && errno == EINTR);
-                    if (e == 0 && si.si_pid == r->pid) {
-                        rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
-                        reap = true;
-                    } else {
-                        res = -ECHILD; /* reaped by somebody else since */
+    bool closed;
+    for (;;) {
+        ca__wlog q = {0};
+        ur_exit ex[UR_BATCH];
+        size_t nex = 0;
+        unsigned n = 0;
+        closed = c->closed;
+        if (!g->dead) {
+            struct io_uring_cqe *cqes[UR_BATCH];
+            n = io_uring_peek_batch_cqe(&g->ring, cqes, UR_BATCH);
+            for (unsigned i = 0; i < n; i++) {
+                ur_op *op = io_uring_cqe_get_data(cqes[i]);
+                int res = cqes[i]->res;
+                if (!op) continue; /* a cancel's or a wake-up's own completion */
+                ca__wreg *r = op->r;
+                bool live = r->registered && r->state == CA__W_WAITING;
+                if (res == -ECANCELED && !op->cancelled && live && !closed) {
+                    /* The thread that submitted it exited: ask again, from this thread. */
+                    if (prep_waitid(g, op, NULL) == 0) continue;
+                }
+                if (live) {
+                    int rc = 255;
+                    bool reap = false;
+                    if (res == 0) {
+                        /* Exited, still a zombie: its status, without reaping it. */
+                        siginfo_t si;
+                        memset(&si, 0, sizeof si);
+                        int e;
+                        do {
+                            e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+                        } while (e < 0 && errno == EINTR);
+                        if (e == 0 && si.si_pid == r->pid) {
+                            rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+                            reap = true;
+                        } else {
+                            res = -ECHILD; /* reaped by somebody else since */
+                        }
                     }
-                }
-                if (res == -ECHILD) {
-                    ca__wlog_add(&q, CA_LOG_WARNING,
-                                 "Unknown child process pid %d, will report returncode 255",
-                                 (int)r->pid);
-                } else if (res != 0) {
-                    ca__wlog_add(&q, CA_LOG_ERROR,
-                                 "io_uring waitid for pid %d failed (%s): "
-                                 "will report returncode 255",
-                                 (int)r->pid, ca_strerror(res));
-                }
-                if (nex == cap) {
-                    size_t ncap = cap ? cap * 2 : 16;
-                    ur_exit *nx = realloc(ex, ncap * sizeof *nx);
-                    if (nx) {
-                        ex = nx;
-                        cap = ncap;
+                    if (res == -ECHILD) {
+                        ca__wlog_add(&q, CA_LOG_WARNING,
+                                     "Unknown child process pid %d, will report returncode 255",
+                                     (int)r->pid);
+                    } else if (res != 0) {
+                        ca__wlog_add(&q, CA_LOG_ERROR,
+                                     "io_uring waitid for pid %d failed (%s): "
+                                     "will report returncode 255",
+                                     (int)r->pid, ca_strerror(res));
                     }
-                }
-                if (nex < cap) {
+                    /* At most one exit per completion, n <= UR_BATCH: ex has room. */
                     ca_child_fn cb;
                     void *cbarg;
                     ca__wreg_ref(r);
                     ca__wreg_take(c, r, &cb, &cbarg);
                     r->rc = rc;
                     ex[nex++] = (ur_exit){.r = r, .rc = rc, .reap = reap};
-                } else {
-                    /* No memory to deliver it: the caller's exit is lost, say so. */
-                    ca__wlog_add(&q, CA_LOG_ERROR, "out of memory: exit of pid %d dropped",
-                                 (int)r->pid);
-                    ca__wreg_unregister(c, r);
                 }
+                op_free(c, op);
             }
-            op_free(c, op);
+            io_uring_cq_advance(&g->ring, n);
         }
-        io_uring_cq_advance(&g->ring, n);
+        if (n == 0) break; /* the CQ is empty (its overflow flushed), or the ring is dead */
+        ca__wcore_unlock(c);
+        ca__wlog_flush(&q);
+        /* The callbacks, each followed by its child's reap (see the top of the file). cb and
+         * arg cannot change any more: the registration left the table in ca__wreg_take. */
+        for (size_t i = 0; i < nex; i++) {
+            ca__wreg *r = ex[i].r;
+            r->cb(r->pid, ex[i].rc, r->arg);
+            int rc;
+            if (ex[i].reap) ca__wait_nohang(r->pid, &rc);
+        }
+        ca__wcore_lock(c);
+        for (size_t i = 0; i < nex; i++) ca__wreg_unref(c, ex[i].r);
     }
     if (!g->dead && (g->unsubmitted || io_uring_sq_ready(&g->ring))) submit(g);
     g->wake_posted = false;
     bool end = closed && !g->dead && g->ops == NULL;
-    ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
-    /* The callbacks, each followed by its child's reap (see the top of the file). cb and arg
-     * cannot change any more: the registration left the table in ca__wreg_take. */
-    for (size_t i = 0; i < nex; i++) {
-        ca__wreg *r = ex[i].r;
-        r->cb(r->pid, ex[i].rc, r->arg);
-        int rc;
-        if (ex[i].reap) ca__wait_nohang(r->pid, &rc);
-    }
-    ca__wcore_lock(c);
-    for (size_t i = 0; i < nex; i++) ca__wreg_unref(c, ex[i].r);
     ring_unref(g);
     ca__wcore_unlock(c);
-    free(ex);
     /* The watcher was closed and this ring has nothing left in flight: it goes now, on its
      * loop's thread (see uring_close). */
     if (end) ring_end(c, g, false);
@@ -599,7 +613,7 @@ static void uring_destroy(ca_child_watcher *w)
             if (!op->r->registered && !op->r->bind) free(op->r);
             free(op);
         }
-        io_uring_queue_exit(&g->ring);
+        ring_exit(&g->ring);
         free(g);
     }
     ca__wcore_free_forked(c);
