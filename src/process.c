@@ -1261,6 +1261,10 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
      * first) and can still take the registration back. */
     r = watch_child(p, w);
     bool self_watch = false;
+    if (r == -EBADF && p->pidfd < 0 && !p->lease)
+        /* A process spawned for a Uring watcher holds no pidfd; nobody has reaped the child (the
+         * closed watcher never registered it), so its pid is still this child's. */
+        p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
     if (r == -EBADF && p->pidfd >= 0 && !p->lease) {
         /* Another thread closed the watcher after enter_watcher saw it open (ca_set_child_watcher
          * closes the one it replaces). The child runs: learn its exit through our own pidfd,
