@@ -411,7 +411,7 @@ static void *watcher_thread(void *arg)
     const char *only = getenv("SOAK_WATCHERS"); /* e.g. "threaded,pidfd" to narrow a hunt */
     while (!atomic_load(&workers_done)) {
         int kind = rand_r(&seed) % W_KINDS;
-        if (only && !strstr(only, wnames[kind])) continue;
+        if (only && *only && !strstr(only, wnames[kind])) continue;
         ca_child_watcher *w = NULL;
         r = make_watcher(kind, &w);
         if (r == -ENOSYS || r == -ENOTSUP) continue; /* not here (uring, pidfd) */
