@@ -125,8 +125,21 @@ void ca__pidfd_op(ca__wcore *c, ca__wreg *r, int op, ca_loop *loop)
     ca__wcore_lock(c);
     int fd = r->pidfd;
     ca__wcore_unlock(c);
-    if (loop && fd >= 0) ca_loop_remove_reader(loop, fd);
+    int err = loop && fd >= 0 ? ca_loop_remove_reader(loop, fd) : 0;
     ca__wcore_lock(c);
+    if (err == -EPERM && r->pidfd == fd && r->rd_releasing && !r->posted) {
+        /* The removal was queued in this thread while the loop was not running, and another
+         * thread has started running it since: the reader is still on it, and only that
+         * thread may take it off. The reader keeps its reference (pidfd_ready may still be
+         * called with r, in that loop's very next iteration) and the release goes there, as
+         * a remove from another thread's does; release_done now would free r under the
+         * reader once the loan is given back. */
+        r->posted = true;
+        ca__wreg_ref(r); /* the post's */
+        ca__wcore_unlock(c);
+        ca__pidfd_op(c, r, CA__OP_POST_RELEASE, loop);
+        return;
+    }
     release_done(c, r);
     ca__wcore_unlock(c);
 }
