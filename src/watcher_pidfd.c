@@ -15,8 +15,12 @@
  * removed without our lock (a host's add_reader may hand its own lock to another thread): an
  * add marks the registration rd_adding while it calls add_reader, and a remove or close in
  * between leaves the release to it (rd_release_wanted); a removal is marked rd_releasing while
- * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done. remove_child_handler and
- * close work from any thread: the registration is cancelled at once (the callback is never
+ * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done.
+ * A removal queued in a thread while the loop was not running may find it running in another
+ * thread by the time it is made (remove_reader says -EPERM): it is then posted there, as one
+ * from another thread is, and the reader keeps its reference until it is really off (else the
+ * loop would call pidfd_ready with a registration freed by the give-back). remove_child_handler
+ * and close work from any thread: the registration is cancelled at once (the callback is never
  * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
  *
