@@ -6,6 +6,7 @@
 
 #include "../src/internal.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <spawn.h>
 #include <sys/syscall.h>
@@ -28,6 +29,11 @@ struct lend {
     int drops;
     int other_calls;
     int still_on; /* what remove_reader said on the loop's thread at the end: 1 = was on */
+    struct ca__wreg *lease;
+    pid_t pid;
+    int dupfd;     /* the second test's copy of pidfd, as process.c's own_watch makes */
+    int reaped;    /* 1: reaped through dupfd; -1: that failed */
+    int ticks;
 };
 
 static void mark_running(void *arg)
@@ -76,31 +82,41 @@ static void check_and_stop(void *arg)
     ca_loop_stop(s->loop);
 }
 
+/* Spawns /bin/true, lends its pidfd to a Pidfd watcher delivering to loop (not running), then
+ * removes the handler: the drop call starts the loop in the runner thread (lent_cb), so the
+ * reader's removal, queued in this thread, finds the loop running elsewhere. */
+static void lend_and_remove(ca_loop *loop, ca_child_watcher *w, struct lend *s)
+{
+    char *argv[] = {"/bin/true", NULL};
+    *s = (struct lend){.loop = loop, .pidfd = -1, .still_on = -1, .dupfd = -1};
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    CHECK_EQ(posix_spawn(&s->pid, "/bin/true", NULL, NULL, argv, environ), 0);
+    s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
+    CHECK(s->pidfd >= 0);
+    CHECK_OK(ca__pidfd_watcher_lend_on(w, loop, s->pid, s->pidfd, lent_cb, s, &s->lease));
+    CHECK(s->lease != NULL);
+    CHECK_EQ(ca_child_watcher_remove_child_handler(w, s->pid), 1);
+    CHECK_EQ(s->drops, 1);
+    CHECK(s->runner_started);
+}
+
+static void lend_end(ca_child_watcher *w, struct lend *s)
+{
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+}
+
 LOOP_TEST(pidfd_lend_remove_while_loop_starts_elsewhere)
 {
     ca_child_watcher *w = NULL;
     int r = ca_pidfd_child_watcher_new(&w);
     if (r == -ENOSYS) t_skip("pidfd is unavailable");
     CHECK_OK(r);
-
-    char *argv[] = {"/bin/true", NULL};
-    pid_t pid;
-    CHECK_EQ(posix_spawn(&pid, "/bin/true", NULL, NULL, argv, environ), 0);
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    CHECK(pidfd >= 0);
-
-    struct lend s = {.loop = loop, .pidfd = pidfd, .still_on = -1};
-    pthread_mutex_init(&s.mu, NULL);
-    pthread_cond_init(&s.cv, NULL);
-
-    struct ca__wreg *lease = NULL;
-    CHECK_OK(ca__pidfd_watcher_lend_on(w, loop, pid, pidfd, lent_cb, &s, &lease));
-    CHECK(lease != NULL);
-
-    /* Taken back: the drop call starts the loop in the runner thread (lent_cb). */
-    CHECK_EQ(ca_child_watcher_remove_child_handler(w, pid), 1);
-    CHECK_EQ(s.drops, 1);
-    CHECK(s.runner_started);
+    struct lend s;
+    lend_and_remove(loop, w, &s);
     if (s.runner_started) {
         CHECK_OK(ca_loop_call_soon_threadsafe(loop, check_and_stop, &s));
         pthread_join(s.runner, NULL);
@@ -115,14 +131,73 @@ LOOP_TEST(pidfd_lend_remove_while_loop_starts_elsewhere)
     siginfo_t info = {0};
     int e;
     do {
-        e = waitid((idtype_t)P_PIDFD, (id_t)pidfd, &info, WEXITED);
+        e = waitid((idtype_t)P_PIDFD, (id_t)s.pidfd, &info, WEXITED);
     } while (e < 0 && errno == EINTR);
     CHECK_EQ(e, 0);
-    CHECK_EQ(info.si_pid, pid);
-    ca__pidfd_watcher_give_back(lease, pidfd); /* the reader is off: this closes pidfd */
+    CHECK_EQ(info.si_pid, s.pid);
+    ca__pidfd_watcher_give_back(s.lease, s.pidfd); /* the reader is off: this closes pidfd */
+    lend_end(w, &s);
+}
 
-    CHECK_OK(ca_child_watcher_close(w));
-    ca_child_watcher_unref(w);
-    pthread_cond_destroy(&s.cv);
-    pthread_mutex_destroy(&s.mu);
+/* A few more iterations, then the check: with a reader left on the closed pidfd's number (its
+ * file kept open by dupfd, so epoll keeps reporting it), they would call pidfd_ready with the
+ * registration that the give-back freed. */
+static void tick(void *arg)
+{
+    struct lend *s = arg;
+    if (++s->ticks < 5 && ca_loop_call_soon(s->loop, tick, s, NULL) == 0) return;
+    check_and_stop(s);
+}
+
+/* The child's exit, through the copy: reap it and give the pidfd back, as process.c's
+ * own_exited does (the soak's use-after-free came from this sequence). */
+static void dup_ready(void *arg)
+{
+    struct lend *s = arg;
+    siginfo_t info = {0};
+    int e;
+    do {
+        e = waitid((idtype_t)P_PIDFD, (id_t)s->dupfd, &info, WEXITED | WNOHANG);
+    } while (e < 0 && errno == EINTR);
+    if (e == 0 && info.si_pid == 0) return; /* not yet: level-triggered, it comes again */
+    s->reaped = e == 0 && info.si_pid == s->pid ? 1 : -1;
+    ca_loop_remove_reader(s->loop, s->dupfd);
+    ca__pidfd_watcher_give_back(s->lease, s->pidfd);
+    s->lease = NULL;
+    if (ca_loop_call_soon(s->loop, tick, s, NULL) < 0) check_and_stop(s);
+}
+
+/* On the loop's thread, after the watcher's posted release (if any): watch a copy, as
+ * process.c's own_watch does after a drop. */
+static void watch_dup(void *arg)
+{
+    struct lend *s = arg;
+    s->dupfd = fcntl(s->pidfd, F_DUPFD_CLOEXEC, 3);
+    if (s->dupfd < 0 || ca_loop_add_reader(s->loop, s->dupfd, dup_ready, s) < 0) {
+        s->reaped = -1;
+        ca_loop_stop(s->loop);
+    }
+}
+
+LOOP_TEST(pidfd_lend_give_back_after_drop_elsewhere)
+{
+    ca_child_watcher *w = NULL;
+    int r = ca_pidfd_child_watcher_new(&w);
+    if (r == -ENOSYS) t_skip("pidfd is unavailable");
+    CHECK_OK(r);
+    struct lend s;
+    lend_and_remove(loop, w, &s);
+    if (s.runner_started) {
+        CHECK_OK(ca_loop_call_soon_threadsafe(loop, watch_dup, &s));
+        pthread_join(s.runner, NULL);
+    }
+    CHECK_EQ(s.reaped, 1);
+    CHECK_EQ(s.still_on, 0);
+    CHECK_EQ(s.other_calls, 0);
+    if (s.lease) { /* not given back above (a failed check): reap and give it back here */
+        waitpid(s.pid, NULL, 0);
+        ca__pidfd_watcher_give_back(s.lease, s.pidfd);
+    }
+    if (s.dupfd >= 0) close(s.dupfd);
+    lend_end(w, &s);
 }
