@@ -34,6 +34,8 @@ struct lend {
     int dupfd;     /* the second test's copy of pidfd, as process.c's own_watch makes */
     int reaped;    /* 1: reaped through dupfd; -1: that failed */
     int ticks;
+    bool no_runner; /* lent_cb only counts the drop */
+    ca_child_watcher *w;
 };
 
 static void mark_running(void *arg)
@@ -67,6 +69,7 @@ static void lent_cb(pid_t pid, int rc, void *arg)
         return;
     }
     s->drops++;
+    if (s->no_runner) return;
     if (pthread_create(&s->runner, NULL, run_loop, s) != 0) return;
     s->runner_started = true;
     pthread_mutex_lock(&s->mu);
@@ -200,4 +203,50 @@ LOOP_TEST(pidfd_lend_give_back_after_drop_elsewhere)
     }
     if (s.dupfd >= 0) close(s.dupfd);
     lend_end(w, &s);
+}
+
+static void *remove_elsewhere(void *arg)
+{
+    struct lend *s = arg;
+    s->reaped = ca_child_watcher_remove_child_handler(s->w, s->pid);
+    return NULL;
+}
+
+/* A remove from a thread that neither runs the loop nor added the reader (the soak's watcher
+ * thread replacing watchers) leaves the loop alone, as the loop may start running in its own
+ * thread at any moment: the reader comes off when the loop runs next, in its thread. */
+LOOP_TEST(pidfd_lend_remove_from_another_thread_while_not_running)
+{
+    ca_child_watcher *w = NULL;
+    int r = ca_pidfd_child_watcher_new(&w);
+    if (r == -ENOSYS) t_skip("pidfd is unavailable");
+    CHECK_OK(r);
+    char *argv[] = {"/bin/true", NULL};
+    struct lend s = {.loop = loop, .pidfd = -1, .still_on = -1, .dupfd = -1, .no_runner = true};
+    CHECK_EQ(posix_spawn(&s.pid, "/bin/true", NULL, NULL, argv, environ), 0);
+    s.pidfd = (int)syscall(SYS_pidfd_open, s.pid, 0);
+    CHECK(s.pidfd >= 0);
+    struct ca__wreg *lease = NULL;
+    CHECK_OK(ca__pidfd_watcher_lend_on(w, loop, s.pid, s.pidfd, lent_cb, &s, &lease));
+    CHECK(lease != NULL);
+    s.w = w;
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, remove_elsewhere, &s), 0);
+    pthread_join(t, NULL);
+    CHECK_EQ(s.reaped, 1);
+    CHECK_EQ(s.drops, 1);
+    /* Whatever the remove posted runs first; then the check, on this (the loop's) thread. */
+    CHECK_OK(ca_loop_call_soon_threadsafe(loop, check_and_stop, &s));
+    CHECK_OK(ca_loop_run_forever(loop));
+    CHECK_EQ(s.still_on, 0);
+    CHECK_EQ(s.other_calls, 0);
+    siginfo_t info = {0};
+    int e;
+    do {
+        e = waitid((idtype_t)P_PIDFD, (id_t)s.pidfd, &info, WEXITED);
+    } while (e < 0 && errno == EINTR);
+    CHECK_EQ(e, 0);
+    ca__pidfd_watcher_give_back(lease, s.pidfd); /* the reader is off: this closes pidfd */
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
 }
