@@ -22,8 +22,8 @@
  * was not running may still find it running in another thread by the time it is made
  * (remove_reader says -EPERM): it is then posted there too, and the reader keeps its reference
  * until it is really off (else the loop would call pidfd_ready with a registration freed by
- * the give-back). remove_child_handler and close work from any thread: the registration is cancelled at once (the callback is never
- * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
+ * the give-back). remove_child_handler and close work from any thread: the registration is
+ * cancelled at once (the callback is never called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
  *
  * Lent pidfds. A subprocess (process.c) already holds a pidfd from its spawn; it lends it to us
@@ -84,8 +84,8 @@ static void release_done(ca__wcore *c, ca__wreg *r)
 
 /* Starts releasing r's fd (lock held). No reader on it: done at once. Otherwise the reader's
  * removal is a loop op, made after the unlock: queued on q if this thread may take it off (see
- * the top of the file), or posted to the loop's thread (release_cb). rd_releasing says that one is on its way; an add
- * still calling add_reader is asked to release when it is done. */
+ * the top of the file), or posted to the loop's thread (release_cb). rd_releasing says that one
+ * is on its way; an add still calling add_reader is asked to release when it is done. */
 static void release_begin(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
     if (r->pidfd < 0 || r->rd_releasing) return;
