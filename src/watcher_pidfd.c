@@ -23,8 +23,9 @@
  * (remove_reader says -EPERM): it is then posted there too, and the reader keeps its reference
  * until it is really off (else the loop would call pidfd_ready with a registration freed by
  * the give-back). remove_child_handler and close work from any thread: the registration is
- * cancelled at once (the callback is never called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
- * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
+ * cancelled at once (the callback is never called) and the fd is released on the loop's thread.
+ * A removed child is not reaped: whoever removed it reaps it (asyncio's subprocess transport
+ * does so when its loop closes).
  *
  * Lent pidfds. A subprocess (process.c) already holds a pidfd from its spawn; it lends it to us
  * rather than giving us a copy, which would cost a second fd per child (and every open fd makes
