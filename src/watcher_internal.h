@@ -89,7 +89,6 @@ struct ca__wreg {
     ca__wcore *core;             /* not a reference */
     int refs;                    /* under the core's lock */
     int pidfd;                   /* Pidfd watcher: -1 when none (or released) */
-    pthread_t rd_thread;         /* Pidfd: the thread that added the reader */
     uint32_t widx;               /* its index in the core's waiting array (if in_wait) */
     unsigned char state;
     bool registered : 1;         /* in the pid table: its callback may still be called */

@@ -16,16 +16,13 @@
  * add marks the registration rd_adding while it calls add_reader, and a remove or close in
  * between leaves the release to it (rd_release_wanted); a removal is marked rd_releasing while
  * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done.
- * A reader is taken off directly only by the thread that runs its loop, or, while the loop is
- * not running, by the thread that added it; any other thread posts the removal (release_cb),
- * since the loop may start running elsewhere at any moment. A removal queued while the loop
- * was not running may still find it running in another thread by the time it is made
- * (remove_reader says -EPERM): it is then posted there too, and the reader keeps its reference
- * until it is really off (else the loop would call pidfd_ready with a registration freed by
- * the give-back). remove_child_handler and close work from any thread: the registration is
- * cancelled at once (the callback is never called) and the fd is released on the loop's thread.
- * A removed child is not reaped: whoever removed it reaps it (asyncio's subprocess transport
- * does so when its loop closes).
+ * A removal queued in a thread while the loop was not running may find it running in another
+ * thread by the time it is made (remove_reader says -EPERM): it is then posted there, as one
+ * from another thread is, and the reader keeps its reference until it is really off (else the
+ * loop would call pidfd_ready with a registration freed by the give-back). remove_child_handler
+ * and close work from any thread: the registration is cancelled at once (the callback is never
+ * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
+ * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
  *
  * Lent pidfds. A subprocess (process.c) already holds a pidfd from its spawn; it lends it to us
  * rather than giving us a copy, which would cost a second fd per child (and every open fd makes
@@ -84,9 +81,9 @@ static void release_done(ca__wcore *c, ca__wreg *r)
 }
 
 /* Starts releasing r's fd (lock held). No reader on it: done at once. Otherwise the reader's
- * removal is a loop op, made after the unlock: queued on q if this thread may take it off (see
- * the top of the file), or posted to the loop's thread (release_cb). rd_releasing says that one
- * is on its way; an add still calling add_reader is asked to release when it is done. */
+ * removal is a loop op, made after the unlock: queued on q if this thread may use the loop, or
+ * posted to the loop's thread (release_cb). rd_releasing says that one is on its way; an add
+ * still calling add_reader is asked to release when it is done. */
 static void release_begin(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
     if (r->pidfd < 0 || r->rd_releasing) return;
@@ -100,13 +97,7 @@ static void release_begin(ca__wcore *c, ca__wreg *r, ca__wlog *q)
         return;
     }
     r->rd_releasing = true;
-    /* Directly only on the thread that runs the loop, or while nobody runs it on the thread
-     * that added the reader (as safe as that add was). Any other thread posts: the loop, not
-     * running now, may start running in its own thread at any moment, and its fd table is not
-     * ours to change under it (a watcher replaced from another thread, say). */
-    bool here = ca__loop_in_own_thread(loop) &&
-                (ca_get_running_loop() == loop || pthread_equal(r->rd_thread, pthread_self()));
-    if (here) {
+    if (ca__loop_in_own_thread(loop)) {
         ca__wlog_op(q, c, r, CA__OP_RELEASE, loop, true);
     } else {
         r->posted = true;
@@ -314,7 +305,6 @@ static int pidfd_add(ca_child_watcher *w, ca_loop *given, pid_t pid, int lent, c
             r->pidfd = pidfd;
             r->pidfd_lent = lent >= 0;
             r->rd_adding = true;
-            r->rd_thread = pthread_self();
             ca__wreg_ref(r); /* the reader's */
             ca__wreg_ref(r); /* ours, across the unlock */
             adding = true;
