@@ -115,6 +115,12 @@ ca_handle *ca__handle_reserve(void);
 void ca__handle_unreserve(ca_handle *h);
 /* Whether the calling thread may use loop's thread-bound functions now. */
 bool ca__loop_in_own_thread(const ca_loop *loop);
+/* Stricter than ca__loop_in_own_thread, for changes to the loop's fd table made from outside its
+ * callbacks: true when this thread runs the loop, or when the loop is not running and this
+ * thread ran it last (or no C thread ever ran it: a host loop, whose ops the host makes
+ * thread-safe). A loop that runs in bursts in another thread may start again at any moment:
+ * such changes are then posted to it. */
+bool ca__loop_home_thread(const ca_loop *loop);
 
 /* ----- signals (signal.c) ------------------------------------------------------------------ */
 /* The process-wide fan-out. A "slot" is an eventfd plus a mask of wanted and of pending

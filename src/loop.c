@@ -52,12 +52,22 @@ bool ca__loop_in_own_thread(const ca_loop *loop)
     return atomic_load_explicit(&loop->owner, memory_order_relaxed) == (const void *)&tl_token;
 }
 
+bool ca__loop_home_thread(const ca_loop *loop)
+{
+    const void *me = (const void *)&tl_token;
+    if (atomic_load_explicit(&loop->running, memory_order_acquire))
+        return atomic_load_explicit(&loop->owner, memory_order_relaxed) == me;
+    const void *last = atomic_load_explicit(&loop->last_owner, memory_order_relaxed);
+    return last == NULL || last == me;
+}
+
 static int enter_running(ca_loop *loop)
 {
     if (ca_get_running_loop()) return -EBUSY;
     bool expected = false;
     if (!atomic_compare_exchange_strong(&loop->running, &expected, true)) return -EBUSY;
     atomic_store(&loop->owner, (const void *)&tl_token);
+    atomic_store(&loop->last_owner, (const void *)&tl_token);
     tl_running = loop;
     tl_running_gen = ca__fork_gen();
     return 0;

@@ -95,6 +95,7 @@ struct ca_loop {
     atomic_bool stopping;
     bool host_closed_op;               /* a custom loop with an is_closed op */
     _Atomic(const void *) owner;       /* token of the thread that runs it */
+    _Atomic(const void *) last_owner;  /* token of the thread that ran it last (never cleared) */
     struct ca__close_hook *close_hooks;
     struct ca__close_hook *retired;    /* hooks close already ran: freed with the loop, so a
                                         * late remove of one is a no-op, not a use after free */

@@ -97,7 +97,7 @@ static void release_begin(ca__wcore *c, ca__wreg *r, ca__wlog *q)
         return;
     }
     r->rd_releasing = true;
-    if (ca__loop_in_own_thread(loop)) {
+    if (ca__loop_home_thread(loop)) {
         ca__wlog_op(q, c, r, CA__OP_RELEASE, loop, true);
     } else {
         r->posted = true;
