@@ -169,7 +169,12 @@ TEST(low_fd_limit_lowers_jobs_with_a_warning) /* timeout: 30 */
     /* The soft limit alone would be raised: the hard one too (this test's process exits
      * after it, so it need not be restored). */
     low.rlim_cur = low.rlim_max = 64;
-    CHECK_OK(setrlimit(RLIMIT_NOFILE, &low));
+    /* valgrind keeps fds of its own at the top of the table and refuses to lower the limit
+     * under them (EPERM): nothing to test there. */
+    if (setrlimit(RLIMIT_NOFILE, &low) < 0 && errno == EPERM)
+        SKIP("RLIMIT_NOFILE cannot be lowered here (valgrind)");
+    CHECK_OK(getrlimit(RLIMIT_NOFILE, &low));
+    CHECK_EQ(low.rlim_cur, 64);
     const char *args[64] = {"run", "-j", "100", "sleep", ":::"};
     int n = 5;
     while (n < 45) args[n++] = "0.2";

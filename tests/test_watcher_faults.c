@@ -495,7 +495,10 @@ TEST(add_while_policy_replaced) /* timeout: 60 */
         } while ((t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9 < 1.0);
         atomic_store(&policy_stop, true);
         pthread_join(t, NULL);
-        CHECK(n > 10);
+        /* Enough rounds to mean something; valgrind runs the threads one at a time, and the
+         * replacing thread may hold the only slot for most of the second there. */
+        if (t_slow() > 1) CHECK(n > 0);
+        else CHECK(n > 10);
         CHECK_OK(ca_child_watcher_close(w));
         ca_child_watcher_unref(w);
         /* A fresh policy: the last one's main-thread loop goes with it. */
