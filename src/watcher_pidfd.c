@@ -16,10 +16,14 @@
  * add marks the registration rd_adding while it calls add_reader, and a remove or close in
  * between leaves the release to it (rd_release_wanted); a removal is marked rd_releasing while
  * it is queued, posted (release_cb) or under way, and the fd stays r->pidfd until it is done.
- * A removal queued in a thread while the loop was not running may find it running in another
- * thread by the time it is made (remove_reader says -EPERM): it is then posted there, as one
- * from another thread is, and the reader keeps its reference until it is really off (else the
- * loop would call pidfd_ready with a registration freed by the give-back). remove_child_handler
+ * A reader is taken off directly only by the loop's home thread (ca__loop_home_thread: the
+ * thread running it, or while it is not running the thread that ran it last, or any thread for
+ * a host loop no C thread runs); others post the removal (release_cb), since a loop run in
+ * bursts may start again at any moment. A removal queued while the loop was not running may
+ * still find it running in another thread by the time it is made (remove_reader says -EPERM):
+ * it is then posted there, as one from another thread is, and the reader keeps its reference
+ * until it is really off (else the loop would call pidfd_ready with a registration freed by the
+ * give-back). remove_child_handler
  * and close work from any thread: the registration is cancelled at once (the callback is never
  * called) and the fd is released on the loop's thread. A removed child is not reaped: whoever
  * removed it reaps it (asyncio's subprocess transport does so when its loop closes).
