@@ -83,7 +83,7 @@ $(B)/examples/%: examples/%.c $(B)/libcasyncio.a
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(B)/libcasyncio.a $(LIBS) -lm
 
 # ----- tests -------------------------------------------------------------------------
-$(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/contract_util.h tests/test_list.h \
+$(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/contract_util.h tests/cli_run.h tests/test_list.h \
 		include/casyncio.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@

@@ -1,5 +1,5 @@
 /* Helpers shared by the end-to-end tests of `casyncio run` in test_cli_runtime.c and
- * test_cli_ssh.c (the same ones test_cli.c has): run the built binary with posix_spawn and
+ * test_cli_ssh.c and test_cli.c: run the built binary with posix_spawn and
  * pipes, collect its output and status, and check that no job outlives it. */
 #ifndef CA_TEST_CLI_RUN_H
 #define CA_TEST_CLI_RUN_H
