@@ -1253,7 +1253,7 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
     if ((r = spawn(&pl, want_pidfd, &p->pid, &p->pidfd)) < 0) {
         /* A Fast watcher keeps the exits it reaps between enter and exit: claim this one, or
          * it would be logged as an unknown pid. */
-        if (p->pid > 0 && strcmp(ca__child_watcher_kind(w), "fast") == 0)
+        if (p->pid > 0 && (ca__watcher_kind_flags(w) & CA__WK_REAPS_ALL))
             ca_child_watcher_add_child_handler(w, p->pid, ignore_exit, NULL);
         goto out;
     }

@@ -4,6 +4,7 @@
  * for the core's design and locking.
  */
 #include "internal.h"
+#include "kinds.h"
 #include "watcher_internal.h"
 
 #include <signal.h>
@@ -968,7 +969,7 @@ int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t 
     if (r < 0) return r;
     /* Safe and Fast deliver on their attached loop whatever the subprocess's loop is (the
      * subprocess code copes with that), as they did before the loop could be given. */
-    if (loop && (strcmp(w->kind, "safe") == 0 || strcmp(w->kind, "fast") == 0)) loop = NULL;
+    if (loop && (ca__watcher_kind_flags(w) & CA__WK_ATTACH)) loop = NULL;
     /* A custom watcher cannot tell its caller about a drop: the caller falls back to the
      * public add, and to guessing (see process.c's on_loop_close). */
     return w->add_on ? w->add_on(w, loop, pid, cb, arg, true) : -ENOTSUP;
