@@ -95,7 +95,8 @@ class Result(unittest.TextTestResult):
                 except OSError:
                     pass
         elif support.environment_altered:
-            problem = "support.reap_children() had to reap a child the watcher left"
+            problem = ("the test altered the environment: a child support.reap_children() had to "
+                       "reap, or a dangling thread (see the warnings above)")
         if problem is not None:
             try:
                 raise AssertionError(problem)

@@ -39,31 +39,6 @@ unit_summary() { # $1: unittest output file
     echo "module-tests: $passed passed, $failed failed, $sk skipped"
 }
 
-# A CPython test that failed is run once more, alone (with every class): one that then passes
-# is reported as FLAKY, by name, and counted as passed; a second failure counts. Known flake:
-# test_close_dont_kill_finished with MultiLoop on 3.10, once in a CI run under load (open: its
-# race is not found yet). At most three failed tests are run again; more is not a flake.
-rerun_flaky() { # $1: the run's mode; reads and amends $out
-    line=$(grep -E '^cpython-tests: [0-9]+ passed' "$out" | tail -n 1)
-    [ -n "$line" ] || return 0
-    nf=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
-    [ "$nf" -gt 0 ] && [ "$nf" -le 3 ] || return 0
-    names=$(sed -nE 's/^(FAIL|ERROR): (test_[A-Za-z0-9_]+) .*/\2/p' "$out" | sort -u)
-    [ -n "$names" ] || return 0
-    ks=""
-    for n in $names; do ks="$ks -k $n"; done
-    PYTHONPATH=$DEST timeout 600 "$testpy" python/run_cpython_tests.py $1 $ks > "$out.again" 2>&1
-    if grep -qE '^cpython-tests: [0-9]+ passed, 0 failed' "$out.again"; then
-        echo "python: FLAKY: $(echo $names) failed, then passed when run again alone"
-        np=$(echo "$line" | sed -E 's/^cpython-tests: ([0-9]+) passed.*/\1/')
-        ns=$(echo "$line" | sed -E 's/.* ([0-9]+) skipped$/\1/')
-        echo "cpython-tests: $((np + nf)) passed, 0 failed, $ns skipped" >> "$out"
-    else
-        grep -E '^(FAIL|ERROR):|^cpython-tests:' "$out.again" | sed 's/^/again: /'
-    fi
-    rm -f "$out.again"
-}
-
 if [ "$WHICH" = all ]; then
     pys=$(ls -d "$root"/versions/3.* 2>/dev/null | while read -r d; do
         v=$(basename "$d")
@@ -109,7 +84,6 @@ for py in $pys; do
     for mode in "" --as-asyncio; do
         PYTHONPATH=$DEST timeout 1800 "$testpy" python/run_cpython_tests.py $mode > "$out" 2>&1
         grep -E '^(FAIL|ERROR):|^cpython-tests:|Timeout|Fatal' "$out"
-        rerun_flaky "$mode"
         add "$out"
     done
 done

@@ -893,14 +893,20 @@ static int send_sig(ca_process *p, int sig)
 
 /* ----- closing the loop ----------------------------------------------------------------------- */
 
-/* Whether the child still runs (not a zombie, not reaped), asked through its pidfd. */
+/* Whether the child still runs (not a zombie, not reaped), asked through its pidfd, or by pid
+ * when it has none (the Uring watcher's processes; kernels or tools without pidfd_open): the
+ * pid is ours until it is reaped, and a reaped one (ECHILD, by the watcher) does not run. */
 static bool still_running(const ca_process *p)
 {
     siginfo_t si;
     memset(&si, 0, sizeof si);
-    if (p->pidfd < 0) return true;
-    if (waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG | WNOWAIT) < 0)
-        return errno == EINVAL || errno == ENOSYS; /* no P_PIDFD: assume it does */
+    int r = p->pidfd >= 0
+                ? waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG | WNOWAIT)
+                : waitid(P_PID, (id_t)p->pid, &si, WEXITED | WNOHANG | WNOWAIT);
+    if (r < 0) {
+        if (p->pidfd >= 0) return errno == EINVAL || errno == ENOSYS; /* no P_PIDFD: assume so */
+        return errno != ECHILD;
+    }
     return si.si_pid == 0;
 }
 
@@ -922,7 +928,9 @@ static void end_child(ca_process *p, bool reap)
             log_killed(p);
         return;
     }
-    int kr = raw_signal(p, SIGKILL);
+    /* A child that exited already is not killed: if a Threaded watcher's thread wins the reap
+     * below, its status is lost (255), but it was not killed by us and is not logged so. */
+    int kr = still_running(p) ? raw_signal(p, SIGKILL) : -ESRCH;
     int rc = reap_now(p->pid, p->pidfd);
     /* A Threaded watcher's thread may win the reap of the child we killed. */
     if (rc == 255 && kr == 0) rc = -SIGKILL;

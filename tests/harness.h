@@ -103,6 +103,14 @@ void t_run_for(ca_loop *loop, double seconds);
 /* Predicate helper: *(int *)arg != 0. */
 bool t_flag_set(void *arg);
 
+/* For a stress loop that has done `done` rounds since `started` (t_now()): true while it should
+ * go on, that is while done < max, and done < min or fewer than `seconds` of wall time (not
+ * scaled) went by. Under valgrind a fork or a thread switch costs a hundred times more and the
+ * races are the sanitizers' to find: there such a loop does what fits in its time. */
+bool t_stress_go_on(int done, int min, int max, double started, double seconds);
+/* CLOCK_MONOTONIC, in seconds. */
+double t_now(void);
+
 /* Ends a child that a test made with fork() with `code`, by exec'ing sh: under valgrind a
  * forked child that calls _exit() is leak-checked and exits 99 for the memory its parent
  * still held, so forked children in tests must leave through here. */

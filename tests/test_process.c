@@ -949,36 +949,44 @@ LOOP_TEST(loop_close_ends_processes) /* timeout: 60 */
 
 /* A child that exited but whose exit was not delivered yet when the loop closes: no kill, no
  * log line, no zombie. */
-LOOP_TEST(loop_close_after_exit)
+LOOP_TEST(loop_close_after_exit) /* timeout: 60 */
 {
-    ca_loop *l;
-    CHECK_OK(t_new_loop(&l));
-    struct run r;
-    ca_subprocess_options o = {.argv = ARGV("true"), .stdout_mode = CA_PIPE};
-    start(&r, l, &o);
-    /* Until it exited (a zombie, or reaped by the watcher's thread). */
-    for (int i = 0; i < 1000 * t_slow(); i++) {
-        siginfo_t si;
-        memset(&si, 0, sizeof si);
-        if (waitid(P_PID, (id_t)ca_process_pid(r.proc), &si, WEXITED | WNOHANG | WNOWAIT) < 0 ||
-            si.si_pid != 0)
-            break;
-        struct timespec ts = {0, 5 * 1000 * 1000};
-        nanosleep(&ts, NULL);
+    /* Every watcher kind: with Uring the process holds no pidfd, and the child is a zombie
+     * until its exit is delivered; without a pidfd (valgrind, old kernels) the same holds by
+     * pid. A zombie or a child the watcher reaped is not "still running": no kill, no log. */
+    for (int k = 0; k < W_COUNT; k++) {
+        ca_loop *l;
+        if (!loop_with_watcher(k, &l)) continue;
+        struct run r;
+        ca_subprocess_options o = {.argv = ARGV("true"), .stdout_mode = CA_PIPE};
+        start(&r, l, &o);
+        /* Until it exited (a zombie, or reaped by the watcher's thread). */
+        for (int i = 0; i < 1000 * t_slow(); i++) {
+            siginfo_t si;
+            memset(&si, 0, sizeof si);
+            if (waitid(P_PID, (id_t)ca_process_pid(r.proc), &si,
+                       WEXITED | WNOHANG | WNOWAIT) < 0 ||
+                si.si_pid != 0)
+                break;
+            struct timespec ts = {0, 5 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+        logged = 0;
+        ca_set_log_handler(count_log, NULL);
+        CHECK_OK(ca_loop_close(l));
+        ca_set_log_handler(NULL, NULL);
+        r.closed = true;
+        if (logged != 0) t_fail(__FILE__, __LINE__, "watcher %d: a finished child was killed", k);
+        CHECK(ca_future_cancelled(r.wait));
+        int rc;
+        CHECK_OK(ca_process_returncode(r.proc, &rc));
+        CHECK(rc == 0 || rc == 255); /* 255: reaped, but the exit was lost with the loop */
+        drop_watcher();
+        CHECK(no_children());
+        CHECK_EQ(r.after_close, 0);
+        run_free(&r);
+        ca_loop_unref(l);
     }
-    ca_set_log_handler(count_log, NULL);
-    CHECK_OK(ca_loop_close(l));
-    ca_set_log_handler(NULL, NULL);
-    r.closed = true;
-    CHECK_EQ(logged, 0);
-    CHECK(ca_future_cancelled(r.wait));
-    int rc;
-    CHECK_OK(ca_process_returncode(r.proc, &rc));
-    CHECK(rc == 0 || rc == 255); /* 255: reaped, but the exit was lost with the loop */
-    CHECK(no_children());
-    CHECK_EQ(r.after_close, 0);
-    run_free(&r);
-    ca_loop_unref(l);
 }
 
 /* ----- communicate ---------------------------------------------------------------------------- */

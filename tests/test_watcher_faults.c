@@ -331,7 +331,8 @@ TEST(fork_while_keep_lock_busy) /* timeout: 60 */
     pthread_t t;
     CHECK(pthread_create(&t, NULL, hammer, NULL) == 0);
     int hung = 0;
-    for (int i = 0; i < 150; i++) {
+    double started = t_now();
+    for (int i = 0; t_stress_go_on(i, 3, 150, started, 10); i++) {
         pid_t pid = fork();
         CHECK(pid >= 0);
         if (pid == 0) {

@@ -16,6 +16,8 @@ import itertools
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 
 from . import _casyncio
@@ -65,8 +67,32 @@ def _dispatch(token, pid, returncode):
         })
 
 
+# A record made at import, on a Python thread: the model for records logged from the library's
+# own threads (below). It has every attribute this Python's LogRecord has.
+_record_model = logging.LogRecord("asyncio", logging.WARNING, __file__, 0, "%s", ("",), None)
+
+
 def _log(level, message):
-    _logger.log(level, "%s", message)
+    """Called by the C side with a warning of the library, from any thread."""
+    if threading.get_ident() in getattr(threading, "_active", (threading.get_ident(),)):
+        _logger.log(level, "%s", message)
+        return
+    # A thread of the library (the Threaded or MultiLoop watcher's): logging's own LogRecord
+    # would call threading.current_thread(), which registers a _DummyThread for this thread
+    # for good (a "dangling thread" to CPython's tests). Such a record is built from the model
+    # instead, with this thread's id and the name "casyncio", and handled as logging would.
+    if not _logger.isEnabledFor(level):
+        return
+    now = time.time()
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__.update(_record_model.__dict__)
+    record.__dict__.update(
+        levelno=level, levelname=logging.getLevelName(level), msg="%s", args=(message,),
+        created=now, msecs=int((now - int(now)) * 1000) + 0.0,
+        relativeCreated=_record_model.relativeCreated + (now - _record_model.created) * 1000,
+        thread=threading.get_ident(), threadName="casyncio",
+    )
+    _logger.handle(record)
 
 
 def _after_fork_in_child():

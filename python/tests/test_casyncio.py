@@ -286,7 +286,12 @@ class TestLogging(Base):
 
     def test_reaped_elsewhere_gives_255_and_logs_from_any_thread(self):
         # Threaded and MultiLoop log from their own threads (without the GIL: the handler takes
-        # it); Pidfd and Safe on the loop.
+        # it); Pidfd and Safe on the loop. A log from a library thread registers no
+        # threading._DummyThread (CPython's tests count one as a dangling thread).
+        def dummies():
+            return [t for t in threading.enumerate() if isinstance(t, threading._DummyThread)]
+        before = dummies()
+        names = set()
         for cls in (casyncio.ThreadedChildWatcher, casyncio.MultiLoopChildWatcher,
                     casyncio.PidfdChildWatcher, casyncio.SafeChildWatcher):
             with self.subTest(cls.__name__), \
@@ -296,6 +301,9 @@ class TestLogging(Base):
                 os.waitpid(pid, 0)
                 self.assertEqual(self.wait_exit(w, pid)[1], 255)
             self.assertTrue(any(str(pid) in line for line in logs.output), logs.output)
+            names.update(r.threadName for r in logs.records)
+        self.assertEqual(dummies(), before)
+        self.assertIn("casyncio", names)  # the library threads' records have their own name
 
 
 class TestThreads(Base):
