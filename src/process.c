@@ -794,28 +794,31 @@ static void proc_free(ca_process *p)
     free(p);
 }
 
-/* Registers the exit callback with the watcher. The Threaded, MultiLoop and Pidfd watchers
- * deliver to the loop running in the registering thread (else its current loop): when nothing
- * runs here, our loop is marked running for the duration of the call so that the exit is
- * delivered on it, whether or not the caller runs it yet.
- * The watchers now take an explicit delivery loop (ca__child_watcher_add_internal_on), which
- * would make the trick unneeded for the built-in kinds; it is kept for now because a subprocess
- * made from a callback of another running loop in this thread relies on today's choice (see
- * test_process's pidfd_lent_fd_outlives_other_thread_reader): to be settled with the watcher
- * seam. */
+/* Registers the exit callback with the watcher, delivered on the loop running in this thread
+ * if there is one, else on the process's loop. That is asyncio's choice: its
+ * _make_subprocess_transport adds the handler from the running loop, and Threaded/Pidfd deliver
+ * there (the loop then relays to the transport's loop); a C program may also spawn with nothing
+ * running, and then the process's loop is the natural one. The loop is given explicitly
+ * (ca__child_watcher_add_internal_on), so the watcher never looks it up in the policy. Safe and
+ * Fast deliver on their attached loop whatever is given. A Pidfd watcher borrows the process's
+ * pidfd instead of opening its own (any other kind answers -ENOTSUP to the loan). */
 static int watch_child(ca_process *p, ca_child_watcher *w)
 {
-    bool entered = !ca_get_running_loop() && ca_loop_enter_running(p->loop) == 0;
+    ca_loop *dl = ca_get_running_loop(); /* running here: alive for the call */
+    if (!dl) dl = p->loop;
     int r = -ENOTSUP;
-    if (p->pidfd >= 0 && strcmp(ca__child_watcher_kind(w), "pidfd") == 0) {
-        /* The watcher borrows ours (one fd per child, not two), until drop_pidfd. */
-        r = ca__pidfd_watcher_lend(w, p->pid, p->pidfd, child_exited, p, &p->lease);
-    }
+    if (p->pidfd >= 0)
+        r = ca__pidfd_watcher_lend_on(w, dl, p->pid, p->pidfd, child_exited, p, &p->lease);
     /* A built-in watcher tells us when it drops the registration without the exit. */
-    if (r == -ENOTSUP) r = ca__child_watcher_add_internal(w, p->pid, child_exited, p);
+    if (r == -ENOTSUP) r = ca__child_watcher_add_internal_on(w, dl, p->pid, child_exited, p);
     p->internal = r != -ENOTSUP;
-    if (r == -ENOTSUP) r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);
-    if (entered) ca_loop_exit_running(p->loop);
+    if (r == -ENOTSUP) {
+        /* A custom watcher picks the delivery loop itself, by the documented rule (the running
+         * loop first): when nothing runs here, ours is marked running for the call. */
+        bool entered = !ca_get_running_loop() && ca_loop_enter_running(p->loop) == 0;
+        r = ca_child_watcher_add_child_handler(w, p->pid, child_exited, p);
+        if (entered) ca_loop_exit_running(p->loop);
+    }
     return r;
 }
 

@@ -760,6 +760,7 @@ struct cwp {
     void *arg;
     int enters, exits, adds_inside;
     bool active;
+    ca_loop *running_at_add; /* ca_get_running_loop() in the add: a custom watcher's rule */
 };
 #define CWP(self) ((struct cwp *)ca_child_watcher_data(self))
 static int cwp_add(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg)
@@ -768,6 +769,7 @@ static int cwp_add(ca_child_watcher *self, pid_t pid, ca_child_fn cb, void *arg)
     c->pid = pid;
     c->cb = cb;
     c->arg = arg;
+    c->running_at_add = ca_get_running_loop();
     if (c->enters > c->exits) c->adds_inside++;
     return 0;
 }
@@ -812,6 +814,9 @@ LOOP_TEST(proc_uses_policy_watcher)
     CHECK_EQ(c.enters, 1);
     CHECK_EQ(c.exits, 1);
     CHECK_EQ(c.adds_inside, 1);
+    /* Nothing runs in this thread: the process's loop is the running one for the add, so that
+     * a watcher that delivers to the running loop (as the built-ins do) picks it. */
+    CHECK(c.running_at_add == loop);
     int st = 0;
     CHECK_EQ(waitpid(c.pid, &st, 0), c.pid);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 21);
