@@ -1,5 +1,6 @@
 /* The helpers several contract test files share; see contract_util.h. */
 #include "contract_util.h"
+#include "../src/kinds.h"
 
 /* ----- time, callbacks, loops ------------------------------------------------------------ */
 
@@ -165,14 +166,10 @@ const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pi
 
 int wnew(int k, ca_child_watcher **out)
 {
-    switch (k) {
-    case W_THREADED: return ca_threaded_child_watcher_new(out);
-    case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
-    case W_SAFE: return ca_safe_child_watcher_new(out);
-    case W_FAST: return ca_fast_child_watcher_new(out);
-    case W_URING: return ca_uring_child_watcher_new(out);
-    default: return ca_pidfd_child_watcher_new(out);
-    }
+    /* The constructor from the library's table of kinds (src/kinds.c), found by name:
+     * test_watcher_kinds checks that wname and the table agree. */
+    const ca__watcher_kind *wk = k >= 0 && k < W_COUNT ? ca__watcher_kind_find(wname[k]) : NULL;
+    return wk ? wk->make(out) : -EINVAL;
 }
 
 void quiet_log(int level, const char *msg, void *arg)

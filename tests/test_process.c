@@ -3,6 +3,7 @@
  * handlers, which the custom test loop does not have: they are skipped there). Real programs
  * only: sh, cat, sleep, echo, ls. */
 #include "harness.h"
+#include "contract_util.h" /* the watcher kinds: W_*, wname, wnew */
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -19,24 +20,12 @@
 
 /* ----- watchers ------------------------------------------------------------------------------ */
 
-enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING, W_COUNT };
-static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd",
-                                           "uring"};
-
 /* Makes watcher kind k the policy's (Safe and Fast attached to loop). false when it does not
  * apply here: Safe/Fast on a loop without signal handlers, Pidfd without kernel support. */
 static bool use_watcher(ca_loop *loop, int k)
 {
     ca_child_watcher *w = NULL;
-    int r = -EINVAL;
-    switch (k) {
-    case W_THREADED: r = ca_threaded_child_watcher_new(&w); break;
-    case W_MULTILOOP: r = ca_multiloop_child_watcher_new(&w); break;
-    case W_SAFE: r = ca_safe_child_watcher_new(&w); break;
-    case W_FAST: r = ca_fast_child_watcher_new(&w); break;
-    case W_PIDFD: r = ca_pidfd_child_watcher_new(&w); break;
-    case W_URING: r = ca_uring_child_watcher_new(&w); break;
-    }
+    int r = wnew(k, &w);
     if (r == -ENOSYS) return false;
     CHECK_OK(r);
     if (k == W_SAFE || k == W_FAST) {

@@ -1,5 +1,6 @@
 /* Child watchers: every watcher on every loop kind, with real children. */
 #include "harness.h"
+#include "contract_util.h" /* the watcher kinds: W_*, wname, wnew */
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -14,22 +15,6 @@
 extern char **environ;
 
 /* ----- helpers ------------------------------------------------------------------------- */
-
-enum { W_THREADED, W_MULTILOOP, W_SAFE, W_FAST, W_PIDFD, W_URING, W_COUNT };
-static const char *const wname[W_COUNT] = {"threaded", "multiloop", "safe", "fast", "pidfd",
-                                           "uring"};
-
-static int wnew(int k, ca_child_watcher **out)
-{
-    switch (k) {
-    case W_THREADED: return ca_threaded_child_watcher_new(out);
-    case W_MULTILOOP: return ca_multiloop_child_watcher_new(out);
-    case W_SAFE: return ca_safe_child_watcher_new(out);
-    case W_FAST: return ca_fast_child_watcher_new(out);
-    case W_URING: return ca_uring_child_watcher_new(out);
-    default: return ca_pidfd_child_watcher_new(out);
-    }
-}
 
 static bool needs_attach(int k) { return k == W_SAFE || k == W_FAST; }
 
@@ -131,12 +116,6 @@ static int reap(pid_t pid)
         r = waitpid(pid, &st, 0);
     } while (r < 0 && errno == EINTR);
     return r == pid ? st : -1;
-}
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
 }
 
 /* Written by the callback, in whatever thread the watcher calls it from: all atomic. */

@@ -1,6 +1,7 @@
 /* The tables of kinds (src/kinds.h) and WATCHER_TEST, which runs a body for every watcher kind
  * on every loop kind from those tables: a new watcher is tested here by adding its table line. */
 #include "harness.h"
+#include "contract_util.h"
 
 #include "../src/kinds.h"
 
@@ -50,6 +51,9 @@ TEST(kinds_tables_agree_with_the_library)
     }
     CHECK(ca__watcher_kind_find("no-such-watcher") == NULL);
     CHECK_EQ(ca__watcher_kind_flags(NULL), 0);
+    /* The tests' W_* index (tests/contract_util.h) names every kind of the table, in order. */
+    CHECK_EQ(W_COUNT, ca__watcher_kind_count);
+    for (int k = 0; k < W_COUNT; k++) CHECK(strcmp(wname[k], ca__watcher_kinds[k].name) == 0);
 }
 
 static pid_t spawn_sh(const char *cmd)
