@@ -463,7 +463,10 @@ static void queue_drop(ca__wcore *c, ca__wreg *r)
     r->internal = false;
     /* Reaped already (the delivery could not be posted, or is lost with its loop): the owner
      * gets the exit itself. Otherwise rc meant nothing and is read by nobody else any more. */
-    if (r->state != CA__W_EXITED) r->rc = CA__RC_DROPPED;
+    if (r->state != CA__W_EXITED) {
+        r->rc = CA__RC_DROPPED;
+        r->owner_reaps = true;
+    }
     ca__wreg_ref(r);
     r->drop_next = c->dropped;
     c->dropped = r;
@@ -996,6 +999,7 @@ int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, 
                 r->state != CA__W_ZOMBIE;
     if (ours) {
         r->internal = false; /* taken back: no drop call */
+        r->owner_reaps = r->state == CA__W_WAITING;
         ca__wreg_ref(r);
         if (c->reg_cancel) c->reg_cancel(c, r, &q);
         else ca__wreg_unregister(c, r);

@@ -97,6 +97,8 @@ struct ca__wreg {
     bool pidfd_lost : 1;         /* Pidfd: its loop closed, the fd was released */
     bool pidfd_lent : 1;         /* Pidfd: pidfd is a subprocess's, not ours to close */
     bool internal : 1;           /* the owner hears of a drop (see the top of the file) */
+    bool owner_reaps : 1;        /* an internal one dropped unreaped or taken back: its child is
+                                  * its owner's to reap (Threaded's thread leaves it) */
     bool in_retry : 1;           /* on the core's retry list: its post failed for memory */
     bool rd_adding : 1;          /* Pidfd: add_reader is being called (lock not held) */
     bool rd_on : 1;              /* Pidfd: the reader is on the loop */

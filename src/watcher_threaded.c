@@ -10,13 +10,17 @@
  *
  * The thread holds a reference to the watcher's core and to its registration, so a watcher
  * closed or freed while children run is safe: close cancels the registrations (their callbacks
- * are never called) and the threads end, quietly, when their child exits.
+ * are never called) and the threads end, quietly, when their child exits. The thread waits
+ * with waitid(WNOWAIT) and reaps only then, under the lock: a subprocess's registration that
+ * was dropped (the watcher closed) leaves its child to the subprocess, which reaps it with its
+ * real status; any other child is reaped, even after its handler was removed.
  */
 #include "internal.h"
 #include "watcher_internal.h"
 
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -44,17 +48,32 @@ static void *wait_main(void *arg)
     snprintf(name, sizeof name, "ca-wait-%d", (int)pid);
     pthread_setname_np(pthread_self(), name);
 
-    int status = 0;
-    pid_t got;
+    /* Waits for the exit without reaping: the reap is decided under the lock, below. */
+    siginfo_t si;
+    int wr;
     do {
-        got = waitpid(pid, &status, 0);
-    } while (got < 0 && errno == EINTR);
-    bool echild = got < 0;
-    int rc = echild ? 255 : ca__returncode_from_status(status);
+        memset(&si, 0, sizeof si);
+        wr = waitid(P_PID, (id_t)pid, &si, WEXITED | WNOWAIT);
+    } while (wr < 0 && errno == EINTR);
 
     ca__wlog q = {0};
     ca__wcore_lock(c);
-    ca__wreg_exited(c, r, rc, echild, &q); /* no-op (and silent) if it was removed */
+    /* An internal registration (a subprocess's) dropped meanwhile, by a close of the watcher
+     * say, is not ours to reap any more: its owner watches the child on its own now (through
+     * its pidfd) and reaps it with its real status, which a reap here would turn into 255.
+     * Any other child is reaped, removed or not, as asyncio's thread does: no zombie. Under
+     * the lock, so that a drop cannot come between the check and the reap; the child has
+     * exited, so waitpid does not block. */
+    if (!r->owner_reaps) {
+        int status = 0;
+        pid_t got;
+        do {
+            got = waitpid(pid, &status, WNOHANG);
+        } while (got < 0 && errno == EINTR);
+        bool echild = got <= 0;
+        int rc = echild ? 255 : ca__returncode_from_status(status);
+        ca__wreg_exited(c, r, rc, echild, &q); /* no-op (and silent) if it was removed */
+    }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q); /* the post, made without the lock */
     /* The post failed for memory: the status is ours alone now, so this thread stays until

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -171,9 +172,13 @@ static int pidfd_or_skip(ca_child_watcher **out)
 static void spawn_under_churn(unsigned what, bool allow_ebadf, int (*make)(ca_child_watcher **))
 {
     /* A new default policy makes Threaded watchers, which the watcher churn then closes. */
+    /* A closed Threaded watcher's thread leaves a subprocess's child to it (the subprocess
+     * reaps it through its pidfd, with its real status): 255 only where there is no pidfd. */
     bool threaded = make == ca_threaded_child_watcher_new ||
                     (what & (CHURN_POLICY | CHURN_WATCHER)) == (CHURN_POLICY | CHURN_WATCHER);
-    struct spawner s = {.allow_255 = threaded, .allow_ebadf = allow_ebadf};
+    int probe_fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    if (probe_fd >= 0) close(probe_fd);
+    struct spawner s = {.allow_255 = threaded && probe_fd < 0, .allow_ebadf = allow_ebadf};
     if (make == pidfd_or_skip) {
         ca_child_watcher *probe = NULL;
         int r = ca_pidfd_child_watcher_new(&probe);
