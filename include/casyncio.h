@@ -672,7 +672,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * A removed callback is never called, even if the child's exit was already reaped and posted;
  * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe, Pidfd
  * and Uring then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
- * reaps it, quietly; Fast reaps it and logs it as unknown.
+ * reaps it, quietly (except a subprocess's own child after the watcher closed: the subprocess
+ * reaps that one, with its status); Fast reaps it and logs it as unknown.
  *
  *
  * bpo-32115: a SIGCHLD disposition of SIG_IGN (or SA_NOCLDWAIT), for instance inherited from
