@@ -175,10 +175,12 @@ LOOP_TEST(proc_wait_needs_pipes_closed)
     ca_subprocess_options o = {.argv = argv, .stdout_mode = CA_PIPE};
     struct pstat s = {.loop = loop};
     ca_process *p = NULL;
+    /* Before the spawn: the child's 0.3 s start when it runs, and under valgrind the rest of
+     * the spawn call (the watcher's thread, say) can take longer than that. */
+    double t0 = now_s();
     CHECK_OK(ca_loop_subprocess_exec(loop, &o, &pproto, &s, &p));
     ca_future *f = NULL;
     CHECK_OK(ca_process_wait(p, &f));
-    double t0 = now_s();
     int rc = -1;
     while (ca_process_returncode(p, &rc) == -EAGAIN && now_s() - t0 < 5) t_run_for(loop, 0.01);
     CHECK_EQ(rc, 3);
