@@ -492,21 +492,55 @@ static void own_exited(void *arg)
     ca_process_unref(p);
 }
 
+/* A pidfd for p's child opened by pid, for a process that holds none (the Uring watcher's):
+ * nobody but a foreign reaper could have reaped the child (the watcher that let go of it never
+ * did), so the pid is still the child's unless it was reaped by somebody else, such as a Fast
+ * watcher (its waitpid(-1) reaps every child). -1 with errno ESRCH: reaped, the pid free or
+ * taken by a process that is not our child (waitid on the pidfd answers ECHILD); only a pid
+ * reused by another child of ours in between would go unnoticed, as with every watcher that
+ * reaps by pid. Always close-on-exec. */
+static int open_pidfd_late(pid_t pid)
+{
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) return -1;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (waitid(P_PIDFD, (id_t)fd, &si, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD) {
+        close(fd);
+        errno = ESRCH;
+        return -1;
+    }
+    return fd;
+}
+
 /* On the loop's thread, after a drop while the loop runs: learn the exit on our own, through a
  * copy of our pidfd (a Pidfd watcher's reader may still be on ours, on this loop, with its
  * removal on its way). The relay is RELAY_DROPPED: the loop's reference keeps p until the exit
  * or the close hook, and this runs before the latter or never. Without a pidfd the exit stays
- * unknown until the loop closes, whose hook ends the child. */
+ * unknown until the loop closes, whose hook ends the child; a child that somebody else reaped
+ * is reported now, with returncode 255 and a warning, as the watchers report a foreign reap. */
 static void own_watch(void *arg)
 {
     ca_process *p = arg;
     if (p->closed || p->have_rc || p->ownfd >= 0) return;
-    /* Without a pidfd of its own (a Uring watcher's process), one now: the watcher that dropped
-     * the child never reaped it, so the pid is still this child's. */
-    if (p->pidfd >= 0) p->ownfd = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
-    else p->ownfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
+    /* Without a pidfd of its own (a Uring watcher's process), one now (open_pidfd_late). */
+    bool gone = false;
+    if (p->pidfd >= 0) {
+        p->ownfd = fcntl(p->pidfd, F_DUPFD_CLOEXEC, 3);
+    } else {
+        p->ownfd = open_pidfd_late(p->pid);
+        gone = p->ownfd < 0 && errno == ESRCH;
+    }
     if (p->ownfd >= 0 && ca_loop_add_reader(p->loop, p->ownfd, own_exited, p) == 0) return;
     close_fd(&p->ownfd);
+    if (gone) {
+        ca__log(CA_LOG_WARNING,
+                "child process %d (%s): reaped by somebody else after its watcher dropped it: "
+                "will report returncode 255",
+                (int)p->pid, p->name);
+        if (set_exit(p, 255)) exit_on_loop(p);
+        return;
+    }
     ca__log(CA_LOG_WARNING,
             "child process %d (%s): its watcher dropped it and it cannot be watched here: "
             "its exit will be known when the loop closes",
@@ -938,12 +972,15 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
      * hook, which thus runs before the watcher's own hook on this loop (hooks run newest
      * first) and can still take the registration back. */
     r = watch_child(p, w);
-    bool self_watch = false;
-    if (r == -EBADF && p->pidfd < 0 && !p->lease)
-        /* A process spawned for a Uring watcher holds no pidfd; nobody has reaped the child (the
-         * closed watcher never registered it), so its pid is still this child's. */
-        p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
-    if (r == -EBADF && p->pidfd >= 0 && !p->lease) {
+    bool self_watch = false, reaped = false;
+    if (r == -EBADF && p->pidfd < 0 && !p->lease) {
+        /* A process spawned for a Uring watcher holds no pidfd: one now (open_pidfd_late). The
+         * closed watcher never registered the child, but another one (Fast) may have reaped it
+         * already: then its exit is known, returncode 255, as for any foreign reap. */
+        p->pidfd = open_pidfd_late(p->pid);
+        reaped = p->pidfd < 0 && errno == ESRCH;
+    }
+    if (r == -EBADF && (p->pidfd >= 0 || reaped) && !p->lease) {
         /* Another thread closed the watcher after enter_watcher saw it open (ca_set_child_watcher
          * closes the one it replaces). The child runs: learn its exit through our own pidfd,
          * as after a drop, rather than kill it and fail. */
@@ -960,12 +997,18 @@ int ca_loop_subprocess_exec(ca_loop *loop, const ca_subprocess_options *o,
                      (int)p->pid);
     }
     if (r < 0) {
-        /* Nobody would learn this child's exit: end it now, leave no zombie. */
-        send_sig(p, SIGKILL);
-        ca__reap_child(p->pid, p->pidfd);
+        /* Nobody would learn this child's exit: end it now, leave no zombie (unless somebody
+         * else reaped it already: its pid is not ours to signal any more). */
+        if (!reaped) {
+            send_sig(p, SIGKILL);
+            ca__reap_child(p->pid, p->pidfd);
+        }
         goto out;
     }
-    if (self_watch) own_watch(p);
+    /* A child reaped by somebody else is reported by own_watch on the loop, not from this call
+     * (the protocol hears of the exit after the spawn returned). */
+    if (self_watch && reaped) post_to_loop(loop, own_watch, p, p->pid, take_spare(p));
+    else if (self_watch) own_watch(p);
 out:
     for (int i = 0; i < s.ntmp; i++) close(s.tmp[i]);
     ca_child_watcher_exit(w);

@@ -20,11 +20,27 @@
  * Rings. One ring per (watcher, delivery loop): a ring's completions must be read on its loop's
  * thread, and a program usually has one loop, hence one ring. A ring is made when a loop gets
  * its first child and lives until the loop closes (a close hook) or the watcher is closed; its
- * reader is added on the loop's thread. The kernel runs a WAITID's completion as task work of
- * the thread that submitted it (which it interrupts like a signal would, so an epoll_wait or a
- * poll wakes up): add_child_handler submits on the delivery loop's thread. If that thread exits
- * while the request waits, the kernel cancels the request (-ECANCELED that we did not ask for):
- * the reader then submits it again, from the loop's thread.
+ * reader is added by the thread that adds the loop's first child, and taken off on the loop's
+ * thread (the reader's end of the ring) or by the loop's close (its hook, in the closing
+ * thread, with nothing running on the loop); a reader still being added when the loop closes in
+ * another thread is taken off by its adder (ring_kill leaves it to uring_add_in).
+ *
+ * The thread that submitted. The kernel runs a WAITID's completion as task work of the thread
+ * that submitted it (which it interrupts like a signal would, so an epoll_wait or a poll wakes
+ * up). add_child_handler submits on the calling thread: the delivery loop's, or any thread for
+ * a loop that is not running (a host's loop that no C thread runs, such as Python's, is never
+ * running in C terms). If that thread exits while the request waits, the kernel does not cancel
+ * the request (6.7 to 6.18 at least): the child's exit queues the task work to a kernel worker,
+ * whose wait finds no child of its own and ends the request with -ECHILD although nobody
+ * reaped the child (other kernels may end it with -ECANCELED that we did not ask for). So a
+ * request remembers the thread that queued it (tid), and the reader does not take such an end
+ * for the child's: after a -ECHILD from a request queued by another thread than its own, or a
+ * -ECANCELED it did not ask for, it asks the child itself (waitid(P_PID, WNOHANG | WNOWAIT)):
+ * exited, it is reported with its status; running, its request is submitted again, from the
+ * reader's thread; gone, it was reaped by somebody else (255). A -ECHILD from a request that
+ * the reader's own thread queued is trusted: that thread is alive. The check goes by pid, so
+ * a foreign reap followed by the pid's reuse by another child of ours, in that moment, would go
+ * unnoticed; it happens only after the submitter's exit.
  *
  * Sizes. 256 SQEs and 4096 CQEs per ring. More children may exit at once than the CQ holds:
  * the kernel keeps the excess on its overflow list (IORING_FEAT_NODROP, required) and liburing's
@@ -66,7 +82,10 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -86,6 +105,7 @@ typedef struct ur_op {
     ca__wreg *r;                 /* a reference */
     ur_ring *ring;
     struct ur_op *prev, *next;   /* the ring's list */
+    pid_t tid;                   /* the thread that queued its WAITID (see the top) */
     bool cancelled;              /* an ASYNC_CANCEL was submitted for it */
 } ur_op;
 
@@ -152,6 +172,7 @@ static int prep_waitid(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
     sqe->file_index = WEXITED | WNOWAIT; /* options */
     sqe->addr2 = 0;                      /* infop: none */
     io_uring_sqe_set_data(sqe, op);
+    op->tid = gettid();
     if (out) *out = sqe;
     return 0;
 }
@@ -211,6 +232,38 @@ static void ring_exit(struct io_uring *ring)
     ring->ring_fd = -1;
 }
 
+#if defined(__SANITIZE_THREAD__)
+#define UR_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UR_TSAN 1
+#endif
+#endif
+
+/* ThreadSanitizer builds: the other half of ring_exit's care. io_uring_setup, a raw system call,
+ * creates the ring's fd unseen, so ThreadSanitizer still takes that number for the file that
+ * last had it: our reader's add and removal (epoll_ctl) would look like uses, without
+ * synchronisation, of an fd that another thread closed. The ring moves onto a number that an
+ * intercepted call (eventfd) created in this thread, with raw dup3 and close (its mappings do
+ * not depend on the number). Other builds keep the ring's own fd. Both are close-on-exec. */
+static int ring_fd_adopt(struct io_uring *ring)
+{
+#ifdef UR_TSAN
+    int fd = eventfd(0, EFD_CLOEXEC);
+    if (fd < 0) return -errno;
+    if (syscall(SYS_dup3, ring->ring_fd, fd, O_CLOEXEC) < 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    syscall(SYS_close, ring->ring_fd);
+    ring->ring_fd = ring->enter_ring_fd = fd;
+#else
+    (void)ring;
+#endif
+    return 0;
+}
+
 static void ring_unref(ur_ring *g)
 {
     if (--g->refs > 0) return;
@@ -228,8 +281,11 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     *hook = NULL;
     if (g->dead) return;
     g->dead = true;
-    *reader = g->reader != READER_OFF;
-    g->reader = READER_OFF;
+    /* A reader that another thread is adding right now is that thread's to take off again
+     * (uring_add_in sees the ring dead when add_reader returns): removed here, before the
+     * add, it would stay on the loop after the ring's fd is closed. */
+    *reader = g->reader == READER_ON;
+    if (g->reader == READER_ON) g->reader = READER_OFF;
     *hook = g->hook;
     g->hook = NULL;
     for (ur_op *op = g->ops; op; op = op->next) {
@@ -255,8 +311,11 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     }
 }
 
-/* Kills g on its loop's thread: removes the reader (and the hook, unless it is running), then
- * frees the ring (which ends its requests). Lock NOT held; the caller holds a reference to the
+/* Kills g: removes the reader (and the hook, unless it is running), then drops the list's
+ * reference to the ring (the last one frees it, which ends its requests and closes its fd:
+ * after the reader is off). On the loop's thread (ring_ready), or in the loop's close (in_hook:
+ * the closing thread, with nothing running on the loop); a reader that another thread is still
+ * adding is left to that thread (ring_kill). Lock NOT held; the caller holds a reference to the
  * core. */
 static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
 {
@@ -265,6 +324,7 @@ static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
     void *hook;
     ca__wcore_lock(c);
     ca_loop *loop = g->loop;
+    int fd = g->ring.ring_fd; /* open until our reference goes, below */
     bool was_dead = g->dead;
     ring_kill(c, g, &q, &reader, &hook);
     g->loop = NULL;
@@ -273,7 +333,7 @@ static void ring_end(ca__wcore *c, ur_ring *g, bool in_hook)
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     if (was_dead) return;
-    if (loop && reader) ca_loop_remove_reader(loop, g->ring.ring_fd);
+    if (loop && reader) ca_loop_remove_reader(loop, fd);
     if (loop && hook && !in_hook) ca__loop_remove_close_hook(loop, hook);
     ca__wcore_lock(c);
     if (list_ref) ring_unref(g);
@@ -314,6 +374,11 @@ static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
         free(g);
         return r == -EPERM ? -ENOSYS : r;
     }
+    if ((r = ring_fd_adopt(&g->ring)) < 0) {
+        ring_exit(&g->ring);
+        free(g);
+        return r;
+    }
     g->hook = ca__loop_add_close_hook(loop, ring_hook, g);
     if (!g->hook) {
         ring_exit(&g->ring);
@@ -328,6 +393,22 @@ static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
     state_of(c)->rings = g;
     *out = g;
     return 0;
+}
+
+/* Whether pid, our child, has exited, without reaping it: 1 (its returncode in *rc), 0 still
+ * running, -ECHILD reaped by somebody else. */
+static int peek_exit(pid_t pid, int *rc)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int e;
+    do {
+        e = waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT);
+    } while (e < 0 && errno == EINTR);
+    if (e < 0) return -ECHILD;
+    if (si.si_pid != pid) return 0;
+    *rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+    return 1;
 }
 
 /* An exit read from the ring, to deliver after unlocking. */
@@ -369,28 +450,24 @@ static void ring_ready(void *arg)
                 if (!op) continue; /* a cancel's or a wake-up's own completion */
                 ca__wreg *r = op->r;
                 bool live = r->registered && r->state == CA__W_WAITING;
-                if (res == -ECANCELED && !op->cancelled && live && !closed) {
-                    /* The thread that submitted it exited: ask again, from this thread. */
-                    if (prep_waitid(g, op, NULL) == 0) continue;
+                int rc = 255;
+                bool reap = false;
+                /* Ask the child itself (see "The thread that submitted"): for its status when
+                 * the request found it exited; whether it still runs when the request ended
+                 * without its exit because the thread that submitted it is gone. */
+                if (live && (res == 0 || (res == -ECANCELED && !op->cancelled) ||
+                             (res == -ECHILD && op->tid != gettid()))) {
+                    int k = peek_exit(r->pid, &rc);
+                    if (k > 0) {
+                        res = 0;
+                        reap = true;
+                    } else if (k < 0 || res == 0) {
+                        res = -ECHILD; /* reaped by somebody else */
+                    } else if (!closed && prep_waitid(g, op, NULL) == 0) {
+                        continue; /* still running: asked again, from this thread */
+                    }
                 }
                 if (live) {
-                    int rc = 255;
-                    bool reap = false;
-                    if (res == 0) {
-                        /* Exited, still a zombie: its status, without reaping it. */
-                        siginfo_t si;
-                        memset(&si, 0, sizeof si);
-                        int e;
-                        do {
-                            e = waitid(P_PID, (id_t)r->pid, &si, WEXITED | WNOHANG | WNOWAIT);
-                        } while (e < 0 && errno == EINTR);
-                        if (e == 0 && si.si_pid == r->pid) {
-                            rc = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
-                            reap = true;
-                        } else {
-                            res = -ECHILD; /* reaped by somebody else since */
-                        }
-                    }
                     if (res == -ECHILD) {
                         ca__wlog_add(&q, CA_LOG_WARNING,
                                      "Unknown child process pid %d, will report returncode 255",
@@ -510,7 +587,15 @@ static int uring_add_in(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
     if (!add_reader) return err;
     err = ca_loop_add_reader(loop, fd, ring_ready, g);
     ca__wcore_lock(c);
-    if (g->reader == READER_ADDING) g->reader = err == 0 ? READER_ON : READER_OFF;
+    g->reader = err == 0 && !g->dead ? READER_ON : READER_OFF;
+    if (err == 0 && g->dead) {
+        /* The ring was ended (its loop closing in another thread) while we added its reader:
+         * ring_end left the reader to us. Off again, by the thread that put it on, before our
+         * reference (perhaps the last) closes the fd. */
+        ca__wcore_unlock(c);
+        ca_loop_remove_reader(loop, fd);
+        ca__wcore_lock(c);
+    }
     if (err < 0 && !g->dead) {
         /* Nobody would read this ring: the child is not watched (it is the only one here,
          * as only this thread adds to this loop's ring). */

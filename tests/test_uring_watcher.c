@@ -353,3 +353,98 @@ LOOP_TEST(uring_remove_from_other_thread_races_exit) /* timeout: 60 */
     CHECK_EQ(called + atomic_load(&rc.removed), N);
     done(w);
 }
+
+/* ----- the thread that submitted a request exits -------------------------------------------- */
+
+typedef struct adder_job {
+    ca_child_watcher *w;
+    ca_loop *loop;
+    pid_t *pids;
+    rec *r;
+    int n;
+} adder_job;
+
+static void *adder_main(void *arg)
+{
+    adder_job *j = arg;
+    for (int i = 0; i < j->n; i++)
+        CHECK_OK(ca_child_watcher_add_child_handler_on(j->w, j->loop, j->pids[i], on_exit_rec,
+                                                       &j->r[i]));
+    return NULL; /* and the thread exits while its requests wait */
+}
+
+/* Handlers added by a thread that exits before the children do (a loop that is not running
+ * takes adds from any thread; a host's loop, like Python's, always does): the kernel does not
+ * cancel a WAITID whose submitter exited, it ends it with -ECHILD from a kernel worker when the
+ * child exits. The exits must still come with their status, after the callback, reaped. */
+LOOP_TEST(uring_adder_thread_exits_first) /* timeout: 60 */
+{
+    enum { N = 20 };
+    ca_child_watcher *w = uring_or_skip(loop);
+    ca_set_log_handler(log_capture, NULL);
+    log_buf[0] = 0;
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pids[N];
+    rec r[N];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < N; i++) pids[i] = spawn_cat(p[0]);
+    adder_job j = {.w = w, .loop = loop, .pids = pids, .r = r, .n = N};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, adder_main, &j), 0);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    close(p[0]);
+    close(p[1]);
+    recs rs = {r, N};
+    CHECK(t_run_until(loop, all_called, &rs, 20));
+    t_run_for(loop, 0.05);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(atomic_load(&r[i].calls), 1);
+        CHECK_EQ(atomic_load(&r[i].rc), 0);
+        CHECK(r[i].zombie_at_call);
+    }
+    CHECK(strstr(log_buf, "Unknown child process") == NULL);
+    CHECK(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD);
+    ca_set_log_handler(NULL, NULL);
+    done(w);
+}
+
+/* ----- a subprocess whose Uring watcher let go of it -------------------------------------- */
+
+static bool future_done(void *arg) { return ca_future_done(arg); }
+
+/* The policy's Uring watcher is closed while a subprocess runs (a replacement closes it): the
+ * process, which holds no pidfd, learns the exit on its own. If somebody else (a Fast watcher's
+ * waitpid(-1)) reaped the child first, the wait still completes: returncode 255 and a warning,
+ * as for any foreign reap, never a wait that hangs until the loop closes. */
+TEST(uring_process_dropped_then_reaped_by_somebody_else) /* timeout: 60 */
+{
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_child_watcher *w = uring_or_skip(loop);
+    CHECK_OK(ca_set_child_watcher(w));
+    ca_set_log_handler(log_capture, NULL);
+    log_buf[0] = 0;
+    ca_process *proc = NULL;
+    ca_subprocess_options o = {.argv = ARGV("sh", "-c", "exit 3")};
+    CHECK_OK(ca_loop_subprocess_exec(loop, &o, NULL, NULL, &proc));
+    pid_t pid = ca_process_pid(proc);
+    CHECK_OK(ca_child_watcher_close(w)); /* the drop: the process watches on its own */
+    int st;
+    CHECK_EQ(waitpid(pid, &st, 0), pid); /* the foreign reap, before the loop runs */
+    ca_future *f = NULL;
+    CHECK_OK(ca_process_wait(proc, &f));
+    CHECK(t_run_until(loop, future_done, f, 10));
+    void *res = NULL;
+    CHECK_OK(ca_future_result(f, &res));
+    CHECK_EQ((int)(intptr_t)res, 255);
+    CHECK(strstr(log_buf, "reaped by somebody else") != NULL);
+    ca_future_unref(f);
+    ca_process_unref(proc);
+    ca_set_log_handler(NULL, NULL);
+    CHECK_OK(ca_set_child_watcher(NULL));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_set_event_loop(NULL));
+    ca_loop_close(loop);
+    ca_loop_unref(loop);
+}

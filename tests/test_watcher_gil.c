@@ -575,6 +575,16 @@ TEST(hostloop_gil_pidfd) /* timeout: 60 */
     run_kind(ca_pidfd_child_watcher_new, false, 2.0);
 }
 
+TEST(hostloop_gil_uring) /* timeout: 60 */
+{
+    ca_child_watcher *w;
+    int r = ca_uring_child_watcher_new(&w);
+    if (r == -ENOSYS) SKIP("no IORING_OP_WAITID here");
+    CHECK_OK(r);
+    ca_child_watcher_unref(w);
+    run_kind(ca_uring_child_watcher_new, false, 2.0);
+}
+
 TEST(hostloop_gil_safe) /* timeout: 60 */
 {
     run_kind(ca_safe_child_watcher_new, true, 2.0);

@@ -5,7 +5,8 @@
  * pointer while another thread replaced its owner); it is meant for ASan and TSan builds.
  *
  * Threads, for SOAK_SECONDS (default 60):
- * (SOAK_SPAWNERS, SOAK_ADDERS and SOAK_WATCHERS narrow it down, to tell one bug from another.)
+ * (SOAK_SPAWNERS, SOAK_ADDERS and SOAK_WATCHERS narrow it down, to tell one bug from another;
+ * SOAK_LOG_MATCH=text prints the library's log lines that contain text.)
  *   spawners (2)   each with its own loop (epoll, poll, io_uring), set as its current loop:
  *                  ca_loop_subprocess_exec of /bin/true or `sh -c 'exit 7'` (sometimes with a
  *                  stdout pipe, sometimes from a callback on the running loop), then the wait
@@ -88,7 +89,9 @@ static double now(void)
 static void log_fn(int level, const char *msg, void *arg)
 {
     (void)level, (void)arg;
+    const char *match = getenv("SOAK_LOG_MATCH");
     if (atomic_fetch_add(&n_logs, 1) < 5 && getenv("SOAK_VERBOSE")) fprintf(stderr, "log: %s\n", msg);
+    else if (match && *match && strstr(msg, match)) fprintf(stderr, "log: %s\n", msg);
 }
 
 static void stop_cb(void *arg) { ca_loop_stop(arg); }
