@@ -20,6 +20,12 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/wait.h>
+
+/* waitid's P_PIDFD (Linux 5.4), for C libraries whose headers lack it. */
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CA_EXPORT __attribute__((visibility("default")))

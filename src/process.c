@@ -36,9 +36,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
 
 /* How much a reader callback reads per call, and per read(2). */
 #define READ_CHUNK 32768

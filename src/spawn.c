@@ -33,9 +33,6 @@
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
 
 extern char **environ;
 

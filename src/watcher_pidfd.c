@@ -56,9 +56,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
 
 static int sys_pidfd_open(pid_t pid)
 {
