@@ -36,7 +36,6 @@
 #include <time.h>
 #include <unistd.h>
 
-
 /* How much a reader callback reads per call, and per read(2). */
 #define READ_CHUNK 32768
 #define READS_PER_CALL 4

@@ -56,7 +56,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-
 static int sys_pidfd_open(pid_t pid)
 {
 #ifdef SYS_pidfd_open
