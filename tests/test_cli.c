@@ -5,6 +5,7 @@
  * runner make this process a child subreaper, so that an orphaned job would be ours to see.
  */
 #include "cli_run.h"
+#include "../src/kinds.h"
 
 /* ----- usage ------------------------------------------------------------------------------ */
 
@@ -559,10 +560,16 @@ TEST(ten_thousand_jobs_no_fd_or_memory_growth) /* timeout: 120 */
 
 TEST(every_loop_and_watcher) /* timeout: 90 */
 {
-    static const char *loops[] = {"epoll", "poll", "uring"};
-    static const char *ws[] = {"pidfd", "fast", "safe", "multiloop", "threaded", "uring"};
-    for (size_t i = 0; i < 3; i++) {
-        for (size_t k = 0; k < sizeof ws / sizeof ws[0]; k++) {
+    /* Every --loop and --watcher name, from the library's tables of kinds (src/kinds.h). */
+    const char *loops[16], *ws[16];
+    size_t nl = 0, nw = 0;
+    for (size_t i = 0; i < ca__loop_kind_count && nl < 16; i++)
+        loops[nl++] = ca__loop_kinds[i].cli_name;
+    for (size_t i = 0; i < ca__watcher_kind_count && nw < 16; i++)
+        ws[nw++] = ca__watcher_kinds[i].name;
+    CHECK(nl >= 3 && nw >= 6);
+    for (size_t i = 0; i < nl; i++) {
+        for (size_t k = 0; k < nw; k++) {
             struct res r;
             RUN(&r, "run", "-k", "-j", "4", "--loop", loops[i], "--watcher", ws[k], "--timeout",
                 "5", "echo", ":::", "1", "2", "3", "4", "5", "6");
