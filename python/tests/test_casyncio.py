@@ -99,6 +99,45 @@ class TestImport(unittest.TestCase):
             finally:
                 w.close()
 
+    def test_without_asyncio_watchers_as_on_3_14(self):
+        # asyncio 3.14 removed its watchers: the classes then derive from object and work on
+        # their own. Simulated here on any version by deleting asyncio's watcher API before the
+        # import; with warnings as errors, nothing may warn either.
+        code = r"""
+import asyncio, asyncio.events, asyncio.unix_events, os, sys, warnings
+for n in ("AbstractChildWatcher", "ThreadedChildWatcher", "MultiLoopChildWatcher",
+          "SafeChildWatcher", "FastChildWatcher", "PidfdChildWatcher",
+          "get_child_watcher", "set_child_watcher"):
+    for mod in (asyncio, asyncio.events, asyncio.unix_events):
+        if hasattr(mod, n):
+            delattr(mod, n)
+warnings.simplefilter("error")
+import casyncio
+kinds = [casyncio.ThreadedChildWatcher, casyncio.MultiLoopChildWatcher,
+         casyncio.SafeChildWatcher, casyncio.FastChildWatcher, casyncio.PidfdChildWatcher]
+assert all(k.__mro__[-2:] == (casyncio._Watcher, object) or k.__mro__[-1] is object
+           for k in kinds)
+assert not any(hasattr(k, "__abstractmethods__") and k.__abstractmethods__ for k in kinds)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for cls in kinds:
+        with cls() as w:
+            if cls in (casyncio.SafeChildWatcher, casyncio.FastChildWatcher):
+                w.attach_loop(loop)
+            fut = loop.create_future()
+            pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 5"], dict(os.environ))
+            w.add_child_handler(pid, lambda p, rc: fut.set_result((p, rc)))
+            got = await asyncio.wait_for(fut, 10)
+            assert got == (pid, 5), (cls.__name__, got)
+        w.close()
+asyncio.run(main())
+print("ok")
+"""
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "ok\n", ""))
+
     @unittest.skipUnless((3, 12) <= sys.version_info < (3, 14), "3.12 and 3.13 only")
     def test_deprecation_warnings_as_asyncio(self):
         for cls in KINDS:
