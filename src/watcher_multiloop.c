@@ -3,8 +3,8 @@
  * process-wide signal fan-out (a slot whose eventfd is ours), and its own reaping thread woken
  * by that eventfd. On each wake it reaps the registered children that have exited, by pid
  * (waitpid(pid, WNOHANG)): it never reaps a child that is not registered, so other code's
- * waitpid() and system() keep working. Exits are posted to each child's own loop (the loop of the thread that
- * added the handler), where the callbacks run: loops in any thread can spawn.
+ * waitpid() and system() keep working. Exits are posted to each child's own loop (the loop of
+ * the thread that added the handler), where the callbacks run: loops in any thread can spawn.
  *
  * asyncio's version ran the polling inside the Python signal handler, in the main thread, and
  * could hang or lose exits under load (bpo-38323). Here the signal handler only writes to the
