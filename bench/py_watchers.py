@@ -13,7 +13,8 @@ workload alternating A B .. B A from one repetition to the next; medians are rep
                     add_child_handler (the Python process only), Threaded, Pidfd, Safe, MultiLoop.
   reap M=0, 1000    microseconds per spawn+wait of /bin/true, one at a time, while M idle
                     `sleep` children are also registered: Safe and MultiLoop. The growth is
-                    t(M=1000) / t(M=0).
+                    t(M=1000) / t(M=0); also the CPU time of the Python process (all its
+                    threads) per spawn+wait, and its growth (reap_cpu: less noisy).
 Output: one "name=... bench=... param=... value=... unit=..." line per measurement, then a
 summary with the ratios (ours / asyncio's; for memory asyncio's / ours). The machine is
 shared: expect noise of 10-20% between runs.
@@ -132,9 +133,14 @@ async def reap(w, m, n):
         idle.append(pid)
         w.add_child_handler(pid, lambda *a: None)
     await spawn_wait(10, 1)  # warm up
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     await spawn_wait(n, 1)
     us = (time.perf_counter() - t) / n * 1e6
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU time of this process (every thread: MultiLoop's reaper too) per spawn+wait.
+    cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / n * 1e6
+    print(f"name={IMPL_KIND[0]} bench=reap_cpu param={m} value={cpu:.1f} unit=us", flush=True)
     for pid in idle:
         w.remove_child_handler(pid)
     for pid in idle:
@@ -147,8 +153,12 @@ async def reap(w, m, n):
     return us
 
 
+IMPL_KIND = [""]
+
+
 def one(work, param, n, impl, kind):
     """One measurement in this process; prints its line."""
+    IMPL_KIND[0] = f"{impl}:{kind}"
     loop, w = setup(impl, kind)
     try:
         if work == "spawn_wait":
@@ -256,9 +266,13 @@ def main():
         c0, c1 = med("reap", 0, kind, "casyncio"), med("reap", big_m, kind, "casyncio")
         s0, s1 = med("reap", 0, kind, "asyncio"), med("reap", big_m, kind, "asyncio")
         g = lambda a, b: f"x{b / a:.2f}" if a and b else "NA"  # noqa: E731
+        k0, k1 = med("reap_cpu", 0, kind, "casyncio"), med("reap_cpu", big_m, kind, "casyncio")
+        a0, a1 = med("reap_cpu", 0, kind, "asyncio"), med("reap_cpu", big_m, kind, "asyncio")
         rows.append(f"| reap cost M=0 -> M={big_m} idle | {kind} | {fmt(c0, 'us')} -> "
                     f"{fmt(c1, 'us')} ({g(c0, c1)}) | {fmt(s0, 'us')} -> {fmt(s1, 'us')} "
-                    f"({g(s0, s1)}) | growth (target <= x1.2) | |")
+                    f"({g(s0, s1)}) | growth (target <= x1.2) | CPU {fmt(k0, 'us')} -> "
+                    f"{fmt(k1, 'us')} ({g(k0, k1)}) / {fmt(a0, 'us')} -> {fmt(a1, 'us')} "
+                    f"({g(a0, a1)}) |")
     print("\n".join(rows))
     if a.md:
         with open(a.md, "w") as f:

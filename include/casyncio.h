@@ -594,18 +594,20 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
  *             until close, and its own reaping thread, woken by that handler. It finds exited
  *             children with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT), which does not reap, and
- *             reaps each watched one by pid: O(1) per exit. It polls every registered pid with
- *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell: the first
- *             exited child is not one it watches, or no child exists, and at the latest 0.1 s
- *             after a SIGCHLD that skipped the poll (to notice children other code reaped:
- *             they may be reported up to 0.1 s late). Never reaps a child it does not watch.
+ *             reaps each watched one by pid: O(1) per exit in our code (the kernel's waitid
+ *             walks the process's children). It polls every registered pid with
+ *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell (no child
+ *             exists, or the first exited child is not one it watches and stays so for 10 ms:
+ *             an add for it reaps it and wakes the thread), and once a second, to notice
+ *             children other code reaped (reported with 255 up to a second late). Never reaps
+ *             a child it does not watch.
  *             Works for loops in any thread. Changes the process's SIGCHLD disposition while
  *             it lives (close restores the previous one, unless other code replaced ours since).
  *             docs/watchers.md has details.
  *   Safe      SIGCHLD through the attached loop's signal handler (ca_loop_add_signal_handler),
  *             then the same search as MultiLoop (waitid(WNOWAIT), then reap by pid; the full
- *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and within
- *             0.1 s through a timer on the attached loop); never reaps other code's children.
+ *             waitpid(pid, WNOHANG) poll when that cannot tell, after attach_loop, and once a
+ *             second at the slow check on the attached loop); never reaps other code's children.
  *             Active only while attached to a loop that is not
  *             closed; the attached loop must run for exits to be seen. Needs a loop with signal
  *             handlers (a custom loop without add_signal_handler: attach_loop gives -ENOTSUP).
@@ -615,8 +617,9 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             termination from unknown pid") and dropped, except between enter and exit, where
  *             it is kept in case its handler comes next. A registered child that other code
  *             reaped (before or after add_child_handler) is reported with returncode 255, as
- *             the others do: waitpid(-1) cannot see it, so after a SIGCHLD Fast checks each
- *             registered pid with waitid(WNOWAIT) within 0.1 s (at most once per 0.1 s: O(n)).
+ *             the others do: waitpid(-1) cannot see it, so Fast checks each registered pid
+ *             with waitid(WNOWAIT) once a second at its slow check (O(n)), and at once when no
+ *             child is left at all (ECHILD).
  *   Pidfd     pidfd_open(pid) and a reader on the delivery loop; waitid(P_PIDFD) on the loop's
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
  *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));

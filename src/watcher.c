@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 
 /* ----- shared helpers --------------------------------------------------------------------- */
 
@@ -119,7 +120,18 @@ void ca__sigchld_keep_release(void)
     pthread_mutex_unlock(&keep_lock);
 }
 
-int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild)
+atomic_ulong ca__wpoll_count;
+
+unsigned long ca__watcher_full_polls(void) { return atomic_load(&ca__wpoll_count); }
+
+static long long mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild, long long *relook_ns)
 {
     for (;;) {
         siginfo_t si;
@@ -128,9 +140,24 @@ int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild)
             if (errno == EINTR) continue;
             return -1; /* ECHILD: no child at all; the poll reports the registered ones */
         }
-        if (si.si_pid == 0) return 0;
+        if (si.si_pid == 0) {
+            c->hider = 0;
+            return 0;
+        }
         ca__wreg *r = ca__wtable_get(c, si.si_pid);
-        if (!r || !r->registered || !r->in_wait) return -1; /* not ours: cannot look past it */
+        if (!r || !r->registered || !r->in_wait) {
+            /* Not ours: we cannot look past it. Usually a child whose handler is about to be
+             * added (asyncio adds it after the spawn returns: /bin/true may be gone by then),
+             * whose add reaps it; so the poll waits CA__WHIDE_NS for that before it runs. */
+            long long now = mono_ns();
+            if (c->hider != si.si_pid) {
+                c->hider = si.si_pid;
+                c->hider_since = now;
+            }
+            if (now - c->hider_since >= CA__WHIDE_NS) return -1;
+            *relook_ns = c->hider_since + CA__WHIDE_NS;
+            return -2;
+        }
         int e = ca__wait_nohang(r->pid, rc);
         if (e == 0 || (e < 0 && e != -ECHILD)) return -1;
         *echild = e == -ECHILD; /* somebody else reaped it since we looked */

@@ -11,9 +11,10 @@
  * only when this process's children are all yours.
  *
  * The other way round, a registered child that other code reaped never shows in waitpid(-1):
- * after a SIGCHLD, the deferred full reap (within 0.1 s, at most once per 0.1 s) asks each
- * registered pid with waitid(WNOWAIT) and reports the ones that are gone with 255, as the other
- * watchers do.
+ * the slow check of the attached loop (once a second, see watcher_safe.c) asks each registered
+ * pid with waitid(WNOWAIT) and reports the ones that are gone with 255, as the other watchers
+ * do; so does a reap that finds no child left at all (ECHILD). A SIGCHLD costs the same however
+ * many children are registered.
  */
 #include "internal.h"
 #include "watcher_internal.h"
@@ -31,6 +32,7 @@ static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
  * waitid(WNOWAIT) on the pid says ECHILD once it is not our child any more. O(n). */
 static void fast_find_foreign(ca__wcore *c, ca__wreg **list, ca__wlog *q)
 {
+    atomic_fetch_add_explicit(&ca__wpoll_count, 1, memory_order_relaxed);
     for (size_t i = 0; i < c->cap;) {
         ca__wreg *r = c->slots[i];
         if (!r || !r->registered || r->state != CA__W_WAITING) {
@@ -53,8 +55,9 @@ static void fast_find_foreign(ca__wcore *c, ca__wreg **list, ca__wlog *q)
     }
 }
 
-static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
+static void fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q, long long *relook)
 {
+    *relook = -1;
     /* Signals coalesce: keep reaping while there is something to reap. */
     for (;;) {
         int status = 0;
@@ -63,13 +66,13 @@ static bool fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
         if (pid < 0) {
             /* ECHILD: no child left at all, so every registered one was reaped elsewhere. */
             if (c->len > 0) fast_find_foreign(c, list, q);
-            return false;
+            return;
         }
         if (pid == 0) {
             /* The others still run. Whether other code reaped one of ours takes a look at
-             * each: done by the deferred full reap (at most once per delay), or now. */
-            if (full) fast_find_foreign(c, list, q);
-            return !full && c->len > 0;
+             * each: done by the slow check (full, once a second) or after an attach. */
+            if (full && c->len > 0) fast_find_foreign(c, list, q);
+            return;
         }
         int rc = ca__returncode_from_status(status);
         ca__wreg *r = ca__wtable_get_live(c, pid);

@@ -130,7 +130,7 @@ struct ca__wbind {
     ca__wreg *regs;              /* registrations bound here */
     ca__wbind *next;             /* core's list */
     bool check_posted;           /* Safe/Fast: a "poll now" callback is posted */
-    bool rescan_posted;          /* Safe: a "poll every child" timer is pending */
+    bool rescan_posted;          /* Safe: a "look again" timer is pending (ca__wreap_next) */
     bool sig_registered;         /* Safe/Fast: our SIGCHLD handler is on this loop (no ref) */
     bool tick_posted;            /* Safe/Fast: the slow check timer is pending */
 };
@@ -158,6 +158,10 @@ struct ca__wcore {
     pid_t replaced_pid;
     int replaced_rc;
     bool keeps_sigchld;          /* holds ca__sigchld_keep_acquire() */
+    /* ca__wreap_next: the exited child that is not ours and hid the others at the last look
+     * (0: none), and since when (CLOCK_MONOTONIC ns). */
+    pid_t hider;
+    long long hider_since;
     /* Registrations whose post failed for memory (ENOMEM): kept, reaped, and posted again by
      * ca__wcore_retry (each holds a reference while on the list). */
     ca__wreg *retry;
@@ -290,12 +294,21 @@ int ca__wait_nohang(pid_t pid, int *rc);
 /* The O(n) pollers' shortcut (Safe, MultiLoop): waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)
  * shows the first exited child without reaping it; if it is a waiting registration, it is
  * reaped by pid. Returns 1 with it in *r and its returncode in *rc (*echild: somebody else
- * reaped it in between, rc 255; not logged here), 0 when no child has exited, -1 when that
- * cannot tell: the first exited child is not ours (we cannot look past it without reaping it)
- * or waitid failed (ECHILD: no child at all); the caller then polls every registration.
+ * reaped it in between, rc 255; not logged here), 0 when no child has exited, -1 when the
+ * caller must poll every registration now: waitid failed (ECHILD: no child at all), or the
+ * first exited child is not ours (we cannot look past it without reaping it) and has been
+ * there for CA__WHIDE_NS already (c->hider); -2 when that child was first seen less than
+ * CA__WHIDE_NS ago: it is most likely a child whose handler is being added (an add reaps it),
+ * so the caller looks again at *relook_ns (CLOCK_MONOTONIC) instead of polling now.
  * Two system calls per SIGCHLD instead of one per watched child, and never reaps another
- * child; but only the poll learns that other code reaped a watched child. Lock held. */
-int ca__wreap_next(ca__wcore *c, ca__wreg **r, int *rc, bool *echild);
+ * child; but only a poll of every registration learns that other code reaped a watched child:
+ * the callers run one at their slow check (once a second). Lock held. */
+#define CA__WHIDE_NS 10000000LL
+int ca__wreap_next(ca__wcore *c, ca__wreg **r, int *rc, bool *echild, long long *relook_ns);
+/* The polls of every registration made by Safe, MultiLoop and Fast (process-wide): for tests
+ * (ca__watcher_full_polls). */
+extern atomic_ulong ca__wpoll_count;
+unsigned long ca__watcher_full_polls(void);
 
 /* ----- Safe and Fast: SIGCHLD through the attached loop (watcher_safe.c) ------------------ */
 typedef struct ca__wattach {
@@ -303,9 +316,10 @@ typedef struct ca__wattach {
     ca__wbind *bind;             /* a reference to the loop's binding */
     /* The kind's reaping after a SIGCHLD, on the attached loop's thread, lock held: exits go
      * to *list (ca__wreg_take_into), log lines to q. full: every registered child must be
-     * checked (after an attach, or Safe's deferred poll). Returns true when it left checks
-     * for later: the caller then makes sure that a full reap follows soon (Safe). */
-    bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q);
+     * checked (after an attach, and at the slow check, once a second). *relook (Safe): when
+     * to look again (CLOCK_MONOTONIC ns; ca__wreap_next's -2), -1 none: the caller arms a
+     * timer for it (REAP_RESCAN, not full). */
+    void (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q, long long *relook);
     bool attaching;              /* an attach is calling loop ops (lock not held) */
     uint64_t attacher;           /* the thread that made the attachment (watcher_safe.c) */
     int forks;                   /* Fast: enter/exit depth */
@@ -332,7 +346,8 @@ bool ca__wattach_is_active_op(ca_child_watcher *w);
 int ca__wattach_close_op(ca_child_watcher *w);
 /* Makes a Safe or Fast watcher: a core whose impl is a ca__wattach with this reap. */
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
-                            bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q),
+                            void (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q,
+                                         long long *relook),
                             ca_child_watcher **out);
 
 #endif

@@ -1,18 +1,21 @@
 /*
  * MultiLoopChildWatcher: its own SIGCHLD handler from creation until close, through the
  * process-wide signal fan-out (a slot whose eventfd is ours), and its own reaping thread woken
- * by that eventfd. On each wake it polls every registered pid with waitpid(pid, WNOHANG): O(n)
- * per SIGCHLD, but it never reaps a child that is not registered, so other code's waitpid() and
- * system() keep working. Exits are posted to each child's own loop (the loop of the thread that
- * added the handler), where the callbacks run: loops in any thread can spawn.
+ * by that eventfd. On each wake it reaps the registered children that have exited, by pid
+ * (waitpid(pid, WNOHANG)): it never reaps a child that is not registered, so other code's
+ * waitpid() and system() keep working. Exits are posted to each child's own loop (the loop of
+ * the thread that added the handler), where the callbacks run: loops in any thread can spawn.
  *
  * asyncio's version ran the polling inside the Python signal handler, in the main thread, and
  * could hang or lose exits under load (bpo-38323). Here the signal handler only writes to the
  * eventfd; the reaping runs in a thread that blocks every signal, and because the eventfd is a
  * counter and every wake reaps until no exited child is left, coalesced SIGCHLDs lose nothing.
  * A pid is also checked when it is added (it may have exited before). The exited children are
- * found with waitid(WNOWAIT) (ca__wreap_next), the poll of every pid runs when that cannot tell
- * and at the latest 0.1 s after a wake that skipped it, as Safe does.
+ * found with waitid(WNOWAIT) (ca__wreap_next), which costs the same however many children are
+ * registered. Every registered pid is polled only when that cannot tell: waitid fails, or the
+ * first exited child is not registered and stays so for CA__WHIDE_NS (a child whose handler is
+ * on its way is reaped by its add, which wakes the thread to look behind it); and once a
+ * second, which is what learns that other code reaped a watched child (255 and a warning).
  *
  * Other code may replace our SIGCHLD handler (a host that owns the dispositions, a library): the
  * thread also wakes every second, reaps as if SIGCHLD had come, and checks the disposition; if
@@ -39,13 +42,10 @@ typedef struct multiloop {
 
 static multiloop *ml(ca__wcore *c) { return (multiloop *)c->impl; }
 
-/* How long after a SIGCHLD whose handling skipped the poll of every registration that poll
- * runs at the latest (it is what learns that other code reaped a watched child). */
-#define RESCAN_DELAY_NS 100000000L
-
 /* waitpid(pid, WNOHANG) for every registration still waiting. Lock held. */
 static void poll_all(ca__wcore *c, ca__wlog *q)
 {
+    atomic_fetch_add_explicit(&ca__wpoll_count, 1, memory_order_relaxed);
     /* Downwards: an exit takes entry i out by moving the last one (already polled) there. */
     for (uint32_t i = c->nwait; i-- > 0;) {
         if (i >= c->nwait) continue;
@@ -58,36 +58,45 @@ static void poll_all(ca__wcore *c, ca__wlog *q)
 
 /* How often the thread checks that SIGCHLD still reaches it (its handler may have been replaced
  * by other code, or a host routes SIGCHLD with ca_sigchld_notify), and reaps as if it had come:
- * an exit is never lost to a changed disposition, it is found at the latest this late. */
+ * an exit is never lost to a changed disposition, it is found at the latest this late. It is
+ * also how often every registration is polled (what learns that other code reaped a watched
+ * child: 255 and a warning). */
 #define TICK_NS 1000000000LL
-/* The same once SIGCHLD is known not to reach us: polling. */
+/* The same once SIGCHLD is known not to reach us: polling (the exited children only; every
+ * registration still once per TICK_NS). */
 #define POLL_NS 100000000LL
 
 /* After a SIGCHLD (full: poll every registration). The exited children are found with
- * ca__wreap_next; every registration is polled only when that cannot tell. Returns true when
- * that poll is owed: the thread then runs it within RESCAN_DELAY_NS. taken: SIGCHLD no longer
- * reaches us (logged once). */
-static bool reap_exits(ca__wcore *c, bool full, bool taken)
+ * ca__wreap_next; every registration is polled only when that cannot tell (or full). Returns
+ * true when it polled every registration; *relook: when to look again (an exited child that is
+ * not ours yet hides the others; -1: no need). taken: SIGCHLD no longer reaches us (logged
+ * once). */
+static bool reap_exits(ca__wcore *c, bool full, bool taken, long long *relook)
 {
     ca__wlog q = {0};
-    bool owed = false;
+    bool polled = false;
+    *relook = -1;
     ca__wcore_lock(c);
     if (taken) ca__sigchld_warn_taken(&q, "MultiLoopChildWatcher");
     if (c->nwait > 0) {
-        int e = -1;
-        while (!full) {
+        int e = full ? -1 : 1;
+        while (e == 1) {
             ca__wreg *r;
             int rc;
             bool echild;
-            if ((e = ca__wreap_next(c, &r, &rc, &echild)) <= 0) break;
-            ca__wreg_exited(c, r, rc, echild, &q);
+            if ((e = ca__wreap_next(c, &r, &rc, &echild, relook)) == 1)
+                ca__wreg_exited(c, r, rc, echild, &q);
         }
-        if (e == 0) owed = c->nwait > 0;
-        else poll_all(c, &q);
+        if (e == -2 && c->nwait == 0) e = 0;
+        if (e != -2) *relook = -1;
+        if (e == -1) {
+            poll_all(c, &q);
+            polled = true;
+        }
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
-    return owed;
+    return polled;
 }
 
 static long long now_ns(void)
@@ -102,12 +111,13 @@ static void *reaper_main(void *arg)
     ca__wcore *c = arg;
     multiloop *m = ml(c);
     pthread_setname_np(pthread_self(), "ca-multiloop");
-    long long due = -1; /* when the owed poll of every registration runs; -1: none owed */
+    long long relook = -1; /* when to look again past a child that is not ours; -1: none */
     long long tick = now_ns() + TICK_NS;
+    long long full_due = tick; /* the next poll of every registration */
     bool retrying = false;
     for (;;) {
-        long long next = tick;
-        if (due >= 0 && due < next) next = due;
+        long long next = tick < full_due ? tick : full_due;
+        if (relook >= 0 && relook < next) next = relook;
         if (retrying && now_ns() + POLL_NS < next) next = now_ns() + POLL_NS;
         long long left = next - now_ns();
         int timeout = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
@@ -124,19 +134,17 @@ static void *reaper_main(void *arg)
             continue;
         }
         long long now = now_ns();
-        if (due >= 0 && now >= due) {
-            full = true;
-            due = -1;
-        }
+        full = now >= full_due;
+        bool look = relook >= 0 && now >= relook;
         if (now >= tick) {
             /* The slow check: reap as if SIGCHLD had come, whatever its disposition. If our
              * handler is gone and no host routes SIGCHLD to us, say so once and poll. */
             taken = !ca__sigchld_handler_installed() && ca__sigchld_notified() == 0;
             tick = now + (taken ? POLL_NS : TICK_NS);
-        } else if (n == 0 && !full && !retrying) {
+        } else if (n == 0 && !full && !look && !retrying) {
             continue;
         }
-        if (reap_exits(c, full, taken) && due < 0) due = now_ns() + RESCAN_DELAY_NS;
+        if (reap_exits(c, full, taken, &relook) || full) full_due = now_ns() + TICK_NS;
         /* Exits whose post failed for memory are posted again, every POLL_NS until done. */
         retrying = ca__wcore_retry(c);
     }
@@ -172,6 +180,15 @@ static int multiloop_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_c
             int e = ca__wait_nohang(pid, &rc);
             if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
             else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
+            if (e != 0 && pid == c->hider) {
+                /* It hid the exited children behind it from the thread: look again now. Under
+                 * the lock, so that a close (which sets c->closed first) cannot have closed
+                 * the eventfd; a non-blocking write, no loop op. */
+                c->hider = 0;
+                uint64_t one = 1;
+                while (write(ml(c)->efd, &one, sizeof one) < 0 && errno == EINTR) {
+                }
+            }
         }
     }
     ca__wcore_unlock(c);

@@ -1,16 +1,20 @@
 /*
  * SafeChildWatcher: SIGCHLD through the attached loop's signal handler (asyncio attaches the
  * main thread's loop); on each SIGCHLD the exited children that waitid(WNOWAIT) shows are reaped
- * by pid while they are registered ones, and every registered pid is polled with
- * waitpid(pid, WNOHANG) when that cannot tell, at the latest 0.1 s later: it never reaps a
- * child that is not registered, so other code's waitpid() and system() keep working. Callbacks
- * run on the attached loop's thread.
+ * by pid while they are registered ones (ca__wreap_next): the same cost however many children
+ * are registered. Every registered pid is polled with waitpid(pid, WNOHANG) only when that
+ * cannot tell (waitid fails, or an exited child that is not registered has hidden the others
+ * for CA__WHIDE_NS: until then a timer looks again), after an attach, and at the slow check
+ * once a second (what learns that other code reaped a watched child: 255 and a warning). It
+ * never reaps a child that is not registered, so other code's waitpid() and system() keep
+ * working. Callbacks run on the attached loop's thread.
  *
  * This file also holds the attachment logic that Fast shares (ca__wattach_*): a SIGCHLD handler
  * on the attached loop, whose argument is the loop's binding; attach/detach from the loop's own
  * thread (or while it does not run), since signal handlers are the loop's thread's business.
  * The attached loop also carries a slow check (a timer every TICK_DELAY) that reaps as if
- * SIGCHLD had come, so that other code taking SIGCHLD away loses no exit. Loop ops (the signal
+ * SIGCHLD had come, every registered child included, so that other code taking SIGCHLD away
+ * loses no exit and a watched child that other code reaped is reported. Loop ops (the signal
  * handler, timers, posts) are called without the core's lock.
  */
 #include "internal.h"
@@ -21,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static ca__wattach *att(ca__wcore *c) { return (ca__wattach *)c->impl; }
 
@@ -43,13 +48,11 @@ static ca_loop *attached_loop(ca__wcore *c, bool *open)
     return loop;
 }
 
-/* How long a registered child that other code reaped (waitpid says ECHILD) may stay unnoticed
- * by Safe: the poll of every child that finds it runs at the latest this long after the
- * SIGCHLD whose handling skipped it. */
-#define RESCAN_DELAY 0.1
 /* The slow check (issue 13, item 5): every TICK_DELAY on the attached loop, the watcher reaps as
  * if SIGCHLD had come, so that no exit is lost when other code took SIGCHLD away from the loop
- * (a foreign sigaction, a remove_signal_handler); it warns once when it sees that. */
+ * (a foreign sigaction, a remove_signal_handler); it warns once when it sees that. It checks
+ * every registered child too (full): a registered child that other code reaped (ECHILD,
+ * returncode 255 as asyncio reports it) is found at the latest this late. */
 #define TICK_DELAY 1.0
 
 enum { REAP_SIGNAL, REAP_CHECK, REAP_RESCAN, REAP_TICK };
@@ -72,14 +75,16 @@ static bool arm(ca__wbind *b, ca_loop *loop, bool *flag, double delay, ca_callba
     return false;
 }
 
-/* SIGCHLD arrived (or a check, a deferred poll or the slow check is due): reap on the attached
- * loop's thread. */
+/* SIGCHLD arrived (or an attach's check, a second look or the slow check is due): reap on the
+ * attached loop's thread. REAP_RESCAN (Safe only) looks again past an exited child that was not
+ * registered yet (ca__wreap_next's -2); REAP_CHECK and REAP_TICK check every registered child. */
 static void reap_now(ca__wbind *b, int why)
 {
     ca__wcore *c = b->core;
     ca__wreg *list = NULL;
     ca__wlog q = {0};
     bool want_rescan = false, want_tick = false, full_now = false;
+    double rescan_delay = 0;
     ca_loop *loop = NULL; /* b's loop: we run in one of its callbacks, it is alive */
     ca__wcore_ref(c);
     ca__wcore_lock(c);
@@ -103,8 +108,13 @@ static void reap_now(ca__wbind *b, int why)
         if (why == REAP_TICK && strcmp(ca_loop_kind(b->loop), "custom") != 0 &&
             !ca__sigchld_handler_installed() && ca__sigchld_notified() == 0)
             ca__sigchld_warn_taken(&q, "SafeChildWatcher/FastChildWatcher");
-        bool later = att(c)->reap(c, why == REAP_CHECK || why == REAP_RESCAN, &list, &q);
-        if (later && !b->rescan_posted) {
+        long long relook = -1;
+        att(c)->reap(c, why == REAP_CHECK || why == REAP_TICK, &list, &q, &relook);
+        if (relook >= 0 && !b->rescan_posted) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            long long left = relook - ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+            rescan_delay = left > 0 ? (double)left / 1e9 : 0;
             b->rescan_posted = true;
             b->refs++;
             want_rescan = true;
@@ -119,12 +129,13 @@ static void reap_now(ca__wbind *b, int why)
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
     /* No timer: poll every child now rather than maybe never. */
-    if (want_rescan && !arm(b, loop, &b->rescan_posted, RESCAN_DELAY, rescan_cb)) full_now = true;
+    if (want_rescan && !arm(b, loop, &b->rescan_posted, rescan_delay, rescan_cb)) full_now = true;
     if (want_tick) arm(b, loop, &b->tick_posted, TICK_DELAY, tick_cb);
     if (full_now) {
         ca__wlog q2 = {0};
         ca__wcore_lock(c);
-        if (!c->closed && att(c)->bind == b) att(c)->reap(c, true, &list, &q2);
+        long long relook;
+        if (!c->closed && att(c)->bind == b) att(c)->reap(c, true, &list, &q2, &relook);
         ca__wcore_unlock(c);
         ca__wlog_flush(&q2);
     }
@@ -312,7 +323,8 @@ int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached)
 int ca__wattach_close_op(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
 
 int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
-                            bool (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q),
+                            void (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q,
+                                         long long *relook),
                             ca_child_watcher **out)
 {
     if (!out) return -EINVAL;
@@ -363,6 +375,7 @@ int ca__wattach_close(ca__wcore *c)
 /* O(n): every registered child that has not exited yet, waitpid(pid, WNOHANG) each. */
 static void safe_poll_all(ca__wcore *c, ca__wreg **list, ca__wlog *q)
 {
+    atomic_fetch_add_explicit(&ca__wpoll_count, 1, memory_order_relaxed);
     /* Downwards: taking entry i moves the last one (already polled) into its place. */
     for (uint32_t i = c->nwait; i-- > 0;) {
         if (i >= c->nwait) continue;
@@ -381,15 +394,16 @@ static void safe_poll_all(ca__wcore *c, ca__wreg **list, ca__wlog *q)
     }
 }
 
-/* The exited children that ca__wreap_next shows, reaped while they are registered ones. */
-static bool safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q)
+/* The exited children that ca__wreap_next shows, reaped while they are registered ones. Returns
+ * its last answer (0, -1 or -2). */
+static int safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q, long long *relook)
 {
     for (;;) {
         ca__wreg *r;
         int rc;
         bool echild;
-        int e = ca__wreap_next(c, &r, &rc, &echild);
-        if (e <= 0) return e == 0;
+        int e = ca__wreap_next(c, &r, &rc, &echild, relook);
+        if (e <= 0) return e;
         if (echild)
             ca__wlog_add(q, CA_LOG_WARNING,
                          "Unknown child process pid %d, will report returncode 255", (int)r->pid);
@@ -397,16 +411,18 @@ static bool safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q)
     }
 }
 
-/* On SIGCHLD, exits are found with safe_reap_exited. What only the poll of every child finds
- * is a registered child that other code reaped (ECHILD: returncode 255, as asyncio reports it):
- * that poll runs when safe_reap_exited cannot settle the signal, and otherwise at the latest
- * RESCAN_DELAY after it (we return true: the caller arms a timer), at most once per delay. */
-static bool safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q)
+/* On SIGCHLD, exits are found with safe_reap_exited. Every registered child is polled when that
+ * cannot tell (-1), or full (an attach, the slow check: what finds a registered child that
+ * other code reaped). An exited child that is not registered yet (-2) asks for a second look
+ * (*relook) rather than a poll. */
+static void safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q, long long *relook)
 {
-    if (c->nwait == 0) return false;
-    if (!full && safe_reap_exited(c, list, q)) return c->nwait > 0;
-    safe_poll_all(c, list, q);
-    return false;
+    *relook = -1;
+    if (c->nwait == 0) return;
+    int e = full ? -1 : safe_reap_exited(c, list, q, relook);
+    if (e == -2 && c->nwait > 0) return;
+    *relook = -1;
+    if (e == -1) safe_poll_all(c, list, q);
 }
 
 static int safe_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,

@@ -462,6 +462,178 @@ LOOP_TEST(poller_reports_stolen_child_beside_own_exit)
     ca_set_log_handler(NULL, NULL);
 }
 
+/* The polls of every registration made so far (src/watcher.c, for tests). */
+unsigned long ca__watcher_full_polls(void);
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+#define NIDLE 50
+
+/* Issue 13: Safe and MultiLoop find exits with waitid(WNOWAIT); every registration is polled
+ * only when that cannot tell and at the slow check (once a second), not after every SIGCHLD:
+ * the cost of an exit does not grow with the number of idle watched children. (Before: one
+ * poll of every child at most 0.1 s after each SIGCHLD.) */
+LOOP_TEST(poller_polls_every_child_only_at_slow_check) /* timeout: 60 */
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        int ip[2];
+        CHECK_EQ(pipe2(ip, O_CLOEXEC), 0);
+        pid_t idle[NIDLE];
+        static rec irec[NIDLE];
+        memset(irec, 0, sizeof irec);
+        for (int i = 0; i < NIDLE; i++) {
+            idle[i] = spawn_cat(ip[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, idle[i], on_exit_rec, &irec[i]));
+        }
+        t_run_for(loop, 0.05); /* the poll of every child that attaching asks for is done */
+        unsigned long p0 = ca__watcher_full_polls();
+        double t0 = mono_s();
+        enum { ROUNDS = 6 };
+        for (int i = 0; i < ROUNDS; i++) {
+            int p[2];
+            CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+            rec r = {0};
+            pid_t pid = spawn_cat(p[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+            close(p[0]);
+            close(p[1]);
+            CHECK(t_run_until(loop, called, &r, 5));
+            CHECK_EQ(atomic_load(&r.rc), 0);
+            t_run_for(loop, 0.15); /* past the 0.1 s of the poll the old code made */
+            CHECK_EQ(atomic_load(&r.calls), 1);
+        }
+        double dt = mono_s() - t0;
+        unsigned long polls = ca__watcher_full_polls() - p0;
+        /* One per started second at most (the slow check), one more for luck. */
+        unsigned long allowed = (unsigned long)dt + 2;
+        if (polls > allowed)
+            t_fail(__FILE__, __LINE__, "%s: %lu polls of every child in %.2f s, want <= %lu",
+                   wname[k], polls, dt, allowed);
+        close(ip[0]);
+        close(ip[1]);
+        recs rs = {irec, NIDLE};
+        CHECK(t_run_until(loop, all_called, &rs, 10));
+        for (int i = 0; i < NIDLE; i++) CHECK_EQ(atomic_load(&irec[i].calls), 1);
+        wdone(w);
+    }
+}
+
+/* An exited child that is not watched (other code's, which it has not reaped yet) stays first
+ * in waitid's answer and hides the watched ones behind it: they are still delivered, once and
+ * promptly (well before the slow check), the other child is left alone (Safe and MultiLoop
+ * never reap it), and a watched child that other code reaped still gives 255 and a warning. */
+LOOP_TEST(poller_foreign_zombie_hides_nothing) /* timeout: 60 */
+{
+    ca_set_log_handler(log_capture, NULL);
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        t_run_for(loop, 0.05);
+        log_reset();
+        pid_t foreign = spawn("exit 4"); /* older than the watched ones: first in waitid */
+        wait_zombie(foreign);
+        t_run_for(loop, 0.03); /* its SIGCHLD is handled: it is known not to be ours */
+        enum { N = 5 };
+        for (int round = 0; round < 3; round++) {
+            int p[N][2];
+            rec r[N];
+            memset(r, 0, sizeof r);
+            for (int i = 0; i < N; i++) {
+                CHECK_EQ(pipe2(p[i], O_CLOEXEC), 0);
+                pid_t pid = spawn_cat(p[i][0]);
+                CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r[i]));
+            }
+            double t0 = mono_s();
+            for (int i = 0; i < N; i++) {
+                close(p[i][0]);
+                close(p[i][1]);
+            }
+            recs rs = {r, N};
+            CHECK(t_run_until(loop, all_called, &rs, 5));
+            double dt = mono_s() - t0;
+            if (dt > 0.5 * t_slow())
+                t_fail(__FILE__, __LINE__, "%s: round %d: delivered after %.3f s", wname[k],
+                       round, dt);
+            t_run_for(loop, 0.05);
+            for (int i = 0; i < N; i++) {
+                CHECK_EQ(atomic_load(&r[i].calls), 1);
+                CHECK_EQ(atomic_load(&r[i].rc), 0);
+            }
+        }
+        /* Other code reaps a watched child: 255 and a warning, at the slow check. */
+        int sp[2];
+        CHECK_EQ(pipe2(sp, O_CLOEXEC), 0);
+        rec stolen = {0};
+        pid_t s = spawn_cat(sp[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, s, on_exit_rec, &stolen));
+        close(sp[0]);
+        close(sp[1]);
+        bool stole = reap(s) >= 0; /* MultiLoop's thread may win the race */
+        if (k == W_SAFE) CHECK(stole);
+        CHECK(t_run_until(loop, called, &stolen, 5));
+        CHECK_EQ(atomic_load(&stolen.rc), stole ? 255 : 0);
+        if (stole) {
+            char needle[64];
+            snprintf(needle, sizeof needle, "pid %d", (int)s);
+            if (!log_has(needle)) t_fail(__FILE__, __LINE__, "%s: no log line: %s", wname[k], log_buf);
+        }
+        t_run_for(loop, 0.05);
+        CHECK_EQ(atomic_load(&stolen.calls), 1);
+        /* The other child was never reaped by the watcher. */
+        int st = 0;
+        CHECK_EQ(waitpid(foreign, &st, WNOHANG), foreign);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 4);
+        wdone(w);
+    }
+    ca_set_log_handler(NULL, NULL);
+}
+
+/* asyncio adds the handler after the spawn returns: a short child may have exited by then, and
+ * until its add it hides the exited watched children behind it. Both are delivered, once. */
+LOOP_TEST(poller_handler_added_after_exit)
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        t_run_for(loop, 0.05);
+        for (int round = 0; round < 5; round++) {
+            int p[2];
+            CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+            rec late = {0}, y = {0};
+            pid_t x = spawn("exit 6");
+            pid_t yp = spawn_cat(p[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, yp, on_exit_rec, &y));
+            close(p[0]);
+            close(p[1]);
+            wait_zombie(x);
+            wait_exited(yp);
+            t_run_for(loop, 0.002 * (round + 1)); /* the watcher sees x first */
+            CHECK_OK(ca_child_watcher_add_child_handler(w, x, on_exit_rec, &late));
+            CHECK(t_run_until(loop, called, &late, 5));
+            CHECK(t_run_until(loop, called, &y, 5));
+            t_run_for(loop, 0.03);
+            CHECK_EQ(atomic_load(&late.calls), 1);
+            CHECK_EQ(atomic_load(&late.rc), 6);
+            CHECK_EQ(atomic_load(&y.calls), 1);
+            CHECK_EQ(atomic_load(&y.rc), 0);
+        }
+        wdone(w);
+    }
+}
+
 /* ----- other code's children ---------------------------------------------------------------- */
 
 LOOP_TEST(other_code_waitpid_and_system) /* timeout: 60 */
