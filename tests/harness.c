@@ -281,6 +281,7 @@ static int run_one(const struct t_entry *t, const char *kind, const char *wkind)
         for (;;) {
             pid_t r = waitpid(pid, &status, WNOHANG);
             if (r == pid || (r < 0 && errno != EINTR)) {
+                if (r != pid) status = 1 << 8; /* cannot happen: counted as a failure */
                 reaped = true;
                 break;
             }

@@ -44,7 +44,8 @@ i=0
 for t in "$bdir"/tests/test_*; do
     [ -x "$t" ] || continue
     i=$((i + 1))
-    printf '%s %s\n' "$t" "$dir/$(printf %03d $i)"
+    # Two lines per program, PROGRAM then OUT: a path may hold blanks.
+    printf '%s\n%s\n' "$t" "$dir/$(printf %03d $i)"
 done > "$dir/list"
 
 report() { # $1 program, $2 its OUT: prints its output, adds its summary line to the totals
@@ -65,14 +66,15 @@ report() { # $1 program, $2 its OUT: prints its output, adds its summary line to
 }
 
 if [ "$jobs" -gt 1 ]; then
-    # Each line of the list is "PROGRAM OUT"; the results are printed in order afterwards.
-    xargs -P "$jobs" -L 1 sh "$0" --one "$wrap" < "$dir/list"
-    while read -r t o; do report "$t" "$o"; done < "$dir/list"
+    # The results are printed in order afterwards.
+    xargs -d '\n' -n 2 -P "$jobs" sh "$0" --one "$wrap" < "$dir/list"
+    while IFS= read -r t && IFS= read -r o; do report "$t" "$o"; done < "$dir/list"
 else
-    while read -r t o; do
+    # The list on fd 3: the programs keep this script's stdin, as they always had.
+    while IFS= read -r t <&3 && IFS= read -r o <&3; do
         sh "$0" --one "$wrap" "$t" "$o"
         report "$t" "$o"
-    done < "$dir/list"
+    done 3< "$dir/list"
 fi
 rm -rf "$dir"
 echo "$mode: $passed passed, $failed failed, $skipped skipped"
