@@ -135,6 +135,18 @@ static void on_exit_rec(pid_t pid, int rc, void *arg)
     atomic_fetch_add(&r->calls, 1);
 }
 
+/* Spawns a cat, registers it with w (its exit goes to *r), then closes its pipe: it exits 0. */
+static pid_t watch_cat_exiting(ca_child_watcher *w, rec *r)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pid = spawn_cat(p[0]);
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, r));
+    close(p[0]);
+    close(p[1]);
+    return pid;
+}
+
 static bool on_this_thread(rec *r)
 {
     return pthread_equal((pthread_t)atomic_load(&r->thread), pthread_self());
@@ -499,13 +511,8 @@ LOOP_TEST(poller_polls_every_child_only_at_slow_check) /* timeout: 60 */
         double t0 = mono_s();
         enum { ROUNDS = 6 };
         for (int i = 0; i < ROUNDS; i++) {
-            int p[2];
-            CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
             rec r = {0};
-            pid_t pid = spawn_cat(p[0]);
-            CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
-            close(p[0]);
-            close(p[1]);
+            watch_cat_exiting(w, &r);
             CHECK(t_run_until(loop, called, &r, 5));
             CHECK_EQ(atomic_load(&r.rc), 0);
             t_run_for(loop, 0.15); /* past the 0.1 s of the poll the old code made */
@@ -572,13 +579,8 @@ LOOP_TEST(poller_foreign_zombie_hides_nothing) /* timeout: 60 */
             }
         }
         /* Other code reaps a watched child: 255 and a warning, at the slow check. */
-        int sp[2];
-        CHECK_EQ(pipe2(sp, O_CLOEXEC), 0);
         rec stolen = {0};
-        pid_t s = spawn_cat(sp[0]);
-        CHECK_OK(ca_child_watcher_add_child_handler(w, s, on_exit_rec, &stolen));
-        close(sp[0]);
-        close(sp[1]);
+        pid_t s = watch_cat_exiting(w, &stolen);
         bool stole = reap(s) >= 0; /* MultiLoop's thread may win the race */
         if (k == W_SAFE) CHECK(stole);
         CHECK(t_run_until(loop, called, &stolen, 5));
