@@ -1,7 +1,8 @@
 /*
- * Child watchers: the public dispatch functions, custom watchers, and the core that the five
- * built-in watchers share (registrations, delivery to loops, helpers). See watcher_internal.h
- * for the core's design and locking.
+ * Child watchers: the public dispatch functions, custom watchers, and the core that the six
+ * built-in watchers share (registrations, delivery to loops, helpers, and the seam: the public
+ * ops of every built-in, add, remove, take back). See watcher_internal.h for the core's design
+ * and locking.
  */
 #include "internal.h"
 #include "kinds.h"
@@ -476,7 +477,7 @@ void ca__wreg_unref(ca__wcore *c, ca__wreg *r)
 {
     if (--r->refs > 0) return;
     bind_unlink(r);
-    if (c->reg_free) c->reg_free(r);
+    if (c->kind && c->kind->reg_free) c->kind->reg_free(r);
     free(r);
 }
 
@@ -754,7 +755,7 @@ static void bind_hook(void *arg)
     for (ca__wreg *r = b->regs; r;) {
         ca__wreg_ref(r);
         /* First the kind's hook: it may need to see what was posted (Pidfd's releases). */
-        if (c->reg_loop_closed) c->reg_loop_closed(c, r, loop, &q);
+        if (c->kind->loop_closed) c->kind->loop_closed(c, r, loop, &q);
         if (r->posted) {
             /* The exit will never be delivered. It stays registered, so that whoever owns the
              * child (the subprocess code, in its own close hook) learns from remove returning
@@ -871,7 +872,7 @@ void ca__wcore_free_forked(ca__wcore *c)
     for (size_t i = 0; i < c->cap; i++) {
         ca__wreg *r = c->slots[i];
         if (!r || r->bind) continue; /* bound ones are freed with their binding */
-        if (c->reg_free) c->reg_free(r);
+        if (c->kind && c->kind->reg_free) c->kind->reg_free(r);
         free(r);
     }
     while (c->binds) {
@@ -879,7 +880,7 @@ void ca__wcore_free_forked(ca__wcore *c)
         c->binds = b->next;
         for (ca__wreg *r = b->regs; r;) {
             ca__wreg *next = r->bnext;
-            if (c->reg_free) c->reg_free(r);
+            if (c->kind && c->kind->reg_free) c->kind->reg_free(r);
             free(r);
             r = next;
         }
@@ -896,8 +897,165 @@ void ca__wcore_free_forked(ca__wcore *c)
 
 static const char *const custom_kind = "custom";
 
-int ca__child_watcher_make(const ca_child_watcher_ops *ops, const char *kind, ca__wcore *c,
-                           ca_child_watcher **out)
+/* ----- the seam: the public ops of every built-in, through its kind ------------------------- */
+
+static const ca_child_watcher_ops builtin_ops;
+
+bool ca__child_watcher_is_builtin(const ca_child_watcher *w, const ca__wkind *k)
+{
+    return w && w->ops == &builtin_ops && (!k || ca__wcore_of((ca_child_watcher *)w)->kind == k);
+}
+
+int ca__wreg_check_exited(ca__wcore *c, ca__wreg *r, ca__wlog *q)
+{
+    int rc = 0;
+    int e = ca__wait_nohang(r->pid, &rc);
+    if (e == 1) ca__wreg_exited(c, r, rc, false, q);
+    else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, q);
+    return e;
+}
+
+/* The part of an add made under the lock: replace, or register and start. */
+static int add_locked(ca__wcore *c, ca__wadd *a, ca__wbind *bind, ca__wlog *q)
+{
+    const ca__wkind *k = c->kind;
+    ca__wreg *r = ca__wtable_get_live(c, a->pid);
+    if (r) {
+        /* Already watched: a new callback (an internal one replaced hears of it as a drop). */
+        ca__wreg_replace(c, r, a->cb, a->arg, a->internal);
+        if (k->existing) k->existing(c, r, q);
+        /* And a child that has not exited yet moves to the add's loop. A loop that cannot be
+         * bound (closed meanwhile) leaves it where it was: the callback is replaced anyway. */
+        ca__wbind *b;
+        if (!(k->flags & CA__WKIND_KEEP_LOOP) && r->state == CA__W_WAITING &&
+            ca__wbind_get(c, a->loop, &b) == 0)
+            ca__wreg_rebind(c, r, b);
+        return 0;
+    }
+    int err = 0;
+    if (!bind && !(k->flags & CA__WKIND_UNBOUND)) err = ca__wbind_get(c, a->loop, &bind);
+    if (err == 0) err = ca__wreg_register(c, a->pid, a->cb, a->arg, bind, &r);
+    if (err < 0) return err;
+    r->internal = a->internal;
+    a->r = r;
+    return k->start ? k->start(c, a, q) : 0;
+}
+
+int ca__wcore_add(ca_child_watcher *w, ca_loop *given, ca__wadd *a)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    const ca__wkind *k = c->kind;
+    ca__wbind *bind = NULL;
+    int err;
+    a->loop = NULL;
+    a->r = NULL;
+    if (k->begin) {
+        err = k->begin(c, given, &a->loop, &bind); /* the lock is held on success */
+    } else {
+        err = ca__watcher_delivery_loop(given, &a->loop);
+        if (err == 0 && (k->flags & CA__WKIND_OWN_THREAD) && !ca__loop_in_own_thread(a->loop))
+            err = -EPERM;
+        if (err == 0) {
+            ca__wcore_lock(c);
+            if (c->closed) { /* closed while this call was on its way in */
+                ca__wcore_unlock(c);
+                err = -EBADF;
+            }
+        }
+    }
+    if (err < 0) {
+        if (a->loop) ca_loop_unref(a->loop);
+        return err;
+    }
+    ca__wlog q = {0};
+    err = add_locked(c, a, bind, &q);
+    ca__wcore_unlock(c);
+    if (err == CA__WSTART_FINISH) err = k->finish(c, a, &q);
+    ca__wlog_flush(&q);
+    ca_loop_unref(a->loop); /* after the unlock: it may be the last reference */
+    return err;
+}
+
+static int builtin_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
+{
+    ca__wadd a = {.pid = pid, .cb = cb, .arg = arg, .lent = -1};
+    return ca__wcore_add(w, NULL, &a);
+}
+
+/* Cancels registered r for a remove or a take back: its kind's cancel, else unregister. Lock
+ * held. */
+static void cancel_reg(ca__wcore *c, ca__wreg *r, ca__wlog *q)
+{
+    ca__wreg_ref(r);
+    if (c->kind->cancel) c->kind->cancel(c, r, q);
+    else ca__wreg_unregister(c, r);
+    ca__wreg_unref(c, r);
+}
+
+static int builtin_remove(ca_child_watcher *w, pid_t pid)
+{
+    ca__wcore *c = ca__wcore_of(w);
+    ca__wlog q = {0};
+    ca__wcore_lock(c);
+    ca__wreg *r = ca__wtable_get(c, pid);
+    /* A Fast zombie (reaped before any handler came) has no handler to remove. */
+    bool found = r && r->state != CA__W_ZOMBIE;
+    if (found) {
+        cancel_reg(c, r, &q);
+    }
+    ca__wcore_unlock(c);
+    ca__wlog_flush(&q);
+    return found;
+}
+
+static int builtin_attach(ca_child_watcher *w, ca_loop *loop)
+{
+    const ca__wkind *k = ca__wcore_of(w)->kind;
+    return k->attach_loop ? k->attach_loop(w, loop) : 0;
+}
+
+static bool builtin_is_active(ca_child_watcher *w)
+{
+    const ca__wkind *k = ca__wcore_of(w)->kind;
+    return k->is_active ? k->is_active(w) : true;
+}
+
+static int builtin_close(ca_child_watcher *w) { return ca__wcore_of(w)->kind->close(w); }
+
+static int builtin_enter(ca_child_watcher *w)
+{
+    const ca__wkind *k = ca__wcore_of(w)->kind;
+    return k->enter ? k->enter(w) : 0;
+}
+
+static int builtin_exit(ca_child_watcher *w)
+{
+    const ca__wkind *k = ca__wcore_of(w)->kind;
+    return k->exit ? k->exit(w) : 0;
+}
+
+static void builtin_destroy(ca_child_watcher *w)
+{
+    const ca__wkind *k = ca__wcore_of(w)->kind;
+    if (k->destroy) k->destroy(w);
+    else ca__wcore_destroy_op(w);
+}
+
+static const ca_child_watcher_ops builtin_ops = {
+    .add_child_handler = builtin_add,
+    .remove_child_handler = builtin_remove,
+    .attach_loop = builtin_attach,
+    .is_active = builtin_is_active,
+    .close = builtin_close,
+    .enter = builtin_enter,
+    .exit = builtin_exit,
+    .destroy = builtin_destroy,
+};
+
+/* ----- the public object ------------------------------------------------------------------- */
+
+static int make(const ca_child_watcher_ops *ops, const char *kind, ca__wcore *c,
+                ca_child_watcher **out)
 {
     ca_child_watcher *w = calloc(1, sizeof *w);
     if (!w) return -ENOMEM;
@@ -912,6 +1070,12 @@ int ca__child_watcher_make(const ca_child_watcher_ops *ops, const char *kind, ca
     return 0;
 }
 
+int ca__child_watcher_make(const ca__wkind *k, ca__wcore *c, ca_child_watcher **out)
+{
+    c->kind = k;
+    return make(&builtin_ops, k->name, c, out);
+}
+
 bool ca__child_watcher_forked(const ca_child_watcher *w) { return w->fork_gen != ca__fork_gen(); }
 
 const char *ca__child_watcher_kind(const ca_child_watcher *w) { return w ? w->kind : NULL; }
@@ -922,7 +1086,7 @@ int ca_child_watcher_new_custom(const ca_child_watcher_ops *ops, void *data,
     if (!ops || !out || !ops->add_child_handler || !ops->remove_child_handler || !ops->is_active)
         return -EINVAL;
     ca_child_watcher *w;
-    int r = ca__child_watcher_make(ops, custom_kind, NULL, &w);
+    int r = make(ops, custom_kind, NULL, &w);
     if (r < 0) return r;
     w->data = data;
     *out = w;
@@ -987,7 +1151,9 @@ int ca_child_watcher_add_child_handler_on(ca_child_watcher *w, ca_loop *loop, pi
     if (r < 0) return r;
     if (!loop) return w->ops->add_child_handler(w, pid, cb, arg);
     /* A custom watcher's op has no loop argument to pass it on. */
-    return w->add_on ? w->add_on(w, loop, pid, cb, arg, false) : -ENOTSUP;
+    if (!ca__child_watcher_is_builtin(w, NULL)) return -ENOTSUP;
+    ca__wadd a = {.pid = pid, .cb = cb, .arg = arg, .lent = -1};
+    return ca__wcore_add(w, loop, &a);
 }
 
 int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t pid,
@@ -1002,7 +1168,9 @@ int ca__child_watcher_add_internal_on(ca_child_watcher *w, ca_loop *loop, pid_t 
     if (loop && (ca__watcher_kind_flags(w) & CA__WK_ATTACH)) loop = NULL;
     /* A custom watcher cannot tell its caller about a drop: the caller falls back to the
      * public add, and to guessing (see process.c's on_loop_close). */
-    return w->add_on ? w->add_on(w, loop, pid, cb, arg, true) : -ENOTSUP;
+    if (!ca__child_watcher_is_builtin(w, NULL)) return -ENOTSUP;
+    ca__wadd a = {.pid = pid, .cb = cb, .arg = arg, .internal = true, .lent = -1};
+    return ca__wcore_add(w, loop, &a);
 }
 
 int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
@@ -1013,7 +1181,7 @@ int ca__child_watcher_add_internal(ca_child_watcher *w, pid_t pid, ca_child_fn c
 int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
 {
     if (!w || pid <= 0) return -EINVAL;
-    if (!w->add_on) return ca_child_watcher_remove_child_handler(w, pid);
+    if (!ca__child_watcher_is_builtin(w, NULL)) return ca_child_watcher_remove_child_handler(w, pid);
     if (CA_UNLIKELY(ca__child_watcher_forked(w))) return -ECHILD;
     /* No closed check: a close running in another thread may not have cancelled it yet, and
      * under the lock exactly one of us does (a close then has nothing left to drop). */
@@ -1027,10 +1195,7 @@ int ca__child_watcher_take_back(ca_child_watcher *w, pid_t pid, ca_child_fn cb, 
     if (ours) {
         r->internal = false; /* taken back: no drop call */
         r->owner_reaps = r->state == CA__W_WAITING;
-        ca__wreg_ref(r);
-        if (c->reg_cancel) c->reg_cancel(c, r, &q);
-        else ca__wreg_unregister(c, r);
-        ca__wreg_unref(c, r);
+        cancel_reg(c, r, &q);
     }
     ca__wcore_unlock(c);
     ca__wlog_flush(&q);
@@ -1050,7 +1215,8 @@ int ca__child_watcher_attach_implicit(ca_child_watcher *w, ca_loop *loop)
     if (r < 0) return r;
     /* Safe and Fast (their op is the shared one): the stricter rule. A custom watcher's op
      * cannot tell, and gets the call as asyncio makes it. */
-    if (w->ops->attach_loop == ca__wattach_attach_op)
+    if (ca__child_watcher_is_builtin(w, NULL) &&
+        ca__wcore_of(w)->kind->attach_loop == ca__wattach_attach_op)
         return ca__wattach_attach(ca__wcore_of(w), loop, true);
     return w->ops->attach_loop ? w->ops->attach_loop(w, loop) : 0;
 }

@@ -102,39 +102,14 @@ static void fast_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q, lon
     }
 }
 
-static int fast_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
-                       void *arg, bool internal)
+/* The kind's extra for an add whose pid is registered: a child that exited before its handler
+ * came (a zombie registration, made by the reaping) is delivered now, on the attached loop. */
+static void fast_existing(ca__wcore *c, ca__wreg *r, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wlog q = {0};
-    ca_loop *attached;
-    int err = ca__wattach_add_begin(c, given, &attached);
-    if (err < 0) {
-        ca_loop_unref(attached);
-        return err;
-    }
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r && r->state == CA__W_ZOMBIE) {
-        /* It exited before its handler came: deliver on the attached loop. */
-        ca__wreg_replace(c, r, cb, arg, internal);
-        r->state = CA__W_WAITING;
-        ca__wreg_rebind(c, r, att(c)->bind);
-        ca__wreg_exited(c, r, r->rc, false, &q);
-    } else if (r) {
-        ca__wreg_replace(c, r, cb, arg, internal);
-    } else {
-        err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
-        if (err == 0) r->internal = internal;
-    }
-    ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
-    ca_loop_unref(attached);
-    return err;
-}
-
-static int fast_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return fast_add_on(w, NULL, pid, cb, arg, false);
+    if (r->state != CA__W_ZOMBIE) return;
+    r->state = CA__W_WAITING;
+    ca__wreg_rebind(c, r, att(c)->bind);
+    ca__wreg_exited(c, r, r->rc, false, q);
 }
 
 static int fast_enter(ca_child_watcher *w)
@@ -185,20 +160,20 @@ static int fast_exit(ca_child_watcher *w)
     return err;
 }
 
-static const ca_child_watcher_ops fast_ops = {
-    .add_child_handler = fast_add,
-    .remove_child_handler = ca__wattach_remove_op,
+static const ca__wkind fast_kind = {
+    .name = "fast",
+    .flags = CA__WKIND_KEEP_LOOP,
+    .begin = ca__wattach_add_begin,
+    .existing = fast_existing,
+    /* start: nothing, the reaping after each SIGCHLD finds every child */
     .attach_loop = ca__wattach_attach_op,
     .is_active = ca__wattach_is_active_op,
     .close = ca__wattach_close_op,
     .enter = fast_enter,
     .exit = fast_exit,
-    .destroy = ca__wcore_destroy_op,
 };
 
 int ca_fast_child_watcher_new(ca_child_watcher **out)
 {
-    int err = ca__wattach_watcher_new(&fast_ops, "fast", fast_reap, out);
-    if (err == 0) (*out)->add_on = fast_add_on;
-    return err;
+    return ca__wattach_watcher_new(&fast_kind, fast_reap, out);
 }

@@ -1,7 +1,7 @@
 /*
- * Child watchers: the structures shared by watcher.c (dispatch and the common core) and the five
- * built-in watchers (watcher_threaded.c, watcher_multiloop.c, watcher_safe.c, watcher_fast.c,
- * watcher_pidfd.c). Nothing here is public.
+ * Child watchers: the structures shared by watcher.c (dispatch, the common core and the seam)
+ * and the six built-in watchers (watcher_threaded.c, watcher_multiloop.c, watcher_safe.c,
+ * watcher_fast.c, watcher_pidfd.c, watcher_uring.c). Nothing here is public.
  *
  * The common core (ca__wcore) is what every built-in watcher is made of:
  *   - a pid table of registrations (ca__wreg), and a list of the ones still waiting for their
@@ -52,10 +52,6 @@ struct ca_child_watcher {
     atomic_int refs;
     unsigned fork_gen;
     atomic_bool closed;
-    /* Built-ins: add_child_handler with an explicit delivery loop (NULL: the implicit rule)
-     * and, for internal registrations (see above), internal true; custom: NULL. */
-    int (*add_on)(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb, void *arg,
-                  bool internal);
 };
 
 /* What a registration knows about its child. */
@@ -165,14 +161,92 @@ struct ca__wcore {
     /* Registrations whose post failed for memory (ENOMEM): kept, reaped, and posted again by
      * ca__wcore_retry (each holds a reference while on the list). */
     ca__wreg *retry;
-    /* Kind hooks, called with the lock held; may be NULL. */
-    /* r's binding's loop is closing (r is in any state; loop runs nothing any more). */
-    void (*reg_loop_closed)(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q);
-    void (*reg_free)(ca__wreg *r);                       /* r is about to be freed */
-    /* Cancels registered r for a remove (Pidfd: also releases its fd); NULL: unregister. */
-    void (*reg_cancel)(ca__wcore *c, ca__wreg *r, ca__wlog *q);
+    const struct ca__wkind *kind; /* what this kind does differently (the seam, below) */
     void *impl;                  /* the kind's own state */
 };
+
+/* ----- the seam: what one built-in kind does differently ----------------------------------- */
+/* Every built-in watcher is a ca__wcore plus one ca__wkind, defined in its own file; watcher.c
+ * does everything they share: the public ops (one table for all of them), the add opening
+ * (delivery loop, lock, closed check, binding, lookup, replace or register), remove, take back,
+ * and the user vs internal registrations. A new watcher is one file with its ca__wkind and
+ * constructor, plus one line in kinds.c. */
+
+/* One add on its way (ca__wcore_add), as the kind's hooks see it. */
+typedef struct ca__wadd {
+    ca_loop *loop;               /* the delivery loop, a reference (Safe, Fast: the attached one) */
+    pid_t pid;
+    ca_child_fn cb;
+    void *arg;
+    bool internal;               /* a registration of the library's own (see the top) */
+    int lent;                    /* Pidfd's loan: the subprocess's pidfd to watch with, else -1 */
+    ca__wreg **lease;            /* Pidfd's loan: gets the loan (ca__pidfd_watcher_lend_on) */
+    ca__wreg *r;                 /* start, finish: the new registration */
+    void *kstate;                /* from start to finish: the kind's own (Uring: the ring) */
+    int kfd;                     /* from start to finish: the kind's own (Pidfd: the fd) */
+} ca__wadd;
+
+enum {
+    /* The delivery loop must be the calling thread's own (-EPERM): the kind adds a reader to
+     * it from the add (Pidfd, Uring). */
+    CA__WKIND_OWN_THREAD = 1u << 0,
+    /* New registrations are bound to no loop (Uring: its ring holds the loop). */
+    CA__WKIND_UNBOUND = 1u << 1,
+    /* An add for a pid that is watched already replaces its callback only: the child stays
+     * watched through the loop it was (Pidfd, Uring: their reader or request is there; Safe,
+     * Fast: there is one loop). Without it, a child that has not exited moves to the add's
+     * delivery loop. */
+    CA__WKIND_KEEP_LOOP = 1u << 2,
+};
+/* start's answer when finish must run after the unlock. */
+#define CA__WSTART_FINISH 1
+
+typedef struct ca__wkind {
+    const char *name;            /* ca__child_watcher_kind's answer, as in kinds.c's table */
+    unsigned flags;              /* CA__WKIND_* */
+    /* The opening of an add for kinds that deliver on an attached loop (Safe, Fast; NULL: the
+     * shared opening, see ca__wcore_add): on success the lock is held and *bind is the binding
+     * new registrations go to; *loop gets a reference to the delivery loop or NULL, in any
+     * case (the caller drops it). */
+    int (*begin)(ca__wcore *c, ca_loop *given, ca_loop **loop, ca__wbind **bind);
+    /* An add for a pid that is registered, after its callback was replaced: the kind's extra
+     * (Fast: a child that exited before its handler came is delivered now). Lock held. */
+    void (*existing)(ca__wcore *c, ca__wreg *r, ca__wlog *q);
+    /* Starts watching the new registration a->r (in the table, bound, internal set; NULL:
+     * nothing to start, as for Fast, whose reaping finds every child). Returns 0, or < 0 when
+     * the add fails, having taken a->r out of the table quietly itself, or CA__WSTART_FINISH
+     * to have finish called after the unlock. Lock held. */
+    int (*start)(ca__wcore *c, ca__wadd *a, ca__wlog *q);
+    /* The part of an add that calls loop ops (Pidfd, Uring: add a reader). Returns the add's
+     * result. Lock NOT held (it takes it for the outcome). */
+    int (*finish)(ca__wcore *c, ca__wadd *a, ca__wlog *q);
+    /* Cancels registered r for a remove, a take back or a close (Pidfd: also releases its fd;
+     * Uring: cancels its request); NULL: ca__wreg_unregister. Lock held. */
+    void (*cancel)(ca__wcore *c, ca__wreg *r, ca__wlog *q);
+    /* r's binding's loop is closing (r is in any state; the loop runs nothing any more). Lock
+     * held. May be NULL. */
+    void (*loop_closed)(ca__wcore *c, ca__wreg *r, ca_loop *loop, ca__wlog *q);
+    void (*reg_free)(ca__wreg *r); /* r is about to be freed; may be NULL */
+    /* The public ops that differ (watcher.c checks the watcher first, as for any watcher).
+     * NULL: attach_loop does nothing, is_active answers true, enter and exit do nothing,
+     * destroy is ca__wcore_destroy_op. close is required. */
+    int (*attach_loop)(ca_child_watcher *w, ca_loop *loop);
+    bool (*is_active)(ca_child_watcher *w);
+    int (*close)(ca_child_watcher *w);
+    int (*enter)(ca_child_watcher *w);
+    int (*exit)(ca_child_watcher *w);
+    void (*destroy)(ca_child_watcher *w);
+} ca__wkind;
+
+/* The add of every built-in: a->loop is filled in here from given (NULL: the implicit rule;
+ * see ca__watcher_delivery_loop), the rest by the caller (lent -1 unless a loan). */
+int ca__wcore_add(ca_child_watcher *w, ca_loop *given, ca__wadd *a);
+/* w is a built-in watcher (a ca__wcore with a kind), and of kind k if k is not NULL. */
+bool ca__child_watcher_is_builtin(const ca_child_watcher *w, const ca__wkind *k);
+/* If registered r's child has exited, or is not our child any more (reaped by other code),
+ * reaps it and posts its exit (ca__wreg_exited): for kinds that may be added after the exit
+ * (the SIGCHLD came before). Returns what ca__wait_nohang said. Lock held. */
+int ca__wreg_check_exited(ca__wcore *c, ca__wreg *r, ca__wlog *q);
 
 void ca__wlog_add(ca__wlog *q, int level, const char *fmt, ...) CA_PRINTF(3, 4);
 /* Queues op for r (lock held): takes a reference to r and, if loop is not NULL, one to loop
@@ -191,9 +265,8 @@ void ca__wcore_retry_clear(ca__wcore *c);
 void ca__pidfd_op(ca__wcore *c, ca__wreg *r, int op, ca_loop *loop);
 
 /* ----- the public object ------------------------------------------------------------------ */
-/* Makes a built-in watcher around core c (which it takes over). */
-int ca__child_watcher_make(const ca_child_watcher_ops *ops, const char *kind, ca__wcore *c,
-                           ca_child_watcher **out);
+/* Makes a built-in watcher of kind k around core c (which it takes over on success). */
+int ca__child_watcher_make(const ca__wkind *k, ca__wcore *c, ca_child_watcher **out);
 static inline ca__wcore *ca__wcore_of(ca_child_watcher *w) { return (ca__wcore *)w->impl; }
 /* In the destroy op: true when we are in a child made by fork() since the watcher was made. */
 bool ca__child_watcher_forked(const ca_child_watcher *w);
@@ -331,21 +404,19 @@ typedef struct ca__wattach {
 int ca__wattach_attach(ca__wcore *c, ca_loop *loop, bool implicit);
 /* Attached to a loop that is not closed. Lock held. */
 bool ca__wattach_active(ca__wcore *c);
-/* The start of an add for both (given: the loop asked for, NULL for the attached one): the lock
- * is taken and held on success; *attached gets a reference to the attached loop (or NULL) in
- * any case, for the caller to drop after its unlock. -EINVAL given is not the attached loop;
- * -EBADF closed; -ENOTCONN not active (its host's is_closed included). */
-int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached);
-/* close for both: cancels everything, detaches. */
-int ca__wattach_close(ca__wcore *c);
-/* The ops Safe and Fast share: remove (a Fast zombie has no handler to remove), attach_loop,
- * is_active, close. */
-int ca__wattach_remove_op(ca_child_watcher *w, pid_t pid);
+/* The begin of an add for both (ca__wkind.begin; given: the loop asked for, NULL for the
+ * attached one): the lock is taken and held on success; *attached gets a reference to the
+ * attached loop (or NULL) in any case, for the caller to drop after its unlock; *bind the
+ * attached loop's binding. -EINVAL given is not the attached loop; -EBADF closed; -ENOTCONN
+ * not active (its host's is_closed included). */
+int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached, ca__wbind **bind);
+/* The kind ops Safe and Fast share: attach_loop, is_active, close (cancels everything,
+ * detaches). */
 int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop);
 bool ca__wattach_is_active_op(ca_child_watcher *w);
 int ca__wattach_close_op(ca_child_watcher *w);
-/* Makes a Safe or Fast watcher: a core whose impl is a ca__wattach with this reap. */
-int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
+/* Makes a Safe or Fast watcher of kind k: a core whose impl is a ca__wattach with this reap. */
+int ca__wattach_watcher_new(const ca__wkind *k,
                             void (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q,
                                          long long *relook),
                             ca_child_watcher **out);

@@ -151,68 +151,22 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
-static int multiloop_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
-                            void *arg, bool internal)
+/* The kind's start: the child may have exited before its handler came (its SIGCHLD then
+ * found nothing to deliver), so look now. */
+static int multiloop_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    ca_loop *loop;
-    int err = ca__watcher_delivery_loop(given, &loop);
-    if (err < 0) return err;
-    ca__wlog q = {0};
-    ca__wcore_lock(c);
-    if (c->closed) { /* closed while this call was on its way in */
-        ca__wcore_unlock(c);
-        ca_loop_unref(loop);
-        return -EBADF;
-    }
-    ca__wbind *b;
-    err = ca__wbind_get(c, loop, &b);
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r) {
-        ca__wreg_replace(c, r, cb, arg, internal);
-        if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
-        err = 0;
-    } else if (err == 0) {
-        err = ca__wreg_register(c, pid, cb, arg, b, &r);
-        if (err == 0) {
-            r->internal = internal;
-            int rc = 0;
-            int e = ca__wait_nohang(pid, &rc);
-            if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
-            else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
-            if (e != 0 && pid == c->hider) {
-                /* It hid the exited children behind it from the thread: look again now. Under
-                 * the lock, so that a close (which sets c->closed first) cannot have closed
-                 * the eventfd; a non-blocking write, no loop op. */
-                c->hider = 0;
-                uint64_t one = 1;
-                while (write(ml(c)->efd, &one, sizeof one) < 0 && errno == EINTR) {
-                }
-            }
+    int e = ca__wreg_check_exited(c, a->r, q);
+    if (e != 0 && a->pid == c->hider) {
+        /* It hid the exited children behind it from the thread: look again now. Under the
+         * lock, so that a close (which sets c->closed first) cannot have closed the eventfd;
+         * a non-blocking write, no loop op. */
+        c->hider = 0;
+        uint64_t one = 1;
+        while (write(ml(c)->efd, &one, sizeof one) < 0 && errno == EINTR) {
         }
     }
-    ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
-    ca_loop_unref(loop);
-    return err;
+    return 0;
 }
-
-static int multiloop_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return multiloop_add_on(w, NULL, pid, cb, arg, false);
-}
-
-static int multiloop_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    if (r) ca__wreg_unregister(c, r);
-    ca__wcore_unlock(c);
-    return r != NULL;
-}
-
-static bool multiloop_is_active(ca_child_watcher *w) { return true; }
 
 /* Stops the thread and the signal slot. Not under the lock: the thread takes it. */
 static void multiloop_stop(ca__wcore *c)
@@ -261,15 +215,12 @@ static void multiloop_destroy(ca_child_watcher *w)
     }
 }
 
-static const ca_child_watcher_ops multiloop_ops = {
-    .add_child_handler = multiloop_add,
-    .remove_child_handler = multiloop_remove,
-    .attach_loop = NULL, /* the handler is installed at creation; loops need no attaching */
-    .is_active = multiloop_is_active,
+static const ca__wkind multiloop_kind = {
+    .name = "multiloop",
+    .start = multiloop_start,
     .close = multiloop_close,
-    .enter = NULL,
-    .exit = NULL,
     .destroy = multiloop_destroy,
+    /* attach_loop: the handler is installed at creation, loops need no attaching */
 };
 
 int ca_multiloop_child_watcher_new(ca_child_watcher **out)
@@ -307,8 +258,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
         if (e != 0) err = -e;
         else m->thread_started = true;
     }
-    if (err == 0) err = ca__child_watcher_make(&multiloop_ops, "multiloop", c, out);
-    if (err == 0) (*out)->add_on = multiloop_add_on;
+    if (err == 0) err = ca__child_watcher_make(&multiloop_kind, c, out);
     if (err < 0) {
         multiloop_stop(c);
         ca__sigchld_keep_release();

@@ -267,122 +267,77 @@ static void pidfd_reg_free(ca__wreg *r)
     if (r->pidfd >= 0 && !r->pidfd_lent) close(r->pidfd);
 }
 
-/* Watches pid, delivering to given (NULL: the implicit rule). lent < 0: with a pidfd of our own,
- * opened here. lent >= 0: with that pidfd, borrowed from a subprocess; the loan (a reference to
- * the registration) goes to *lease, which stays NULL if an earlier registration for pid, with
- * its own fd, was kept instead. The reader is added after the unlock (a loop op); a remove in
- * between finds rd_adding and leaves the release to us. */
-static int pidfd_add(ca_child_watcher *w, ca_loop *given, pid_t pid, int lent, ca_child_fn cb,
-                     void *arg, bool internal, ca__wreg **lease)
+/* The kind's start (lock held): watches the new registration with a pidfd of our own, opened
+ * here, or with the subprocess's (a->lent, a loan: the loan's reference to the registration
+ * goes to *a->lease). The reader is added by pidfd_finish, after the unlock (a loop op); a
+ * remove in between finds rd_adding and leaves the release to it. */
+static int pidfd_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    ca_loop *loop;
-    int err = ca__watcher_delivery_loop(given, &loop);
-    if (err < 0) return err;
-    if (!ca__loop_in_own_thread(loop)) {
-        ca_loop_unref(loop);
-        return -EPERM;
-    }
-    ca__wlog q = {0};
-    bool adding = false;
-    ca__wreg *r = NULL;
-    int pidfd = lent;
-    ca__wcore_lock(c);
-    if (c->closed) { /* closed while this call was on its way in */
-        err = -EBADF;
-    } else if ((r = ca__wtable_get_live(c, pid)) != NULL) {
-        ca__wreg_replace(c, r, cb, arg, internal);
-    } else {
-        ca__wbind *b;
-        err = ca__wbind_get(c, loop, &b);
-        if (err == 0 && pidfd < 0) {
-            pidfd = sys_pidfd_open(pid);
-            if (pidfd < 0 && errno != ESRCH) err = -errno;
-        }
-        if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
-        if (err == 0) r->internal = internal;
-        if (err == 0 && pidfd >= 0) {
-            r->pidfd = pidfd;
-            r->pidfd_lent = lent >= 0;
-            r->rd_adding = true;
-            ca__wreg_ref(r); /* the reader's */
-            ca__wreg_ref(r); /* ours, across the unlock */
-            adding = true;
-        } else if (err == 0) {
-            /* ESRCH: already reaped by someone else. Reported through the loop, as an exit. */
-            ca__wreg_exited(c, r, 255, true, &q);
-        }
-    }
-    ca__wcore_unlock(c);
-    if (adding) {
-        err = ca_loop_add_reader(loop, pidfd, pidfd_ready, r);
-        ca__wcore_lock(c);
-        r->rd_adding = false;
-        if (err < 0) {
-            r->pidfd = -1;
-            r->pidfd_lent = false;
-            r->rd_release_wanted = false;
-            ca__wreg_unref(c, r); /* the reader's */
+    ca__wreg *r = a->r;
+    int pidfd = a->lent;
+    if (pidfd < 0) {
+        pidfd = sys_pidfd_open(a->pid);
+        if (pidfd < 0 && errno != ESRCH) {
+            int err = -errno;
             ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
-        } else if (r->rd_cancel_wanted) {
-            /* Removed, or the watcher closed, while we added: done now, quietly (no drop call
-             * before this add returns), the reader off again before we return (q). Nothing is
-             * lent; our own fd is closed by the release, not below. */
-            ca__wreg_unregister_quiet(c, r);
-            if (c->closed) err = -EBADF;
-            r->rd_on = true;
-            r->rd_release_wanted = false;
-            release_begin(c, r, &q);
-            pidfd = -1;
-        } else {
-            r->rd_on = true;
-            if (lent >= 0) {
-                ca__wreg_ref(r); /* the loan's */
-                *lease = r;
-            }
-            if (r->rd_release_wanted) { /* its loop closed meanwhile */
-                r->rd_release_wanted = false;
-                release_begin(c, r, &q);
-            }
+            return err;
         }
-        r->rd_cancel_wanted = false;
-        ca__wreg_unref(c, r); /* ours */
-        ca__wcore_unlock(c);
     }
-    ca__wlog_flush(&q);
-    if (err < 0 && pidfd >= 0 && lent < 0) close(pidfd);
-    ca_loop_unref(loop);
+    if (pidfd < 0) {
+        /* ESRCH: already reaped by someone else. Reported through the loop, as an exit. */
+        ca__wreg_exited(c, r, 255, true, q);
+        return 0;
+    }
+    r->pidfd = pidfd;
+    r->pidfd_lent = a->lent >= 0;
+    r->rd_adding = true;
+    ca__wreg_ref(r); /* the reader's */
+    ca__wreg_ref(r); /* ours, across the unlock */
+    a->kfd = pidfd;
+    return CA__WSTART_FINISH;
+}
+
+/* The kind's finish (lock NOT held): adds the reader, then settles what happened meanwhile. */
+static int pidfd_finish(ca__wcore *c, ca__wadd *a, ca__wlog *q)
+{
+    ca__wreg *r = a->r;
+    int pidfd = a->kfd;
+    int err = ca_loop_add_reader(a->loop, pidfd, pidfd_ready, r);
+    ca__wcore_lock(c);
+    r->rd_adding = false;
+    if (err < 0) {
+        r->pidfd = -1;
+        r->pidfd_lent = false;
+        r->rd_release_wanted = false;
+        ca__wreg_unref(c, r); /* the reader's */
+        ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
+    } else if (r->rd_cancel_wanted) {
+        /* Removed, or the watcher closed, while we added: done now, quietly (no drop call
+         * before this add returns), the reader off again before we return (q). Nothing is
+         * lent; our own fd is closed by the release, not below. */
+        ca__wreg_unregister_quiet(c, r);
+        if (c->closed) err = -EBADF;
+        r->rd_on = true;
+        r->rd_release_wanted = false;
+        release_begin(c, r, q);
+        pidfd = -1;
+    } else {
+        r->rd_on = true;
+        if (a->lent >= 0) {
+            ca__wreg_ref(r); /* the loan's */
+            *a->lease = r;
+        }
+        if (r->rd_release_wanted) { /* its loop closed meanwhile */
+            r->rd_release_wanted = false;
+            release_begin(c, r, q);
+        }
+    }
+    r->rd_cancel_wanted = false;
+    ca__wreg_unref(c, r); /* ours */
+    ca__wcore_unlock(c);
+    if (err < 0 && pidfd >= 0 && a->lent < 0) close(pidfd);
     return err;
 }
-
-static int pidfd_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return pidfd_add(w, NULL, pid, -1, cb, arg, false, NULL);
-}
-
-static int pidfd_add_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb, void *arg,
-                        bool internal)
-{
-    return pidfd_add(w, loop, pid, -1, cb, arg, internal, NULL);
-}
-
-static int pidfd_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wlog q = {0};
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    if (r) {
-        ca__wreg_ref(r);
-        pidfd_cancel(c, r, &q);
-        ca__wreg_unref(c, r);
-    }
-    ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
-    return r != NULL;
-}
-
-static bool pidfd_is_active(ca_child_watcher *w) { return true; }
 
 static int pidfd_close(ca_child_watcher *w)
 {
@@ -411,26 +366,28 @@ static int pidfd_close(ca_child_watcher *w)
     return 0;
 }
 
-static const ca_child_watcher_ops pidfd_ops = {
-    .add_child_handler = pidfd_add_handler,
-    .remove_child_handler = pidfd_remove,
-    .attach_loop = NULL,
-    .is_active = pidfd_is_active,
+static const ca__wkind pidfd_kind = {
+    .name = "pidfd",
+    .flags = CA__WKIND_OWN_THREAD | CA__WKIND_KEEP_LOOP,
+    .start = pidfd_start,
+    .finish = pidfd_finish,
+    .cancel = pidfd_cancel,
+    .loop_closed = pidfd_loop_closed,
+    .reg_free = pidfd_reg_free,
     .close = pidfd_close,
-    .enter = NULL,
-    .exit = NULL,
-    .destroy = ca__wcore_destroy_op,
 };
 
 int ca__pidfd_watcher_lend_on(ca_child_watcher *w, ca_loop *loop, pid_t pid, int pidfd,
                               ca_child_fn cb, void *arg, ca__wreg **lease)
 {
-    if (!w || w->ops != &pidfd_ops) return -ENOTSUP;
+    if (!ca__child_watcher_is_builtin(w, &pidfd_kind)) return -ENOTSUP;
     if (!cb || pid <= 0 || pidfd < 0 || !lease) return -EINVAL;
     if (ca__child_watcher_forked(w)) return -ECHILD;
     if (atomic_load(&w->closed)) return -EBADF;
     *lease = NULL;
-    return pidfd_add(w, loop, pid, pidfd, cb, arg, true, lease);
+    ca__wadd a = {.pid = pid, .cb = cb, .arg = arg, .internal = true, .lent = pidfd,
+                  .lease = lease};
+    return ca__wcore_add(w, loop, &a);
 }
 
 int ca__pidfd_watcher_lend(ca_child_watcher *w, pid_t pid, int pidfd, ca_child_fn cb, void *arg,
@@ -474,15 +431,11 @@ int ca_pidfd_child_watcher_new(ca_child_watcher **out)
     ca__wcore *c;
     int err = ca__wcore_new(&c);
     if (err < 0) return err;
-    c->reg_loop_closed = pidfd_loop_closed;
-    c->reg_free = pidfd_reg_free;
-    c->reg_cancel = pidfd_cancel;
-    err = ca__child_watcher_make(&pidfd_ops, "pidfd", c, out);
+    err = ca__child_watcher_make(&pidfd_kind, c, out);
     if (err < 0) {
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_on = pidfd_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

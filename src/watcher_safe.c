@@ -277,18 +277,7 @@ int ca__wattach_attach(ca__wcore *c, ca_loop *loop, bool implicit)
     return 0;
 }
 
-/* The ops Safe and Fast share. */
-int ca__wattach_remove_op(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    bool found = r && r->state != CA__W_ZOMBIE;
-    if (found) ca__wreg_unregister(c, r);
-    ca__wcore_unlock(c);
-    return found;
-}
-
+/* The kind ops Safe and Fast share. */
 int ca__wattach_attach_op(ca_child_watcher *w, ca_loop *loop)
 {
     return ca__wattach_attach(ca__wcore_of(w), loop, false);
@@ -306,7 +295,7 @@ bool ca__wattach_is_active_op(ca_child_watcher *w)
     return on;
 }
 
-int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached)
+int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached, ca__wbind **bind)
 {
     bool open;
     ca_loop *loop = attached_loop(c, &open);
@@ -317,12 +306,14 @@ int ca__wattach_add_begin(ca__wcore *c, ca_loop *given, ca_loop **attached)
               : !open || att(c)->loop != loop || !ca__wattach_active(c) ? -ENOTCONN
                                                                           : 0;
     if (err < 0) ca__wcore_unlock(c);
+    else *bind = att(c)->bind;
     return err;
 }
 
-int ca__wattach_close_op(ca_child_watcher *w) { return ca__wattach_close(ca__wcore_of(w)); }
+static int wattach_close(ca__wcore *c);
+int ca__wattach_close_op(ca_child_watcher *w) { return wattach_close(ca__wcore_of(w)); }
 
-int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
+int ca__wattach_watcher_new(const ca__wkind *k,
                             void (*reap)(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q,
                                          long long *relook),
                             ca_child_watcher **out)
@@ -338,12 +329,12 @@ int ca__wattach_watcher_new(const ca_child_watcher_ops *ops, const char *kind,
     }
     a->reap = reap;
     c->impl = a;
-    err = ca__child_watcher_make(ops, kind, c, out);
+    err = ca__child_watcher_make(k, c, out);
     if (err < 0) ca__wcore_unref(c);
     return err;
 }
 
-int ca__wattach_close(ca__wcore *c)
+static int wattach_close(ca__wcore *c)
 {
     ca__wattach *a = att(c);
     ca__wcore_lock(c);
@@ -425,59 +416,27 @@ static void safe_reap(ca__wcore *c, bool full, ca__wreg **list, ca__wlog *q, lon
     if (e == -1) safe_poll_all(c, list, q);
 }
 
-static int safe_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
-                       void *arg, bool internal)
+/* The kind's start: the child may have exited already (its SIGCHLD then found nothing to
+ * deliver): check now, deliver on the attached loop. */
+static int safe_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wlog q = {0};
-    ca_loop *attached;
-    int err = ca__wattach_add_begin(c, given, &attached);
-    if (err < 0) {
-        ca_loop_unref(attached);
-        return err;
-    }
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r) {
-        ca__wreg_replace(c, r, cb, arg, internal);
-    } else {
-        err = ca__wreg_register(c, pid, cb, arg, att(c)->bind, &r);
-        if (err == 0) {
-            r->internal = internal;
-            /* It may have exited already: check now, deliver on the attached loop. */
-            int rc = 0;
-            int e = ca__wait_nohang(pid, &rc);
-            if (e == 1) ca__wreg_exited(c, r, rc, false, &q);
-            else if (e == -ECHILD) ca__wreg_exited(c, r, 255, true, &q);
-        }
-    }
-    ca__wcore_unlock(c);
-    ca__wlog_flush(&q);
-    ca_loop_unref(attached);
-    return err;
+    ca__wreg_check_exited(c, a->r, q);
+    return 0;
 }
 
-static int safe_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return safe_add_on(w, NULL, pid, cb, arg, false);
-}
-
-static const ca_child_watcher_ops safe_ops = {
-    .add_child_handler = safe_add,
-    .remove_child_handler = ca__wattach_remove_op,
+static const ca__wkind safe_kind = {
+    .name = "safe",
+    .flags = CA__WKIND_KEEP_LOOP,
+    .begin = ca__wattach_add_begin,
+    .start = safe_start,
     .attach_loop = ca__wattach_attach_op,
     .is_active = ca__wattach_is_active_op,
     .close = ca__wattach_close_op,
-    .enter = NULL,
-    .exit = NULL,
-    .destroy = ca__wcore_destroy_op,
 };
 
 int ca_safe_child_watcher_new(ca_child_watcher **out)
 {
-    int err = ca__wattach_watcher_new(&safe_ops, "safe", safe_reap, out);
-    if (err == 0) {
-        ca__wcore_of(*out)->track_wait = true;
-        (*out)->add_on = safe_add_on;
-    }
+    int err = ca__wattach_watcher_new(&safe_kind, safe_reap, out);
+    if (err == 0) ca__wcore_of(*out)->track_wait = true;
     return err;
 }

@@ -94,41 +94,11 @@ static void *wait_main(void *arg)
     return NULL;
 }
 
-static int threaded_add_locked(ca__wcore *c, ca_loop *loop, pid_t pid, ca_child_fn cb,
-                               void *arg, bool internal);
-
-static int threaded_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
-                           void *arg, bool internal)
+/* The kind's start: one waiting thread for the new registration. */
+static int threaded_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    ca_loop *loop;
-    int err = ca__watcher_delivery_loop(given, &loop);
-    if (err < 0) return err;
-    ca__wcore_lock(c);
-    err = threaded_add_locked(c, loop, pid, cb, arg, internal);
-    ca__wcore_unlock(c);
-    ca_loop_unref(loop); /* after the unlock: it may be the last reference */
-    return err;
-}
-
-/* The add, lock held (and left held). */
-static int threaded_add_locked(ca__wcore *c, ca_loop *loop, pid_t pid, ca_child_fn cb,
-                               void *arg, bool internal)
-{
-    int err;
-    if (c->closed) return -EBADF; /* closed while this call was on its way in */
-    ca__wbind *b;
-    err = ca__wbind_get(c, loop, &b);
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r) {
-        /* Already watched: replace the callback (and the loop, if it has not exited yet). */
-        ca__wreg_replace(c, r, cb, arg, internal);
-        if (err == 0 && r->state == CA__W_WAITING) ca__wreg_rebind(c, r, b);
-        return 0;
-    }
-    if (err == 0) err = ca__wreg_register(c, pid, cb, arg, b, &r);
-    if (err < 0) return err;
-    r->internal = internal;
+    (void)q;
+    ca__wreg *r = a->r;
     ca__wreg_ref(r); /* the thread's */
     ca__wcore_ref(c);
 
@@ -154,24 +124,6 @@ static int threaded_add_locked(ca__wcore *c, ca_loop *loop, pid_t pid, ca_child_
     return 0;
 }
 
-static int threaded_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return threaded_add_on(w, NULL, pid, cb, arg, false);
-}
-
-static int threaded_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    int found = r != NULL;
-    if (r) ca__wreg_unregister(c, r);
-    ca__wcore_unlock(c);
-    return found;
-}
-
-static bool threaded_is_active(ca_child_watcher *w) { return true; }
-
 static int threaded_close(ca_child_watcher *w)
 {
     ca__wcore *c = ca__wcore_of(w);
@@ -185,15 +137,11 @@ static int threaded_close(ca_child_watcher *w)
     return 0;
 }
 
-static const ca_child_watcher_ops threaded_ops = {
-    .add_child_handler = threaded_add,
-    .remove_child_handler = threaded_remove,
-    .attach_loop = NULL, /* nothing to attach: any thread's loop gets its children */
-    .is_active = threaded_is_active,
+static const ca__wkind threaded_kind = {
+    .name = "threaded",
+    .start = threaded_start,
     .close = threaded_close,
-    .enter = NULL,
-    .exit = NULL,
-    .destroy = ca__wcore_destroy_op,
+    /* attach_loop: nothing to attach, any thread's loop gets its children */
 };
 
 int ca_threaded_child_watcher_new(ca_child_watcher **out)
@@ -202,12 +150,11 @@ int ca_threaded_child_watcher_new(ca_child_watcher **out)
     ca__wcore *c;
     int err = ca__wcore_new(&c);
     if (err < 0) return err;
-    err = ca__child_watcher_make(&threaded_ops, "threaded", c, out);
+    err = ca__child_watcher_make(&threaded_kind, c, out);
     if (err < 0) {
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_on = threaded_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

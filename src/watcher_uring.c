@@ -23,7 +23,7 @@
  * reader is added by the thread that adds the loop's first child, and taken off on the loop's
  * thread (the reader's end of the ring) or by the loop's close (its hook, in the closing
  * thread, with nothing running on the loop); a reader still being added when the loop closes in
- * another thread is taken off by its adder (ring_kill leaves it to uring_add_in).
+ * another thread is taken off by its adder (ring_kill leaves it to uring_finish).
  *
  * The thread that submitted. The kernel runs a WAITID's completion as task work of the thread
  * that submitted it (which it interrupts like a signal would, so an epoll_wait or a poll wakes
@@ -282,7 +282,7 @@ static void ring_kill(ca__wcore *c, ur_ring *g, ca__wlog *q, bool *reader, void 
     if (g->dead) return;
     g->dead = true;
     /* A reader that another thread is adding right now is that thread's to take off again
-     * (uring_add_in sees the ring dead when add_reader returns): removed here, before the
+     * (uring_finish sees the ring dead when add_reader returns): removed here, before the
      * add, it would stay on the loop after the ring's fd is closed. */
     *reader = g->reader == READER_ON;
     if (g->reader == READER_ON) g->reader = READER_OFF;
@@ -527,65 +527,60 @@ static void uring_cancel(ca__wcore *c, ca__wreg *r, ca__wlog *q)
     if (op) cancel_op(op);
 }
 
-/* Watches pid, with its exit delivered on loop (the caller's delivery loop, whose thread this
- * is). internal: a registration of the library's own (see watcher_internal.h). */
-static int uring_add_in(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_fn cb,
-                        void *arg, bool internal)
+/* The kind's start (lock held): one WAITID request for the new registration, on the ring of
+ * the delivery loop (the caller's own: CA__WKIND_OWN_THREAD); a ring whose reader is not on
+ * the loop yet has it added by uring_finish, after the unlock. */
+static int uring_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
 {
-    ca__wcore *c = ca__wcore_of(w);
-    if (ca_loop_is_closed(loop)) return -ENOENT;
-    if (!ca__loop_in_own_thread(loop)) return -EPERM;
-    ca__wcore_lock(c);
-    if (c->closed) { /* closed while this call was on its way in */
-        ca__wcore_unlock(c);
-        return -EBADF;
-    }
-    ca__wreg *r = ca__wtable_get_live(c, pid);
-    if (r) {
-        ca__wreg_replace(c, r, cb, arg, internal);
-        ca__wcore_unlock(c);
-        return 0;
-    }
+    (void)q;
+    ca__wreg *r = a->r;
     ur_ring *g = NULL;
     ur_op *op = NULL;
-    /* The loop was open at the check above (made without the lock: a custom loop's is_closed
+    /* The loop was open at the add's check (made without the lock: a custom loop's is_closed
      * may be user code); only its own thread, this one, closes it. */
-    int err = ring_get(c, loop, &g);
+    int err = ring_get(c, a->loop, &g);
     if (err == 0 && !(op = calloc(1, sizeof *op))) err = -ENOMEM;
-    if (err == 0) err = ca__wreg_register(c, pid, cb, arg, NULL, &r);
-    if (err == 0) {
-        r->internal = internal;
-        ca__wreg_ref(r); /* the request's */
-        op->r = r;
-        op->ring = g;
-        op->next = g->ops;
-        if (g->ops) g->ops->prev = op;
-        g->ops = op;
-        r->kdata = op;
-        struct io_uring_sqe *sqe = NULL;
-        err = prep_waitid(g, op, &sqe);
-        if (err == 0 && (err = submit(g)) < 0) {
-            /* The kernel did not take it, but it is in the SQ, where the next submit would
-             * find it: make it a NOP that names nothing (only io_uring_enter reads SQEs, and
-             * that is under our lock). */
-            sqe->opcode = IORING_OP_NOP;
-            io_uring_sqe_set_data64(sqe, 0);
-            g->unsubmitted = true;
-        }
-        if (err < 0) {
-            ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
-            op_free(c, op);
-        }
-        op = NULL;
+    if (err < 0) {
+        ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
+        return err;
     }
-    free(op);
-    bool add_reader = err == 0 && g->reader == READER_OFF;
-    if (add_reader) g->reader = READER_ADDING;
-    int fd = g ? g->ring.ring_fd : -1;
-    if (add_reader) g->refs++; /* keeps g while we add its reader */
-    ca__wcore_unlock(c);
-    if (!add_reader) return err;
-    err = ca_loop_add_reader(loop, fd, ring_ready, g);
+    ca__wreg_ref(r); /* the request's */
+    op->r = r;
+    op->ring = g;
+    op->next = g->ops;
+    if (g->ops) g->ops->prev = op;
+    g->ops = op;
+    r->kdata = op;
+    struct io_uring_sqe *sqe = NULL;
+    err = prep_waitid(g, op, &sqe);
+    if (err == 0 && (err = submit(g)) < 0) {
+        /* The kernel did not take it, but it is in the SQ, where the next submit would find
+         * it: make it a NOP that names nothing (only io_uring_enter reads SQEs, and that is
+         * under our lock). */
+        sqe->opcode = IORING_OP_NOP;
+        io_uring_sqe_set_data64(sqe, 0);
+        g->unsubmitted = true;
+    }
+    if (err < 0) {
+        ca__wreg_unregister_quiet(c, r); /* the caller learns it from err */
+        op_free(c, op);
+        return err;
+    }
+    if (g->reader != READER_OFF) return 0;
+    g->reader = READER_ADDING;
+    g->refs++; /* keeps g while we add its reader */
+    a->kstate = g;
+    a->kfd = g->ring.ring_fd;
+    return CA__WSTART_FINISH;
+}
+
+/* The kind's finish (lock NOT held): puts the ring's reader on the delivery loop. */
+static int uring_finish(ca__wcore *c, ca__wadd *a, ca__wlog *q)
+{
+    (void)q;
+    ur_ring *g = a->kstate;
+    int fd = a->kfd;
+    int err = ca_loop_add_reader(a->loop, fd, ring_ready, g);
     ca__wcore_lock(c);
     g->reader = err == 0 && !g->dead ? READER_ON : READER_OFF;
     if (err == 0 && g->dead) {
@@ -593,13 +588,13 @@ static int uring_add_in(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
          * ring_end left the reader to us. Off again, by the thread that put it on, before our
          * reference (perhaps the last) closes the fd. */
         ca__wcore_unlock(c);
-        ca_loop_remove_reader(loop, fd);
+        ca_loop_remove_reader(a->loop, fd);
         ca__wcore_lock(c);
     }
     if (err < 0 && !g->dead) {
         /* Nobody would read this ring: the child is not watched (it is the only one here,
          * as only this thread adds to this loop's ring). */
-        r = ca__wtable_get(c, pid);
+        ca__wreg *r = ca__wtable_get(c, a->pid);
         if (r && r->kdata && ((ur_op *)r->kdata)->ring == g) {
             ca__wreg_ref(r);
             ca__wreg_unregister_quiet(c, r);
@@ -611,39 +606,6 @@ static int uring_add_in(ca_child_watcher *w, ca_loop *loop, pid_t pid, ca_child_
     ca__wcore_unlock(c);
     return err;
 }
-
-/* given: the delivery loop named by add_child_handler_on, or NULL for the implicit rule. */
-static int uring_add_on(ca_child_watcher *w, ca_loop *given, pid_t pid, ca_child_fn cb,
-                        void *arg, bool internal)
-{
-    ca_loop *loop;
-    int err = ca__watcher_delivery_loop(given, &loop); /* a reference */
-    if (err < 0) return err;
-    err = uring_add_in(w, loop, pid, cb, arg, internal);
-    ca_loop_unref(loop);
-    return err;
-}
-
-static int uring_add_handler(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg)
-{
-    return uring_add_on(w, NULL, pid, cb, arg, false);
-}
-
-static int uring_remove(ca_child_watcher *w, pid_t pid)
-{
-    ca__wcore *c = ca__wcore_of(w);
-    ca__wcore_lock(c);
-    ca__wreg *r = ca__wtable_get(c, pid);
-    if (r) {
-        ca__wreg_ref(r);
-        uring_cancel(c, r, NULL);
-        ca__wreg_unref(c, r);
-    }
-    ca__wcore_unlock(c);
-    return r != NULL;
-}
-
-static bool uring_is_active(ca_child_watcher *w) { return true; }
 
 /* Cancels every registration and asks each ring's reader to end its ring on its loop's thread
  * (a NOP completion makes it run): only that thread may remove the reader. A ring whose loop
@@ -704,14 +666,13 @@ static void uring_destroy(ca_child_watcher *w)
     ca__wcore_free_forked(c);
 }
 
-static const ca_child_watcher_ops uring_ops = {
-    .add_child_handler = uring_add_handler,
-    .remove_child_handler = uring_remove,
-    .attach_loop = NULL,
-    .is_active = uring_is_active,
+static const ca__wkind uring_kind = {
+    .name = "uring",
+    .flags = CA__WKIND_OWN_THREAD | CA__WKIND_UNBOUND | CA__WKIND_KEEP_LOOP,
+    .start = uring_start,
+    .finish = uring_finish,
+    .cancel = uring_cancel,
     .close = uring_close,
-    .enter = NULL,
-    .exit = NULL,
     .destroy = uring_destroy,
 };
 
@@ -760,13 +721,11 @@ int ca_uring_child_watcher_new(ca_child_watcher **out)
         ca__wcore_unref(c);
         return -ENOMEM;
     }
-    c->reg_cancel = uring_cancel;
-    err = ca__child_watcher_make(&uring_ops, "uring", c, out);
+    err = ca__child_watcher_make(&uring_kind, c, out);
     if (err < 0) {
         ca__wcore_unref(c);
         return err;
     }
-    (*out)->add_on = uring_add_on;
     c->keeps_sigchld = true;
     ca__sigchld_keep_acquire();
     return 0;

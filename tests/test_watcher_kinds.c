@@ -4,6 +4,7 @@
 #include "contract_util.h"
 
 #include "../src/kinds.h"
+#include "../src/watcher_internal.h"
 
 #include <signal.h>
 #include <spawn.h>
@@ -14,6 +15,10 @@ extern char **environ;
 
 /* Internal (src/internal.h), visible in the static library the tests link. */
 const char *ca__child_watcher_kind(const ca_child_watcher *w);
+
+static int custom_add(ca_child_watcher *w, pid_t pid, ca_child_fn cb, void *arg) { return 0; }
+static int custom_remove(ca_child_watcher *w, pid_t pid) { return 0; }
+static bool custom_active(ca_child_watcher *w) { return true; }
 
 TEST(kinds_tables_agree_with_the_library)
 {
@@ -46,10 +51,25 @@ TEST(kinds_tables_agree_with_the_library)
         CHECK_OK(r);
         CHECK(strcmp(ca__child_watcher_kind(w), k->name) == 0);
         CHECK_EQ(ca__watcher_kind_flags(w), k->flags);
+        /* The seam: every built-in is a core plus its kind's hooks, behind the one ops table,
+         * and the kind's own table names it as kinds.c does. */
+        CHECK(ca__child_watcher_is_builtin(w, NULL));
+        CHECK(ca__child_watcher_is_builtin(w, ca__wcore_of(w)->kind));
+        CHECK(strcmp(ca__wcore_of(w)->kind->name, k->name) == 0);
+        CHECK(ca__wcore_of(w)->kind->close != NULL);
+        CHECK(ca__wcore_of(w)->kind->finish != NULL ||
+              !(ca__wcore_of(w)->kind->flags & CA__WKIND_OWN_THREAD));
         CHECK_OK(ca_child_watcher_close(w));
         ca_child_watcher_unref(w);
     }
     CHECK(ca__watcher_kind_find("no-such-watcher") == NULL);
+    static const ca_child_watcher_ops custom = {
+        .add_child_handler = custom_add, .remove_child_handler = custom_remove,
+        .is_active = custom_active};
+    ca_child_watcher *cw = NULL;
+    CHECK_OK(ca_child_watcher_new_custom(&custom, NULL, &cw));
+    CHECK(!ca__child_watcher_is_builtin(cw, NULL));
+    ca_child_watcher_unref(cw);
     CHECK_EQ(ca__watcher_kind_flags(NULL), 0);
     /* The tests' W_* index (tests/contract_util.h) names every kind of the table, in order. */
     CHECK_EQ(W_COUNT, ca__watcher_kind_count);
