@@ -3,6 +3,9 @@
  *
  *   VARIANT spawn (name floor-spawn): posix_spawn + blocking waitpid, no loop at all.
  *   VARIANT pidfd (name floor-pidfd): posix_spawn + pidfd_open + a bare epoll loop.
+ *   VARIANT waitany (name floor-waitany, reap_scaling only): posix_spawn + waitpid(-1).
+ *   VARIANT uring-waitid, uring-waitall, uring-pollfixed, uring-pollfixed-rings (name
+ *   floor-VARIANT, reap_scaling only): posix_spawn + io_uring, see uring_reap_scaling.
  *   loop workloads (name floor-epoll): a minimal epoll loop with a ready array, a timer heap,
  *   an fd table and an eventfd for cross-thread calls.  It does the least a loop can do and
  *   still be a loop: FIFO callbacks, timers in time order, level-triggered readiness, and one
@@ -14,6 +17,8 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <liburing.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
@@ -495,6 +500,302 @@ static int pidfd_watch(int ep, pid_t pid)
     return fd;
 }
 
+/* ------------------------------------------------------------------ io_uring reap floors */
+/* reap_scaling through io_uring, three ways of learning of an exit (docs/benchmarks.md, "Three
+ * WAITID/pidfd designs measured side by side"). One ring, set up as src/watcher_uring.c sets up
+ * its own (256 SQEs, 4,096 CQEs, no DEFER_TASKRUN), one io_uring_enter per spawn+reap that
+ * submits and waits, then waitpid(pid) of the child the completion names.
+ *   uring-waitid    one IORING_OP_WAITID(P_PID, WEXITED | WNOWAIT) per child, the M idle ones
+ *                   included: M+1 entries on the process's one wait_chldexit queue
+ *   uring-waitall   one IORING_OP_WAITID(P_ALL, WEXITED | WNOWAIT) for the ring, re-armed after
+ *                   each reap (queued then, submitted with the next wait, so after the next
+ *                   spawn: at M=0 there is no child in between); the pid comes from the
+ *                   siginfo_t the request points to
+ *   uring-pollfixed each child's pidfd in a sparse fixed-file table of M+16 slots (pidfd_open,
+ *                   io_uring_register_files_update, close), IORING_OP_POLL_ADD(POLLIN) with
+ *                   IOSQE_FIXED_FILE on its slot; after the reap the slot is emptied (update with
+ *                   -1). The table is capped by RLIMIT_NOFILE when it is registered: it dies
+ *                   with the kernel's error if that is too low
+ *   uring-pollfixed-rings  the same, split over as many rings as it takes when the table is
+ *                   refused with EMFILE (each ring at most RLIMIT_NOFILE slots); with more than
+ *                   one ring it submits on the child's ring and waits in epoll_wait on the rings'
+ *                   fds (two system calls instead of one) */
+/* The kernel's enum io_uring_op (liburing 2.3 has neither the opcode nor its prep): as in
+ * src/watcher_uring.c. */
+#define FL_OP_WAITID 50
+_Static_assert(IORING_OP_SENDMSG_ZC == 48, "io_uring opcode numbering");
+#define FL_UR_SQ 256u
+#define FL_UR_CQ 4096u
+#define FL_UR_SPARE 16 /* free slots beyond the M idle children's */
+#define FL_UR_ALL ((uint64_t)-1) /* user_data of the P_ALL request */
+
+static int fl_ring_init(struct io_uring *ring)
+{
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+    p.cq_entries = FL_UR_CQ;
+    return io_uring_queue_init_params(FL_UR_SQ, ring, &p);
+}
+
+static struct io_uring_sqe *fl_sqe(struct io_uring *ring)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    if (!sqe) {
+        io_uring_submit(ring);
+        sqe = io_uring_get_sqe(ring);
+    }
+    if (!sqe)
+        b_die("io_uring: no SQE");
+    memset(sqe, 0, sizeof *sqe);
+    return sqe;
+}
+
+/* the SQE layout of io_uring/waitid.c's io_waitid_prep (see src/watcher_uring.c's prep_waitid) */
+static void fl_prep_waitid(struct io_uring *ring, idtype_t idtype, pid_t id, siginfo_t *si,
+                           uint64_t data)
+{
+    struct io_uring_sqe *sqe = fl_sqe(ring);
+    sqe->opcode = FL_OP_WAITID;
+    sqe->fd = (int)id;
+    sqe->len = (unsigned)idtype;
+    sqe->file_index = WEXITED | WNOWAIT;
+    sqe->addr2 = (uint64_t)(uintptr_t)si;
+    io_uring_sqe_set_data64(sqe, data);
+}
+
+/* submits what is queued and waits for one completion; returns its user_data, *res its res */
+static uint64_t fl_ring_wait(struct io_uring *ring, int *res)
+{
+    struct io_uring_cqe *cqe;
+    int r;
+    while ((r = io_uring_submit_and_wait(ring, 1)) < 0)
+        if (r != -EINTR)
+            b_die("io_uring_submit_and_wait: %s", strerror(-r));
+    while ((r = io_uring_wait_cqe(ring, &cqe)) != 0) /* there is one: no system call */
+        if (r != -EINTR)
+            b_die("io_uring_wait_cqe: %s", strerror(-r));
+    uint64_t d = io_uring_cqe_get_data64(cqe);
+    *res = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
+    return d;
+}
+
+/* the fixed-file rings of uring-pollfixed: global slot g is slot g % per of ring g / per */
+typedef struct {
+    struct io_uring *rings;
+    int nrings, ep;
+    unsigned per;
+    long *freelist; /* free global slots, a stack */
+    long nfree;
+    pid_t *slot_pid;
+} fl_fixed;
+
+static void fl_fixed_init(fl_fixed *f, long slots, int split)
+{
+    memset(f, 0, sizeof *f);
+    f->ep = -1;
+    f->per = (unsigned)slots;
+    for (;;) {
+        f->nrings = (int)((slots + f->per - 1) / f->per);
+        f->rings = xrealloc(NULL, (size_t)f->nrings * sizeof(struct io_uring));
+        int i, r = 0;
+        for (i = 0; i < f->nrings; i++) {
+            if ((r = fl_ring_init(&f->rings[i])) < 0)
+                b_die("io_uring_queue_init: %s", strerror(-r));
+            /* liburing 2.3 raises the soft RLIMIT_NOFILE to the table's size when the kernel
+             * says EMFILE, and tries once more */
+            unsigned n = i == f->nrings - 1 ? (unsigned)(slots - (long)f->per * i) : f->per;
+            if ((r = io_uring_register_files_sparse(&f->rings[i], n)) < 0)
+                break;
+        }
+        if (i == f->nrings)
+            break;
+        struct rlimit rl;
+        getrlimit(RLIMIT_NOFILE, &rl);
+        fprintf(stderr, "bench: io_uring_register_files_sparse(%u slots) on ring %d of %d: %s "
+                        "(RLIMIT_NOFILE %ld/%ld)\n", i == f->nrings - 1 ?
+                        (unsigned)(slots - (long)f->per * i) : f->per, i + 1, f->nrings,
+                strerror(-r), (long)rl.rlim_cur, (long)rl.rlim_max);
+        if (!split || r != -EMFILE || f->nrings > 1)
+            exit(2);
+        for (int j = 0; j <= i; j++)
+            io_uring_queue_exit(&f->rings[j]);
+        free(f->rings);
+        f->per = (unsigned)rl.rlim_cur; /* the kernel's cap on one table */
+    }
+    if (f->nrings > 1) {
+        fprintf(stderr, "bench: %d rings of at most %u fixed-file slots each\n", f->nrings, f->per);
+        f->ep = epoll_create1(EPOLL_CLOEXEC);
+        for (int i = 0; i < f->nrings; i++) {
+            struct epoll_event e = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+            if (epoll_ctl(f->ep, EPOLL_CTL_ADD, f->rings[i].ring_fd, &e) != 0)
+                b_die("epoll_ctl: %s", strerror(errno));
+        }
+    }
+    f->freelist = xrealloc(NULL, (size_t)slots * sizeof(long));
+    f->slot_pid = calloc((size_t)slots, sizeof(pid_t));
+    for (long g = slots - 1; g >= 0; g--)
+        f->freelist[f->nfree++] = g;
+}
+
+/* installs pid's pidfd in a free slot and queues a POLL_ADD on it; returns the global slot */
+static long fl_fixed_watch(fl_fixed *f, pid_t pid)
+{
+    if (f->nfree == 0)
+        b_die("no free fixed-file slot");
+    long g = f->freelist[--f->nfree];
+    struct io_uring *ring = &f->rings[g / f->per];
+    unsigned slot = (unsigned)(g % f->per);
+    int fd = pidfd_open(pid);
+    if (fd < 0)
+        b_die("pidfd_open: %s", strerror(errno));
+    int r = io_uring_register_files_update(ring, slot, &fd, 1);
+    if (r != 1)
+        b_die("io_uring_register_files_update: %s", strerror(r < 0 ? -r : EIO));
+    close(fd);
+    f->slot_pid[g] = pid;
+    struct io_uring_sqe *sqe = fl_sqe(ring);
+    io_uring_prep_poll_add(sqe, (int)slot, POLLIN);
+    sqe->flags |= IOSQE_FIXED_FILE;
+    io_uring_sqe_set_data64(sqe, (uint64_t)g);
+    return g;
+}
+
+/* waits for one POLL_ADD to complete (submitting what g's ring has queued), reaps its child,
+ * empties its slot; returns the pid */
+static pid_t fl_fixed_reap_one(fl_fixed *f, long g)
+{
+    uint64_t d;
+    int res;
+    if (f->nrings == 1)
+        d = fl_ring_wait(&f->rings[0], &res);
+    else {
+        struct io_uring *ring = &f->rings[g / f->per];
+        struct io_uring_cqe *cqe;
+        int r;
+        if ((r = io_uring_submit(ring)) < 0)
+            b_die("io_uring_submit: %s", strerror(-r));
+        for (;;) {
+            struct epoll_event e;
+            int n = epoll_wait(f->ep, &e, 1, -1);
+            if (n < 0 && errno != EINTR)
+                b_die("epoll_wait: %s", strerror(errno));
+            if (n == 1 && io_uring_peek_cqe(&f->rings[e.data.u32], &cqe) == 0) {
+                ring = &f->rings[e.data.u32];
+                break;
+            }
+        }
+        d = io_uring_cqe_get_data64(cqe);
+        res = cqe->res;
+        io_uring_cqe_seen(ring, cqe);
+    }
+    if (res < 0 || !(res & POLLIN))
+        b_die("POLL_ADD on a pidfd: res %d", res);
+    long s = (long)d;
+    pid_t pid = f->slot_pid[s];
+    wait_one(pid);
+    int minus1 = -1;
+    int r = io_uring_register_files_update(&f->rings[s / f->per], (unsigned)(s % f->per),
+                                           &minus1, 1);
+    if (r != 1)
+        b_die("io_uring_register_files_update(-1): %s", strerror(r < 0 ? -r : EIO));
+    f->freelist[f->nfree++] = s;
+    return pid;
+}
+
+static int uring_reap_scaling(const bench_args *a, const char *nm)
+{
+    int waitid1 = strcmp(a->variant, "uring-waitid") == 0;
+    int waitall = strcmp(a->variant, "uring-waitall") == 0;
+    int split = strcmp(a->variant, "uring-pollfixed-rings") == 0;
+    int fixed = split || strcmp(a->variant, "uring-pollfixed") == 0;
+    if (!waitid1 && !waitall && !fixed)
+        b_die("unknown variant %s", a->variant);
+    {   /* io_uring and its WAITID (6.7) here at all? */
+        struct io_uring probe_ring;
+        if (fl_ring_init(&probe_ring) < 0) {
+            b_report_na(nm, a, "us", "no io_uring");
+            return 0;
+        }
+        struct io_uring_probe *pr = io_uring_get_probe_ring(&probe_ring);
+        int ok = pr && io_uring_opcode_supported(pr, FL_OP_WAITID);
+        if (pr)
+            io_uring_free_probe(pr);
+        io_uring_queue_exit(&probe_ring);
+        if (!ok) {
+            b_report_na(nm, a, "us", "no IORING_OP_WAITID");
+            return 0;
+        }
+    }
+    long m = a->param, n = b_n(a, B_SCALE_N);
+    pid_t *idle = calloc((size_t)m + 1, sizeof(pid_t));
+    struct io_uring ring;
+    fl_fixed f;
+    static siginfo_t si; /* the P_ALL request's: one request at a time */
+    int r;
+    if (fixed)
+        fl_fixed_init(&f, m + FL_UR_SPARE, split);
+    else if ((r = fl_ring_init(&ring)) < 0)
+        b_die("io_uring_queue_init: %s", strerror(-r));
+    for (long i = 0; i < m; i++) {
+        idle[i] = b_spawn(b_sleep600_argv);
+        if (waitid1)
+            fl_prep_waitid(&ring, P_PID, idle[i], NULL, (uint64_t)idle[i]);
+        else if (fixed)
+            fl_fixed_watch(&f, idle[i]);
+    }
+    if (fixed) {
+        for (int i = 0; i < f.nrings; i++)
+            if ((r = io_uring_submit(&f.rings[i])) < 0)
+                b_die("io_uring_submit: %s", strerror(-r));
+    } else {
+        if ((r = io_uring_submit(&ring)) < 0)
+            b_die("io_uring_submit: %s", strerror(-r));
+        /* submitted with the first wait, after the first spawn: with no child at all (M=0) a
+         * WAITID(P_ALL) ends at once with -ECHILD, as waitid does */
+        if (waitall)
+            fl_prep_waitid(&ring, P_ALL, 0, &si, FL_UR_ALL);
+    }
+    double t0 = b_now(), c0 = b_cpu_s();
+    for (long i = 0; i < n; i++) {
+        pid_t p = b_spawn(b_true_argv), got;
+        if (fixed)
+            got = fl_fixed_reap_one(&f, fl_fixed_watch(&f, p));
+        else {
+            if (waitid1)
+                fl_prep_waitid(&ring, P_PID, p, NULL, (uint64_t)p);
+            int res;
+            uint64_t d = fl_ring_wait(&ring, &res);
+            if (res < 0)
+                b_die("WAITID: %s", strerror(-res));
+            got = waitall ? (d == FL_UR_ALL ? si.si_pid : -1) : (pid_t)d;
+            if (got != p)
+                b_die("WAITID reported %d, not %d", (int)got, (int)p);
+            wait_one(p);
+            if (waitall) /* re-armed now, submitted with the next wait */
+                fl_prep_waitid(&ring, P_ALL, 0, &si, FL_UR_ALL);
+        }
+        if (got != p)
+            b_die("reaped %d, not %d", (int)got, (int)p);
+    }
+    double dt = b_now() - t0, dc = b_cpu_s() - c0;
+    /* the idle children are reaped by pid: their requests end as they may */
+    for (long i = 0; i < m; i++)
+        kill(idle[i], SIGKILL);
+    for (long i = 0; i < m; i++)
+        wait_one(idle[i]);
+    if (fixed)
+        for (int i = 0; i < f.nrings; i++)
+            io_uring_queue_exit(&f.rings[i]);
+    else
+        io_uring_queue_exit(&ring);
+    b_report(nm, a, dt / (double)n * 1e6, "us");
+    b_report_cpu(nm, a, dc / (double)n * 1e6);
+    free(idle);
+    return 0;
+}
+
 static int child_workload(const bench_args *a)
 {
     int pidfd = strcmp(a->variant, "pidfd") == 0;
@@ -502,6 +803,15 @@ static int child_workload(const bench_args *a)
      * the kernel walks the whole list of children for it */
     int any = strcmp(a->variant, "waitany") == 0;
     const char *nm = pidfd ? "floor-pidfd" : any ? "floor-waitany" : "floor-spawn";
+    if (strncmp(a->variant, "uring-", 6) == 0) {
+        /* floor-uring-waitid, floor-uring-waitall, floor-uring-pollfixed[-rings] */
+        char unm[64];
+        snprintf(unm, sizeof unm, "floor-%s", a->variant);
+        if (b_is(a, "reap_scaling"))
+            return uring_reap_scaling(a, unm);
+        b_report_na(unm, a, "-", "only reap_scaling has the io_uring variants");
+        return 0;
+    }
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (b_is(a, "spawn_reap")) {
         long n = b_n(a, B_SPAWN_N), k = a->param > 0 ? a->param : 1, started = 0, done = 0;

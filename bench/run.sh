@@ -48,7 +48,7 @@ build() { # out src flags...
         exit 1
     fi
 }
-build floor floor.c -lm
+build floor floor.c -lm -luring
 build peer_uv peer_uv.c $(pkg-config --cflags --libs libuv)
 build peer_ev peer_ev.c -lev
 build peer_glib peer_glib.c $(pkg-config --cflags --libs glib-2.0)
@@ -93,8 +93,12 @@ fi
 for k in $K_LIST; do
     plan spawn_reap "$k" "$SPAWN_N" floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_SPAWN
 done
+# floor:uring-*: the three io_uring designs of docs/benchmarks.md ("Three WAITID/pidfd designs
+# measured side by side"): a WAITID per child, one WAITID(P_ALL), pidfds as fixed files + POLL_ADD
+FLOOR_URING="floor:uring-waitid floor:uring-waitall floor:uring-pollfixed"
 for m in $M_LIST; do
-    plan reap_scaling "$m" "$SCALE_N" floor:spawn floor:pidfd floor:waitany $C_PEERS $PY_W py:uvloop $CA_W
+    plan reap_scaling "$m" "$SCALE_N" floor:spawn floor:pidfd floor:waitany $FLOOR_URING $C_PEERS \
+        $PY_W py:uvloop $CA_W
 done
 for m in $M_LIST; do plan fd_cost "$m" "$SCALE_N" floor:spawn; done
 plan mem "$MEM_N" - floor:spawn floor:pidfd $C_PEERS $PY_W py:uvloop $CA_W
