@@ -151,6 +151,13 @@ void ca__sigslot_repend(ca__sigslot *slot, int sig);
  * dispositions. */
 void ca__sigslot_free(ca__sigslot *slot, bool forked);
 bool ca__signal_valid(int sig);
+/* SIGCHLD hints: the pids of exited children that the library's handler saw (si_pid), numbered
+ * in the order of the signals. A consumer keeps the number of the next hint it wants (start
+ * with ca__sigchld_hint_seq()); ca__sigchld_hints copies the newest ones since *seq (at most
+ * max, only those still in the ring) into pids, sets *seq past them and returns how many.
+ * Reading takes nothing away from other consumers. Any thread; no lock. */
+uint64_t ca__sigchld_hint_seq(void);
+int ca__sigchld_hints(uint64_t *seq, pid_t *pids, int max);
 
 /* ----- child watchers (watcher.c) ---------------------------------------------------------- */
 /* asyncio's waitstatus_to_exitcode: exit status, -signal when killed. */

@@ -11,6 +11,12 @@
  * counts itself in `in_handler`, and free clears the slot's masks before it waits, so a
  * handler that starts later sees nothing to do (both sides use sequentially consistent
  * atomics).
+ *
+ * The handler is installed with SA_SIGINFO, and for SIGCHLD it also records the pid of the child
+ * whose exit raised the signal (si_pid) in a small broadcast ring of hints, which the O(n)
+ * pollers (Safe, MultiLoop) check by pid before they walk the list of children
+ * (ca__sigchld_hints). A hint is only a hint: SIGCHLDs coalesce, so an exit may come without one,
+ * and a consumer that falls more than CA__HINTS behind loses the oldest.
  */
 #include "internal.h"
 
@@ -50,6 +56,46 @@ static void sig_child(void)
 }
 static void setup_atfork(void) { pthread_atfork(sig_prepare, sig_parent, sig_child); }
 static void fanout_handler(int sig);
+static void fanout_action(int sig, siginfo_t *si, void *uc);
+
+/* Whether a disposition is the library's handler. */
+static bool is_ours(const struct sigaction *sa)
+{
+    return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == fanout_action;
+}
+
+/* The SIGCHLD hints: entry s % CA__HINTS holds hint number s as ((s + 1) mod 2^32) << 32 | pid
+ * (the tag tells a reader whether the entry still holds hint s: a zero entry never does). The
+ * handler takes a number with fetch_add and then stores the entry: a reader that comes between
+ * the two sees the old tag and skips the hint, which only costs a walk. Readers never write, so
+ * no consumer takes a hint away from another. */
+#define CA__HINTS 64
+static _Atomic uint64_t hint_next;
+static _Atomic uint64_t hints[CA__HINTS];
+
+static void hint_add(pid_t pid)
+{
+    uint64_t s = atomic_fetch_add(&hint_next, 1);
+    atomic_store(&hints[s % CA__HINTS], (uint64_t)(uint32_t)(s + 1) << 32 | (uint32_t)pid);
+}
+
+uint64_t ca__sigchld_hint_seq(void) { return atomic_load(&hint_next); }
+
+int ca__sigchld_hints(uint64_t *seq, pid_t *pids, int max)
+{
+    uint64_t end = atomic_load(&hint_next);
+    uint64_t s = *seq;
+    if (end - s > CA__HINTS) s = end - CA__HINTS; /* the older ones are overwritten */
+    if (end - s > (uint64_t)max) s = end - (uint64_t)max; /* the newest are the likeliest */
+    int n = 0;
+    for (; s != end; s++) {
+        uint64_t v = atomic_load(&hints[s % CA__HINTS]);
+        if ((uint32_t)(v >> 32) == (uint32_t)(s + 1) && (pid_t)(uint32_t)v > 0)
+            pids[n++] = (pid_t)(uint32_t)v;
+    }
+    *seq = end;
+    return n;
+}
 
 bool ca__signal_valid(int sig)
 {
@@ -84,7 +130,19 @@ bool ca__sigchld_handler_installed(void)
 {
     struct sigaction cur;
     if (sigaction(SIGCHLD, NULL, &cur) < 0) return true; /* cannot tell: assume it is */
-    return !(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == fanout_handler;
+    return is_ours(&cur);
+}
+
+/* The handler as installed: SIGCHLD's hint, then the fan-out. si_code tells an exit (a child's
+ * si_pid) from a kill(2) or sigqueue(3) by a process (the sender's pid: no hint). */
+static void fanout_action(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    if (sig == SIGCHLD && si &&
+        (si->si_code == CLD_EXITED || si->si_code == CLD_KILLED || si->si_code == CLD_DUMPED) &&
+        si->si_pid > 0)
+        hint_add(si->si_pid);
+    fanout_handler(sig);
 }
 
 static void fanout_handler(int sig)
@@ -142,9 +200,9 @@ int ca__sigslot_watch(ca__sigslot *s, int sig)
     if (wanters[sig] == 0) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
-        sa.sa_handler = fanout_handler;
+        sa.sa_sigaction = fanout_action;
         sigfillset(&sa.sa_mask);
-        sa.sa_flags = SA_RESTART | (sig == SIGCHLD ? SA_NOCLDSTOP : 0);
+        sa.sa_flags = SA_SIGINFO | SA_RESTART | (sig == SIGCHLD ? SA_NOCLDSTOP : 0);
         if (sigaction(sig, &sa, &saved[sig]) < 0) {
             int e = errno;
             pthread_mutex_unlock(&sig_lock);
@@ -167,8 +225,7 @@ static void unwatch_locked(struct ca__sigslot *s, int sig)
         /* Put the old disposition back only over our own handler: one that other code
          * installed after ours (a host's, a library's) is theirs and stays (issue 16, item 8). */
         struct sigaction cur;
-        if (sigaction(sig, NULL, &cur) == 0 && !(cur.sa_flags & SA_SIGINFO) &&
-            cur.sa_handler == fanout_handler)
+        if (sigaction(sig, NULL, &cur) == 0 && is_ours(&cur))
             sigaction(sig, &saved[sig], NULL);
     }
 }

@@ -125,6 +125,10 @@ atomic_ulong ca__wpoll_count;
 
 unsigned long ca__watcher_full_polls(void) { return atomic_load(&ca__wpoll_count); }
 
+atomic_ulong ca__wlook_count;
+
+unsigned long ca__watcher_looks(void) { return atomic_load(&ca__wlook_count); }
+
 static long long mono_ns(void)
 {
     struct timespec ts;
@@ -132,11 +136,74 @@ static long long mono_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild, long long *relook_ns)
+/* A waiting registration: the candidates and the walk only ever reap those. */
+static ca__wreg *waiting_reg(ca__wcore *c, pid_t pid)
 {
+    ca__wreg *r = ca__wtable_get(c, pid);
+    return r && r->registered && r->in_wait ? r : NULL;
+}
+
+/* Reaps waiting registration r by pid: 1 with r in *out (*echild: other code reaped it, *rc is
+ * 255), 0 while its child runs, -1 on an unexpected error (the caller polls every child). */
+static int reap_reg(ca__wreg *r, ca__wreg **out, int *rc, bool *echild)
+{
+    int e = ca__wait_nohang(r->pid, rc);
+    if (e == 0) return 0;
+    if (e < 0 && e != -ECHILD) return -1;
+    *echild = e == -ECHILD;
+    if (*echild) *rc = 255;
+    *out = r;
+    return 1;
+}
+
+static bool has_pid(const pid_t *pids, int n, pid_t pid)
+{
+    for (int i = 0; i < n; i++)
+        if (pids[i] == pid) return true;
+    return false;
+}
+
+_Static_assert(CA__WCAND_RECENT <= CA__WCAND_HINTS, "the candidates share one array");
+
+void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
+{
+    pid_t hints[CA__WCAND_HINTS];
+    int nh = ca__sigchld_hints(&c->hint_seq, hints, CA__WCAND_HINTS); /* read in any case */
+    p->n = p->i = 0;
+    if (c->nwait > CA__WCAND_RECENT) {
+        for (int i = 0; i < nh; i++)
+            if (waiting_reg(c, hints[i]) && !has_pid(p->cand, p->n, hints[i]))
+                p->cand[p->n++] = hints[i];
+        if (p->n > 0) {
+            p->walk = true;
+            return;
+        }
+    }
+    /* Few registrations: every one of them, and no look. No hint of ours (SIGCHLD came through
+     * a handler that is not the library's, or coalesced with another child's exit): the newest
+     * registrations are the likeliest to have exited. The waiting array's last entries are the
+     * newest ones, give or take those that a removal moved into a hole. */
+    for (uint32_t i = c->nwait; i-- > 0 && c->nwait - i <= CA__WCAND_RECENT;)
+        p->cand[p->n++] = c->wpids[i];
+    p->walk = (uint32_t)p->n < c->nwait;
+}
+
+int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **out, int *rc, bool *echild,
+                   long long *relook_ns)
+{
+    while (p->i < p->n) {
+        ca__wreg *r = waiting_reg(c, p->cand[p->i++]);
+        if (!r) continue; /* reaped meanwhile (by an add, or as another candidate) */
+        /* Registered and waiting: its child is ours to reap, the kernel finds it by pid. */
+        int e = reap_reg(r, out, rc, echild);
+        if (e != 0) return e;
+    }
+    /* Every waiting registration was a candidate: nothing else of ours can have exited. */
+    if (!p->walk) return 0;
     for (;;) {
         siginfo_t si;
         memset(&si, 0, sizeof si);
+        atomic_fetch_add_explicit(&ca__wlook_count, 1, memory_order_relaxed);
         if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
             if (errno == EINTR) continue;
             return -1; /* ECHILD: no child at all; the poll reports the registered ones */
@@ -145,8 +212,8 @@ int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild, long lon
             c->hider = 0;
             return 0;
         }
-        ca__wreg *r = ca__wtable_get(c, si.si_pid);
-        if (!r || !r->registered || !r->in_wait) {
+        ca__wreg *r = waiting_reg(c, si.si_pid);
+        if (!r) {
             /* Not ours: we cannot look past it. Usually a child whose handler is about to be
              * added (asyncio adds it after the spawn returns: /bin/true may be gone by then),
              * whose add reaps it; so the poll waits CA__WHIDE_NS for that before it runs. */
@@ -159,12 +226,9 @@ int ca__wreap_next(ca__wcore *c, ca__wreg **out, int *rc, bool *echild, long lon
             *relook_ns = c->hider_since + CA__WHIDE_NS;
             return -2;
         }
-        int e = ca__wait_nohang(r->pid, rc);
-        if (e == 0 || (e < 0 && e != -ECHILD)) return -1;
-        *echild = e == -ECHILD; /* somebody else reaped it since we looked */
-        if (*echild) *rc = 255;
-        *out = r;
-        return 1;
+        /* It has exited: 0 (still running) cannot be; ECHILD: other code reaped it since. */
+        int e = reap_reg(r, out, rc, echild);
+        return e == 0 ? -1 : e;
     }
 }
 
@@ -845,6 +909,7 @@ int ca__wcore_new(ca__wcore **out)
         return -ENOMEM;
     }
     atomic_init(&c->refs, 1);
+    c->hint_seq = ca__sigchld_hint_seq(); /* the exits of the past are not ours */
     *out = c;
     return 0;
 }

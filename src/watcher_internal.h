@@ -158,6 +158,8 @@ struct ca__wcore {
      * (0: none), and since when (CLOCK_MONOTONIC ns). */
     pid_t hider;
     long long hider_since;
+    /* ca__wreap_begin: the next SIGCHLD hint to read (ca__sigchld_hints). */
+    uint64_t hint_seq;
     /* Registrations whose post failed for memory (ENOMEM): kept, reaped, and posted again by
      * ca__wcore_retry (each holds a reference while on the list). */
     ca__wreg *retry;
@@ -364,20 +366,45 @@ void ca__sigchld_warn_taken(ca__wlog *q, const char *kind);
  * running, -ECHILD if it is not our child (or already reaped). */
 int ca__wait_nohang(pid_t pid, int *rc);
 
-/* The O(n) pollers' shortcut (Safe, MultiLoop): waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)
- * shows the first exited child without reaping it; if it is a waiting registration, it is
- * reaped by pid. Returns 1 with it in *r and its returncode in *rc (*echild: somebody else
- * reaped it in between, rc 255; not logged here), 0 when no child has exited, -1 when the
- * caller must poll every registration now: waitid failed (ECHILD: no child at all), or the
- * first exited child is not ours (we cannot look past it without reaping it) and has been
- * there for CA__WHIDE_NS already (c->hider); -2 when that child was first seen less than
- * CA__WHIDE_NS ago: it is most likely a child whose handler is being added (an add reaps it),
- * so the caller looks again at *relook_ns (CLOCK_MONOTONIC) instead of polling now.
- * Two system calls per SIGCHLD instead of one per watched child, and never reaps another
- * child; but only a poll of every registration learns that other code reaped a watched child:
- * the callers run one at their slow check (once a second). Lock held. */
+/* The O(n) pollers' shortcut (Safe, MultiLoop), one pass per wake: ca__wreap_begin, then
+ * ca__wreap_next until it answers <= 0.
+ *
+ * First the candidates are checked by pid (waitpid(pid, WNOHANG): the kernel finds a pid without
+ * walking the list of children): every waiting registration when there are no more than
+ * CA__WCAND_RECENT, and then that is all; else the waiting registrations among the SIGCHLD hints
+ * that arrived since the last pass (ca__sigchld_hints: the library's handler saw their exit),
+ * or, when none is ours, the newest CA__WCAND_RECENT waiting registrations (a host's SIGCHLD,
+ * such as asyncio's add_signal_handler, carries no pid). Otherwise comes the look: waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT) shows the first
+ * exited child without reaping it; if it is a waiting registration, it is reaped by pid. One
+ * look that finds nothing ends every pass that looks: SIGCHLDs coalesce, an exit may have come
+ * without a hint. The look walks every child of the process in the kernel (the idle ones are
+ * the oldest: first), which is what the candidates save: one walk per wake instead of two.
+ *
+ * ca__wreap_next returns 1 with the exited registration in *r and its returncode in *rc
+ * (*echild: somebody else reaped it in between, rc 255; not logged here), 0 when no child of
+ * ours has exited, -1 when the caller must poll every registration now: waitid failed (ECHILD:
+ * no child at all), or the first exited child is not ours (we cannot look past it without
+ * reaping it) and has been there for CA__WHIDE_NS already (c->hider); -2 when that child was
+ * first seen less than CA__WHIDE_NS ago: it is most likely a child whose handler is being added
+ * (an add reaps it), so the caller looks again at *relook_ns (CLOCK_MONOTONIC) instead of
+ * polling now. It never reaps a child that is not a waiting registration; but only a poll of
+ * every registration learns that other code reaped a watched child that is no candidate: the
+ * callers run one at their slow check (once a second). Lock held. */
 #define CA__WHIDE_NS 10000000LL
-int ca__wreap_next(ca__wcore *c, ca__wreg **r, int *rc, bool *echild, long long *relook_ns);
+#define CA__WCAND_HINTS 16
+#define CA__WCAND_RECENT 8
+typedef struct ca__wreap_pass {
+    pid_t cand[CA__WCAND_HINTS];  /* distinct waiting registrations when the pass began */
+    int n, i;                     /* how many; the next to check */
+    bool walk;                    /* some waiting registration is no candidate: look */
+} ca__wreap_pass;
+void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p);
+int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **r, int *rc, bool *echild,
+                   long long *relook_ns);
+/* The looks (waitid(P_ALL) walks) that ca__wreap_next made (process-wide): for tests
+ * (ca__watcher_looks). */
+extern atomic_ulong ca__wlook_count;
+unsigned long ca__watcher_looks(void);
 /* The polls of every registration made by Safe, MultiLoop and Fast (process-wide): for tests
  * (ca__watcher_full_polls). */
 extern atomic_ulong ca__wpoll_count;

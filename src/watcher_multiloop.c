@@ -11,7 +11,8 @@
  * eventfd; the reaping runs in a thread that blocks every signal, and because the eventfd is a
  * counter and every wake reaps until no exited child is left, coalesced SIGCHLDs lose nothing.
  * A pid is also checked when it is added (it may have exited before). The exited children are
- * found with waitid(WNOWAIT) (ca__wreap_next), which costs the same however many children are
+ * found by pid (the SIGCHLD hints, the newest registrations) and with waitid(WNOWAIT)
+ * (ca__wreap_next), which costs the same number of system calls however many children are
  * registered. Every registered pid is polled only when that cannot tell: waitid fails, or the
  * first exited child is not registered and stays so for CA__WHIDE_NS (a child whose handler is
  * on its way is reaped by its add, which wakes the thread to look behind it); and once a
@@ -80,11 +81,13 @@ static bool reap_exits(ca__wcore *c, bool full, bool taken, long long *relook)
     if (taken) ca__sigchld_warn_taken(&q, "MultiLoopChildWatcher");
     if (c->nwait > 0) {
         int e = full ? -1 : 1;
+        ca__wreap_pass pass;
+        ca__wreap_begin(c, &pass); /* full too: its hints are of no use later */
         while (e == 1) {
             ca__wreg *r;
             int rc;
             bool echild;
-            if ((e = ca__wreap_next(c, &r, &rc, &echild, relook)) == 1)
+            if ((e = ca__wreap_next(c, &pass, &r, &rc, &echild, relook)) == 1)
                 ca__wreg_exited(c, r, rc, echild, &q);
         }
         if (e == -2 && c->nwait == 0) e = 0;

@@ -1,8 +1,9 @@
 /*
  * SafeChildWatcher: SIGCHLD through the attached loop's signal handler (asyncio attaches the
- * main thread's loop); on each SIGCHLD the exited children that waitid(WNOWAIT) shows are reaped
- * by pid while they are registered ones (ca__wreap_next): the same cost however many children
- * are registered. Every registered pid is polled with waitpid(pid, WNOHANG) only when that
+ * main thread's loop); on each SIGCHLD the likely exited children (the SIGCHLD hints, the newest
+ * registrations) are checked by pid, then the exited children that waitid(WNOWAIT) shows are
+ * reaped by pid while they are registered ones (ca__wreap_next): the same number of system calls
+ * however many children are registered. Every registered pid is polled with waitpid(pid, WNOHANG) only when that
  * cannot tell (waitid fails, or an exited child that is not registered has hidden the others
  * for CA__WHIDE_NS: until then a timer looks again), after an attach, and at the slow check
  * once a second (what learns that other code reaped a watched child: 255 and a warning). It
@@ -389,11 +390,13 @@ static void safe_poll_all(ca__wcore *c, ca__wreg **list, ca__wlog *q)
  * its last answer (0, -1 or -2). */
 static int safe_reap_exited(ca__wcore *c, ca__wreg **list, ca__wlog *q, long long *relook)
 {
+    ca__wreap_pass pass;
+    ca__wreap_begin(c, &pass);
     for (;;) {
         ca__wreg *r;
         int rc;
         bool echild;
-        int e = ca__wreap_next(c, &r, &rc, &echild, relook);
+        int e = ca__wreap_next(c, &pass, &r, &rc, &echild, relook);
         if (e <= 0) return e;
         if (echild)
             ca__wlog_add(q, CA_LOG_WARNING,

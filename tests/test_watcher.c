@@ -636,6 +636,215 @@ LOOP_TEST(poller_handler_added_after_exit)
     }
 }
 
+/* ----- candidates checked by pid before the walk (SIGCHLD hints, newest registrations) ------- */
+
+/* The looks (waitid(P_ALL) walks of the list of children) that Safe and MultiLoop made, and the
+ * SIGCHLD hints (src/watcher.c, src/signal.c, for tests). */
+unsigned long ca__watcher_looks(void);
+uint64_t ca__sigchld_hint_seq(void);
+int ca__sigchld_hints(uint64_t *seq, pid_t *pids, int max);
+
+/* A host's SIGCHLD handler that routes the signal to the library: no si_pid reaches it. */
+static void routing_handler(int sig)
+{
+    (void)sig;
+    ca_sigchld_notify();
+}
+
+/* nidle idle watched children (cats on the pipe *ip made here), their exits to irec. */
+static void idle_start(ca_child_watcher *w, int ip[2], rec *irec, int nidle)
+{
+    CHECK_EQ(pipe2(ip, O_CLOEXEC), 0);
+    for (int i = 0; i < nidle; i++)
+        CHECK_OK(ca_child_watcher_add_child_handler(w, spawn_cat(ip[0]), on_exit_rec, &irec[i]));
+}
+
+/* Lets idle_start's children exit: each is delivered once. */
+static void idle_end(ca_loop *loop, int ip[2], rec *irec, int nidle)
+{
+    close(ip[0]);
+    close(ip[1]);
+    recs rs = {irec, nidle};
+    CHECK(t_run_until(loop, all_called, &rs, 10));
+    t_run_for(loop, 0.02);
+    for (int i = 0; i < nidle; i++) CHECK_EQ(atomic_load(&irec[i].calls), 1);
+}
+
+/* With nidle idle watched children, `rounds` watched children exit one at a time: each is
+ * delivered once, with its status, and so are the idle ones at the end. Returns the looks made
+ * meanwhile (the idle ones' exits not counted), and the time it took in *secs. routed: SIGCHLD
+ * comes through a host's handler (ca_sigchld_notify), as asyncio's add_signal_handler brings it
+ * to Safe in Python: the watcher has no hint. */
+static unsigned long looks_for_exits(ca_loop *loop, ca_child_watcher *w, int nidle, int rounds,
+                                     bool routed, double *secs)
+{
+    struct sigaction sa, old;
+    if (routed) {
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = routing_handler;
+        sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+        sigemptyset(&sa.sa_mask);
+        CHECK_EQ(sigaction(SIGCHLD, &sa, &old), 0);
+    }
+    int ip[2];
+    rec *irec = calloc((size_t)nidle, sizeof *irec);
+    CHECK(irec != NULL);
+    idle_start(w, ip, irec, nidle);
+    t_run_for(loop, 0.05); /* the poll of every child that attaching asks for is done */
+    unsigned long l0 = ca__watcher_looks();
+    double t0 = mono_s();
+    for (int i = 0; i < rounds; i++) {
+        rec r = {0};
+        watch_cat_exiting(w, &r);
+        CHECK(t_run_until(loop, called, &r, 5));
+        t_run_for(loop, 0.01);
+        CHECK_EQ(atomic_load(&r.calls), 1);
+        CHECK_EQ(atomic_load(&r.rc), 0);
+    }
+    unsigned long looks = ca__watcher_looks() - l0;
+    *secs = mono_s() - t0;
+    idle_end(loop, ip, irec, nidle);
+    free(irec);
+    if (routed) CHECK_EQ(sigaction(SIGCHLD, &old, NULL), 0);
+    return looks;
+}
+
+/* An exit next to many idle watched children costs one look (the one that finds nothing left,
+ * which SIGCHLD coalescing needs), not two: the exited child is found by pid first, from the
+ * pid the library's SIGCHLD handler saw, or (routed, no pid) among the newest registrations. The
+ * old code looked once to find the child and once more to find nothing. MultiLoop's thread also
+ * looks once a second (its slow check). */
+static void one_look_per_exit(ca_loop *loop, bool routed)
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        enum { ROUNDS = 10 };
+        double secs;
+        unsigned long looks = looks_for_exits(loop, w, NIDLE, ROUNDS, routed, &secs);
+        unsigned long allowed = ROUNDS + (unsigned long)secs + 1;
+        if (looks > allowed)
+            t_fail(__FILE__, __LINE__, "%s%s: %lu looks for %d exits in %.2f s, want <= %lu",
+                   wname[k], routed ? " (routed SIGCHLD)" : "", looks, ROUNDS, secs, allowed);
+        wdone(w);
+    }
+}
+
+LOOP_TEST(poller_exit_beside_idle_children_one_look) /* timeout: 60 */
+{
+    one_look_per_exit(loop, false);
+}
+
+LOOP_TEST(poller_routed_exit_beside_idle_children_one_look) /* timeout: 60 */
+{
+    one_look_per_exit(loop, true);
+}
+
+/* With no more waiting registrations than the candidates, every one is checked by pid and no
+ * look is needed at all, with and without hints. */
+LOOP_TEST(poller_few_children_no_look) /* timeout: 60 */
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int routed = 0; routed < 2; routed++) {
+        for (int ki = 0; ki < 2; ki++) {
+            int k = kinds[ki];
+            ca_child_watcher *w = wmake(k, loop);
+            if (!w) continue;
+            double secs;
+            unsigned long looks = looks_for_exits(loop, w, 3, 10, routed, &secs);
+            if (looks != 0)
+                t_fail(__FILE__, __LINE__, "%s%s: %lu looks, want 0", wname[k],
+                       routed ? " (routed SIGCHLD)" : "", looks);
+            wdone(w);
+        }
+    }
+}
+
+/* Waits until the SIGCHLD hints since *seq hold pid (the signal may come a little after the
+ * exit). */
+static bool hint_seen(uint64_t *seq, pid_t pid)
+{
+    for (double t0 = mono_s(); mono_s() - t0 < 2 * t_slow(); sleep_s(0.001)) {
+        pid_t h[64];
+        int n = ca__sigchld_hints(seq, h, 64);
+        for (int i = 0; i < n; i++)
+            if (h[i] == pid) return true;
+    }
+    return false;
+}
+
+/* A hint names a child that is not watched (other code's): the watcher does not reap it, with
+ * few registrations (no look) and with many (the look finds it first and cannot look past it). */
+LOOP_TEST(poller_foreign_hint_not_reaped) /* timeout: 60 */
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    static const int idle_counts[] = {2, NIDLE};
+    for (int ki = 0; ki < 2; ki++) {
+        for (int ni = 0; ni < 2; ni++) {
+            int k = kinds[ki], nidle = idle_counts[ni];
+            ca_child_watcher *w = wmake(k, loop);
+            if (!w) continue;
+            int ip[2], p[2];
+            CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+            rec irec[NIDLE], r = {0};
+            memset(irec, 0, sizeof irec);
+            idle_start(w, ip, irec, nidle);
+            t_run_for(loop, 0.05);
+            uint64_t seq = ca__sigchld_hint_seq();
+            pid_t watched = spawn_cat(p[0]);
+            CHECK_OK(ca_child_watcher_add_child_handler(w, watched, on_exit_rec, &r));
+            pid_t foreign = spawn("exit 3");
+            wait_zombie(foreign);
+            /* The library's handler saw it exit (alone: SIGCHLDs that coalesce bring one pid). */
+            CHECK(hint_seen(&seq, foreign));
+            close(p[0]);
+            close(p[1]);
+            CHECK(t_run_until(loop, called, &r, 5));
+            t_run_for(loop, 0.1); /* past CA__WHIDE_NS: the poll of every child ran */
+            CHECK_EQ(atomic_load(&r.calls), 1);
+            CHECK_EQ(atomic_load(&r.rc), 0);
+            int st = 0;
+            CHECK_EQ(waitpid(foreign, &st, WNOHANG), foreign);
+            CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 3);
+            idle_end(loop, ip, irec, nidle);
+            wdone(w);
+        }
+    }
+}
+
+/* The hints are a broadcast: every reader sees every hint, whatever the others read; a SIGCHLD
+ * that a process sent (kill) is no hint; the handler is installed with SA_SIGINFO, and the
+ * disposition before it comes back exactly. */
+static void nop_cb(void *arg) { (void)arg; }
+
+LOOP_TEST(sigchld_hints_broadcast)
+{
+    if (strcmp(t_loop_kind, "custom") == 0) SKIP("the custom loop has no signal handlers");
+    struct sigaction before, during, after;
+    CHECK_EQ(sigaction(SIGCHLD, NULL, &before), 0);
+    CHECK_OK(ca_loop_add_signal_handler(loop, SIGCHLD, nop_cb, NULL));
+    CHECK_EQ(sigaction(SIGCHLD, NULL, &during), 0);
+    CHECK(during.sa_flags & SA_SIGINFO);
+    uint64_t a = ca__sigchld_hint_seq(), b = a;
+    pid_t pid = spawn("exit 0");
+    wait_zombie(pid);
+    CHECK(hint_seen(&a, pid));
+    CHECK(hint_seen(&b, pid)); /* a's read took nothing away from b */
+    pid_t h[64];
+    CHECK_EQ(ca__sigchld_hints(&a, h, 64), 0);
+    CHECK(reap(pid) >= 0);
+    kill(getpid(), SIGCHLD);
+    t_run_for(loop, 0.02);
+    CHECK_EQ(ca__sigchld_hints(&a, h, 64), 0);
+    CHECK_OK(ca_loop_remove_signal_handler(loop, SIGCHLD));
+    CHECK_EQ(sigaction(SIGCHLD, NULL, &after), 0);
+    CHECK(after.sa_handler == before.sa_handler);
+    CHECK_EQ(after.sa_flags & (SA_SIGINFO | SA_RESTART | SA_NOCLDSTOP),
+             before.sa_flags & (SA_SIGINFO | SA_RESTART | SA_NOCLDSTOP));
+}
+
 /* ----- other code's children ---------------------------------------------------------------- */
 
 LOOP_TEST(other_code_waitpid_and_system) /* timeout: 60 */
