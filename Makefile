@@ -31,6 +31,9 @@ else
 $(error MODE must be release, debug, asan or tsan)
 endif
 CFLAGS_ALL := $(BASE_CFLAGS) $(OPT) $(CFLAGS)
+# Each object also records the headers it included (its .d file, read at the end), so that a
+# changed private header rebuilds every object that uses it, tests included.
+DEPFLAGS := -MMD -MP
 LIBS := -luring -pthread -lm
 
 LIB_SRCS := $(wildcard src/*.c)
@@ -56,11 +59,11 @@ check-deps:
 
 $(B)/obj/%.o: src/%.c include/casyncio.h $(wildcard src/*.h) | check-deps
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -fPIC -c $< -o $@
+	$(CC) $(CFLAGS_ALL) $(DEPFLAGS) -fPIC -c $< -o $@
 
 $(B)/obj/cli/%.o: src/cli/%.c include/casyncio.h $(wildcard src/cli/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -c $< -o $@
+	$(CC) $(CFLAGS_ALL) $(DEPFLAGS) -c $< -o $@
 
 $(B)/libcasyncio.a: $(LIB_OBJS)
 	@rm -f $@
@@ -86,7 +89,7 @@ $(B)/examples/%: examples/%.c $(B)/libcasyncio.a
 $(B)/obj/tests/%.o: tests/%.c tests/harness.h tests/contract_util.h tests/cli_run.h tests/test_list.h \
 		include/casyncio.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@
+	$(CC) $(CFLAGS_ALL) $(DEPFLAGS) -Itests -c $< -o $@
 
 $(B)/gen/%_list.c: tests/%.c tools/gen-test-list.sh
 	@mkdir -p $(dir $@)
@@ -94,7 +97,7 @@ $(B)/gen/%_list.c: tests/%.c tools/gen-test-list.sh
 
 $(B)/obj/gen/%_list.o: $(B)/gen/%_list.c tests/test_list.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -Itests -c $< -o $@
+	$(CC) $(CFLAGS_ALL) $(DEPFLAGS) -Itests -c $< -o $@
 
 $(B)/tests/%: $(B)/obj/tests/%.o $(B)/obj/gen/%_list.o $(TEST_SUPPORT) $(B)/libcasyncio.a
 	@mkdir -p $(dir $@)
@@ -233,3 +236,5 @@ fuzz-bins: $(FUZZ_B)/fuzz_api $(FUZZ_B)/fuzz_cli
 # FUZZ_SECONDS per target (CI: 60); the corpus grows in build/fuzz/corpus_* from the seeds.
 fuzz: fuzz-bins
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) sh tools/fuzz.sh $(FUZZ_B)
+
+-include $(shell find $(B)/obj -name '*.d' 2>/dev/null)
