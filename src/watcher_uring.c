@@ -1,21 +1,44 @@
 /*
- * UringChildWatcher: io_uring's IORING_OP_WAITID (Linux 6.7), an asynchronous waitid(2). No fd,
- * thread or signal handler per child: one WAITID request per child on a ring of the watcher's
- * own, whose fd is a reader on the delivery loop, so it works on every loop kind, custom ones
- * included (they only need add_reader).
+ * UringChildWatcher: one io_uring request per child on a ring of the watcher's own, whose fd is
+ * a reader on the delivery loop, so it works on every loop kind, custom ones included (they only
+ * need add_reader). No fd, thread or signal handler per child. The request is one of two kinds:
  *
- * The order of an exit. Each child gets waitid(P_PID, pid, WEXITED | WNOWAIT) on the ring. When
- * the child exits, the completion (CQE) arrives and the child is still a zombie (WNOWAIT). The
- * ring's reader, on the delivery loop's thread, reads its status (waitid(P_PID, WNOHANG |
- * WNOWAIT): the request is given no siginfo_t, see below), calls the callback and only then
- * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid
- * cannot be reused, so the callback (and asyncio's subprocess code, which stops signalling the
- * pid when it learns the exit) can still name the pid safely. That is why a subprocess watched
- * by this watcher holds no pidfd (process.c asks the kinds table, CA__WK_NO_PIDFD). While the
- * request waits it holds the kernel's reference to the child's struct pid, so a pid number
- * reused after other code reaped the child is never taken for it; only in the moment between
- * the completion and our reading of the status could such a reap and reuse go unnoticed, as
- * with every watcher that reaps by pid.
+ * Fixed pidfds (the usual one). The child's pidfd (pidfd_open) is put into a free slot of the
+ * ring's sparse fixed-file table and its fd closed at once, so the process's fds do not grow with
+ * its children; an IORING_OP_POLL_ADD(POLLIN) with IOSQE_FIXED_FILE on that slot completes when
+ * the child exits (or was reaped). Each exit wakes only its own pid's queue: the cost of a
+ * spawn+reap stays flat with the number of children watched (docs/benchmarks.md). The table is
+ * registered when the ring is made, sparse, with min(RLIMIT_NOFILE's soft limit, UR_TABLE_MAX)
+ * slots: the kernel refuses a table larger than that limit (EMFILE), and liburing 2.3's
+ * io_uring_register_files_sparse would then raise the process's soft limit and try again, so we
+ * make the io_uring_register calls ourselves. The slots are not fds (no margin is kept for
+ * them); each pidfd_open needs one free fd for a moment. A slot is emptied (updated to -1) and
+ * freed when its request is over (completed or cancelled), before the callback; a dead ring's
+ * table goes with its fd.
+ *
+ * WAITID (the fallback): IORING_OP_WAITID (Linux 6.7, required: see Availability), an
+ * asynchronous waitid(P_PID, pid, WEXITED | WNOWAIT). A child gets one when the table is full,
+ * or was refused, or pidfd_open fails (ENOSYS, EMFILE, ESRCH: reaped already), or the pid is not
+ * our child (checked with waitid(P_PIDFD, WNOHANG | WNOWAIT) on the pidfd: a POLL_ADD would wait
+ * for that process's exit, a WAITID ends at once with -ECHILD, as before). Its cost grows with
+ * the number of WAITIDs pending: each is an entry on the process's one child-exit wait queue,
+ * which every child's exit walks. Both kinds live on the same ring, are cancelled the same way
+ * (ASYNC_CANCEL by user_data, the ur_op) and end the same way, below.
+ *
+ * The order of an exit. When the child exits, the completion (CQE) arrives and the child is
+ * still a zombie (a pidfd does not reap; WAITID is given WNOWAIT). The ring's reader, on the
+ * delivery loop's thread, reads its status (waitid(P_PID, WNOHANG | WNOWAIT): the request is
+ * given no siginfo_t, see below), calls the callback and only then reaps the child
+ * (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid cannot be reused,
+ * so the callback (and asyncio's subprocess code, which stops signalling the pid when it learns
+ * the exit) can still name the pid safely. That is why a subprocess watched by this watcher
+ * holds no pidfd of its own (process.c asks the kinds table, CA__WK_NO_PIDFD). A POLL_ADD's
+ * result only says "exited": the status is read the same way, and a child that somebody else
+ * reaped gives -ECHILD there (255 and the warning, as for WAITID's -ECHILD). While the request
+ * waits it holds the kernel's reference to the child's struct pid (WAITID's own, or the fixed
+ * file's), so a pid number reused after other code reaped the child is never taken for it; only
+ * in the moment between the completion and our reading of the status could such a reap and
+ * reuse go unnoticed, as with every watcher that reaps by pid.
  *
  * Rings. One ring per (watcher, delivery loop): a ring's completions must be read on its loop's
  * thread, and a program usually has one loop, hence one ring. A ring is made when a loop gets
@@ -25,14 +48,16 @@
  * thread, with nothing running on the loop); a reader still being added when the loop closes in
  * another thread is taken off by its adder (ring_kill leaves it to uring_finish).
  *
- * The thread that submitted. The kernel runs a WAITID's completion as task work of the thread
+ * The thread that submitted. The kernel runs a request's completion as task work of the thread
  * that submitted it (which it interrupts like a signal would, so an epoll_wait or a poll wakes
  * up). add_child_handler submits on the calling thread: the delivery loop's, or any thread for
  * a loop that is not running (a host's loop that no C thread runs, such as Python's, is never
  * running in C terms). If that thread exits while the request waits, the kernel does not cancel
  * the request (6.7 to 6.18 at least): the child's exit queues the task work to a kernel worker,
  * whose wait finds no child of its own and ends the request with -ECHILD although nobody
- * reaped the child (other kernels may end it with -ECANCELED that we did not ask for). So a
+ * reaped the child (other kernels may end it with -ECANCELED that we did not ask for). A
+ * POLL_ADD is not cancelled either; the exit's wake-up, run by a kernel worker, ends it with
+ * -ECANCELED (6.18: io_poll_check_events in a kthread; checked with a stand-alone program). So a
  * request remembers the thread that queued it (tid), and the reader does not take such an end
  * for the child's: after a -ECHILD from a request queued by another thread than its own, or a
  * -ECANCELED it did not ask for, it asks the child itself (waitid(P_PID, WNOHANG | WNOWAIT)):
@@ -70,8 +95,9 @@
  * has one writer at a time (remove and close may come from any thread).
  *
  * Fork: in a child made by fork() the rings are the parent's (their requests belong to the
- * parent's threads). As for every watcher, only close and unref work there; destroy unmaps our
- * copies of the rings and closes our copies of their fds, and submits nothing.
+ * parent's threads, their fixed-file tables are the parent's rings'). As for every watcher, only
+ * close and unref work there; destroy unmaps our copies of the rings and closes our copies of
+ * their fds, and submits nothing and updates no table.
  */
 #include "internal.h"
 #include "kinds.h"
