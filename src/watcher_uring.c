@@ -12,9 +12,9 @@
  * slots: the kernel refuses a table larger than that limit (EMFILE), and liburing 2.3's
  * io_uring_register_files_sparse would then raise the process's soft limit and try again, so we
  * make the io_uring_register calls ourselves. The slots are not fds (no margin is kept for
- * them); each pidfd_open needs one free fd for a moment. A slot is emptied (updated to -1) and
- * freed when its request is over (completed or cancelled), before the callback; a dead ring's
- * table goes with its fd.
+ * them); each pidfd_open needs one free fd for a moment. A slot is freed when its request is
+ * over (completed or cancelled), before the callback, but not emptied: the next child's pidfd
+ * replaces the old one (see slot_put); a dead ring's table goes with its fd.
  *
  * WAITID (the fallback): IORING_OP_WAITID (Linux 6.7, required: see Availability), an
  * asynchronous waitid(P_PID, pid, WEXITED | WNOWAIT). A child gets one when the table is full,
@@ -253,7 +253,7 @@ static int ur_register(ur_ring *g, unsigned opcode, void *arg, unsigned nr)
     return r < 0 ? -errno : (int)r;
 }
 
-/* Puts fd into fixed-file slot `slot` of g's table (-1 empties it). Lock held. */
+/* Puts fd into fixed-file slot `slot` of g's table, in place of the file it held. Lock held. */
 static int slot_set(ur_ring *g, unsigned slot, int fd)
 {
     struct io_uring_files_update up;
@@ -320,16 +320,17 @@ static bool slot_take(ur_ring *g, ur_op *op)
     return true;
 }
 
-/* Empties op's slot and puts it back on the free list; a dead ring's table goes with it. A
- * slot that cannot be emptied (never seen) is not used again. Lock held. */
+/* Puts op's slot back on the free list (its request is over). The slot is not emptied, which
+ * would cost a system call per child: the next child's pidfd replaces the old one there (an
+ * update of an occupied slot drops the file it held), and a dead ring's table goes with it. A
+ * stale pidfd holds only its struct pid, not the pid's number. Lock held. */
 static void slot_put(ur_op *op)
 {
     ur_ring *g = op->ring;
     if (op->slot < 0) return;
     unsigned slot = (unsigned)op->slot;
     op->slot = -1;
-    if (g->dead || !g->free_slots) return;
-    if (slot_set(g, slot, -1) == 0) g->free_slots[g->nfree++] = slot;
+    if (!g->dead && g->free_slots) g->free_slots[g->nfree++] = slot;
 }
 
 /* Asks the kernel to end op's request; its completion (-ECANCELED, or the exit if it won the
