@@ -624,13 +624,15 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             thread when the child exits. No signals, no threads, O(1) per exit, one fd per
  *             running child (RLIMIT_NOFILE applies). Needs Linux 5.4 (waitid(P_PIDFD));
  *             pidfd_open came in 5.3, and without it ca_pidfd_child_watcher_new gives -ENOSYS.
- *   Uring     (casyncio's own; asyncio has none) io_uring's IORING_OP_WAITID, an asynchronous
- *             waitid(P_PID, pid, WEXITED | WNOWAIT) per child, on one ring of the watcher's own
- *             per delivery loop (usually one), whose fd is a reader on that loop: so it works
- *             on every loop kind, custom ones included. No fd, no thread and no signal handler
- *             per child, O(1) library work per exit (each exit still wakes the kernel's wait
- *             queue, which every pending WAITID sits on: the cost grows with the children
- *             watched, as Pidfd's does), and no RLIMIT_NOFILE limit on the children watched. The
+ *   Uring     (casyncio's own; asyncio has none) one io_uring request per child, on one ring
+ *             of the watcher's own per delivery loop (usually one), whose fd is a reader on that
+ *             loop: so it works on every loop kind, custom ones included. The request is a
+ *             POLL_ADD on the child's pidfd, held in the ring's fixed-file table (not an fd; up
+ *             to min(RLIMIT_NOFILE, 4096) children per ring), or beyond that table an
+ *             IORING_OP_WAITID, an asynchronous waitid(P_PID, pid, WEXITED | WNOWAIT). No fd, no
+ *             thread and no signal handler per child, O(1) work per exit (the WAITIDs beyond
+ *             the table sit on the kernel's one child-exit wait queue, which each exit walks),
+ *             and no RLIMIT_NOFILE limit on the children watched. The
  *             child stays a zombie until its callback has run and is reaped right after it, so
  *             its pid cannot be reused while the callback (or a subprocess's signal) names it:
  *             a subprocess watched by Uring holds no pidfd. Linux 6.7+.

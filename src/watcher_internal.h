@@ -409,6 +409,11 @@ unsigned long ca__watcher_looks(void);
  * (ca__watcher_full_polls). */
 extern atomic_ulong ca__wpoll_count;
 unsigned long ca__watcher_full_polls(void);
+/* Uring (watcher_uring.c), for tests: the requests started so far (process-wide) on the fixed
+ * pidfd path (POLL_ADD) and on the WAITID one; and the size of the fixed-file table that rings
+ * made from now on ask for (n < 0: the default, min(RLIMIT_NOFILE, 4096); 0: none). */
+void ca__uring_watcher_stats(unsigned long *polls, unsigned long *waitids);
+void ca__uring_set_table_size(long n);
 
 /* ----- Safe and Fast: SIGCHLD through the attached loop (watcher_safe.c) ------------------ */
 typedef struct ca__wattach {

@@ -1,21 +1,44 @@
 /*
- * UringChildWatcher: io_uring's IORING_OP_WAITID (Linux 6.7), an asynchronous waitid(2). No fd,
- * thread or signal handler per child: one WAITID request per child on a ring of the watcher's
- * own, whose fd is a reader on the delivery loop, so it works on every loop kind, custom ones
- * included (they only need add_reader).
+ * UringChildWatcher: one io_uring request per child on a ring of the watcher's own, whose fd is
+ * a reader on the delivery loop, so it works on every loop kind, custom ones included (they only
+ * need add_reader). No fd, thread or signal handler per child. The request is one of two kinds:
  *
- * The order of an exit. Each child gets waitid(P_PID, pid, WEXITED | WNOWAIT) on the ring. When
- * the child exits, the completion (CQE) arrives and the child is still a zombie (WNOWAIT). The
- * ring's reader, on the delivery loop's thread, reads its status (waitid(P_PID, WNOHANG |
- * WNOWAIT): the request is given no siginfo_t, see below), calls the callback and only then
- * reaps the child (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid
- * cannot be reused, so the callback (and asyncio's subprocess code, which stops signalling the
- * pid when it learns the exit) can still name the pid safely. That is why a subprocess watched
- * by this watcher holds no pidfd (process.c asks the kinds table, CA__WK_NO_PIDFD). While the
- * request waits it holds the kernel's reference to the child's struct pid, so a pid number
- * reused after other code reaped the child is never taken for it; only in the moment between
- * the completion and our reading of the status could such a reap and reuse go unnoticed, as
- * with every watcher that reaps by pid.
+ * Fixed pidfds (the usual one). The child's pidfd (pidfd_open) is put into a free slot of the
+ * ring's sparse fixed-file table and its fd closed at once, so the process's fds do not grow with
+ * its children; an IORING_OP_POLL_ADD(POLLIN) with IOSQE_FIXED_FILE on that slot completes when
+ * the child exits (or was reaped). Each exit wakes only its own pid's queue: the cost of a
+ * spawn+reap stays flat with the number of children watched (docs/benchmarks.md). The table is
+ * registered when the ring is made, sparse, with min(RLIMIT_NOFILE's soft limit, UR_TABLE_MAX)
+ * slots: the kernel refuses a table larger than that limit (EMFILE), and liburing 2.3's
+ * io_uring_register_files_sparse would then raise the process's soft limit and try again, so we
+ * make the io_uring_register calls ourselves. The slots are not fds (no margin is kept for
+ * them); each pidfd_open needs one free fd for a moment. A slot is freed when its request is
+ * over (completed or cancelled), before the callback, but not emptied: the next child's pidfd
+ * replaces the old one (see slot_put); a dead ring's table goes with its fd.
+ *
+ * WAITID (the fallback): IORING_OP_WAITID (Linux 6.7, required: see Availability), an
+ * asynchronous waitid(P_PID, pid, WEXITED | WNOWAIT). A child gets one when the table is full,
+ * or was refused, or pidfd_open fails (ENOSYS, EMFILE, ESRCH: reaped already), or the pid is not
+ * our child (checked with waitid(P_PIDFD, WNOHANG | WNOWAIT) on the pidfd: a POLL_ADD would wait
+ * for that process's exit, a WAITID ends at once with -ECHILD, as before). Its cost grows with
+ * the number of WAITIDs pending: each is an entry on the process's one child-exit wait queue,
+ * which every child's exit walks. Both kinds live on the same ring, are cancelled the same way
+ * (ASYNC_CANCEL by user_data, the ur_op) and end the same way, below.
+ *
+ * The order of an exit. When the child exits, the completion (CQE) arrives and the child is
+ * still a zombie (a pidfd does not reap; WAITID is given WNOWAIT). The ring's reader, on the
+ * delivery loop's thread, reads its status (waitid(P_PID, WNOHANG | WNOWAIT): the request is
+ * given no siginfo_t, see below), calls the callback and only then reaps the child
+ * (waitpid(pid, WNOHANG)), as sd-event does: until the callback ran, the pid cannot be reused,
+ * so the callback (and asyncio's subprocess code, which stops signalling the pid when it learns
+ * the exit) can still name the pid safely. That is why a subprocess watched by this watcher
+ * holds no pidfd of its own (process.c asks the kinds table, CA__WK_NO_PIDFD). A POLL_ADD's
+ * result only says "exited": the status is read the same way, and a child that somebody else
+ * reaped gives -ECHILD there (255 and the warning, as for WAITID's -ECHILD). While the request
+ * waits it holds the kernel's reference to the child's struct pid (WAITID's own, or the fixed
+ * file's), so a pid number reused after other code reaped the child is never taken for it; only
+ * in the moment between the completion and our reading of the status could such a reap and
+ * reuse go unnoticed, as with every watcher that reaps by pid.
  *
  * Rings. One ring per (watcher, delivery loop): a ring's completions must be read on its loop's
  * thread, and a program usually has one loop, hence one ring. A ring is made when a loop gets
@@ -25,14 +48,16 @@
  * thread, with nothing running on the loop); a reader still being added when the loop closes in
  * another thread is taken off by its adder (ring_kill leaves it to uring_finish).
  *
- * The thread that submitted. The kernel runs a WAITID's completion as task work of the thread
+ * The thread that submitted. The kernel runs a request's completion as task work of the thread
  * that submitted it (which it interrupts like a signal would, so an epoll_wait or a poll wakes
  * up). add_child_handler submits on the calling thread: the delivery loop's, or any thread for
  * a loop that is not running (a host's loop that no C thread runs, such as Python's, is never
  * running in C terms). If that thread exits while the request waits, the kernel does not cancel
  * the request (6.7 to 6.18 at least): the child's exit queues the task work to a kernel worker,
  * whose wait finds no child of its own and ends the request with -ECHILD although nobody
- * reaped the child (other kernels may end it with -ECANCELED that we did not ask for). So a
+ * reaped the child (other kernels may end it with -ECANCELED that we did not ask for). A
+ * POLL_ADD is not cancelled either; the exit's wake-up, run by a kernel worker, ends it with
+ * -ECANCELED (6.18: io_poll_check_events in a kthread; checked with a stand-alone program). So a
  * request remembers the thread that queued it (tid), and the reader does not take such an end
  * for the child's: after a -ECHILD from a request queued by another thread than its own, or a
  * -ECANCELED it did not ask for, it asks the child itself (waitid(P_PID, WNOHANG | WNOWAIT)):
@@ -70,8 +95,9 @@
  * has one writer at a time (remove and close may come from any thread).
  *
  * Fork: in a child made by fork() the rings are the parent's (their requests belong to the
- * parent's threads). As for every watcher, only close and unref work there; destroy unmaps our
- * copies of the rings and closes our copies of their fds, and submits nothing.
+ * parent's threads, their fixed-file tables are the parent's rings'). As for every watcher, only
+ * close and unref work there; destroy unmaps our copies of the rings and closes our copies of
+ * their fds, and submits nothing and updates no table.
  */
 #include "internal.h"
 #include "kinds.h"
@@ -83,8 +109,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <stdatomic.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -97,15 +126,22 @@ _Static_assert(IORING_OP_SENDMSG_ZC == 48, "io_uring opcode numbering");
 #define UR_SQ 256u
 #define UR_CQ 4096u
 #define UR_BATCH 64u
+/* The most fixed-file slots a ring asks for (see "Fixed pidfds" at the top of the file). */
+#define UR_TABLE_MAX 4096u
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
 
 typedef struct ur_ring ur_ring;
 
-/* One WAITID in flight (the kernel writes nothing of ours: see the top of the file). */
+/* One request in flight, a POLL_ADD on the child's pidfd in fixed-file slot `slot`, or a
+ * WAITID (slot -1); the kernel writes nothing of ours: see the top of the file. */
 typedef struct ur_op {
     ca__wreg *r;                 /* a reference */
     ur_ring *ring;
     struct ur_op *prev, *next;   /* the ring's list */
-    pid_t tid;                   /* the thread that queued its WAITID (see the top) */
+    int slot;                    /* its fixed-file slot (the pidfd), or -1: a WAITID */
+    pid_t tid;                   /* the thread that queued its request (see the top) */
     bool cancelled;              /* an ASYNC_CANCEL was submitted for it */
 } ur_op;
 
@@ -116,6 +152,8 @@ struct ur_ring {
     void *hook;                  /* close hook token; NULL once it ran or was removed */
     ur_ring *next;               /* the core's list */
     ur_op *ops;
+    unsigned *free_slots;        /* the fixed-file table's free slots, a stack (NULL: none) */
+    unsigned nfree;
     int refs;                    /* the list's, plus a running reader; under the lock */
     enum { READER_OFF, READER_ADDING, READER_ON } reader;
     bool dead;                   /* torn down (or being): no new requests */
@@ -128,6 +166,18 @@ typedef struct ur_state {
 } ur_state;
 
 static ur_state *state_of(ca__wcore *c) { return c->impl; }
+
+/* Process-wide, for tests: requests started on each path, and the table size asked for. */
+static atomic_ulong ur_polls, ur_waitids;
+static atomic_long ur_table_override = -1;
+
+void ca__uring_watcher_stats(unsigned long *polls, unsigned long *waitids)
+{
+    if (polls) *polls = atomic_load(&ur_polls);
+    if (waitids) *waitids = atomic_load(&ur_waitids);
+}
+
+void ca__uring_set_table_size(long n) { atomic_store(&ur_table_override, n < 0 ? -1 : n); }
 
 /* ----- submitting --------------------------------------------------------------------------- */
 
@@ -177,6 +227,112 @@ static int prep_waitid(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
     return 0;
 }
 
+/* Queues op's POLL_ADD (POLLIN, one-shot) on its fixed-file slot; as prep_waitid. Lock held. */
+static int prep_poll(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
+{
+    struct io_uring_sqe *sqe = get_sqe(g);
+    if (!sqe) return -EAGAIN;
+    io_uring_prep_poll_add(sqe, op->slot, POLLIN);
+    sqe->flags |= IOSQE_FIXED_FILE;
+    io_uring_sqe_set_data(sqe, op);
+    op->tid = gettid();
+    if (out) *out = sqe;
+    return 0;
+}
+
+static int prep_op(ur_ring *g, ur_op *op, struct io_uring_sqe **out)
+{
+    return op->slot >= 0 ? prep_poll(g, op, out) : prep_waitid(g, op, out);
+}
+
+/* io_uring_register(2) without liburing, whose io_uring_register_files_sparse raises the
+ * process's soft RLIMIT_NOFILE when the kernel says EMFILE: -errno or the result. */
+static int ur_register(ur_ring *g, unsigned opcode, void *arg, unsigned nr)
+{
+    long r = syscall(__NR_io_uring_register, g->ring.ring_fd, opcode, arg, nr);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* Puts fd into fixed-file slot `slot` of g's table, in place of the file it held. Lock held. */
+static int slot_set(ur_ring *g, unsigned slot, int fd)
+{
+    struct io_uring_files_update up;
+    memset(&up, 0, sizeof up);
+    up.offset = slot;
+    up.fds = (uint64_t)(uintptr_t)&fd;
+    int r;
+    do {
+        r = ur_register(g, IORING_REGISTER_FILES_UPDATE, &up, 1);
+    } while (r == -EINTR);
+    return r == 1 ? 0 : r < 0 ? r : -EIO;
+}
+
+/* The ring's sparse fixed-file table, registered when the ring is made: min(RLIMIT_NOFILE's
+ * soft limit, UR_TABLE_MAX) slots (the kernel refuses more than that limit with EMFILE). None
+ * (every child gets a WAITID) when that fails. Lock held. */
+static void table_register(ur_ring *g)
+{
+    long want = atomic_load(&ur_table_override);
+    if (want < 0) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+        want = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > UR_TABLE_MAX ? (long)UR_TABLE_MAX
+                                                                           : (long)rl.rlim_cur;
+    }
+    if (want <= 0 || want > (long)UR_TABLE_MAX) return;
+    unsigned *fs = malloc((size_t)want * sizeof *fs);
+    if (!fs) return;
+    struct io_uring_rsrc_register rr;
+    memset(&rr, 0, sizeof rr);
+    rr.nr = (unsigned)want;
+    rr.flags = IORING_RSRC_REGISTER_SPARSE;
+    if (ur_register(g, IORING_REGISTER_FILES2, &rr, sizeof rr) < 0) {
+        free(fs);
+        return;
+    }
+    for (unsigned i = 0; i < (unsigned)want; i++) fs[i] = (unsigned)want - 1 - i;
+    g->free_slots = fs;
+    g->nfree = (unsigned)want;
+}
+
+/* Installs pid's pidfd in a free slot of g's table (op->slot); false when it cannot: no table
+ * or no free slot, pidfd_open fails (ENOSYS, EMFILE, ESRCH: reaped already), or pid is not our
+ * child (which WAITID reports at once, as before). The pidfd is opened and closed with raw
+ * system calls (ThreadSanitizer need not know the number), and open only for this moment, so
+ * the process's fds do not grow with its children. Lock held. */
+static bool slot_take(ur_ring *g, ur_op *op)
+{
+    if (g->nfree == 0) return false;
+    int fd = (int)syscall(SYS_pidfd_open, op->r->pid, 0);
+    if (fd < 0) return false;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int e;
+    do {
+        e = waitid((idtype_t)P_PIDFD, (id_t)fd, &si, WEXITED | WNOHANG | WNOWAIT);
+    } while (e < 0 && errno == EINTR);
+    unsigned slot = g->free_slots[g->nfree - 1];
+    if (e == 0) e = slot_set(g, slot, fd);
+    syscall(SYS_close, fd);
+    if (e != 0) return false;
+    g->nfree--;
+    op->slot = (int)slot;
+    return true;
+}
+
+/* Puts op's slot back on the free list (its request is over). The slot is not emptied, which
+ * would cost a system call per child: the next child's pidfd replaces the old one there (an
+ * update of an occupied slot drops the file it held), and a dead ring's table goes with it. A
+ * stale pidfd holds only its struct pid, not the pid's number. Lock held. */
+static void slot_put(ur_op *op)
+{
+    ur_ring *g = op->ring;
+    if (op->slot < 0) return;
+    unsigned slot = (unsigned)op->slot;
+    op->slot = -1;
+    if (!g->dead && g->free_slots) g->free_slots[g->nfree++] = slot;
+}
+
 /* Asks the kernel to end op's request; its completion (-ECANCELED, or the exit if it won the
  * race) still comes and frees op. The cancel's own completion carries user_data 0. Lock held. */
 static void cancel_op(ur_op *op)
@@ -204,6 +360,7 @@ static void op_unlink(ur_op *op)
 /* Frees op (its request is over). Lock held. */
 static void op_free(ca__wcore *c, ur_op *op)
 {
+    slot_put(op);
     op_unlink(op);
     if (op->r->kdata == op) op->r->kdata = NULL;
     ca__wreg_unref(c, op->r);
@@ -268,6 +425,7 @@ static void ring_unref(ur_ring *g)
 {
     if (--g->refs > 0) return;
     ring_exit(&g->ring);
+    free(g->free_slots);
     free(g);
 }
 
@@ -385,6 +543,7 @@ static int ring_get(ca__wcore *c, ca_loop *loop, ur_ring **out)
         free(g);
         return -ENOMEM;
     }
+    table_register(g);
     g->core = c;
     g->loop = loop;
     g->refs = 1;
@@ -450,6 +609,7 @@ static void ring_ready(void *arg)
                 if (!op) continue; /* a cancel's or a wake-up's own completion */
                 ca__wreg *r = op->r;
                 bool live = r->registered && r->state == CA__W_WAITING;
+                if (op->slot >= 0 && res >= 0) res = 0; /* the pidfd says: exited */
                 int rc = 255;
                 bool reap = false;
                 /* Ask the child itself (see "The thread that submitted"): for its status when
@@ -463,7 +623,7 @@ static void ring_ready(void *arg)
                         reap = true;
                     } else if (k < 0 || res == 0) {
                         res = -ECHILD; /* reaped by somebody else */
-                    } else if (!closed && prep_waitid(g, op, NULL) == 0) {
+                    } else if (!closed && prep_op(g, op, NULL) == 0) {
                         continue; /* still running: asked again, from this thread */
                     }
                 }
@@ -551,8 +711,11 @@ static int uring_start(ca__wcore *c, ca__wadd *a, ca__wlog *q)
     if (g->ops) g->ops->prev = op;
     g->ops = op;
     r->kdata = op;
+    op->slot = -1;
+    bool poll = slot_take(g, op);
+    atomic_fetch_add(poll ? &ur_polls : &ur_waitids, 1);
     struct io_uring_sqe *sqe = NULL;
-    err = prep_waitid(g, op, &sqe);
+    err = prep_op(g, op, &sqe);
     if (err == 0 && (err = submit(g)) < 0) {
         /* The kernel did not take it, but it is in the SQ, where the next submit would find
          * it: make it a NOP that names nothing (only io_uring_enter reads SQEs, and that is
@@ -661,6 +824,7 @@ static void uring_destroy(ca_child_watcher *w)
             free(op);
         }
         ring_exit(&g->ring);
+        free(g->free_slots);
         free(g);
     }
     ca__wcore_free_forked(c);

@@ -11,9 +11,38 @@
 #include <spawn.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 extern char **environ;
+
+/* watcher_uring.c's counters and table size (internal, for tests). */
+void ca__uring_watcher_stats(unsigned long *polls, unsigned long *waitids);
+void ca__uring_set_table_size(long n);
+
+typedef struct path_count {
+    unsigned long polls, waitids;
+} path_count;
+
+/* pidfd_open works here (not under valgrind, where the watcher is not available anyway)? */
+static bool have_pidfd(void)
+{
+    int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    if (fd < 0) return false;
+    close(fd);
+    return true;
+}
+
+/* The requests started on each path since *since (which is then updated). */
+static path_count paths_since(path_count *since)
+{
+    path_count now, d;
+    ca__uring_watcher_stats(&now.polls, &now.waitids);
+    d.polls = now.polls - since->polls;
+    d.waitids = now.waitids - since->waitids;
+    *since = now;
+    return d;
+}
 
 #define ARGV(...) ((const char *const[]){__VA_ARGS__, NULL})
 
@@ -103,6 +132,21 @@ static bool all_called(void *arg)
     return true;
 }
 
+/* Once all n have exited: each was delivered once, with returncode 0, before its reap; no
+ * child is left. */
+static void expect_all_exit0(ca_loop *loop, rec *r, int n)
+{
+    recs rs = {r, n};
+    CHECK(t_run_until(loop, all_called, &rs, 20));
+    t_run_for(loop, 0.05);
+    for (int i = 0; i < n; i++) {
+        CHECK_EQ(atomic_load(&r[i].calls), 1);
+        CHECK_EQ(atomic_load(&r[i].rc), 0);
+        CHECK(r[i].zombie_at_call);
+    }
+    CHECK(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD);
+}
+
 /* n idle children watched; the open fds grow by the ring's one fd at most, never per child;
  * then all exit at once and each is delivered exactly once with its status. */
 static void watch_many(ca_loop *loop, int n, double timeout)
@@ -178,11 +222,20 @@ TEST(uring_4000_children_under_ulimit_1024) /* timeout: 180 */
     rec *r = calloc(N, sizeof *r);
     CHECK(r != NULL);
     int fds0 = count_fds();
+    path_count pc = {0};
+    paths_since(&pc);
     for (int i = 0; i < N; i++) {
         pid_t pid = spawn_cat(p[0]);
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r[i]));
     }
     CHECK(count_fds() - fds0 <= 1);
+    /* Both paths: the fixed-file table holds at most RLIMIT_NOFILE (1,024) pidfds, the rest
+     * are WAITIDs (unless pidfd_open is missing: then all are). */
+    path_count d = paths_since(&pc);
+    CHECK_EQ(d.polls + d.waitids, (unsigned long)N);
+    CHECK(d.polls <= 1024);
+    CHECK(d.waitids >= N - 1024);
+    if (have_pidfd()) CHECK(d.polls >= 1000);
     /* A subprocess with a pipe, while the 4,000 are watched. */
     ca_process *proc = NULL;
     ca_subprocess_options o = {.argv = ARGV("sh", "-c", "echo hi; exit 3"),
@@ -224,29 +277,42 @@ static void log_capture(int level, const char *msg, void *arg)
     pthread_mutex_unlock(&log_mu);
 }
 
-/* Somebody else reaps the watched child after it exited: the callback still comes exactly
- * once, either with the status (the completion was there before the theft) or with 255 and
- * the "Unknown child process" warning. */
-LOOP_TEST(uring_foreign_reap_after_exit)
+/* Somebody else reaps the watched child after it exited, before the loop ran (so before the
+ * completion could be read): the callback still comes exactly once, with 255 and the "Unknown
+ * child process" warning; on the pidfd path (the POLL_ADD fires on the exit all the same, the
+ * status is gone) and on the WAITID one (a ring without a table). */
+static void foreign_reaps(ca_loop *loop, long table)
 {
+    ca__uring_set_table_size(table);
     ca_child_watcher *w = uring_or_skip(loop);
     ca_set_log_handler(log_capture, NULL);
-    for (int i = 0; i < 20; i++) {
+    path_count pc = {0};
+    paths_since(&pc);
+    for (int i = 0; i < 10; i++) {
         log_buf[0] = 0;
         rec r = {0};
         pid_t pid = spawn_sh("exit 6");
         CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
         int st;
         CHECK_EQ(waitpid(pid, &st, 0), pid); /* the foreign reap */
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 6);
         CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
         t_run_for(loop, 0.01);
         CHECK_EQ(atomic_load(&r.calls), 1);
-        int rc = atomic_load(&r.rc);
-        CHECK(rc == 6 || rc == 255);
-        if (rc == 255) CHECK(strstr(log_buf, "Unknown child process") != NULL);
+        CHECK_EQ(atomic_load(&r.rc), 255);
+        CHECK(strstr(log_buf, "Unknown child process") != NULL);
     }
+    path_count d = paths_since(&pc);
+    CHECK_EQ(d.polls, table == 0 || !have_pidfd() ? 0ul : 10ul);
     ca_set_log_handler(NULL, NULL);
     done(w);
+    ca__uring_set_table_size(-1);
+}
+
+LOOP_TEST(uring_foreign_reap_after_exit)
+{
+    foreign_reaps(loop, -1); /* the pidfd path */
+    foreign_reaps(loop, 0);  /* WAITID */
 }
 
 /* Removed while the exit's completion may already be in the ring: never called, and the child
@@ -395,16 +461,8 @@ LOOP_TEST(uring_adder_thread_exits_first) /* timeout: 60 */
     CHECK_EQ(pthread_join(t, NULL), 0);
     close(p[0]);
     close(p[1]);
-    recs rs = {r, N};
-    CHECK(t_run_until(loop, all_called, &rs, 20));
-    t_run_for(loop, 0.05);
-    for (int i = 0; i < N; i++) {
-        CHECK_EQ(atomic_load(&r[i].calls), 1);
-        CHECK_EQ(atomic_load(&r[i].rc), 0);
-        CHECK(r[i].zombie_at_call);
-    }
+    expect_all_exit0(loop, r, N);
     CHECK(strstr(log_buf, "Unknown child process") == NULL);
-    CHECK(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD);
     ca_set_log_handler(NULL, NULL);
     done(w);
 }
@@ -447,4 +505,123 @@ TEST(uring_process_dropped_then_reaped_by_somebody_else) /* timeout: 60 */
     CHECK_OK(ca_set_event_loop(NULL));
     ca_loop_close(loop);
     ca_loop_unref(loop);
+}
+
+/* ----- the two paths: fixed pidfds (POLL_ADD) and WAITID ------------------------------------- */
+
+
+/* n cats watched on w, then all exit: each delivered once, rc 0, before its reap. */
+static void cats_deliver(ca_loop *loop, ca_child_watcher *w, int n)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    rec *r = calloc((size_t)n, sizeof *r);
+    CHECK(r != NULL);
+    for (int i = 0; i < n; i++)
+        CHECK_OK(ca_child_watcher_add_child_handler(w, spawn_cat(p[0]), on_exit_rec, &r[i]));
+    close(p[0]);
+    close(p[1]);
+    expect_all_exit0(loop, r, n);
+    free(r);
+}
+
+/* Rounds of n cats watched through a new watcher whose ring asks for a table of `table` slots:
+ * each delivered alike (status, callback before the reap), polls of them with a POLL_ADD and
+ * the others with a WAITID, the open fds grown by the ring's own at most (the first time). */
+static void deliver_with_table(ca_loop *loop, long table, int n, unsigned long polls, int rounds)
+{
+    ca__uring_set_table_size(table);
+    ca_child_watcher *w = uring_or_skip(loop);
+    path_count pc = {0};
+    paths_since(&pc);
+    for (int round = 0; round < rounds; round++) {
+        int fds0 = count_fds();
+        cats_deliver(loop, w, n);
+        path_count d = paths_since(&pc);
+        CHECK_EQ(d.polls, polls);
+        CHECK_EQ(d.waitids, (unsigned long)n - polls);
+        CHECK(count_fds() - fds0 <= 1);
+    }
+    done(w);
+    ca__uring_set_table_size(-1);
+}
+
+/* With a table to spare, every child is watched through its pidfd in the ring's fixed-file
+ * table (a POLL_ADD), none with a WAITID; and the slots come back: the next rounds of children
+ * use them again. */
+LOOP_TEST(uring_children_use_fixed_pidfds) /* timeout: 60 */
+{
+    if (!have_pidfd()) SKIP("no pidfd_open");
+    deliver_with_table(loop, 16, 16, 16, 3);
+}
+
+/* A full table: the children beyond it get a WAITID each, and all are delivered alike. */
+LOOP_TEST(uring_table_full_falls_back_to_waitid) /* timeout: 60 */
+{
+    if (!have_pidfd()) SKIP("no pidfd_open");
+    deliver_with_table(loop, 8, 20, 8, 1);
+}
+
+/* No table at all (size 0, as when its registration is refused): every child gets a WAITID. */
+LOOP_TEST(uring_no_table_all_waitid)
+{
+    deliver_with_table(loop, 0, 10, 0, 1);
+}
+
+/* Removed (its POLL_ADD cancelled): the slot comes back once the cancel completed. */
+LOOP_TEST(uring_remove_frees_fixed_slot) /* timeout: 60 */
+{
+    if (!have_pidfd()) SKIP("no pidfd_open");
+    ca__uring_set_table_size(4);
+    ca_child_watcher *w = uring_or_skip(loop);
+    path_count pc = {0};
+    paths_since(&pc);
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pids[4];
+    rec r[4];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 4; i++) {
+        pids[i] = spawn_cat(p[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+    }
+    for (int i = 0; i < 4; i++) CHECK_EQ(ca_child_watcher_remove_child_handler(w, pids[i]), 1);
+    t_run_for(loop, 0.05); /* the cancels complete */
+    path_count d = paths_since(&pc);
+    CHECK_EQ(d.polls, 4ul);
+    close(p[0]);
+    close(p[1]);
+    for (int i = 0; i < 4; i++) {
+        int st;
+        CHECK_EQ(waitpid(pids[i], &st, 0), pids[i]); /* removed: ours to reap */
+    }
+    t_run_for(loop, 0.02);
+    for (int i = 0; i < 4; i++) CHECK_EQ(atomic_load(&r[i].calls), 0);
+    cats_deliver(loop, w, 4); /* the same 4 slots */
+    d = paths_since(&pc);
+    CHECK_EQ(d.polls, 4ul);
+    CHECK_EQ(d.waitids, 0ul);
+    done(w);
+    ca__uring_set_table_size(-1);
+}
+
+/* A pid that is not our child (our parent, which outlives the test): not watched through a
+ * pidfd (whose POLL_ADD would wait for that process's exit), but with a WAITID, which ends at
+ * once: 255, as before. */
+LOOP_TEST(uring_not_our_child_reported_at_once)
+{
+    ca_child_watcher *w = uring_or_skip(loop);
+    ca_set_log_handler(log_capture, NULL);
+    log_buf[0] = 0;
+    path_count pc = {0};
+    paths_since(&pc);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, getppid(), on_exit_rec, &r));
+    CHECK(t_run_until(loop, t_flag_set, &r.calls, 5));
+    CHECK_EQ(atomic_load(&r.rc), 255);
+    path_count d = paths_since(&pc);
+    CHECK_EQ(d.polls, 0ul);
+    CHECK_EQ(d.waitids, 1ul);
+    ca_set_log_handler(NULL, NULL);
+    done(w);
 }
