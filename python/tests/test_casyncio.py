@@ -163,6 +163,27 @@ class TestDelivery(Base):
                 self.assertEqual((p, rc, args), (pid, 7, ("a", 2)))
                 self.assertEqual(tid, threading.get_ident())  # on the loop's thread
 
+    def test_library_threads_post_exits_without_the_gil(self):
+        # Threaded's waiting threads and MultiLoop's reaping thread post each exit without
+        # taking the GIL (it used to cost a Python thread state and two GIL hand-overs per
+        # exit): the asyncio loop's is_closed is asked on Python threads only.
+        callers = set()
+
+        class Loop(asyncio.SelectorEventLoop):
+            def is_closed(self):
+                callers.add(threading.get_ident())
+                return super().is_closed()
+        self.loop.close()
+        self.loop = Loop()
+        for cls in (casyncio.ThreadedChildWatcher, casyncio.MultiLoopChildWatcher):
+            with self.subTest(cls.__name__), \
+                     contextlib.closing(self.watcher(cls)) as w:
+                for _ in range(5):
+                    pid = spawn("sleep 0.05; exit 3")
+                    self.assertEqual(self.wait_exit(w, pid)[1], 3)
+        self.assertIn(threading.get_ident(), callers)  # asked, on this thread
+        self.assertEqual(callers - {threading.get_ident()}, set())
+
     def test_killed_child_gives_minus_signal(self):
         for cls in KINDS:
             with self.subTest(cls.__name__), \
