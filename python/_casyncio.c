@@ -16,9 +16,13 @@
  * nothing can be used after it was freed.
  *
  * Threads: the ops and the log handler may be called from library threads, which do not hold
- * the GIL; they take it with PyGILState_Ensure. Every call into the library is made with the
- * GIL released, so that a library thread that needs the GIL (to run an op or to log) while a
- * Python thread waits for the library never deadlocks.
+ * the GIL; they take it with PyGILState_Ensure. A call into the library that may wait for
+ * another thread (close and the last unref join MultiLoop's reaping thread; attach may wait
+ * for a reap in progress) is made with the GIL released: that thread may need the GIL, to run
+ * an op or to log. The calls made for every child (add, remove, is_active) keep the GIL: the
+ * library waits in them only for its own locks, which it never holds while it calls an op or
+ * the log handler (its rule, in casyncio.h), so no thread that holds one of them waits for the
+ * GIL; and each op they call (is_closed, add_reader...) then costs no GIL hand-over.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +30,7 @@
 #include <casyncio.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -39,8 +44,16 @@ static PyObject *g_bridges;   /* dict: asyncio loop -> capsule holding its bridg
 static atomic_int g_shutdown; /* set at interpreter exit: foreign threads no longer take the GIL */
 
 static const char BRIDGE_CAPSULE[] = "casyncio.bridge";
-static const char HANDLE_CAPSULE[] = "casyncio.handle";
-static const char CALL_CAPSULE[] = "casyncio.call";
+
+/* Method and attribute names, interned once (module init): a call per child looks them up
+ * without making a string each time. */
+static PyObject *s_add_reader, *s_remove_reader, *s__add_reader, *s__remove_reader,
+    *s_is_closed, *s__closed, *s_call_soon, *s_call_at, *s_time, *s_add_signal_handler,
+    *s_remove_signal_handler;
+
+/* asyncio's own functions, for the shortcuts of bridge_new: BaseSelectorEventLoop.add_reader
+ * and remove_reader, BaseEventLoop.is_closed (NULL: no shortcut). */
+static PyObject *g_sel_add_reader, *g_sel_remove_reader, *g_base_is_closed;
 
 /* ---- the GIL from any thread ---------------------------------------------------------- */
 
@@ -63,99 +76,85 @@ static bool gil_enter(PyGILState_STATE *st)
     return true;
 }
 
-/* Maps the Python exception being raised by a call on an asyncio loop to a negative errno for
- * the library, and clears it (the library reports the error code; the loop's own exception
- * would be noise). A closed loop is -EBADF whatever the loop raised. */
-static int loop_error(PyObject *pyloop)
+/* ---- calls on Python objects ------------------------------------------------------------ */
+
+/* obj.<name>(*args), nargs <= 3; a new reference, or NULL with an exception set. */
+static PyObject *call_method(PyObject *obj, PyObject *name, PyObject *const *args, size_t nargs)
 {
-    int err = -EINVAL;
-    if (PyErr_ExceptionMatches(PyExc_MemoryError))
-        err = -ENOMEM;
-    else if (PyErr_ExceptionMatches(PyExc_RuntimeError) ||
-             PyErr_ExceptionMatches(PyExc_ValueError))
-        err = -EPERM; /* e.g. add_signal_handler outside the main thread */
-    PyErr_Clear();
-    PyObject *closed = PyObject_CallMethod(pyloop, "is_closed", NULL);
-    if (closed == NULL)
-        PyErr_Clear();
-    else {
-        if (PyObject_IsTrue(closed) == 1)
-            err = -EBADF;
-        Py_DECREF(closed);
-    }
-    PyErr_Clear();
-    return err;
+#if PY_VERSION_HEX >= 0x03090000
+    PyObject *stack[4] = {obj};
+    for (size_t i = 0; i < nargs; i++)
+        stack[i + 1] = args[i];
+    return PyObject_VectorcallMethod(name, stack, nargs + 1, NULL);
+#else
+    PyObject *m = PyObject_GetAttr(obj, name);
+    if (m == NULL)
+        return NULL;
+    PyObject *r = _PyObject_Vectorcall(m, args, nargs, NULL);
+    Py_DECREF(m);
+    return r;
+#endif
+}
+
+static PyObject *call_function(PyObject *fn, PyObject *const *args, size_t nargs)
+{
+#if PY_VERSION_HEX >= 0x03090000
+    return PyObject_Vectorcall(fn, args, nargs, NULL);
+#else
+    return _PyObject_Vectorcall(fn, args, nargs, NULL);
+#endif
 }
 
 /* ---- C callables handed to asyncio ------------------------------------------------------ */
 
-/* A core handle as a Python callable: asyncio's call_soon/call_at run it, and it runs the
- * handle (a cancelled handle does nothing). The capsule owns a handle reference. */
-static void handle_capsule_free(PyObject *cap)
-{
-    ca_handle_unref(PyCapsule_GetPointer(cap, HANDLE_CAPSULE));
-}
-
-static PyObject *run_handle(PyObject *cap, PyObject *unused)
-{
-    ca_handle *h = PyCapsule_GetPointer(cap, HANDLE_CAPSULE);
-    if (h == NULL)
-        return NULL;
-    ca_handle_run(h);
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef run_handle_def = {"_casyncio_handle", run_handle, METH_NOARGS, NULL};
-
-static PyObject *handle_callable(ca_handle *h)
-{
-    PyObject *cap = PyCapsule_New(ca_handle_ref(h), HANDLE_CAPSULE, handle_capsule_free);
-    if (cap == NULL) {
-        ca_handle_unref(h);
-        return NULL;
-    }
-    PyObject *fn = PyCFunction_NewEx(&run_handle_def, cap, NULL);
-    Py_DECREF(cap);
-    return fn;
-}
-
-/* fn(arg) as a Python callable, for readers and signal handlers. */
-typedef struct call {
+/* A callable asyncio runs for the core: a core handle (call_soon, call_at: running a
+ * cancelled handle does nothing), or fn(arg) (readers and signal handlers). One object, one
+ * allocation: one is made per watched child (its reader). A handle's reference is the
+ * object's. */
+typedef struct {
+    PyObject_HEAD
+    ca_handle *h;
     ca_callback_fn fn;
     void *arg;
-} call;
+} CCall;
 
-static void call_capsule_free(PyObject *cap)
+static PyObject *ccall_call(PyObject *o, PyObject *args, PyObject *kwds)
 {
-    PyMem_Free(PyCapsule_GetPointer(cap, CALL_CAPSULE));
-}
-
-static PyObject *run_call(PyObject *cap, PyObject *unused)
-{
-    call *c = PyCapsule_GetPointer(cap, CALL_CAPSULE);
-    if (c == NULL)
-        return NULL;
-    c->fn(c->arg);
+    CCall *c = (CCall *)o;
+    if (c->h != NULL)
+        ca_handle_run(c->h);
+    else
+        c->fn(c->arg);
     Py_RETURN_NONE;
 }
 
-static PyMethodDef run_call_def = {"_casyncio_call", run_call, METH_NOARGS, NULL};
-
-static PyObject *call_callable(ca_callback_fn fn, void *arg)
+static void ccall_dealloc(PyObject *o)
 {
-    call *c = PyMem_Malloc(sizeof *c);
+    CCall *c = (CCall *)o;
+    if (c->h != NULL)
+        ca_handle_unref(c->h);
+    Py_TYPE(o)->tp_free(o);
+}
+
+static PyTypeObject CCall_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "casyncio._casyncio.CCall",
+    .tp_basicsize = sizeof(CCall),
+    .tp_dealloc = ccall_dealloc,
+    .tp_call = ccall_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A callback of the C library, for asyncio to run.",
+};
+
+static PyObject *ccall_new(ca_handle *h, ca_callback_fn fn, void *arg)
+{
+    CCall *c = PyObject_New(CCall, &CCall_Type);
     if (c == NULL)
-        return PyErr_NoMemory();
+        return NULL;
+    c->h = h != NULL ? ca_handle_ref(h) : NULL;
     c->fn = fn;
     c->arg = arg;
-    PyObject *cap = PyCapsule_New(c, CALL_CAPSULE, call_capsule_free);
-    if (cap == NULL) {
-        PyMem_Free(c);
-        return NULL;
-    }
-    PyObject *f = PyCFunction_NewEx(&run_call_def, cap, NULL);
-    Py_DECREF(cap);
-    return f;
+    return (PyObject *)c;
 }
 
 /* ---- bridges: a custom ca_loop per asyncio loop ----------------------------------------- */
@@ -166,9 +165,73 @@ typedef struct bridge {
     atomic_bool closed_seen;
 } bridge;
 
-static PyObject *bridge_pyloop(ca_loop *self)
+static bridge *bridge_of(ca_loop *self)
 {
-    return ((bridge *)ca_loop_data(self))->pyloop;
+    return ca_loop_data(self);
+}
+
+/* Whether m, pyloop's attribute, is asyncio's function fn bound to pyloop (not a subclass's or
+ * the instance's replacement). */
+static bool is_asyncio_method(PyObject *m, PyObject *pyloop, PyObject *fn)
+{
+    return fn != NULL && PyMethod_Check(m) && PyMethod_GET_FUNCTION(m) == fn &&
+           PyMethod_GET_SELF(m) == pyloop;
+}
+
+/* pyloop.<name>(*args), nargs <= 2. Shortcuts, for a loop whose method is asyncio's own
+ * (looked up at each call: a subclass's or the instance's replacement is always called):
+ * BaseSelectorEventLoop's add_reader and remove_reader add to _add_reader and _remove_reader
+ * only a check that the fd is no transport's (a pidfd or our queue's eventfd never is: they
+ * are open, and ours), and BaseEventLoop's is_closed returns _closed. asyncio's own watchers
+ * call _add_reader and _remove_reader too. A new reference, or NULL with an exception set. */
+static PyObject *call_loop_method(PyObject *pyloop, PyObject *name, PyObject *const *args,
+                                  size_t nargs)
+{
+    PyObject *m = PyObject_GetAttr(pyloop, name);
+    if (m == NULL)
+        return NULL;
+    PyObject *r;
+    if (name == s_add_reader && is_asyncio_method(m, pyloop, g_sel_add_reader))
+        r = call_method(pyloop, s__add_reader, args, nargs);
+    else if (name == s_remove_reader && is_asyncio_method(m, pyloop, g_sel_remove_reader))
+        r = call_method(pyloop, s__remove_reader, args, nargs);
+    else if (name == s_is_closed && is_asyncio_method(m, pyloop, g_base_is_closed))
+        r = PyObject_GetAttr(pyloop, s__closed);
+    else
+        r = call_function(m, args, nargs);
+    Py_DECREF(m);
+    return r;
+}
+
+/* The asyncio loop's is_closed(), or -1 with an exception set. GIL held. */
+static int loop_is_closed(bridge *b)
+{
+    PyObject *r = call_loop_method(b->pyloop, s_is_closed, NULL, 0);
+    if (r == NULL)
+        return -1;
+    int closed = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (closed == 1)
+        atomic_store(&b->closed_seen, true);
+    return closed;
+}
+
+/* Maps the Python exception being raised by a call on an asyncio loop to a negative errno for
+ * the library, and clears it (the library reports the error code; the loop's own exception
+ * would be noise). A closed loop is -EBADF whatever the loop raised. */
+static int loop_error(bridge *b)
+{
+    int err = -EINVAL;
+    if (PyErr_ExceptionMatches(PyExc_MemoryError))
+        err = -ENOMEM;
+    else if (PyErr_ExceptionMatches(PyExc_RuntimeError) ||
+             PyErr_ExceptionMatches(PyExc_ValueError))
+        err = -EPERM; /* e.g. add_signal_handler outside the main thread */
+    PyErr_Clear();
+    if (loop_is_closed(b) == 1)
+        err = -EBADF;
+    PyErr_Clear();
+    return err;
 }
 
 static int op_run_forever(ca_loop *self)
@@ -181,7 +244,7 @@ static double op_time(ca_loop *self)
     PyGILState_STATE st;
     double t = NAN;
     if (gil_enter(&st)) {
-        PyObject *r = PyObject_CallMethod(bridge_pyloop(self), "time", NULL);
+        PyObject *r = call_loop_method(bridge_of(self)->pyloop, s_time, NULL, 0);
         if (r != NULL) {
             t = PyFloat_AsDouble(r);
             Py_DECREF(r);
@@ -200,92 +263,66 @@ static double op_time(ca_loop *self)
     return t;
 }
 
-/* Calls pyloop.<method>(*args) and gives 0, or a negative errno. Steals args (NULL: the
- * error that made it NULL). */
-static int call_loop(ca_loop *self, const char *method, PyObject *args)
-{
-    PyObject *pyloop = bridge_pyloop(self);
-    if (args == NULL)
-        return loop_error(pyloop);
-    PyObject *m = PyObject_GetAttrString(pyloop, method);
-    PyObject *r = m == NULL ? NULL : PyObject_Call(m, args, NULL);
-    Py_XDECREF(m);
-    Py_DECREF(args);
-    if (r == NULL)
-        return loop_error(pyloop);
-    Py_DECREF(r);
-    return 0;
-}
+/* The leading argument of an add_call: none, an int (fd, signal), or a time. */
+typedef enum { ARG_NONE, ARG_INT, ARG_TIME } arg_kind;
 
-/* (x..., fnobj) as an argument tuple; steals fnobj. */
-static PyObject *args_with(PyObject *fnobj, const char *fmt, ...)
+/* pyloop.<name>([first,] fn), fn a CCall made here (of h, or of fn(arg)); 0 or a negative
+ * errno. Takes the GIL. */
+static int add_call(ca_loop *self, PyObject *name, arg_kind kind, int n, double when,
+                    ca_handle *h, ca_callback_fn fn, void *arg)
 {
-    if (fnobj == NULL)
-        return NULL;
-    va_list ap;
-    va_start(ap, fmt);
-    PyObject *head = Py_VaBuildValue(fmt, ap);
-    va_end(ap);
-    PyObject *args = NULL;
-    if (head != NULL) {
-        Py_ssize_t n = PyTuple_GET_SIZE(head);
-        args = PyTuple_New(n + 1);
-        for (Py_ssize_t i = 0; args != NULL && i < n; i++) {
-            Py_INCREF(PyTuple_GET_ITEM(head, i));
-            PyTuple_SET_ITEM(args, i, PyTuple_GET_ITEM(head, i));
-        }
-        if (args != NULL) {
-            Py_INCREF(fnobj);
-            PyTuple_SET_ITEM(args, n, fnobj);
-        }
-        Py_DECREF(head);
+    bridge *b = bridge_of(self);
+    PyGILState_STATE st;
+    if (!gil_enter(&st))
+        return -EBADF;
+    int err = 0;
+    PyObject *first = kind == ARG_INT    ? PyLong_FromLong(n)
+                      : kind == ARG_TIME ? PyFloat_FromDouble(when)
+                                         : NULL;
+    PyObject *f = ccall_new(h, fn, arg);
+    if (f == NULL || (kind != ARG_NONE && first == NULL)) {
+        err = loop_error(b);
+    } else {
+        PyObject *args[2] = {first, f};
+        PyObject *r = first != NULL ? call_loop_method(b->pyloop, name, args, 2)
+                                    : call_loop_method(b->pyloop, name, args + 1, 1);
+        if (r == NULL)
+            err = loop_error(b);
+        Py_XDECREF(r);
     }
-    Py_DECREF(fnobj);
-    return args;
+    Py_XDECREF(f);
+    Py_XDECREF(first);
+    PyGILState_Release(st);
+    return err;
 }
 
 static int op_call_soon(ca_loop *self, ca_handle *h)
 {
-    PyGILState_STATE st;
-    if (!gil_enter(&st))
-        return -EBADF;
-    int err = call_loop(self, "call_soon", args_with(handle_callable(h), "()"));
-    PyGILState_Release(st);
-    return err;
+    return add_call(self, s_call_soon, ARG_NONE, 0, 0, h, NULL, NULL);
 }
 
 static int op_call_at(ca_loop *self, double when, ca_handle *h)
 {
-    PyGILState_STATE st;
-    if (!gil_enter(&st))
-        return -EBADF;
-    int err = call_loop(self, "call_at", args_with(handle_callable(h), "(d)", when));
-    PyGILState_Release(st);
-    return err;
+    return add_call(self, s_call_at, ARG_TIME, 0, when, h, NULL, NULL);
 }
 
 static int op_add_reader(ca_loop *self, int fd, ca_callback_fn fn, void *arg)
 {
-    PyGILState_STATE st;
-    if (!gil_enter(&st))
-        return -EBADF;
-    int err = call_loop(self, "add_reader", args_with(call_callable(fn, arg), "(i)", fd));
-    PyGILState_Release(st);
-    return err;
+    return add_call(self, s_add_reader, ARG_INT, fd, 0, NULL, fn, arg);
 }
 
 /* remove_reader and remove_signal_handler: 1 if asyncio removed one, 0 if not (or on error:
  * a closed or dying loop has nothing left to remove). */
-static int remove_call(ca_loop *self, const char *method, int n)
+static int remove_call(ca_loop *self, PyObject *name, int n)
 {
     PyGILState_STATE st;
     if (!gil_enter(&st))
         return 0;
-    PyObject *r = PyObject_CallMethod(bridge_pyloop(self), method, "i", n);
     int ret = 0;
-    if (r == NULL)
-        PyErr_Clear();
-    else {
+    PyObject *arg = PyLong_FromLong(n);
+    PyObject *r = arg == NULL ? NULL : call_loop_method(bridge_of(self)->pyloop, name, &arg, 1);
+    Py_XDECREF(arg);
+    if (r != NULL) {
         ret = PyObject_IsTrue(r) == 1;
         Py_DECREF(r);
     }
@@ -296,28 +333,24 @@ static int remove_call(ca_loop *self, const char *method, int n)
 
 static int op_remove_reader(ca_loop *self, int fd)
 {
-    return remove_call(self, "remove_reader", fd);
+    return remove_call(self, s_remove_reader, fd);
 }
 
 static int op_add_signal_handler(ca_loop *self, int sig, ca_callback_fn fn, void *arg)
 {
-    PyGILState_STATE st;
-    if (!gil_enter(&st))
-        return -EBADF;
-    int err = call_loop(self, "add_signal_handler",
-                        args_with(call_callable(fn, arg), "(i)", sig));
-    PyGILState_Release(st);
-    return err;
+    return add_call(self, s_add_signal_handler, ARG_INT, sig, 0, NULL, fn, arg);
 }
 
 static int op_remove_signal_handler(ca_loop *self, int sig)
 {
-    return remove_call(self, "remove_signal_handler", sig);
+    return remove_call(self, s_remove_signal_handler, sig);
 }
 
 static bool op_is_closed(ca_loop *self)
 {
-    bridge *b = ca_loop_data(self);
+    bridge *b = bridge_of(self);
+    if (atomic_load(&b->closed_seen))
+        return true;
     if (atomic_load(&g_shutdown) || interpreter_finalizing())
         return true; /* the interpreter is going away: so is every asyncio loop */
     /* Asked by a thread of the library's own (Threaded's waiting thread, MultiLoop's reaper),
@@ -327,28 +360,19 @@ static bool op_is_closed(ca_loop *self)
      * is racy anyway (the loop may be closed right after it), and an exit posted to a loop
      * closed since is dropped with its bridge (the core's close hooks). */
     if (PyGILState_GetThisThreadState() == NULL)
-        return atomic_load(&b->closed_seen);
+        return false;
     PyGILState_STATE st;
     if (!gil_enter(&st))
         return true;
-    PyObject *r = PyObject_CallMethod(b->pyloop, "is_closed", NULL);
-    bool closed = false;
-    if (r == NULL)
-        PyErr_Clear();
-    else {
-        closed = PyObject_IsTrue(r) == 1;
-        Py_DECREF(r);
-    }
+    bool closed = loop_is_closed(b) == 1;
     PyErr_Clear();
     PyGILState_Release(st);
-    if (closed)
-        atomic_store(&b->closed_seen, true);
     return closed;
 }
 
 static void op_destroy(ca_loop *self)
 {
-    bridge *b = ca_loop_data(self);
+    bridge *b = bridge_of(self);
     PyGILState_STATE st;
     /* At interpreter exit the asyncio loop is not ours to release any more: leak it. */
     if (gil_enter(&st)) {
@@ -416,7 +440,7 @@ static int prune_bridges(void)
         return -1;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
         PyObject *pyloop = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
-        PyObject *r = PyObject_CallMethod(pyloop, "is_closed", NULL);
+        PyObject *r = call_loop_method(pyloop, s_is_closed, NULL, 0);
         if (r == NULL) {
             PyErr_Clear();
             continue;
@@ -535,8 +559,11 @@ static void deliver(pid_t pid, int returncode, void *arg)
     PyGILState_STATE st;
     if (!gil_enter(&st))
         return;
-    PyObject *r = PyObject_CallFunction(g_dispatch, "Kii", (unsigned long long)(uintptr_t)arg,
-                                        (int)pid, returncode);
+    PyObject *args[3] = {PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)arg),
+                         PyLong_FromLong(pid), PyLong_FromLong(returncode)};
+    PyObject *r = args[0] && args[1] && args[2] ? call_function(g_dispatch, args, 3) : NULL;
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(args[i]);
     if (r == NULL)
         PyErr_WriteUnraisable(g_dispatch);
     Py_XDECREF(r);
@@ -586,36 +613,51 @@ static void cwatcher_dealloc(CWatcher *self)
 
 /* add(pid, loop, token): loop is the asyncio delivery loop, or None for the watcher's own rule
  * (Safe and Fast: the attached loop). */
-static PyObject *cwatcher_add(CWatcher *self, PyObject *args)
+/* An int argument of a fast call (pid); -1 with an exception set if it is none. */
+static int int_arg(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "pid out of range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* add(pid, loop, token): loop is the asyncio delivery loop, or None for the watcher's own rule
+ * (Safe and Fast: the attached loop). A fast call: one per watched child. */
+static PyObject *cwatcher_add(CWatcher *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int pid;
-    PyObject *pyloop;
-    unsigned long long token;
-    if (!PyArg_ParseTuple(args, "iOK", &pid, &pyloop, &token))
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "add() takes 3 arguments (%zd given)", nargs);
+    if (int_arg(args[0], &pid) < 0)
+        return NULL;
+    PyObject *pyloop = args[1];
+    unsigned long long token = PyLong_AsUnsignedLongLong(args[2]);
+    if (token == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     ca_loop *loop = NULL;
     if (pyloop != Py_None && (loop = bridge_for(pyloop)) == NULL)
         return NULL;
-    ca_loop_ref(loop);
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = ca_child_watcher_add_child_handler_on(self->w, loop, (pid_t)pid, deliver,
-                                                (void *)(uintptr_t)token);
-    ca_loop_unref(loop);
-    Py_END_ALLOW_THREADS
+    /* With the GIL held (see the top of the file): the bridge's ops this calls (is_closed,
+     * add_reader) then cost no GIL hand-over each. */
+    int err = ca_child_watcher_add_child_handler_on(self->w, loop, (pid_t)pid, deliver,
+                                                    (void *)(uintptr_t)token);
     if (err < 0)
         return set_error(err), NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *cwatcher_remove(CWatcher *self, PyObject *args)
+static PyObject *cwatcher_remove(CWatcher *self, PyObject *arg)
 {
-    int pid, r;
-    if (!PyArg_ParseTuple(args, "i", &pid))
+    int pid;
+    if (int_arg(arg, &pid) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = ca_child_watcher_remove_child_handler(self->w, (pid_t)pid);
-    Py_END_ALLOW_THREADS
+    int r = ca_child_watcher_remove_child_handler(self->w, (pid_t)pid); /* GIL held */
     if (r < 0)
         return set_error(r), NULL;
     return PyBool_FromLong(r);
@@ -639,11 +681,7 @@ static PyObject *cwatcher_attach(CWatcher *self, PyObject *pyloop)
 
 static PyObject *cwatcher_is_active(CWatcher *self, PyObject *unused)
 {
-    bool active;
-    Py_BEGIN_ALLOW_THREADS
-    active = ca_child_watcher_is_active(self->w);
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(active);
+    return PyBool_FromLong(ca_child_watcher_is_active(self->w)); /* GIL held */
 }
 
 static PyObject *simple_call(CWatcher *self, int (*fn)(ca_child_watcher *))
@@ -673,8 +711,8 @@ static PyObject *cwatcher_exit(CWatcher *self, PyObject *unused)
 }
 
 static PyMethodDef cwatcher_methods[] = {
-    {"add", (PyCFunction)(void (*)(void))cwatcher_add, METH_VARARGS, NULL},
-    {"remove", (PyCFunction)(void (*)(void))cwatcher_remove, METH_VARARGS, NULL},
+    {"add", (PyCFunction)(void (*)(void))cwatcher_add, METH_FASTCALL, NULL},
+    {"remove", (PyCFunction)(void (*)(void))cwatcher_remove, METH_O, NULL},
     {"attach", (PyCFunction)(void (*)(void))cwatcher_attach, METH_O, NULL},
     {"is_active", (PyCFunction)(void (*)(void))cwatcher_is_active, METH_NOARGS, NULL},
     {"close", (PyCFunction)(void (*)(void))cwatcher_close, METH_NOARGS, NULL},
@@ -776,9 +814,54 @@ static struct PyModuleDef moddef = {
 
 PyMODINIT_FUNC PyInit__casyncio(void);
 
+/* asyncio's function module.cls.name, a new reference; NULL (no exception) if it has none. */
+static PyObject *asyncio_function(const char *module, const char *cls, PyObject *name)
+{
+    PyObject *mod = PyImport_ImportModule(module);
+    PyObject *c = mod == NULL ? NULL : PyObject_GetAttrString(mod, cls);
+    PyObject *f = c == NULL ? NULL : PyObject_GetAttr(c, name);
+    Py_XDECREF(c);
+    Py_XDECREF(mod);
+    if (f != NULL && !PyFunction_Check(f))
+        Py_CLEAR(f);
+    PyErr_Clear();
+    return f;
+}
+
+static int names_init(void)
+{
+    struct {
+        PyObject **p;
+        const char *s;
+    } names[] = {
+        {&s_add_reader, "add_reader"},
+        {&s_remove_reader, "remove_reader"},
+        {&s__add_reader, "_add_reader"},
+        {&s__remove_reader, "_remove_reader"},
+        {&s_is_closed, "is_closed"},
+        {&s__closed, "_closed"},
+        {&s_call_soon, "call_soon"},
+        {&s_call_at, "call_at"},
+        {&s_time, "time"},
+        {&s_add_signal_handler, "add_signal_handler"},
+        {&s_remove_signal_handler, "remove_signal_handler"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (*names[i].p == NULL && (*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
+            return -1;
+    if (g_base_is_closed == NULL) {
+        g_sel_add_reader =
+            asyncio_function("asyncio.selector_events", "BaseSelectorEventLoop", s_add_reader);
+        g_sel_remove_reader =
+            asyncio_function("asyncio.selector_events", "BaseSelectorEventLoop", s_remove_reader);
+        g_base_is_closed = asyncio_function("asyncio.base_events", "BaseEventLoop", s_is_closed);
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__casyncio(void)
 {
-    if (PyType_Ready(&CWatcher_Type) < 0)
+    if (PyType_Ready(&CWatcher_Type) < 0 || PyType_Ready(&CCall_Type) < 0 || names_init() < 0)
         return NULL;
     if (g_bridges == NULL && (g_bridges = PyDict_New()) == NULL)
         return NULL;

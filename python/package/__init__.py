@@ -112,6 +112,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_casyncio._shutdown)
 
 
+# asyncio's running loop or None (no exception to raise and catch when there is none).
+_get_running_loop = asyncio.events._get_running_loop
+
+
 def _current_loop():
     """The thread's current loop, asyncio.get_event_loop()'s answer outside a running loop
     (through the policy before 3.14, where asyncio.get_event_loop() itself warns on 3.10 and
@@ -162,32 +166,33 @@ with warnings.catch_warnings():
 
         def add_child_handler(self, pid, callback, *args):
             """Calls callback(pid, returncode, *args) once, when child pid exits."""
-            self._check_fork()
+            if self._gen != _fork_gen:
+                self._check_fork()
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
             if not callable(callback):
                 raise TypeError("callback must be callable")
             if self._implicit_loop:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:
+                loop = _get_running_loop()
+                if loop is None:
                     loop = self._loop if self._loop is not None else _current_loop()
                 cloop = loop
             else:
                 loop = self._loop
                 cloop = None  # the attached loop
             token = next(_tokens)
-            old = self._pids.get(pid)
+            pids = self._pids
+            old = pids.get(pid)
             _regs[token] = (self, loop, callback, args)
-            self._pids[pid] = token
+            pids[pid] = token
             if old is not None:
                 _regs.pop(old, None)
             try:
                 self._c.add(pid, cloop, token)
             except BaseException:
                 _regs.pop(token, None)
-                if self._pids.get(pid) == token:
-                    del self._pids[pid]
+                if pids.get(pid) == token:
+                    del pids[pid]
                 raise
 
         def remove_child_handler(self, pid):
@@ -212,8 +217,11 @@ with warnings.catch_warnings():
             self._loop = loop
 
         def is_active(self):
-            self._check_fork()
-            return not self._closed and self._c.is_active()
+            if self._gen != _fork_gen:
+                self._check_fork()
+            # Threaded, MultiLoop and Pidfd: active until closed (Safe and Fast ask the C
+            # watcher: attached to a loop that is not closed).
+            return not self._closed and (self._implicit_loop or self._c.is_active())
 
         def close(self):
             """Idempotent; no callback runs after it returns; children are not killed."""
@@ -238,15 +246,13 @@ with warnings.catch_warnings():
         def _threads(self):
             return {}
 
+        # Only Fast's C watcher does something between enter and exit (keeps early exit
+        # statuses): the others' are plain Python, as asyncio's.
         def __enter__(self):
-            self._check_fork()
-            if not self._closed:
-                self._c.enter()
             return self
 
         def __exit__(self, exc_type, exc_value, traceback):
-            if not self._closed and self._gen == _fork_gen:
-                self._c.exit()
+            pass
 
     class ThreadedChildWatcher(_Watcher):
         """One waiting thread per child (small stack, C only): waitpid(pid) there, the callback
@@ -267,6 +273,17 @@ with warnings.catch_warnings():
         """SIGCHLD through the attached loop, then waitpid(-1): reaps every child."""
         _kind = _casyncio.FAST
         _implicit_loop = False
+
+        def __enter__(self):
+            if self._gen != _fork_gen:
+                self._check_fork()
+            if not self._closed:
+                self._c.enter()
+            return self
+
+        def __exit__(self, exc_type, exc_value, traceback):
+            if not self._closed and self._gen == _fork_gen:
+                self._c.exit()
 
     class PidfdChildWatcher(_Watcher):
         """A pidfd per child, read by the loop running in the thread that called

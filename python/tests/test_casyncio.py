@@ -242,6 +242,90 @@ class TestDelivery(Base):
                 self.assertEqual(self.loop.run_until_complete(main()), 3)
                 self.assertEqual(first, [])
 
+    def test_bad_arguments_raise(self):
+        for cls in KINDS:
+            with self.subTest(cls.__name__), \
+                     contextlib.closing(self.watcher(cls)) as w:
+                pid = spawn("sleep 0.1")
+
+                async def main():
+                    with self.assertRaises(TypeError):
+                        w.add_child_handler(str(pid), lambda *a: None)
+                    with self.assertRaises(TypeError):
+                        w.add_child_handler(pid, "not callable")
+                    with self.assertRaises(OverflowError):
+                        w.add_child_handler(2 ** 40, lambda *a: None)
+                    with self.assertRaises(OSError):  # EINVAL
+                        w.add_child_handler(0, lambda *a: None)
+                    with self.assertRaises(OSError):
+                        w.add_child_handler(-pid, lambda *a: None)
+                    with self.assertRaises(TypeError):
+                        w.remove_child_handler(str(pid))
+                    self.assertFalse(w.remove_child_handler(pid))
+                    # None of it registered anything: the child's exit calls nothing.
+                    self.assertEqual(w._callbacks, {})
+                self.loop.run_until_complete(main())
+                reap(pid)
+
+    def test_readers_go_through_the_loops_own_methods(self):
+        # The pidfd's reader goes through _add_reader/_remove_reader when the loop's
+        # add_reader/remove_reader are asyncio's own, else through the loop's methods: a
+        # subclass's, or ones set on the instance, are called.
+        calls = []
+
+        class Loop(asyncio.SelectorEventLoop):
+            def add_reader(self, fd, cb, *args):
+                calls.append(("add", fd))
+                return super().add_reader(fd, cb, *args)
+
+            def remove_reader(self, fd):
+                calls.append(("remove", fd))
+                return super().remove_reader(fd)
+        plain = self.loop
+        # Seen from the instance (the shortcuts look the private methods up on the loop).
+        plain._add_reader = lambda fd, *a: calls.append(("_add", fd)) or \
+            asyncio.SelectorEventLoop._add_reader(plain, fd, *a)
+        plain._remove_reader = lambda fd: calls.append(("_remove", fd)) or \
+            asyncio.SelectorEventLoop._remove_reader(plain, fd)
+        self.loop = Loop()
+        try:
+            for loop in (plain, self.loop):
+                self.loop = loop
+                with self.subTest(type(loop).__name__), \
+                         contextlib.closing(self.watcher(casyncio.PidfdChildWatcher)) as w:
+                    # The first exit makes the loop's bridge (its queue's reader stays).
+                    self.assertEqual(self.wait_exit(w, spawn("exit 4"))[1], 4)
+                    before = set(loop._selector.get_map())
+                    calls.clear()
+                    pid = spawn("sleep 0.1; exit 5")
+                    fut = loop.create_future()
+
+                    async def main():
+                        w.add_child_handler(pid, lambda p, rc: fut.set_result(rc))
+                        added = set(loop._selector.get_map()) - before
+                        self.assertEqual(len(added), 1)  # the pidfd, watched now
+                        return await asyncio.wait_for(fut, LIMIT), added.pop()
+                    rc, fd = loop.run_until_complete(main())
+                    self.assertEqual(rc, 5)
+                    self.assertEqual(set(loop._selector.get_map()), before)  # and off again
+                    if loop is plain:  # asyncio's own methods: the shortcuts were taken
+                        self.assertEqual(calls, [("_add", fd), ("_remove", fd)])
+                    else:
+                        self.assertEqual(calls, [("add", fd), ("remove", fd)])
+            # A method set on the instance counts too.
+            self.loop = plain
+            plain.add_reader = lambda fd, cb, *a: calls.append(("inst", fd)) or \
+                asyncio.SelectorEventLoop.add_reader(plain, fd, cb, *a)
+            calls.clear()
+            w = self.watcher(casyncio.PidfdChildWatcher)
+            self.assertEqual(self.wait_exit(w, spawn("exit 6"))[1], 6)
+            self.assertEqual([c[0] for c in calls], ["inst", "_add", "_remove"])
+        finally:
+            if self.loop is not plain:
+                self.loop.close()
+            self.loop = plain
+            plain.close()
+
     def test_callback_exception_goes_to_exception_handler(self):
         for cls in KINDS:
             with self.subTest(cls.__name__), \
