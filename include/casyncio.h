@@ -247,7 +247,9 @@ ca_loop *ca_get_running_loop(void);
  *   stop                  any thread (ca_loop_stop).
  *   close                 the thread in ca_loop_close (or in the last ca_loop_unref).
  *   time                  any thread in ca_loop_time; the loop-thread rule for call_later.
- *   call_soon             the loop-thread rule (ca_loop_call_soon; process and future code).
+ *   call_soon             the loop-thread rule (ca_loop_call_soon; process and future code),
+ *                         and, in the thread where the loop is marked running
+ *                         (ca_loop_enter_running), an exit a child watcher's add found at once.
  *   call_soon_threadsafe  any thread, at any time: users, and the library's own threads
  *                         (Threaded's waiting threads, MultiLoop's reaping thread, a thread
  *                         that removes a Pidfd handler, closes a watcher or attaches Safe/Fast).

@@ -26,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <casyncio.h>
 
@@ -38,7 +39,6 @@
 #include <stdint.h>
 #include <time.h>
 
-static PyObject *g_dispatch;  /* casyncio._dispatch(token, pid, returncode) */
 static PyObject *g_log;       /* casyncio._log(level, message) */
 static PyObject *g_bridges;   /* dict: asyncio loop -> capsule holding its bridge (ca_loop) */
 static atomic_int g_shutdown; /* set at interpreter exit: foreign threads no longer take the GIL */
@@ -74,6 +74,31 @@ static bool gil_enter(PyGILState_STATE *st)
         return false;
     *st = PyGILState_Ensure();
     return true;
+}
+
+/* ---- the exception being raised, kept aside -------------------------------------------- */
+
+typedef struct {
+    PyObject *type, *value, *tb;
+} saved_exc;
+
+static void exc_save(saved_exc *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    e->type = e->tb = NULL;
+    e->value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e->type, &e->value, &e->tb);
+#endif
+}
+
+static void exc_restore(saved_exc *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e->value);
+#else
+    PyErr_Restore(e->type, e->value, e->tb);
+#endif
 }
 
 /* ---- calls on Python objects ------------------------------------------------------------ */
@@ -545,74 +570,21 @@ static int set_error(int err)
 
 /* ---- child watchers --------------------------------------------------------------------- */
 
-enum { KIND_THREADED, KIND_MULTILOOP, KIND_SAFE, KIND_FAST, KIND_PIDFD, KIND_COUNT };
+/* The watcher classes' C base, _casyncio.Watcher: casyncio's five classes derive from it (and
+ * from asyncio.AbstractChildWatcher where asyncio has it). The calls made for every child
+ * (add_child_handler, remove_child_handler, is_active, with) are its C methods, and an exit
+ * is dispatched here too: no Python frame of ours per child.
+ *
+ * Registrations. The C watcher is given an integer token as the callback's argument, never a
+ * pointer: g_regs maps token -> (watcher, loop, callback, args), and a watcher's pids map
+ * pid -> token. A token that was removed, replaced or closed finds nothing in g_regs when (and
+ * if) the C side reports it, so a late report does nothing and nothing is used after it was
+ * freed. Everything here runs with the GIL, which guards both maps.
+ *
+ * fork(). _after_fork_child bumps g_fork_gen: a watcher made before it rebuilds its C watcher
+ * (the parent's answers -ECHILD there) before its next use, and forgets the parent's children
+ * and attached loop. */
 
-typedef struct {
-    PyObject_HEAD
-    ca_child_watcher *w;
-} CWatcher;
-
-/* The exit of a child: runs casyncio._dispatch(token, pid, returncode), on the delivery
- * loop's thread (from an asyncio callback: the GIL is normally held already). */
-static void deliver(pid_t pid, int returncode, void *arg)
-{
-    PyGILState_STATE st;
-    if (!gil_enter(&st))
-        return;
-    PyObject *args[3] = {PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)arg),
-                         PyLong_FromLong(pid), PyLong_FromLong(returncode)};
-    PyObject *r = args[0] && args[1] && args[2] ? call_function(g_dispatch, args, 3) : NULL;
-    for (int i = 0; i < 3; i++)
-        Py_XDECREF(args[i]);
-    if (r == NULL)
-        PyErr_WriteUnraisable(g_dispatch);
-    Py_XDECREF(r);
-    PyGILState_Release(st);
-}
-
-static PyObject *cwatcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    int kind;
-    if (!PyArg_ParseTuple(args, "i", &kind))
-        return NULL;
-    if (kind < 0 || kind >= KIND_COUNT)
-        return PyErr_Format(PyExc_ValueError, "unknown watcher kind %d", kind);
-    CWatcher *self = (CWatcher *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    switch (kind) {
-    case KIND_THREADED: err = ca_threaded_child_watcher_new(&self->w); break;
-    case KIND_MULTILOOP: err = ca_multiloop_child_watcher_new(&self->w); break;
-    case KIND_SAFE: err = ca_safe_child_watcher_new(&self->w); break;
-    case KIND_FAST: err = ca_fast_child_watcher_new(&self->w); break;
-    default: err = ca_pidfd_child_watcher_new(&self->w); break;
-    }
-    Py_END_ALLOW_THREADS
-    if (err < 0) {
-        self->w = NULL;
-        Py_DECREF(self);
-        set_error(err);
-        return NULL;
-    }
-    return (PyObject *)self;
-}
-
-static void cwatcher_dealloc(CWatcher *self)
-{
-    ca_child_watcher *w = self->w;
-    self->w = NULL;
-    if (w != NULL) {
-        Py_BEGIN_ALLOW_THREADS
-        ca_child_watcher_unref(w);
-        Py_END_ALLOW_THREADS
-    }
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* add(pid, loop, token): loop is the asyncio delivery loop, or None for the watcher's own rule
- * (Safe and Fast: the attached loop). */
 /* An int argument of a fast call (pid); -1 with an exception set if it is none. */
 static int int_arg(PyObject *o, int *out)
 {
@@ -627,43 +599,421 @@ static int int_arg(PyObject *o, int *out)
     return 0;
 }
 
-/* add(pid, loop, token): loop is the asyncio delivery loop, or None for the watcher's own rule
- * (Safe and Fast: the attached loop). A fast call: one per watched child. */
-static PyObject *cwatcher_add(CWatcher *self, PyObject *const *args, Py_ssize_t nargs)
+enum { KIND_THREADED, KIND_MULTILOOP, KIND_SAFE, KIND_FAST, KIND_PIDFD, KIND_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    ca_child_watcher *w;
+    int kind;
+    bool implicit;    /* delivers to the caller's loop (Threaded, MultiLoop, Pidfd) */
+    char closed;      /* _closed */
+    unsigned gen;     /* g_fork_gen when w was made */
+    PyObject *loop;   /* _loop: the attached asyncio loop, or None */
+    PyObject *pids;   /* _pids: pid -> token */
+} Watcher;
+
+static PyObject *g_regs;          /* token -> (watcher, loop, callback, args) */
+static unsigned long long g_token; /* the last token given */
+static unsigned g_fork_gen;
+static PyObject *g_get_running_loop; /* asyncio.events._get_running_loop */
+static PyObject *g_current_loop;     /* casyncio._current_loop, given by _setup */
+
+static int make_c_watcher(int kind, ca_child_watcher **out)
 {
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_THREADED: err = ca_threaded_child_watcher_new(out); break;
+    case KIND_MULTILOOP: err = ca_multiloop_child_watcher_new(out); break;
+    case KIND_SAFE: err = ca_safe_child_watcher_new(out); break;
+    case KIND_FAST: err = ca_fast_child_watcher_new(out); break;
+    default: err = ca_pidfd_child_watcher_new(out); break;
+    }
+    Py_END_ALLOW_THREADS
+    return err < 0 ? set_error(err) : 0;
+}
+
+/* Drops a C watcher with the GIL released: the last reference joins MultiLoop's thread. */
+static void drop_c_watcher(ca_child_watcher *w)
+{
+    if (w == NULL)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    ca_child_watcher_unref(w);
+    Py_END_ALLOW_THREADS
+}
+
+/* In a child of fork(): a new C watcher of the same kind; the parent's children and attached
+ * loop are not ours. -1 with an exception set if it cannot be made (then tried again next
+ * time). */
+static int check_fork(Watcher *self)
+{
+    if (self->gen == g_fork_gen)
+        return 0;
+    PyDict_Clear(self->pids);
+    Py_INCREF(Py_None);
+    Py_SETREF(self->loop, Py_None);
+    if (!self->closed) {
+        ca_child_watcher *w;
+        if (make_c_watcher(self->kind, &w) < 0)
+            return -1;
+        ca_child_watcher *old = self->w;
+        self->w = w;
+        drop_c_watcher(old);
+    }
+    self->gen = g_fork_gen;
+    return 0;
+}
+
+/* An exception raised by a child's callback goes to loop.call_exception_handler (asyncio's
+ * way); with no loop, or if that fails too, it is reported as unraisable. The exception is
+ * set; cleared on return. */
+static void report_callback_error(PyObject *loop, PyObject *callback, int pid)
+{
+    if (loop == Py_None || PyErr_ExceptionMatches(PyExc_SystemExit) ||
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        PyErr_WriteUnraisable(callback);
+        return;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL && exc != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+#endif
+    PyObject *ctx = Py_BuildValue("{s:N,s:O}", "message",
+                                  PyUnicode_FromFormat(
+                                      "Exception in child watcher callback for pid %d", pid),
+                                  "exception", exc != NULL ? exc : Py_None);
+    Py_XDECREF(exc);
+    PyObject *r = ctx == NULL ? NULL : PyObject_CallMethod(loop, "call_exception_handler", "O",
+                                                           ctx);
+    Py_XDECREF(ctx);
+    if (r == NULL)
+        PyErr_WriteUnraisable(loop);
+    Py_XDECREF(r);
+}
+
+/* The exit of a child: calls its callback(pid, returncode, *args) if its token is still
+ * registered, on the delivery loop's thread (from an asyncio callback: the GIL is normally
+ * held already). */
+static void deliver(pid_t pid, int returncode, void *arg)
+{
+    PyGILState_STATE st;
+    if (!gil_enter(&st))
+        return;
+    PyObject *tok = PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)arg);
+    PyObject *entry = tok == NULL ? NULL : PyDict_GetItemWithError(g_regs, tok);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(NULL);
+        Py_XDECREF(tok);
+        PyGILState_Release(st);
+        return;
+    }
+    Py_INCREF(entry);
+    if (PyDict_DelItem(g_regs, tok) < 0)
+        PyErr_Clear();
+    Watcher *w = (Watcher *)PyTuple_GET_ITEM(entry, 0);
+    PyObject *loop = PyTuple_GET_ITEM(entry, 1);
+    PyObject *callback = PyTuple_GET_ITEM(entry, 2);
+    PyObject *args = PyTuple_GET_ITEM(entry, 3);
+    PyObject *pidobj = PyLong_FromLong(pid);
+    if (pidobj != NULL && w->pids != NULL) {
+        PyObject *cur = PyDict_GetItemWithError(w->pids, pidobj);
+        if (cur != NULL && PyObject_RichCompareBool(cur, tok, Py_EQ) == 1 &&
+            PyDict_DelItem(w->pids, pidobj) < 0)
+            PyErr_Clear();
+        PyErr_Clear();
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *small[8];
+    PyObject **stack = n + 2 <= 8 ? small : PyMem_Malloc((size_t)(n + 2) * sizeof *stack);
+    PyObject *rc = PyLong_FromLong(returncode);
+    PyObject *r = NULL;
+    if (stack == NULL)
+        PyErr_NoMemory();
+    else if (pidobj != NULL && rc != NULL) {
+        stack[0] = pidobj;
+        stack[1] = rc;
+        for (Py_ssize_t i = 0; i < n; i++)
+            stack[i + 2] = PyTuple_GET_ITEM(args, i);
+        r = call_function(callback, stack, (size_t)n + 2);
+    }
+    if (stack != small)
+        PyMem_Free(stack);
+    if (r == NULL)
+        report_callback_error(loop, callback, (int)pid);
+    Py_XDECREF(r);
+    Py_XDECREF(rc);
+    Py_XDECREF(pidobj);
+    Py_DECREF(entry);
+    Py_DECREF(tok);
+    PyGILState_Release(st);
+}
+
+static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0))
+        return PyErr_Format(PyExc_TypeError, "%s() takes no arguments", type->tp_name);
+    PyObject *k = PyObject_GetAttrString((PyObject *)type, "_kind");
+    long kind = k == NULL || !PyLong_Check(k) ? -1 : PyLong_AsLong(k);
+    Py_XDECREF(k);
+    PyErr_Clear();
+    if (kind < 0 || kind >= KIND_COUNT)
+        return PyErr_Format(PyExc_TypeError, "%s has no watcher kind", type->tp_name);
+    Watcher *self = (Watcher *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->kind = (int)kind;
+    self->implicit = kind != KIND_SAFE && kind != KIND_FAST;
+    self->gen = g_fork_gen;
+    Py_INCREF(Py_None);
+    self->loop = Py_None;
+    if ((self->pids = PyDict_New()) == NULL || make_c_watcher(self->kind, &self->w) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int watcher_traverse(Watcher *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->loop);
+    Py_VISIT(self->pids);
+    return 0;
+}
+
+static int watcher_clear(Watcher *self)
+{
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->pids);
+    return 0;
+}
+
+static void watcher_dealloc(Watcher *self)
+{
+    PyObject_GC_UnTrack(self);
+    watcher_clear(self);
+    ca_child_watcher *w = self->w;
+    self->w = NULL;
+    drop_c_watcher(w);
+    /* A subclass's instance: subtype_dealloc drops the reference to its heap type. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The delivery loop of an implicit add: the running loop, else the attached one, else the
+ * thread's current loop (asyncio.get_event_loop()'s answer: casyncio._current_loop). running
+ * is this thread's running loop or None (borrowed). */
+static PyObject *implicit_loop(Watcher *self, PyObject *running)
+{
+    if (running != Py_None) {
+        Py_INCREF(running);
+        return running;
+    }
+    if (self->loop != Py_None) {
+        Py_INCREF(self->loop);
+        return self->loop;
+    }
+    return call_function(g_current_loop, NULL, 0);
+}
+
+/* add_child_handler(pid, callback, *args): callback(pid, returncode, *args) once, when child
+ * pid exits; re-adding a pid replaces its callback. */
+static PyObject *watcher_add(Watcher *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2)
+        return PyErr_Format(PyExc_TypeError,
+                            "add_child_handler() takes at least 2 arguments (%zd given)", nargs);
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->closed)
+        return PyErr_Format(PyExc_RuntimeError, "%R is closed", self);
+    PyObject *callback = args[1];
+    if (!PyCallable_Check(callback))
+        return PyErr_Format(PyExc_TypeError, "callback must be callable");
     int pid;
-    if (nargs != 3)
-        return PyErr_Format(PyExc_TypeError, "add() takes 3 arguments (%zd given)", nargs);
     if (int_arg(args[0], &pid) < 0)
         return NULL;
-    PyObject *pyloop = args[1];
-    unsigned long long token = PyLong_AsUnsignedLongLong(args[2]);
-    if (token == (unsigned long long)-1 && PyErr_Occurred())
+    PyObject *running = call_function(g_get_running_loop, NULL, 0);
+    if (running == NULL)
         return NULL;
-    ca_loop *loop = NULL;
-    if (pyloop != Py_None && (loop = bridge_for(pyloop)) == NULL)
-        return NULL;
+    PyObject *loop, *cloop;
+    if (self->implicit) {
+        if ((loop = implicit_loop(self, running)) == NULL) {
+            Py_DECREF(running);
+            return NULL;
+        }
+        cloop = loop;
+    } else {
+        loop = self->loop; /* Safe and Fast: the attached loop */
+        Py_INCREF(loop);
+        cloop = Py_None;
+    }
+    PyObject *cargs = PyTuple_New(nargs - 2);
+    /* Our token, in a local: the Python code called below (a new bridge asks loops whether
+     * they are closed) may let another thread add meanwhile. */
+    unsigned long long token = ++g_token;
+    PyObject *tok = PyLong_FromUnsignedLongLong(token);
+    PyObject *pidobj = PyLong_FromLong(pid);
+    PyObject *entry = NULL, *old = NULL;
+    bool registered = false;
+    int err = -1;
+    if (cargs == NULL || tok == NULL || pidobj == NULL)
+        goto out;
+    for (Py_ssize_t i = 2; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(cargs, i - 2, args[i]);
+    }
+    if ((entry = PyTuple_Pack(4, (PyObject *)self, loop, callback, cargs)) == NULL)
+        goto out;
+    old = PyDict_GetItemWithError(self->pids, pidobj);
+    Py_XINCREF(old);
+    if ((old == NULL && PyErr_Occurred()) || PyDict_SetItem(g_regs, tok, entry) < 0)
+        goto out;
+    registered = true;
+    if (PyDict_SetItem(self->pids, pidobj, tok) < 0)
+        goto out;
+    if (old != NULL && PyDict_DelItem(g_regs, old) < 0)
+        PyErr_Clear(); /* already delivered */
+    ca_loop *bloop = NULL;
+    if (cloop != Py_None && (bloop = bridge_for(cloop)) == NULL)
+        goto out;
+    /* The delivery loop runs in this thread (the common case: a coroutine spawns a child): its
+     * bridge is marked running here for the call, so that an exit the add finds at once is
+     * posted with the loop's call_soon, not through the bridge's thread-safe queue (a wakeup
+     * of the loop and a read of its eventfd). */
+    ca_loop *here = NULL;
+    if (loop == running && loop != Py_None) {
+        here = bloop != NULL ? bloop : bridge_for(loop);
+        if (here == NULL)
+            goto out;
+        if (ca_loop_enter_running(here) < 0)
+            here = NULL; /* another loop is marked running in this thread: the queue serves */
+    }
     /* With the GIL held (see the top of the file): the bridge's ops this calls (is_closed,
      * add_reader) then cost no GIL hand-over each. */
-    int err = ca_child_watcher_add_child_handler_on(self->w, loop, (pid_t)pid, deliver,
-                                                    (void *)(uintptr_t)token);
+    int e = ca_child_watcher_add_child_handler_on(self->w, bloop, (pid_t)pid, deliver,
+                                                  (void *)(uintptr_t)token);
+    if (here != NULL)
+        ca_loop_exit_running(here);
+    if (e < 0) {
+        set_error(e);
+        goto out;
+    }
+    err = 0;
+out:
+    if (err < 0 && registered) {
+        saved_exc saved;
+        exc_save(&saved);
+        if (PyDict_GetItemWithError(g_regs, tok) != NULL && PyDict_DelItem(g_regs, tok) < 0)
+            PyErr_Clear();
+        if (PyDict_GetItemWithError(self->pids, pidobj) == tok &&
+            PyDict_DelItem(self->pids, pidobj) < 0)
+            PyErr_Clear();
+        PyErr_Clear();
+        exc_restore(&saved);
+    }
+    Py_XDECREF(old);
+    Py_XDECREF(entry);
+    Py_XDECREF(pidobj);
+    Py_XDECREF(tok);
+    Py_XDECREF(cargs);
+    Py_DECREF(loop);
+    Py_DECREF(running);
+    if (err < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* remove_child_handler(pid) -> True if a handler was removed (its callback is never called). */
+static PyObject *watcher_remove(Watcher *self, PyObject *arg)
+{
+    int pid;
+    if (int_arg(arg, &pid) < 0 || check_fork(self) < 0)
+        return NULL;
+    PyObject *pidobj = PyLong_FromLong(pid);
+    if (pidobj == NULL)
+        return NULL;
+    PyObject *tok = PyDict_GetItemWithError(self->pids, pidobj);
+    bool removed = false;
+    if (tok != NULL) {
+        Py_INCREF(tok);
+        if (PyDict_DelItem(self->pids, pidobj) < 0)
+            PyErr_Clear();
+        PyObject *entry = PyDict_GetItemWithError(g_regs, tok);
+        if (entry != NULL) {
+            removed = true;
+            if (PyDict_DelItem(g_regs, tok) < 0)
+                PyErr_Clear();
+        }
+        Py_DECREF(tok);
+    }
+    Py_DECREF(pidobj);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!self->closed) {
+        int r = ca_child_watcher_remove_child_handler(self->w, (pid_t)pid); /* GIL held */
+        if (r < 0)
+            return set_error(r), NULL;
+    }
+    return PyBool_FromLong(removed);
+}
+
+/* Threaded, MultiLoop and Pidfd: active until closed; Safe and Fast: attached to a loop that
+ * is not closed (the C watcher's answer). */
+static PyObject *watcher_is_active(Watcher *self, PyObject *unused)
+{
+    if (check_fork(self) < 0)
+        return NULL;
+    bool active = !self->closed && (self->implicit || ca_child_watcher_is_active(self->w));
+    return PyBool_FromLong(active);
+}
+
+/* A call that may wait for a library thread (see the top of the file): the GIL is released. */
+static PyObject *blocking_call(Watcher *self, int (*fn)(ca_child_watcher *))
+{
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = fn(self->w);
+    Py_END_ALLOW_THREADS
     if (err < 0)
         return set_error(err), NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *cwatcher_remove(CWatcher *self, PyObject *arg)
+/* with w: returns w. Only Fast's C watcher does something between enter and exit (keeps early
+ * exit statuses), as only asyncio's Fast does. */
+static PyObject *watcher_enter(Watcher *self, PyObject *unused)
 {
-    int pid;
-    if (int_arg(arg, &pid) < 0)
-        return NULL;
-    int r = ca_child_watcher_remove_child_handler(self->w, (pid_t)pid); /* GIL held */
-    if (r < 0)
-        return set_error(r), NULL;
-    return PyBool_FromLong(r);
+    if (self->kind == KIND_FAST) {
+        if (check_fork(self) < 0)
+            return NULL;
+        if (!self->closed) {
+            PyObject *r = blocking_call(self, ca_child_watcher_enter);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+        }
+    }
+    Py_INCREF(self);
+    return (PyObject *)self;
 }
 
-static PyObject *cwatcher_attach(CWatcher *self, PyObject *pyloop)
+static PyObject *watcher_exit(Watcher *self, PyObject *args)
+{
+    if (self->kind == KIND_FAST && !self->closed && self->gen == g_fork_gen)
+        return blocking_call(self, ca_child_watcher_exit);
+    Py_RETURN_NONE;
+}
+
+/* _attach(loop): the C watcher's attach_loop (Safe and Fast watch SIGCHLD through loop). */
+static PyObject *watcher_attach(Watcher *self, PyObject *pyloop)
 {
     ca_loop *loop = NULL;
     if (pyloop != Py_None && (loop = bridge_for(pyloop)) == NULL)
@@ -679,57 +1029,91 @@ static PyObject *cwatcher_attach(CWatcher *self, PyObject *pyloop)
     Py_RETURN_NONE;
 }
 
-static PyObject *cwatcher_is_active(CWatcher *self, PyObject *unused)
+/* _close(): forgets the registrations (no callback runs after it returns) and closes the C
+ * watcher. */
+static PyObject *watcher_close(Watcher *self, PyObject *unused)
 {
-    return PyBool_FromLong(ca_child_watcher_is_active(self->w)); /* GIL held */
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->closed)
+        Py_RETURN_NONE;
+    self->closed = 1;
+    PyObject *tok;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(self->pids, &pos, NULL, &tok))
+        if (PyDict_DelItem(g_regs, tok) < 0)
+            PyErr_Clear();
+    PyDict_Clear(self->pids);
+    Py_INCREF(Py_None);
+    Py_SETREF(self->loop, Py_None);
+    return blocking_call(self, ca_child_watcher_close);
 }
 
-static PyObject *simple_call(CWatcher *self, int (*fn)(ca_child_watcher *))
+static PyObject *watcher_check_fork(Watcher *self, PyObject *unused)
 {
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = fn(self->w);
-    Py_END_ALLOW_THREADS
-    if (err < 0)
-        return set_error(err), NULL;
+    if (check_fork(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *cwatcher_close(CWatcher *self, PyObject *unused)
-{
-    return simple_call(self, ca_child_watcher_close);
-}
-
-static PyObject *cwatcher_enter(CWatcher *self, PyObject *unused)
-{
-    return simple_call(self, ca_child_watcher_enter);
-}
-
-static PyObject *cwatcher_exit(CWatcher *self, PyObject *unused)
-{
-    return simple_call(self, ca_child_watcher_exit);
-}
-
-static PyMethodDef cwatcher_methods[] = {
-    {"add", (PyCFunction)(void (*)(void))cwatcher_add, METH_FASTCALL, NULL},
-    {"remove", (PyCFunction)(void (*)(void))cwatcher_remove, METH_O, NULL},
-    {"attach", (PyCFunction)(void (*)(void))cwatcher_attach, METH_O, NULL},
-    {"is_active", (PyCFunction)(void (*)(void))cwatcher_is_active, METH_NOARGS, NULL},
-    {"close", (PyCFunction)(void (*)(void))cwatcher_close, METH_NOARGS, NULL},
-    {"enter", (PyCFunction)(void (*)(void))cwatcher_enter, METH_NOARGS, NULL},
-    {"exit", (PyCFunction)(void (*)(void))cwatcher_exit, METH_NOARGS, NULL},
+static PyMethodDef watcher_methods[] = {
+    {"add_child_handler", (PyCFunction)(void (*)(void))watcher_add, METH_FASTCALL,
+     "add_child_handler(pid, callback, *args): callback(pid, returncode, *args) is called once, "
+     "when child pid exits."},
+    {"remove_child_handler", (PyCFunction)(void (*)(void))watcher_remove, METH_O,
+     "remove_child_handler(pid) -> bool: True if a handler was removed (it is never called)."},
+    {"is_active", (PyCFunction)(void (*)(void))watcher_is_active, METH_NOARGS,
+     "Whether the watcher can report exits now."},
+    {"__enter__", (PyCFunction)(void (*)(void))watcher_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))watcher_exit, METH_VARARGS, NULL},
+    {"_attach", (PyCFunction)(void (*)(void))watcher_attach, METH_O, NULL},
+    {"_close", (PyCFunction)(void (*)(void))watcher_close, METH_NOARGS, NULL},
+    {"_check_fork", (PyCFunction)(void (*)(void))watcher_check_fork, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject CWatcher_Type = {
+static PyObject *watcher_get_loop(Watcher *self, void *unused)
+{
+    Py_INCREF(self->loop);
+    return self->loop;
+}
+
+static int watcher_set_loop(Watcher *self, PyObject *value, void *unused)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_loop cannot be deleted");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_SETREF(self->loop, value);
+    return 0;
+}
+
+static PyGetSetDef watcher_getset[] = {
+    {"_loop", (getter)watcher_get_loop, (setter)watcher_set_loop,
+     "The attached asyncio loop, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef watcher_members[] = {
+    {"_closed", T_BOOL, offsetof(Watcher, closed), READONLY, NULL},
+    {"_pids", T_OBJECT_EX, offsetof(Watcher, pids), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Watcher_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "casyncio._casyncio.CWatcher",
-    .tp_basicsize = sizeof(CWatcher),
-    .tp_dealloc = (destructor)cwatcher_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A C child watcher (casyncio's Python classes wrap it).",
-    .tp_methods = cwatcher_methods,
-    .tp_new = cwatcher_new,
+    .tp_name = "casyncio._casyncio.Watcher",
+    .tp_basicsize = sizeof(Watcher),
+    .tp_dealloc = (destructor)watcher_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of casyncio's watcher classes (a subclass names its kind in _kind).",
+    .tp_traverse = (traverseproc)watcher_traverse,
+    .tp_clear = (inquiry)watcher_clear,
+    .tp_methods = watcher_methods,
+    .tp_members = watcher_members,
+    .tp_getset = watcher_getset,
+    .tp_new = watcher_new,
 };
 
 /* ---- logging -------------------------------------------------------------------------- */
@@ -750,18 +1134,16 @@ static void log_handler(int level, const char *msg, void *arg)
 
 /* ---- module functions ------------------------------------------------------------------- */
 
+/* _setup(log, current_loop): casyncio._log and casyncio._current_loop. */
 static PyObject *mod_setup(PyObject *mod, PyObject *args)
 {
-    PyObject *dispatch, *log;
-    if (!PyArg_ParseTuple(args, "OO", &dispatch, &log))
+    PyObject *log, *current;
+    if (!PyArg_ParseTuple(args, "OO", &log, &current))
         return NULL;
-    PyObject *old_dispatch = g_dispatch, *old_log = g_log;
-    Py_INCREF(dispatch);
-    g_dispatch = dispatch;
     Py_INCREF(log);
-    g_log = log;
-    Py_XDECREF(old_dispatch);
-    Py_XDECREF(old_log);
+    Py_XSETREF(g_log, log);
+    Py_INCREF(current);
+    Py_XSETREF(g_current_loop, current);
     ca_set_log_handler(log_handler, NULL);
     Py_RETURN_NONE;
 }
@@ -775,10 +1157,13 @@ static PyObject *mod_shutdown(PyObject *mod, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* In a child made by fork(): the parent's bridges are the parent's (the library answers
- * -ECHILD for them); forget them, which frees their memory only. */
+/* In a child made by fork(): the parent's bridges and registrations are the parent's (the
+ * library answers -ECHILD for them); forget them, which frees their memory only. Every
+ * watcher rebuilds its C watcher before its next use (check_fork). */
 static PyObject *mod_after_fork_child(PyObject *mod, PyObject *unused)
 {
+    g_fork_gen++;
+    PyDict_Clear(g_regs);
     PyDict_Clear(g_bridges);
     Py_RETURN_NONE;
 }
@@ -859,26 +1244,41 @@ static int names_init(void)
     return 0;
 }
 
+static int add_object(PyObject *m, const char *name, PyObject *o)
+{
+#if PY_VERSION_HEX >= 0x030A0000
+    return PyModule_AddObjectRef(m, name, o);
+#else
+    Py_INCREF(o);
+    int added = PyModule_AddObject(m, name, o);
+    if (added < 0)
+        Py_DECREF(o);
+    return added;
+#endif
+}
+
 PyMODINIT_FUNC PyInit__casyncio(void)
 {
-    if (PyType_Ready(&CWatcher_Type) < 0 || PyType_Ready(&CCall_Type) < 0 || names_init() < 0)
+    if (PyType_Ready(&Watcher_Type) < 0 || PyType_Ready(&CCall_Type) < 0 || names_init() < 0)
         return NULL;
     if (g_bridges == NULL && (g_bridges = PyDict_New()) == NULL)
         return NULL;
+    if (g_regs == NULL && (g_regs = PyDict_New()) == NULL)
+        return NULL;
+    if (g_get_running_loop == NULL) {
+        PyObject *ev = PyImport_ImportModule("asyncio.events");
+        g_get_running_loop = ev == NULL ? NULL : PyObject_GetAttrString(ev, "_get_running_loop");
+        Py_XDECREF(ev);
+        if (g_get_running_loop == NULL)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL)
         return NULL;
     /* PyModule_AddObjectRef (3.10+) does not steal; PyModule_AddObject, soft-deprecated since,
      * steals only on success. */
-#if PY_VERSION_HEX >= 0x030A0000
-    int added = PyModule_AddObjectRef(m, "CWatcher", (PyObject *)&CWatcher_Type);
-#else
-    Py_INCREF(&CWatcher_Type);
-    int added = PyModule_AddObject(m, "CWatcher", (PyObject *)&CWatcher_Type);
-    if (added < 0)
-        Py_DECREF(&CWatcher_Type);
-#endif
-    if (added < 0 ||
+    if (add_object(m, "Watcher", (PyObject *)&Watcher_Type) < 0 ||
+        add_object(m, "_regs", g_regs) < 0 ||
         PyModule_AddIntConstant(m, "THREADED", KIND_THREADED) < 0 ||
         PyModule_AddIntConstant(m, "MULTILOOP", KIND_MULTILOOP) < 0 ||
         PyModule_AddIntConstant(m, "SAFE", KIND_SAFE) < 0 ||

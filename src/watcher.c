@@ -290,8 +290,11 @@ void ca__wlog_op(ca__wlog *q, ca__wcore *c, ca__wreg *r, int op, ca_loop *loop, 
 static void flush_post_exit(ca__wcore *c, ca__wreg *r, ca_loop *loop)
 {
     int err = -EBADF;
-    /* A loop its host closed behind our back gets nothing, as a loop closed by ca_loop_close. */
-    if (loop && !ca_loop_is_closed(loop)) err = ca_loop_call_soon_threadsafe(loop, deliver_cb, r);
+    /* A loop its host closed behind our back gets nothing, as a loop closed by ca_loop_close.
+     * From the loop's own running thread (an add that found the child gone already) a plain
+     * call_soon: no wakeup of a loop that is awake; from anywhere else its thread-safe queue. */
+    if (loop && !ca_loop_is_closed(loop))
+        err = ca__loop_schedule_ex(loop, deliver_cb, r, NULL, NULL, true);
     ca__wlog q = {0};
     ca__wcore_lock(c);
     if (err < 0 && r->posted) {

@@ -274,3 +274,49 @@ TEST(host_queue_takes_library_deliveries_from_other_threads)
     CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);
 }
+
+/* An exit an add finds at once (here: Pidfd, a child reaped already) is posted with the loop's
+ * call_soon when the add runs in the thread where the loop is marked running (a host adapter
+ * marks it around the calls it makes on the loop's thread): no write to the queue's fd, no
+ * wakeup of a loop that is awake. From a thread where it is not marked running, the queue. */
+static void rc_cb(pid_t pid, int rc, void *arg) { *(int *)arg = rc; }
+static bool rc_set(void *arg) { return *(int *)arg != -1; }
+
+static pid_t reaped_child(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) _exit(3);
+    CHECK(pid > 0);
+    CHECK_EQ(waitpid(pid, NULL, 0), pid);
+    return pid;
+}
+
+TEST(host_add_on_the_running_thread_posts_without_the_queue)
+{
+    ca_child_watcher *w = NULL;
+    int err = ca_pidfd_child_watcher_new(&w);
+    if (err == -ENOSYS) {
+        t_skip("no pidfd_open");
+        return;
+    }
+    CHECK_OK(err);
+    ca_loop *loop = NULL;
+    CHECK_OK(t_custom_loop_new_hostq(&loop));
+    int fd = ca_loop_threadsafe_fd(loop);
+    CHECK(fd >= 0);
+    for (int marked = 1; marked >= 0; marked--) {
+        int rc = -1;
+        pid_t pid = reaped_child();
+        if (marked) CHECK_OK(ca_loop_enter_running(loop));
+        CHECK_OK(ca_child_watcher_add_child_handler_on(w, loop, pid, rc_cb, &rc));
+        if (marked) CHECK_OK(ca_loop_exit_running(loop));
+        CHECK_EQ(readable(fd), !marked);
+        CHECK_EQ(rc, -1); /* posted, not called in the add */
+        CHECK(t_run_until(loop, rc_set, &rc, 5));
+        CHECK_EQ(rc, 255); /* its status was read by someone else */
+    }
+    CHECK_OK(ca_child_watcher_close(w));
+    ca_child_watcher_unref(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}

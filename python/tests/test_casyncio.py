@@ -343,6 +343,88 @@ class TestDelivery(Base):
                 self.assertIsInstance(ctx["exception"], ZeroDivisionError)
                 self.loop.set_exception_handler(None)
 
+    def test_callback_exception_traceback_reaches_the_handler(self):
+        # The exception handler gets the exception with its traceback (the callback's frame).
+        w = self.watcher(casyncio.PidfdChildWatcher)
+        seen = self.loop.create_future()
+        self.loop.set_exception_handler(lambda loop, ctx: seen.set_result(ctx))
+
+        def boom(pid, rc):
+            raise KeyError("boom")
+
+        async def main():
+            pid = spawn("exit 0")
+            w.add_child_handler(pid, boom)
+            return pid, await asyncio.wait_for(seen, LIMIT)
+        pid, ctx = self.loop.run_until_complete(main())
+        self.loop.set_exception_handler(None)
+        self.assertEqual(ctx["message"], f"Exception in child watcher callback for pid {pid}")
+        tb = ctx["exception"].__traceback__
+        names = []
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        self.assertIn("boom", names)
+
+    def test_exited_before_add_is_delivered_on_the_loop(self):
+        # A child that exited (and, for Fast, was reaped) before its handler is added: the
+        # callback comes from the loop, after add_child_handler returned, not inside it.
+        for cls in KINDS:
+            with self.subTest(cls.__name__), \
+                     contextlib.closing(self.watcher(cls)) as w:
+                pid = spawn("exit 9")
+                deadline = time.monotonic() + LIMIT
+                while time.monotonic() < deadline:  # a zombie now (or reaped by Fast)
+                    try:
+                        with open(f"/proc/{pid}/stat") as f:
+                            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                                break
+                    except FileNotFoundError:
+                        break
+                    time.sleep(0.005)
+                got = []
+                fut = self.loop.create_future()
+
+                async def main():
+                    w.add_child_handler(pid, lambda p, rc: (got.append(rc), fut.set_result(rc)))
+                    self.assertEqual(got, [])
+                    return await asyncio.wait_for(fut, LIMIT)
+                self.assertEqual(self.loop.run_until_complete(main()), 9)
+
+    def test_watcher_internals_are_guarded(self):
+        w = self.watcher(casyncio.PidfdChildWatcher, attach=False)
+        with self.assertRaises(TypeError):
+            casyncio.PidfdChildWatcher(1)
+        with self.assertRaises(TypeError):  # the C base alone has no kind
+            casyncio._casyncio.Watcher()
+        with self.assertRaises(AttributeError):
+            del w._loop
+        w._loop = self.loop
+        self.assertIs(w._loop, self.loop)
+        with self.assertRaises(AttributeError):
+            w._closed = True
+        self.assertEqual(w._pids, {})
+
+    def test_registration_keeps_the_watcher(self):
+        # The only reference to a watcher may be its pending registration: the exit still
+        # arrives, and the watcher goes with it.
+        import gc
+        import weakref
+        w = new_watcher(casyncio.PidfdChildWatcher)
+        ref = weakref.ref(w)
+        fut = self.loop.create_future()
+
+        async def add(w):
+            w.add_child_handler(spawn("sleep 0.1; exit 4"), lambda p, rc: fut.set_result(rc))
+        self.loop.run_until_complete(add(w))
+        del w
+        gc.collect()
+        self.assertIsNotNone(ref())
+        self.assertEqual(self.loop.run_until_complete(asyncio.wait_for(fut, LIMIT)), 4)
+        self.loop.run_until_complete(asyncio.sleep(0))
+        gc.collect()
+        self.assertIsNone(ref())
+
     def test_loop_in_another_thread(self):
         for cls in IMPLICIT:
             with self.subTest(cls.__name__), \
