@@ -163,29 +163,32 @@ static bool has_pid(const pid_t *pids, int n, pid_t pid)
     return false;
 }
 
-_Static_assert(CA__WCAND_RECENT <= CA__WCAND_HINTS, "the candidates share one array");
+_Static_assert(CA__WCAND_RECENT <= CA__WCAND_HINTS && CA__WCAND_ALL <= CA__WCAND_HINTS,
+               "the candidates share one array");
 
 void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
 {
     pid_t hints[CA__WCAND_HINTS];
     int nh = ca__sigchld_hints(&c->hint_seq, hints, CA__WCAND_HINTS); /* read in any case */
     p->n = p->i = 0;
-    if (c->nwait > CA__WCAND_RECENT) {
-        for (int i = 0; i < nh; i++)
-            if (waiting_reg(c, hints[i]) && !has_pid(p->cand, p->n, hints[i]))
-                p->cand[p->n++] = hints[i];
-        if (p->n > 0) {
-            p->walk = true;
-            return;
-        }
+    if (c->nwait <= CA__WCAND_ALL) {
+        /* Few registrations: every one of them by pid, and no look (which could meet a child
+         * whose handler is on its way, and then have to look again later). */
+        for (uint32_t i = 0; i < c->nwait; i++) p->cand[p->n++] = c->wpids[i];
+        p->walk = false;
+        return;
     }
-    /* Few registrations: every one of them, and no look. No hint of ours (SIGCHLD came through
-     * a handler that is not the library's, or coalesced with another child's exit): the newest
-     * registrations are the likeliest to have exited. The waiting array's last entries are the
-     * newest ones, give or take those that a removal moved into a hole. */
+    p->walk = true;
+    for (int i = 0; i < nh; i++)
+        if (waiting_reg(c, hints[i]) && !has_pid(p->cand, p->n, hints[i]))
+            p->cand[p->n++] = hints[i];
+    if (p->n > 0) return;
+    /* No hint of ours (SIGCHLD came through a handler that is not the library's, or coalesced
+     * with another child's exit): the newest registrations are the likeliest to have exited.
+     * The waiting array's last entries are the newest ones, give or take those that a removal
+     * moved into a hole. */
     for (uint32_t i = c->nwait; i-- > 0 && c->nwait - i <= CA__WCAND_RECENT;)
         p->cand[p->n++] = c->wpids[i];
-    p->walk = (uint32_t)p->n < c->nwait;
 }
 
 int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **out, int *rc, bool *echild,

@@ -371,7 +371,9 @@ int ca__wait_nohang(pid_t pid, int *rc);
  *
  * First the candidates are checked by pid (waitpid(pid, WNOHANG): the kernel finds a pid without
  * walking the list of children): every waiting registration when there are no more than
- * CA__WCAND_RECENT, and then that is all; else the waiting registrations among the SIGCHLD hints
+ * CA__WCAND_ALL, and then that is all (no look: it could meet a child whose handler is on its
+ * way, and have to look again later, which costs a timer on the loop); else the waiting
+ * registrations among the SIGCHLD hints
  * that arrived since the last pass (ca__sigchld_hints: the library's handler saw their exit),
  * or, when none is ours, the newest CA__WCAND_RECENT waiting registrations (a host's SIGCHLD,
  * such as asyncio's add_signal_handler, carries no pid). Otherwise comes the look: waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT) shows the first
@@ -393,6 +395,7 @@ int ca__wait_nohang(pid_t pid, int *rc);
 #define CA__WHIDE_NS 10000000LL
 #define CA__WCAND_HINTS 16
 #define CA__WCAND_RECENT 8
+#define CA__WCAND_ALL 16
 typedef struct ca__wreap_pass {
     pid_t cand[CA__WCAND_HINTS];  /* distinct waiting registrations when the pass began */
     int n, i;                     /* how many; the next to check */
