@@ -171,6 +171,7 @@ void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
     pid_t hints[CA__WCAND_HINTS];
     int nh = ca__sigchld_hints(&c->hint_seq, hints, CA__WCAND_HINTS); /* read in any case */
     p->n = p->i = 0;
+    p->hinted = p->defer = false;
     if (c->nwait <= CA__WCAND_ALL) {
         /* Few registrations: every one of them by pid, and no look (which could meet a child
          * whose handler is on its way, and then have to look again later). */
@@ -182,7 +183,10 @@ void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
     for (int i = 0; i < nh; i++)
         if (waiting_reg(c, hints[i]) && !has_pid(p->cand, p->n, hints[i]))
             p->cand[p->n++] = hints[i];
-    if (p->n > 0) return;
+    if (p->n > 0) {
+        p->hinted = true;
+        return;
+    }
     /* No hint of ours (SIGCHLD came through a handler that is not the library's, or coalesced
      * with another child's exit): the newest registrations are the likeliest to have exited.
      * The waiting array's last entries are the newest ones, give or take those that a removal
@@ -203,6 +207,10 @@ int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **out, int *rc, boo
     }
     /* Every waiting registration was a candidate: nothing else of ours can have exited. */
     if (!p->walk) return 0;
+    if (p->defer && p->hinted) {
+        p->walk = false;
+        return -3;
+    }
     for (;;) {
         siginfo_t si;
         memset(&si, 0, sizeof si);

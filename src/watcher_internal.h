@@ -389,17 +389,26 @@ int ca__wait_nohang(pid_t pid, int *rc);
  * reaping it) and has been there for CA__WHIDE_NS already (c->hider); -2 when that child was
  * first seen less than CA__WHIDE_NS ago: it is most likely a child whose handler is being added
  * (an add reaps it), so the caller looks again at *relook_ns (CLOCK_MONOTONIC) instead of
- * polling now. It never reaps a child that is not a waiting registration; but only a poll of
+ * polling now; -3 (only when the caller set pass.defer before the first call) instead of the
+ * look of a pass whose candidates were hints: the caller looks within CA__WLOOK_DEFER_NS, with
+ * a pass of its own (defer not set). It never reaps a child that is not a waiting registration; but only a poll of
  * every registration learns that other code reaped a watched child that is no candidate: the
  * callers run one at their slow check (once a second). Lock held. */
 #define CA__WHIDE_NS 10000000LL
 #define CA__WCAND_HINTS 16
 #define CA__WCAND_RECENT 8
 #define CA__WCAND_ALL 16
+/* How long a look may wait after a pass whose exits were all found by their hints (MultiLoop's
+ * thread: ca__wreap_pass.defer). That look only finds what a coalesced SIGCHLD brought no hint
+ * for; deferring it lets one look serve the exits of that long, instead of one per exit (each
+ * a walk of every child of the process, in the kernel, under its task-list lock). */
+#define CA__WLOOK_DEFER_NS 2000000LL
 typedef struct ca__wreap_pass {
     pid_t cand[CA__WCAND_HINTS];  /* distinct waiting registrations when the pass began */
     int n, i;                     /* how many; the next to check */
     bool walk;                    /* some waiting registration is no candidate: look */
+    bool hinted;                  /* the candidates are the hints' */
+    bool defer;                   /* set by the caller: a hinted pass returns -3, not look */
 } ca__wreap_pass;
 void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p);
 int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **r, int *rc, bool *echild,

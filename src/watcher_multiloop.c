@@ -13,7 +13,9 @@
  * A pid is also checked when it is added (it may have exited before). The exited children are
  * found by pid (the SIGCHLD hints, the newest registrations) and with waitid(WNOWAIT)
  * (ca__wreap_next), which costs the same number of system calls however many children are
- * registered. Every registered pid is polled only when that cannot tell: waitid fails, or the
+ * registered. The look that only finds what a coalesced SIGCHLD brought no hint for (a walk of
+ * every child, in the kernel) waits up to CA__WLOOK_DEFER_NS after a pass whose exits all came
+ * with their hints, so that one look serves a stream of exits. Every registered pid is polled only when that cannot tell: waitid fails, or the
  * first exited child is not registered and stays so for CA__WHIDE_NS (a child whose handler is
  * on its way is reaped by its add, which wakes the thread to look behind it); and once a
  * second, which is what learns that other code reaped a watched child (255 and a warning).
@@ -72,23 +74,30 @@ static void poll_all(ca__wcore *c, ca__wlog *q)
  * true when it polled every registration; *relook: when to look again (an exited child that is
  * not ours yet hides the others; -1: no need). taken: SIGCHLD no longer reaches us (logged
  * once). */
-static bool reap_exits(ca__wcore *c, bool full, bool taken, long long *relook)
+static bool reap_exits(ca__wcore *c, bool full, bool taken, bool defer, long long *relook,
+                       bool *deferred)
 {
     ca__wlog q = {0};
     bool polled = false;
     *relook = -1;
+    *deferred = false;
     ca__wcore_lock(c);
     if (taken) ca__sigchld_warn_taken(&q, "MultiLoopChildWatcher");
     if (c->nwait > 0) {
         int e = full ? -1 : 1;
         ca__wreap_pass pass;
         ca__wreap_begin(c, &pass); /* full too: its hints are of no use later */
+        pass.defer = defer;
         while (e == 1) {
             ca__wreg *r;
             int rc;
             bool echild;
             if ((e = ca__wreap_next(c, &pass, &r, &rc, &echild, relook)) == 1)
                 ca__wreg_exited(c, r, rc, echild, &q);
+        }
+        if (e == -3) {
+            *deferred = true;
+            e = 0;
         }
         if (e == -2 && c->nwait == 0) e = 0;
         if (e != -2) *relook = -1;
@@ -115,12 +124,14 @@ static void *reaper_main(void *arg)
     multiloop *m = ml(c);
     pthread_setname_np(pthread_self(), "ca-multiloop");
     long long relook = -1; /* when to look again past a child that is not ours; -1: none */
+    long long look_due = -1; /* the deferred look (CA__WLOOK_DEFER_NS); -1: none */
     long long tick = now_ns() + TICK_NS;
     long long full_due = tick; /* the next poll of every registration */
     bool retrying = false;
     for (;;) {
         long long next = tick < full_due ? tick : full_due;
         if (relook >= 0 && relook < next) next = relook;
+        if (look_due >= 0 && look_due < next) next = look_due;
         if (retrying && now_ns() + POLL_NS < next) next = now_ns() + POLL_NS;
         long long left = next - now_ns();
         int timeout = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
@@ -139,15 +150,22 @@ static void *reaper_main(void *arg)
         long long now = now_ns();
         full = now >= full_due;
         bool look = relook >= 0 && now >= relook;
+        bool due = look_due >= 0 && now >= look_due;
         if (now >= tick) {
             /* The slow check: reap as if SIGCHLD had come, whatever its disposition. If our
              * handler is gone and no host routes SIGCHLD to us, say so once and poll. */
             taken = !ca__sigchld_handler_installed() && ca__sigchld_notified() == 0;
             tick = now + (taken ? POLL_NS : TICK_NS);
-        } else if (n == 0 && !full && !look && !retrying) {
+        } else if (n == 0 && !full && !look && !due && !retrying) {
             continue;
         }
-        if (reap_exits(c, full, taken, &relook) || full) full_due = now_ns() + TICK_NS;
+        /* A pass after a deferred look is due looks itself (it does not defer again), so that a
+         * stream of hinted exits cannot put the look off for ever. */
+        bool deferred;
+        if (reap_exits(c, full, taken, !due, &relook, &deferred) || full)
+            full_due = now_ns() + TICK_NS;
+        if (due) look_due = -1;
+        if (deferred && look_due < 0) look_due = now_ns() + CA__WLOOK_DEFER_NS;
         /* Exits whose post failed for memory are posted again, every POLL_NS until done. */
         retrying = ca__wcore_retry(c);
     }

@@ -764,6 +764,52 @@ LOOP_TEST(poller_few_children_no_look) /* timeout: 60 */
     }
 }
 
+/* Two watched children exit while SIGCHLD is blocked in every thread, beside many idle ones:
+ * one signal comes, with one pid (they coalesce), and MultiLoop's thread reaps that one by its
+ * hint and defers the look that finds the other (CA__WLOOK_DEFER_NS, 2 ms), which must come
+ * long before the slow check (1 s). Safe looks at once. */
+LOOP_TEST(poller_coalesced_exit_found_by_the_look) /* timeout: 60 */
+{
+    static const int kinds[] = {W_SAFE, W_MULTILOOP};
+    for (int ki = 0; ki < 2; ki++) {
+        int k = kinds[ki];
+        ca_child_watcher *w = wmake(k, loop);
+        if (!w) continue;
+        int ip[2];
+        rec irec[NIDLE];
+        memset(irec, 0, sizeof irec);
+        idle_start(w, ip, irec, NIDLE);
+        t_run_for(loop, 0.05);
+        sigset_t chld, old;
+        sigemptyset(&chld);
+        sigaddset(&chld, SIGCHLD);
+        CHECK_EQ(pthread_sigmask(SIG_BLOCK, &chld, &old), 0);
+        rec r[2];
+        memset(r, 0, sizeof r);
+        pid_t pids[2];
+        for (int i = 0; i < 2; i++) {
+            pids[i] = spawn(i ? "exit 6" : "exit 5");
+            CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+        }
+        for (int i = 0; i < 2; i++) wait_zombie(pids[i]);
+        unsigned long l0 = ca__watcher_looks();
+        double t0 = mono_s();
+        CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0); /* one SIGCHLD now */
+        recs rs = {r, 2};
+        CHECK(t_run_until(loop, all_called, &rs, 5));
+        double took = mono_s() - t0;
+        if (took > 0.5 * t_slow())
+            t_fail(__FILE__, __LINE__, "%s: the coalesced exit took %.3f s", wname[k], took);
+        CHECK(ca__watcher_looks() - l0 >= 1);
+        for (int i = 0; i < 2; i++) {
+            CHECK_EQ(atomic_load(&r[i].calls), 1);
+            CHECK_EQ(atomic_load(&r[i].rc), 5 + i);
+        }
+        idle_end(loop, ip, irec, NIDLE);
+        wdone(w);
+    }
+}
+
 /* Waits until the SIGCHLD hints since *seq hold pid (the signal may come a little after the
  * exit). */
 static bool hint_seen(uint64_t *seq, pid_t pid)
