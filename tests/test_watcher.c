@@ -486,17 +486,19 @@ static double mono_s(void)
 
 #define NIDLE 50
 
+/* Runs the block once for Safe and once for MultiLoop: k the kind, w a watcher of it on loop
+ * (a kind the loop cannot have is skipped). The block ends with wdone(w). */
+#define FOR_POLLERS(k, w)                                                                      \
+    for (int k##_i = 0, k = W_SAFE; k##_i < 2; k = ++k##_i == 1 ? W_MULTILOOP : k)             \
+        for (ca_child_watcher *w = wmake(k, loop); w != NULL; w = NULL)
+
 /* Issue 13: Safe and MultiLoop find exits with waitid(WNOWAIT); every registration is polled
  * only when that cannot tell and at the slow check (once a second), not after every SIGCHLD:
  * the cost of an exit does not grow with the number of idle watched children. (Before: one
  * poll of every child at most 0.1 s after each SIGCHLD.) */
 LOOP_TEST(poller_polls_every_child_only_at_slow_check) /* timeout: 60 */
 {
-    static const int kinds[] = {W_SAFE, W_MULTILOOP};
-    for (int ki = 0; ki < 2; ki++) {
-        int k = kinds[ki];
-        ca_child_watcher *w = wmake(k, loop);
-        if (!w) continue;
+    FOR_POLLERS(k, w) {
         int ip[2];
         CHECK_EQ(pipe2(ip, O_CLOEXEC), 0);
         pid_t idle[NIDLE];
@@ -770,11 +772,7 @@ LOOP_TEST(poller_few_children_no_look) /* timeout: 60 */
  * long before the slow check (1 s). Safe looks at once. */
 LOOP_TEST(poller_coalesced_exit_found_by_the_look) /* timeout: 60 */
 {
-    static const int kinds[] = {W_SAFE, W_MULTILOOP};
-    for (int ki = 0; ki < 2; ki++) {
-        int k = kinds[ki];
-        ca_child_watcher *w = wmake(k, loop);
-        if (!w) continue;
+    FOR_POLLERS(k, w) {
         int ip[2];
         rec irec[NIDLE];
         memset(irec, 0, sizeof irec);
