@@ -594,10 +594,13 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             10,000 children at once); pthread_create failing (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
- *             until close, and its own reaping thread, woken by that handler. It finds exited
- *             children with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT), which does not reap, and
- *             reaps each watched one by pid: O(1) per exit in our code (the kernel's waitid
- *             walks the process's children). It polls every registered pid with
+ *             until close, and its own reaping thread, woken by that handler. It reaps by pid
+ *             the watched children the handler saw exit (si_pid), every watched one when there
+ *             are at most 16, and finds the others with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT),
+ *             which does not reap: O(1) per exit in our code (the kernel's waitid walks the
+ *             process's children). That look, which finds the exits whose SIGCHLD coalesced
+ *             with another's, comes up to 2 ms after a wake whose exits all had their si_pid,
+ *             so that one look serves a stream of exits. It polls every registered pid with
  *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell (no child
  *             exists, or the first exited child is not one it watches and stays so for 10 ms:
  *             an add for it reaps it and wakes the thread), and once a second, to notice
