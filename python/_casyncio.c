@@ -33,7 +33,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -76,28 +75,36 @@ static bool gil_enter(PyGILState_STATE *st)
     return true;
 }
 
-/* ---- the exception being raised, kept aside -------------------------------------------- */
+/* ---- the exception being raised, taken and given back ---------------------------------- */
 
-typedef struct {
-    PyObject *type, *value, *tb;
-} saved_exc;
-
-static void exc_save(saved_exc *e)
+/* Takes the exception being raised: the exception object, with its traceback; NULL if none. */
+static PyObject *exc_take(void)
 {
 #if PY_VERSION_HEX >= 0x030C0000
-    e->type = e->tb = NULL;
-    e->value = PyErr_GetRaisedException();
+    return PyErr_GetRaisedException();
 #else
-    PyErr_Fetch(&e->type, &e->value, &e->tb);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
 #endif
 }
 
-static void exc_restore(saved_exc *e)
+/* Raises exc (taken by exc_take; stolen) again. */
+static void exc_give(PyObject *exc)
 {
 #if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(e->value);
+    PyErr_SetRaisedException(exc);
 #else
-    PyErr_Restore(e->type, e->value, e->tb);
+    if (exc == NULL)
+        return;
+    PyObject *type = (PyObject *)Py_TYPE(exc);
+    Py_INCREF(type);
+    PyErr_Restore(type, exc, PyException_GetTraceback(exc));
 #endif
 }
 
@@ -617,6 +624,7 @@ static unsigned long long g_token; /* the last token given */
 static unsigned g_fork_gen;
 static PyObject *g_get_running_loop; /* asyncio.events._get_running_loop */
 static PyObject *g_current_loop;     /* casyncio._current_loop, given by _setup */
+static PyObject *g_abstract_loop;    /* asyncio.AbstractEventLoop */
 
 static int make_c_watcher(int kind, ca_child_watcher **out)
 {
@@ -675,17 +683,7 @@ static void report_callback_error(PyObject *loop, PyObject *callback, int pid)
         PyErr_WriteUnraisable(callback);
         return;
     }
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *exc = PyErr_GetRaisedException();
-#else
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    if (tb != NULL && exc != NULL)
-        PyException_SetTraceback(exc, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-#endif
+    PyObject *exc = exc_take();
     PyObject *ctx = Py_BuildValue("{s:N,s:O}", "message",
                                   PyUnicode_FromFormat(
                                       "Exception in child watcher callback for pid %d", pid),
@@ -909,15 +907,14 @@ static PyObject *watcher_add(Watcher *self, PyObject *const *args, Py_ssize_t na
     err = 0;
 out:
     if (err < 0 && registered) {
-        saved_exc saved;
-        exc_save(&saved);
+        PyObject *exc = exc_take();
         if (PyDict_GetItemWithError(g_regs, tok) != NULL && PyDict_DelItem(g_regs, tok) < 0)
             PyErr_Clear();
         if (PyDict_GetItemWithError(self->pids, pidobj) == tok &&
             PyDict_DelItem(self->pids, pidobj) < 0)
             PyErr_Clear();
         PyErr_Clear();
-        exc_restore(&saved);
+        exc_give(exc);
     }
     Py_XDECREF(old);
     Py_XDECREF(entry);
@@ -1012,25 +1009,44 @@ static PyObject *watcher_exit(Watcher *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* _attach(loop): the C watcher's attach_loop (Safe and Fast watch SIGCHLD through loop). */
+/* attach_loop(loop): an asyncio loop or None. Safe and Fast watch SIGCHLD through it (the C
+ * watcher's attach_loop); the others only remember it (their delivery loop outside a running
+ * loop), as asyncio's do nothing. On a closed watcher it does nothing (CPython's tests close,
+ * then detach). */
 static PyObject *watcher_attach(Watcher *self, PyObject *pyloop)
 {
-    ca_loop *loop = NULL;
-    if (pyloop != Py_None && (loop = bridge_for(pyloop)) == NULL)
+    if (check_fork(self) < 0)
         return NULL;
-    ca_loop_ref(loop);
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = ca_child_watcher_attach_loop(self->w, loop);
-    ca_loop_unref(loop);
-    Py_END_ALLOW_THREADS
-    if (err < 0)
-        return set_error(err), NULL;
+    if (self->closed)
+        Py_RETURN_NONE;
+    if (pyloop != Py_None) {
+        int ok = PyObject_IsInstance(pyloop, g_abstract_loop);
+        if (ok < 0)
+            return NULL;
+        if (!ok)
+            return PyErr_Format(PyExc_TypeError,
+                                "an asyncio event loop or None is required, not %R", pyloop);
+    }
+    if (!self->implicit) {
+        ca_loop *loop = NULL;
+        if (pyloop != Py_None && (loop = bridge_for(pyloop)) == NULL)
+            return NULL;
+        ca_loop_ref(loop);
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = ca_child_watcher_attach_loop(self->w, loop);
+        ca_loop_unref(loop);
+        Py_END_ALLOW_THREADS
+        if (err < 0)
+            return set_error(err), NULL;
+    }
+    Py_INCREF(pyloop);
+    Py_SETREF(self->loop, pyloop);
     Py_RETURN_NONE;
 }
 
-/* _close(): forgets the registrations (no callback runs after it returns) and closes the C
- * watcher. */
+/* close(): idempotent; forgets the registrations (no callback runs after it returns) and
+ * closes the C watcher; children are not killed. */
 static PyObject *watcher_close(Watcher *self, PyObject *unused)
 {
     if (check_fork(self) < 0)
@@ -1049,13 +1065,6 @@ static PyObject *watcher_close(Watcher *self, PyObject *unused)
     return blocking_call(self, ca_child_watcher_close);
 }
 
-static PyObject *watcher_check_fork(Watcher *self, PyObject *unused)
-{
-    if (check_fork(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef watcher_methods[] = {
     {"add_child_handler", (PyCFunction)(void (*)(void))watcher_add, METH_FASTCALL,
      "add_child_handler(pid, callback, *args): callback(pid, returncode, *args) is called once, "
@@ -1066,9 +1075,10 @@ static PyMethodDef watcher_methods[] = {
      "Whether the watcher can report exits now."},
     {"__enter__", (PyCFunction)(void (*)(void))watcher_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))watcher_exit, METH_VARARGS, NULL},
-    {"_attach", (PyCFunction)(void (*)(void))watcher_attach, METH_O, NULL},
-    {"_close", (PyCFunction)(void (*)(void))watcher_close, METH_NOARGS, NULL},
-    {"_check_fork", (PyCFunction)(void (*)(void))watcher_check_fork, METH_NOARGS, NULL},
+    {"attach_loop", (PyCFunction)(void (*)(void))watcher_attach, METH_O,
+     "attach_loop(loop): Safe and Fast watch SIGCHLD through loop; the others remember it."},
+    {"close", (PyCFunction)(void (*)(void))watcher_close, METH_NOARGS,
+     "Idempotent; no callback runs after it returns; children are not killed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1268,8 +1278,9 @@ PyMODINIT_FUNC PyInit__casyncio(void)
     if (g_get_running_loop == NULL) {
         PyObject *ev = PyImport_ImportModule("asyncio.events");
         g_get_running_loop = ev == NULL ? NULL : PyObject_GetAttrString(ev, "_get_running_loop");
+        g_abstract_loop = ev == NULL ? NULL : PyObject_GetAttrString(ev, "AbstractEventLoop");
         Py_XDECREF(ev);
-        if (g_get_running_loop == NULL)
+        if (g_get_running_loop == NULL || g_abstract_loop == NULL)
             return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);

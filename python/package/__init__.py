@@ -98,9 +98,9 @@ _WARN_KINDS = ("SafeChildWatcher", "FastChildWatcher", "MultiLoopChildWatcher")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
 
-    # add_child_handler, remove_child_handler, is_active and the context manager are the C
-    # base's (_casyncio.Watcher): no Python frame of ours per child. It keeps _loop, _closed
-    # and _pids (pid -> token), and makes the C watcher of the subclass's _kind.
+    # The watcher methods are the C base's (_casyncio.Watcher): no Python frame of ours per
+    # child. It keeps _loop, _closed and _pids (pid -> token), and makes the C watcher of the
+    # subclass's _kind.
     class _Watcher(_casyncio.Watcher,
                    asyncio.AbstractChildWatcher if _HAS_WATCHERS else object):
         _kind = None
@@ -120,24 +120,10 @@ with warnings.catch_warnings():
         add_child_handler = _casyncio.Watcher.add_child_handler
         remove_child_handler = _casyncio.Watcher.remove_child_handler
         is_active = _casyncio.Watcher.is_active
+        attach_loop = _casyncio.Watcher.attach_loop
+        close = _casyncio.Watcher.close
         __enter__ = _casyncio.Watcher.__enter__
         __exit__ = _casyncio.Watcher.__exit__
-
-        def attach_loop(self, loop):
-            self._check_fork()
-            if self._closed:
-                return
-            if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
-                raise TypeError(f"an asyncio event loop or None is required, not {loop!r}")
-            if self._kind in (_casyncio.SAFE, _casyncio.FAST):
-                # Safe and Fast watch SIGCHLD through the loop; the others only remember it
-                # (their delivery loop outside a running loop), as asyncio's do nothing.
-                self._attach(loop)
-            self._loop = loop
-
-        def close(self):
-            """Idempotent; no callback runs after it returns; children are not killed."""
-            self._close()
 
         # Not part of the contract; only so that code written against asyncio's classes'
         # internals (CPython's own tests clear Fast's _callbacks and join Threaded's _threads)
