@@ -173,7 +173,8 @@ clean:
 # `make fuzz`: libFuzzer over the public API and the CLI's parsers (clang, ASan; FUZZ_SECONDS
 # each). `make soak`: threads replacing policies and watchers while others spawn (SOAK_SECONDS
 # in each of SOAK_MODES' builds, default asan and tsan).
-FAULT_WRAP := malloc calloc realloc aligned_alloc posix_memalign strdup strndup free pthread_create
+FAULT_WRAP := malloc calloc realloc aligned_alloc posix_memalign strdup strndup free pthread_create \
+	ca__clone_raw
 FAULT_WRAP_LDFLAGS := $(foreach f,$(FAULT_WRAP),-Wl,--wrap=$(f))
 SOAK_SECONDS ?= 600
 SOAK_MODES ?= asan tsan

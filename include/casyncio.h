@@ -104,7 +104,9 @@ typedef void (*ca_log_fn)(int level, const char *msg, void *arg);
  * the Fast watcher, exit statuses dropped, a process killed when its loop closed...). The
  * default handler writes one line to stderr; fn == NULL silences the library. msg is valid
  * only during the call. The handler may be called from any thread, never from a signal
- * handler, and must not call ca_set_log_handler itself. Any thread. */
+ * handler, and must not call ca_set_log_handler itself; a library thread that calls it has a
+ * stack of the default size (pthread_create's), as do those that call a loop's ops. Any
+ * thread. */
 void ca_set_log_handler(ca_log_fn fn, void *arg);
 
 /* ---------------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ ca_loop *ca_get_running_loop(void);
  *                         and, in the thread where the loop is marked running
  *                         (ca_loop_enter_running), an exit a child watcher's add found at once.
  *   call_soon_threadsafe  any thread, at any time: users, and the library's own threads
- *                         (Threaded's waiting threads, MultiLoop's reaping thread, a thread
+ *                         (Threaded's posting thread, MultiLoop's reaping thread, a thread
  *                         that removes a Pidfd handler, closes a watcher or attaches Safe/Fast).
  *   call_at               the loop-thread rule (call_at/call_later; Safe/Fast's timers, armed by
  *                         attach_loop's thread or the loop's own callbacks).
@@ -587,11 +589,17 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * asyncio's subprocess machinery (and ours: see Subprocesses) spawns a child and then calls
  * add_child_handler on the policy's watcher. Six built-in watchers, one interface:
  *
- *   Threaded  (the default, created lazily by ca_get_child_watcher) One detached waiting thread
- *             per child, blocked in waitpid(pid): 32 KiB stack, every signal blocked, named
- *             "ca-wait-PID". O(1) per exit, no signal handler, works for loops in any thread.
- *             Costs a thread per running child (about 8.5 KiB of resident memory; it holds
- *             10,000 children at once); pthread_create failing (thread limits) makes
+ *   Threaded  (the default, created lazily by ca_get_child_watcher) One waiting thread per
+ *             child, blocked in waitid(pid, WNOWAIT), every signal blocked, named "ca-wait-PID".
+ *             On x86-64 it is a raw kernel thread, not a glibc thread, on a 1 KiB stack: about
+ *             1.1 KiB of resident memory per running child, where a glibc thread takes 8.5 KiB
+ *             at least (elsewhere, and in sanitizer builds, a glibc thread on a 32 KiB stack).
+ *             The waiting thread only waits: one posting thread per process ("ca-wait-post",
+ *             a glibc thread on a default-size stack, started with the first waiting thread and
+ *             ended 0.1 s after the last exit it handled) reaps each exit and posts it, and
+ *             calls the log handler, so no call out of the library runs on a small stack. O(1)
+ *             per exit, no signal handler, works for loops in any thread; it holds 10,000
+ *             children at once. A thread that cannot be made (thread limits) makes
  *             add_child_handler fail with -EAGAIN: the child is then not watched, never lost.
  *   MultiLoop Its own SIGCHLD handler (through the process-wide signal fan-out) from creation
  *             until close, and its own reaping thread, woken by that handler. It reaps by pid
@@ -647,17 +655,17 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *   - Threaded, MultiLoop, Pidfd and Uring deliver to the "delivery loop": the loop given to
  *     ca_child_watcher_add_child_handler_on, or else (add_child_handler) the loop running in
  *     the calling thread, or else that thread's current loop (ca_get_event_loop). The callback
- *     runs ON that loop's thread: Threaded's and MultiLoop's threads only reap, and post the
+ *     runs ON that loop's thread: Threaded's and MultiLoop's threads only reap and post the
  *     exit with ca_loop_call_soon_threadsafe (as asyncio 3.11 does); Pidfd reaps on the loop
  *     itself, and Uring there too, right after the callback. If that loop is closed when the
  *     exit arrives (by ca_loop_close, or by its host: ca_loop_ops.is_closed), the exit is
  *     logged and dropped (asyncio's "Loop that handles pid ... is closed" warning).
  *   - Safe and Fast call it on the attached loop's thread.
- *   Threaded's waiting threads and MultiLoop's reaping thread never run a callback: they
+ *   Threaded's threads and MultiLoop's reaping thread never run a callback: they
  *   reap, and the delivery loop runs the callback (as asyncio 3.11 does). A callback should
  *   still be thread-safe with respect to the code that registered it, as asyncio asks.
  * No exit is lost for want of memory: an exit whose post fails with -ENOMEM (the child already
- * reaped) is kept and posted again (Threaded's waiting thread and MultiLoop's thread retry with
+ * reaped) is kept and posted again (Threaded's posting thread and MultiLoop's thread retry with
  * a growing pause up to 0.1 s; Safe and Fast at their next SIGCHLD or slow check) until it is
  * delivered, removed, or its loop closes; the warning lines need no allocation.
  *
@@ -681,7 +689,7 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  * returncode 255"), unless the handler was removed by then.
  * A removed callback is never called, even if the child's exit was already reaped and posted;
  * remove returning 1 guarantees it. A handler removed before the exit: MultiLoop, Safe, Pidfd
- * and Uring then leave the child unreaped (its remover reaps it); Threaded's waiting thread still
+ * and Uring then leave the child unreaped (its remover reaps it); Threaded's posting thread still
  * reaps it, quietly (except a subprocess's own child after the watcher closed: the subprocess
  * reaps that one, with its status); Fast reaps it and logs it as unknown.
  *

@@ -8,14 +8,15 @@
  * memory until it calls execve, so it may only make raw system calls: no libc function that
  * touches shared state (no malloc, no lock), and nothing a sanitizer intercepts (an
  * intercepted call in a CLONE_VM child corrupts the parent's sanitizer state; TSan even
- * intercepts glibc's clone() itself, which is why x86-64 has its own few lines of assembly
- * below). Everything the child needs (the candidate paths of the PATH search, the stdio plan)
+ * intercepts glibc's clone() itself, which is why x86-64 has its own few lines of assembly,
+ * in raw.c). Everything the child needs (the candidate paths of the PATH search, the stdio plan)
  * is prepared by the parent. An exec failure is written into that shared plan; valgrind turns
  * CLONE_VM | CLONE_VFORK into a plain fork, where the write is lost, so the first spawn also
  * sends it through an O_CLOEXEC pipe and checks that the child really ran on our memory (see
  * spawn()).
  */
 #include "internal.h"
+#include "raw.h"
 #include "spawn.h"
 
 #include <fcntl.h>
@@ -52,91 +53,6 @@ struct spawn_plan {
     volatile int err;      /* its exec (or setup) errno, 0 if it did not fail */
 };
 
-/* The child runs without instrumentation: it shares the parent's memory, including the
- * sanitizers' shadow and thread state. */
-#if defined(__has_attribute)
-#if __has_attribute(disable_sanitizer_instrumentation)
-/* clang: no_sanitize("thread") still calls __tsan_func_entry/exit, which would push onto the
- * parent's shadow stack. */
-#define CHILD_CODE                                                                            \
-    __attribute__((noinline, disable_sanitizer_instrumentation,                              \
-                   no_sanitize("address", "thread", "undefined")))
-#endif
-#endif
-#if defined(CHILD_CODE)
-#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 8)
-#define CHILD_CODE __attribute__((noinline, no_sanitize("address", "thread", "undefined")))
-#else
-#define CHILD_CODE __attribute__((noinline))
-#endif
-
-#if defined(__x86_64__)
-/* A raw system call that returns -errno, touching no libc state (not even errno). */
-#define RAW_SYSCALL(n, a, b, c, d)                                                            \
-    __extension__({                                                                           \
-        long ret_;                                                                            \
-        register long r10_ __asm__("r10") = (long)(d);                                        \
-        __asm__ volatile("syscall"                                                            \
-                         : "=a"(ret_)                                                         \
-                         : "a"((long)(n)), "D"((long)(a)), "S"((long)(b)), "d"((long)(c)),    \
-                           "r"(r10_)                                                          \
-                         : "rcx", "r11", "memory");                                           \
-        ret_;                                                                                 \
-    })
-
-/* long ca__spawn_clone(flags, stack_top, int *pidfd, int (*fn)(void *), void *arg):
- * clone(2) with the child running fn(arg) on stack_top and then exit_group(fn's result).
- * Returns the child's pid or -errno, in the parent. Not glibc's clone(): ThreadSanitizer
- * intercepts that one and runs its fork bookkeeping in the child, which with CLONE_VM is the
- * parent's own state. The child pops fn and arg from its new stack: the kernel gives it a copy
- * of our registers and that stack, nothing else. */
-__asm__(".text\n"
-        ".globl ca__spawn_clone\n"
-        ".hidden ca__spawn_clone\n"
-        ".type ca__spawn_clone,@function\n"
-        ".p2align 4\n"
-        "ca__spawn_clone:\n"
-        "    andq $-16, %rsi\n"
-        "    subq $16, %rsi\n"
-        "    movq %rcx, 8(%rsi)\n"
-        "    movq %r8, (%rsi)\n"
-        "    xorl %r10d, %r10d\n"
-        "    xorl %r8d, %r8d\n"
-        "    movl $56, %eax\n" /* SYS_clone: flags, stack, parent_tid (the pidfd), 0, 0 */
-        "    syscall\n"
-        "    testq %rax, %rax\n"
-        "    jz 1f\n"
-        "    ret\n"
-        "1:  xorl %ebp, %ebp\n"
-        "    popq %rdi\n"
-        "    popq %rax\n"
-        "    callq *%rax\n"
-        "    movl %eax, %edi\n"
-        "    movl $231, %eax\n" /* SYS_exit_group */
-        "    syscall\n"
-        "    hlt\n"
-        ".size ca__spawn_clone, .-ca__spawn_clone\n");
-__attribute__((visibility("hidden"))) long ca__spawn_clone(unsigned long flags, void *stack,
-                                                             int *pidfd, int (*fn)(void *),
-                                                             void *arg);
-static long do_clone(unsigned long flags, void *stack, int *pidfd, int (*fn)(void *), void *arg)
-{
-    return ca__spawn_clone(flags, stack, pidfd, fn, arg);
-}
-#else
-/* Elsewhere glibc's clone() and syscall(): correct, but not under ThreadSanitizer (see above). */
-#define RAW_SYSCALL(n, a, b, c, d)                                                            \
-    __extension__({                                                                           \
-        long ret_ = syscall((n), (a), (b), (c), (d));                                         \
-        ret_ < 0 ? -(long)errno : ret_;                                                       \
-    })
-static long do_clone(unsigned long flags, void *stack, int *pidfd, int (*fn)(void *), void *arg)
-{
-    int pid = clone(fn, stack, (int)flags, arg, pidfd);
-    return pid < 0 ? -errno : pid;
-}
-#endif
-
 /* The kernel's struct sigaction is 4 words on every Linux ABI we build for (handler, flags,
  * restorer, mask; the order differs but all-zero is SIG_DFL with no flags everywhere), and the
  * handler is the first word. The words are set one by one: a loop could become a call to
@@ -145,7 +61,7 @@ struct ksigaction {
     unsigned long w[4];
 };
 
-CHILD_CODE static int child_main(void *arg)
+CA__RAW_CODE static int child_main(void *arg)
 {
     struct spawn_plan *pl = arg;
     long r;
@@ -160,34 +76,34 @@ CHILD_CODE static int child_main(void *arg)
         if (sig == SIGKILL || sig == SIGSTOP) continue;
         struct ksigaction old;
         old.w[0] = 0;
-        if (RAW_SYSCALL(SYS_rt_sigaction, sig, 0, &old, 8) < 0) continue;
+        if (CA__RAW_SYSCALL(SYS_rt_sigaction, sig, 0, &old, 8) < 0) continue;
         unsigned long h = old.w[0];
         if (h == (unsigned long)SIG_DFL) continue;
         if (h == (unsigned long)SIG_IGN && sig != SIGPIPE && sig != SIGXFSZ) continue;
         struct ksigaction dfl;
         dfl.w[0] = dfl.w[1] = dfl.w[2] = dfl.w[3] = 0;
-        RAW_SYSCALL(SYS_rt_sigaction, sig, &dfl, 0, 8);
+        CA__RAW_SYSCALL(SYS_rt_sigaction, sig, &dfl, 0, 8);
     }
-    if (pl->setsid && (r = RAW_SYSCALL(SYS_setsid, 0, 0, 0, 0)) < 0) goto fail;
+    if (pl->setsid && (r = CA__RAW_SYSCALL(SYS_setsid, 0, 0, 0, 0)) < 0) goto fail;
     /* stdio: every source the parent prepared is >= 3, so the order cannot clobber one. */
     for (int i = 0; i < 3; i++) {
         int src = pl->src[i];
         if (src == CA__SPAWN_INHERIT) continue;
         if (src == CA__SPAWN_STDOUT) src = 1;
-        if ((r = RAW_SYSCALL(SYS_dup3, src, i, 0, 0)) < 0) goto fail;
+        if ((r = CA__RAW_SYSCALL(SYS_dup3, src, i, 0, 0)) < 0) goto fail;
     }
-    if (pl->cwd && (r = RAW_SYSCALL(SYS_chdir, pl->cwd, 0, 0, 0)) < 0) goto fail;
+    if (pl->cwd && (r = CA__RAW_SYSCALL(SYS_chdir, pl->cwd, 0, 0, 0)) < 0) goto fail;
     /* Only 0, 1 and 2 reach the program, as Python's close_fds: everything above is marked
      * close-on-exec (the error pipe already is, and must stay open until execve). Older
      * kernels without close_range rely on our fds being O_CLOEXEC anyway. */
-    RAW_SYSCALL(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC, 0);
+    CA__RAW_SYSCALL(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC, 0);
     unsigned long empty = 0;
-    RAW_SYSCALL(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
+    CA__RAW_SYSCALL(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
     /* The PATH search, as execvp: go on after ENOENT-like errors, remember EACCES. */
     r = -ENOENT;
     bool eacces = false;
     for (char *const *p = pl->paths; *p; p++) {
-        r = RAW_SYSCALL(SYS_execve, *p, pl->argv, pl->envp, 0);
+        r = CA__RAW_SYSCALL(SYS_execve, *p, pl->argv, pl->envp, 0);
         if (r == -EACCES) {
             eacces = true;
             continue;
@@ -202,7 +118,7 @@ CHILD_CODE static int child_main(void *arg)
 fail:;
     int err = (int)-r;
     pl->err = err;
-    if (pl->errfd >= 0) RAW_SYSCALL(SYS_write, pl->errfd, &err, sizeof err, 0);
+    if (pl->errfd >= 0) CA__RAW_SYSCALL(SYS_write, pl->errfd, &err, sizeof err, 0);
     return 127;
 }
 
@@ -311,14 +227,14 @@ static int spawn(struct spawn_plan *pl, bool want_pidfd, pid_t *pid_out, int *pi
     unsigned long flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
     long pid = -EINVAL;
     if (want_pidfd && !atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) {
-        pid = do_clone(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, child_main, pl);
+        pid = ca__clone_raw(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, NULL, child_main, pl);
         if (pid == -EINVAL || pid == -ENOSYS || pid == -EPERM) {
             atomic_store_explicit(&no_clone_pidfd, true, memory_order_relaxed);
             pidfd = -1;
         }
     }
     if ((!want_pidfd || atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) && pid < 0)
-        pid = do_clone(flags, stack + sizeof stack, NULL, child_main, pl);
+        pid = ca__clone_raw(flags, stack + sizeof stack, NULL, NULL, child_main, pl);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (ep[1] >= 0) close(ep[1]);
     if (pid < 0) {

@@ -109,6 +109,8 @@ struct ca__wreg {
     ca__wreg *dnext;             /* a delivery list (ca__wreg_take_into) */
     void *kdata;                 /* the kind's own (Uring: the WAITID request), or NULL */
     ca__wreg *rnext;             /* the core's retry list */
+    ca__wreg *tnext;             /* Threaded: its waiting thread's hand-off list, then the
+                                  * posting thread's own retry list */
     /* A queued op (CA__OP_*): set under the lock when queued; the flusher reads and clears them
      * unlocked before it performs the op (the flags above keep anyone else from queuing r). */
     unsigned char op;

@@ -268,8 +268,7 @@ int ca_multiloop_child_watcher_new(ca_child_watcher **out)
     if (err == 0) err = ca__sigslot_watch(m->slot, SIGCHLD);
     if (err == 0) {
         pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 256 * 1024);
+        pthread_attr_init(&attr); /* a default-size stack: it calls the log handler and ops */
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);

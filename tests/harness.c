@@ -155,14 +155,9 @@ static int count_threads(void)
 }
 
 /* ThreadSanitizer starts a background thread of its own once the process has threads. */
-#if defined(__SANITIZE_THREAD__)
+#ifdef T_TSAN
 #define RUNTIME_THREADS 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define RUNTIME_THREADS 1
-#endif
-#endif
-#ifndef RUNTIME_THREADS
+#else
 #define RUNTIME_THREADS 0
 #endif
 

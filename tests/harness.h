@@ -44,6 +44,22 @@ int t_custom_loop_new(ca_loop **out);
  * ca_loop_run_threadsafe), with an is_closed op answering t_custom_loop_host_close. */
 int t_custom_loop_new_hostq(ca_loop **out);
 void t_custom_loop_host_close(ca_loop *loop);
+/* Built with AddressSanitizer or ThreadSanitizer (T_SANITIZED), ThreadSanitizer (T_TSAN). */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define T_SANITIZED 1
+#endif
+#if __has_feature(thread_sanitizer)
+#define T_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define T_SANITIZED 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define T_TSAN 1
+#endif
+
 /* A factor for time limits: > 1 under valgrind and the sanitizers (CA_TEST_SLOW). */
 double t_slow(void);
 

@@ -27,15 +27,6 @@
 
 extern char **environ;
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define T_SANITIZED 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define T_SANITIZED 1
-#endif
-
 /* ----- finding 3: the Uring watcher's delivery without memory ------------------------------ */
 
 static atomic_bool armed;

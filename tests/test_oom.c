@@ -12,15 +12,6 @@
 #include <sys/resource.h>
 #include <time.h>
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define T_SANITIZED 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define T_SANITIZED 1
-#endif
-
 static atomic_bool fail_malloc;
 
 #ifndef T_SANITIZED

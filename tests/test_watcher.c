@@ -11,6 +11,9 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 extern char **environ;
 
@@ -1711,6 +1714,153 @@ TEST(threaded_thread_per_child_named_after_pid)
     t0 = ca_loop_time(loop);
     while (thread_named(name) && ca_loop_time(loop) - t0 < 2 * t_slow()) sleep_s(0.005);
     CHECK(!thread_named(name));
+    wdone(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}
+
+/* Threaded calls out of the library (the log handler here; a loop's op likewise) on its posting
+ * thread, which has a full stack: the waiting threads' stacks are 1 KiB (32 KiB before: a
+ * Python logging handler on 3.8 overflowed it). The handler uses 512 KiB of stack, page by page
+ * from the top, so that a small stack faults at its guard page. */
+static atomic_int big_logs;
+static void big_stack_log(int level, const char *msg, void *arg)
+{
+    (void)level;
+    (void)msg;
+    (void)arg;
+    volatile char buf[512 * 1024];
+    for (long i = (long)sizeof buf - 1; i >= 0; i -= 1024) buf[i] = (char)i;
+    atomic_fetch_add(&big_logs, buf[0] == 0 ? 1 : 1);
+}
+
+TEST(threaded_log_handler_gets_a_full_stack)
+{
+    atomic_store(&big_logs, 0);
+    ca_set_log_handler(big_stack_log, NULL);
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_child_watcher *w = wmake(W_THREADED, loop);
+    /* Reaped by us first: the watcher's thread finds no child, logs it and reports 255. */
+    pid_t pid = spawn("exit 3");
+    CHECK(reap(pid) >= 0);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pid, on_exit_rec, &r));
+    CHECK(t_run_until(loop, called, &r, 5));
+    CHECK_EQ(atomic_load(&r.rc), 255);
+    CHECK(atomic_load(&big_logs) >= 1);
+    ca_set_log_handler(NULL, NULL);
+    wdone(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}
+
+/* Resident memory per waiting thread: raw kernel threads on 1 KiB stacks (header: about 1 KiB
+ * per child, against 8.5 KiB for a glibc thread on the smallest stack). Not under the
+ * sanitizers (glibc threads there) nor valgrind (its own memory). */
+static long rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    long size = 0, res = 0;
+    if (f) {
+        if (fscanf(f, "%ld %ld", &size, &res) != 2) res = 0;
+        fclose(f);
+    }
+    return res * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+static int threads_now(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+TEST(threaded_waiting_threads_cost_about_a_kib)
+{
+#if defined(T_SANITIZED)
+    SKIP("the sanitizers' builds use glibc threads");
+#endif
+    const char *pre = getenv("LD_PRELOAD");
+    if (pre && strstr(pre, "vgpreload")) SKIP("valgrind");
+    enum { N = 256 };
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_child_watcher *w = wmake(W_THREADED, loop);
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    static rec r[N + 1];
+    memset(r, 0, sizeof r);
+    static pid_t pids[N + 1];
+    /* One first: the posting thread and the first chunk of stacks are not per child. */
+    pids[N] = spawn_cat(p[0]);
+    CHECK_OK(ca_child_watcher_add_child_handler(w, pids[N], on_exit_rec, &r[N]));
+    for (int i = 0; i < N; i++) pids[i] = spawn_cat(p[0]);
+    int t0 = threads_now();
+    long base = rss_kib();
+    for (int i = 0; i < N; i++)
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+    double start = ca_loop_time(loop);
+    while (threads_now() < t0 + N && ca_loop_time(loop) - start < 5 * t_slow()) sleep_s(0.005);
+    CHECK(threads_now() >= t0 + N); /* one waiting thread per child */
+    long per = (rss_kib() - base) * 1024 / N;
+    close(p[0]);
+    close(p[1]);
+    for (int i = 0; i <= N; i++) CHECK(t_run_until(loop, called, &r[i], 10));
+    if (per > 3 * 1024) t_fail(__FILE__, __LINE__, "%ld bytes resident per waiting thread", per);
+    wdone(w);
+    CHECK_OK(ca_loop_close(loop));
+    ca_loop_unref(loop);
+}
+
+/* A forked child of a process whose Threaded watcher has waiting threads (they stay in the
+ * parent) starts its own posting and waiting threads for a new watcher: its exits arrive. */
+TEST(threaded_new_watcher_in_a_forked_child)
+{
+#if defined(T_TSAN)
+    SKIP("ThreadSanitizer starts no thread after a fork of a threaded process");
+#endif
+    ca_loop *loop = NULL;
+    CHECK_OK(ca_selector_loop_new(&loop));
+    ca_child_watcher *w = wmake(W_THREADED, loop);
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t waiting = spawn_cat(p[0]);
+    rec r = {0};
+    CHECK_OK(ca_child_watcher_add_child_handler(w, waiting, on_exit_rec, &r));
+    pid_t pid = fork();
+    if (pid == 0) {
+        int bad = 0;
+        ca_loop *l2 = NULL;
+        ca_child_watcher *w2 = NULL;
+        if (ca_selector_loop_new(&l2) < 0 || ca_threaded_child_watcher_new(&w2) < 0) t_child_exit(100);
+        if (ca_set_event_loop(l2) < 0) t_child_exit(101);
+        for (int i = 0; i < 3 && !bad; i++) {
+            rec r2 = {0};
+            pid_t c = spawn("exit 7");
+            if (ca_child_watcher_add_child_handler(w2, c, on_exit_rec, &r2) < 0) bad = 1;
+            else if (!t_run_until(l2, called, &r2, 5)) bad = 2;
+            else if (atomic_load(&r2.rc) != 7) bad = 3;
+        }
+        ca_child_watcher_close(w2);
+        ca_child_watcher_unref(w2);
+        ca_set_event_loop(NULL);
+        ca_loop_close(l2);
+        ca_loop_unref(l2);
+        t_child_exit(bad);
+    }
+    CHECK(pid > 0);
+    int st = reap(pid);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+    close(p[0]);
+    close(p[1]);
+    CHECK(t_run_until(loop, called, &r, 5));
+    CHECK_EQ(atomic_load(&r.rc), 0);
     wdone(w);
     CHECK_OK(ca_loop_close(loop));
     ca_loop_unref(loop);

@@ -531,6 +531,41 @@ class TestLogging(Base):
         self.assertEqual(dummies(), before)
         self.assertIn("casyncio", names)  # the library threads' records have their own name
 
+    def test_a_deep_logging_handler_runs_on_a_full_stack(self):
+        # The library's warnings reach logging from a library thread. A handler that nests 300
+        # Python calls (a few hundred KB of C stack on 3.8 to 3.10) must not overflow it: it
+        # ran on a Threaded waiting thread's 32 KiB stack once, and crashed the interpreter.
+        code = """
+import asyncio, logging, os, warnings
+warnings.simplefilter("ignore")
+import casyncio
+seen = []
+class Deep(logging.Handler):
+    def emit(self, record, depth=0):
+        if depth < 300:
+            return self.emit(record, depth + 1)
+        seen.append(self.format(record))
+logging.getLogger("asyncio").addHandler(Deep())
+logging.getLogger("asyncio").propagate = False
+async def main():
+    loop = asyncio.get_running_loop()
+    for cls in (casyncio.ThreadedChildWatcher, casyncio.MultiLoopChildWatcher):
+        w = cls()
+        w.attach_loop(loop)
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 0"], dict(os.environ))
+        os.waitpid(pid, 0)
+        fut = loop.create_future()
+        w.add_child_handler(pid, lambda p, rc: fut.set_result(rc))
+        assert await asyncio.wait_for(fut, 10) == 255
+        w.close()
+asyncio.run(main())
+assert len(seen) >= 2 and all("255" in x for x in seen), seen
+print("ok")
+"""
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "ok\n", ""))
+
 
 class TestThreads(Base):
     def test_many_threads_many_children(self):

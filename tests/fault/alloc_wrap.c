@@ -12,8 +12,9 @@
  *
  * Every call counts, in order; the one numbered CA_FAULT_N (1-based; 0 or unset: none) fails
  * as the real function would for lack of memory (NULL and errno ENOMEM, posix_memalign's
- * ENOMEM, pthread_create's EAGAIN). Only that one: the next call succeeds again, so what is
- * tested is the failure path of each single call site, not an exhausted heap.
+ * ENOMEM, pthread_create's EAGAIN, the library's own clone's -EAGAIN). Only that one: the next
+ * call succeeds again, so what is tested is the failure path of each single call site, not an
+ * exhausted heap.
  *
  * Live blocks are kept in a fixed table (no allocation of our own), each with its call
  * number, so the workload can check that nothing made before a point outlives it unreachable:
@@ -57,6 +58,12 @@ char *__wrap_strndup(const char *s, size_t n);
 void __wrap_free(void *p);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *),
                           void *arg);
+/* The library's own clone (src/raw.h): a raw waiting thread of the Threaded watcher, or a
+ * spawned child. */
+long __real_ca__clone_raw(unsigned long flags, void *stack_top, int *ptid, int *ctid,
+                          int (*fn)(void *), void *arg);
+long __wrap_ca__clone_raw(unsigned long flags, void *stack_top, int *ptid, int *ctid,
+                          int (*fn)(void *), void *arg);
 
 static atomic_long calls;
 static atomic_long fail_at = -1; /* -1: not read from the environment yet */
@@ -248,6 +255,14 @@ int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(
     long w;
     if (fail_now(&w)) return EAGAIN;
     return __real_pthread_create(t, attr, fn, arg);
+}
+
+long __wrap_ca__clone_raw(unsigned long flags, void *stack_top, int *ptid, int *ctid,
+                          int (*fn)(void *), void *arg)
+{
+    long w;
+    if (fail_now(&w)) return -EAGAIN; /* what clone says at a thread or process limit */
+    return __real_ca__clone_raw(flags, stack_top, ptid, ctid, fn, arg);
 }
 
 long aw_calls(void) { return atomic_load(&calls); }
