@@ -607,8 +607,11 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             are at most 16, and finds the others with waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT),
  *             which does not reap: O(1) per exit in our code (the kernel's waitid walks the
  *             process's children). That look, which finds the exits whose SIGCHLD coalesced
- *             with another's, comes up to 2 ms after a wake whose exits all had their si_pid,
- *             so that one look serves a stream of exits. It polls every registered pid with
+ *             with another's, is put off after a wake that came with a si_pid (one it watches,
+ *             or a child whose add is on its way): by 2 ms, twice as long after each such look
+ *             that found nothing, up to 32 ms, and 2 ms again once one finds an exit. So one
+ *             look serves a stream of exits, and a coalesced exit is found at most 32 ms late.
+ *             It polls every registered pid with
  *             waitpid(pid, WNOHANG) (O(n), asyncio's way) only when that cannot tell (no child
  *             exists, or the first exited child is not one it watches and stays so for 10 ms:
  *             an add for it reaps it and wakes the thread), and once a second, to notice

@@ -227,7 +227,8 @@ static int spawn(struct spawn_plan *pl, bool want_pidfd, pid_t *pid_out, int *pi
     unsigned long flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
     long pid = -EINVAL;
     if (want_pidfd && !atomic_load_explicit(&no_clone_pidfd, memory_order_relaxed)) {
-        pid = ca__clone_raw(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, NULL, child_main, pl);
+        pid = ca__clone_raw(flags | CLONE_PIDFD, stack + sizeof stack, &pidfd, NULL, child_main,
+                            pl);
         if (pid == -EINVAL || pid == -ENOSYS || pid == -EPERM) {
             atomic_store_explicit(&no_clone_pidfd, true, memory_order_relaxed);
             pidfd = -1;

@@ -170,7 +170,7 @@ void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
 {
     pid_t hints[CA__WCAND_HINTS];
     int nh = ca__sigchld_hints(&c->hint_seq, hints, CA__WCAND_HINTS); /* read in any case */
-    p->n = p->i = 0;
+    p->n = p->i = p->looked = 0;
     p->hinted = p->defer = false;
     if (c->nwait <= CA__WCAND_ALL) {
         /* Few registrations: every one of them by pid, and no look (which could meet a child
@@ -183,12 +183,14 @@ void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p)
     for (int i = 0; i < nh; i++)
         if (waiting_reg(c, hints[i]) && !has_pid(p->cand, p->n, hints[i]))
             p->cand[p->n++] = hints[i];
-    if (p->n > 0) {
-        p->hinted = true;
-        return;
-    }
+    /* Hints explain the wake even when none is ours: a child whose handler is on its way (its
+     * add reaps it) or another watcher's. Only a coalesced SIGCHLD hides an exit then, and that
+     * is what the (deferrable) look is for. */
+    p->hinted = nh > 0;
+    if (p->n > 0) return;
     /* No hint of ours (SIGCHLD came through a handler that is not the library's, or coalesced
-     * with another child's exit): the newest registrations are the likeliest to have exited.
+     * with another child's exit, or the child's handler is on its way): the newest
+     * registrations are the likeliest to have exited.
      * The waiting array's last entries are the newest ones, give or take those that a removal
      * moved into a hole. */
     for (uint32_t i = c->nwait; i-- > 0 && c->nwait - i <= CA__WCAND_RECENT;)
@@ -239,6 +241,7 @@ int ca__wreap_next(ca__wcore *c, ca__wreap_pass *p, ca__wreg **out, int *rc, boo
         }
         /* It has exited: 0 (still running) cannot be; ECHILD: other code reaped it since. */
         int e = reap_reg(r, out, rc, echild);
+        if (e == 1) p->looked++;
         return e == 0 ? -1 : e;
     }
 }

@@ -405,11 +405,15 @@ int ca__wait_nohang(pid_t pid, int *rc);
  * for; deferring it lets one look serve the exits of that long, instead of one per exit (each
  * a walk of every child of the process, in the kernel, under its task-list lock). */
 #define CA__WLOOK_DEFER_NS 2000000LL
+/* ... and up to this, doubling from CA__WLOOK_DEFER_NS while the deferred looks find nothing
+ * (no SIGCHLD coalesced): back to CA__WLOOK_DEFER_NS once one finds an exit. */
+#define CA__WLOOK_DEFER_MAX_NS 32000000LL
 typedef struct ca__wreap_pass {
     pid_t cand[CA__WCAND_HINTS];  /* distinct waiting registrations when the pass began */
     int n, i;                     /* how many; the next to check */
+    int looked;                   /* exits the look found (their SIGCHLD brought no hint) */
     bool walk;                    /* some waiting registration is no candidate: look */
-    bool hinted;                  /* the candidates are the hints' */
+    bool hinted;                  /* the wake brought hints (the candidates are those of ours) */
     bool defer;                   /* set by the caller: a hinted pass returns -3, not look */
 } ca__wreap_pass;
 void ca__wreap_begin(ca__wcore *c, ca__wreap_pass *p);

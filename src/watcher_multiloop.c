@@ -14,11 +14,14 @@
  * found by pid (the SIGCHLD hints, the newest registrations) and with waitid(WNOWAIT)
  * (ca__wreap_next), which costs the same number of system calls however many children are
  * registered. The look that only finds what a coalesced SIGCHLD brought no hint for (a walk of
- * every child, in the kernel) waits up to CA__WLOOK_DEFER_NS after a pass whose exits all came
- * with their hints, so that one look serves a stream of exits. Every registered pid is polled only when that cannot tell: waitid fails, or the
- * first exited child is not registered and stays so for CA__WHIDE_NS (a child whose handler is
- * on its way is reaped by its add, which wakes the thread to look behind it); and once a
- * second, which is what learns that other code reaped a watched child (255 and a warning).
+ * every child, in the kernel) waits after a pass whose exits all came with their hints, so
+ * that one look serves a stream of exits: CA__WLOOK_DEFER_NS, twice that after each deferred
+ * look that found nothing up to CA__WLOOK_DEFER_MAX_NS, and CA__WLOOK_DEFER_NS again once a
+ * look finds an exit. Every registered pid is polled only when that cannot tell: waitid fails,
+ * or the first exited child is not registered and stays so for CA__WHIDE_NS (a child whose
+ * handler is on its way is reaped by its add, which wakes the thread to look behind it); and
+ * once a second, which is what learns that other code reaped a watched child (255 and a
+ * warning).
  *
  * Other code may replace our SIGCHLD handler (a host that owns the dispositions, a library): the
  * thread also wakes every second, reaps as if SIGCHLD had come, and checks the disposition; if
@@ -75,12 +78,13 @@ static void poll_all(ca__wcore *c, ca__wlog *q)
  * not ours yet hides the others; -1: no need). taken: SIGCHLD no longer reaches us (logged
  * once). */
 static bool reap_exits(ca__wcore *c, bool full, bool taken, bool defer, long long *relook,
-                       bool *deferred)
+                       bool *deferred, int *looked)
 {
     ca__wlog q = {0};
     bool polled = false;
     *relook = -1;
     *deferred = false;
+    *looked = 0;
     ca__wcore_lock(c);
     if (taken) ca__sigchld_warn_taken(&q, "MultiLoopChildWatcher");
     if (c->nwait > 0) {
@@ -95,6 +99,7 @@ static bool reap_exits(ca__wcore *c, bool full, bool taken, bool defer, long lon
             if ((e = ca__wreap_next(c, &pass, &r, &rc, &echild, relook)) == 1)
                 ca__wreg_exited(c, r, rc, echild, &q);
         }
+        *looked = pass.looked;
         if (e == -3) {
             *deferred = true;
             e = 0;
@@ -124,7 +129,8 @@ static void *reaper_main(void *arg)
     multiloop *m = ml(c);
     pthread_setname_np(pthread_self(), "ca-multiloop");
     long long relook = -1; /* when to look again past a child that is not ours; -1: none */
-    long long look_due = -1; /* the deferred look (CA__WLOOK_DEFER_NS); -1: none */
+    long long look_due = -1; /* the deferred look; -1: none */
+    long long defer = CA__WLOOK_DEFER_NS; /* how long it waits (CA__WLOOK_DEFER_MAX_NS) */
     long long tick = now_ns() + TICK_NS;
     long long full_due = tick; /* the next poll of every registration */
     bool retrying = false;
@@ -162,10 +168,15 @@ static void *reaper_main(void *arg)
         /* A pass after a deferred look is due looks itself (it does not defer again), so that a
          * stream of hinted exits cannot put the look off for ever. */
         bool deferred;
-        if (reap_exits(c, full, taken, !due, &relook, &deferred) || full)
+        int looked;
+        if (reap_exits(c, full, taken, !due, &relook, &deferred, &looked) || full)
             full_due = now_ns() + TICK_NS;
+        /* A look that found an exit without a hint: SIGCHLDs coalesce now, look soon after
+         * the next hinted pass; one that found none: twice as late, up to the maximum. */
+        if (looked) defer = CA__WLOOK_DEFER_NS;
+        else if (due && defer < CA__WLOOK_DEFER_MAX_NS) defer *= 2;
         if (due) look_due = -1;
-        if (deferred && look_due < 0) look_due = now_ns() + CA__WLOOK_DEFER_NS;
+        if (deferred && look_due < 0) look_due = now_ns() + defer;
         /* Exits whose post failed for memory are posted again, every POLL_NS until done. */
         retrying = ca__wcore_retry(c);
     }

@@ -747,6 +747,24 @@ LOOP_TEST(poller_routed_exit_beside_idle_children_one_look) /* timeout: 60 */
     one_look_per_exit(loop, true);
 }
 
+/* MultiLoop's deferred look (the one that only finds exits whose SIGCHLD coalesced with another)
+ * waits twice as long after each one that found nothing, up to CA__WLOOK_DEFER_MAX_NS (32 ms):
+ * a stream of exits about 12 ms apart, beside many idle children, costs a look per 32 ms, not
+ * one per exit as with a fixed 2 ms. A SIGCHLD whose pid is not watched yet (the child exited
+ * before its add, which reaps it) defers the look too. */
+LOOP_TEST(multiloop_deferred_looks_back_off) /* timeout: 60 */
+{
+    ca_child_watcher *w = wmake(W_MULTILOOP, loop);
+    enum { ROUNDS = 40 };
+    double secs;
+    unsigned long looks = looks_for_exits(loop, w, NIDLE, ROUNDS, false, &secs);
+    unsigned long allowed = 6 + (unsigned long)(secs / 0.025);
+    if (looks > allowed)
+        t_fail(__FILE__, __LINE__, "%lu looks for %d exits in %.2f s, want <= %lu", looks,
+               ROUNDS, secs, allowed);
+    wdone(w);
+}
+
 /* With no more waiting registrations than the candidates (16: asyncio's subprocess tests and
  * a job runner's "16 in flight"), every one is checked by pid and no look is needed at all,
  * with and without hints: a look could meet a child whose handler is on its way, and have to
