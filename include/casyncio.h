@@ -593,7 +593,8 @@ int ca_run(ca_main_fn main, void *arg, ca_loop_factory_fn factory);
  *             child, blocked in waitid(pid, WNOWAIT), every signal blocked, named "ca-wait-PID".
  *             On x86-64 it is a raw kernel thread, not a glibc thread, on a 1 KiB stack: about
  *             1.1 KiB of resident memory per running child, where a glibc thread takes 8.5 KiB
- *             at least (elsewhere, and in sanitizer builds, a glibc thread on a 32 KiB stack).
+ *             at least (elsewhere, in sanitizer builds, and where a seccomp filter refuses
+ *             that clone, a glibc thread on a 32 KiB stack).
  *             The waiting thread only waits: one posting thread per process ("ca-wait-post",
  *             a glibc thread on a default-size stack, started with the first waiting thread and
  *             ended 0.1 s after the last exit it handled) reaps each exit and posts it, and

@@ -144,13 +144,17 @@ WAIT_CODE static int wait_main(void *arg)
     return 0;
 }
 
-#if !RAW_WAIT
+/* A glibc waiting thread: where raw threads are not made, or were refused. */
 static void *wait_thread(void *arg)
 {
     wait_main(arg);
     return NULL;
 }
-#else
+
+#if RAW_WAIT
+/* The kernel (or a sandbox's filter) refused our clone: glibc threads from then on. */
+static atomic_bool raw_refused;
+
 /* Takes a free stack slot (g.lock held): *top is its stack's top, *word its CLEARTID word. */
 static int slot_take(char **top, atomic_int **word)
 {
@@ -388,23 +392,33 @@ static int start_waiter(ca__wreg *r)
         pthread_attr_destroy(&attr);
         if (e == 0) g.running = true;
     }
+    bool raw = false;
 #if RAW_WAIT
     char *top = NULL;
     atomic_int *word = NULL;
-    if (e == 0) e = slot_take(&top, &word);
+    raw = !atomic_load_explicit(&raw_refused, memory_order_relaxed);
+    if (e == 0 && raw) e = slot_take(&top, &word);
 #endif
-    if (e == 0) g.outstanding++;
+    bool counted = e == 0;
+    if (counted) g.outstanding++;
     pthread_mutex_unlock(&g.lock);
-    if (e == 0) {
+    if (e == 0 && raw) {
 #if RAW_WAIT
         long t = ca__clone_raw(CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD |
                                    CLONE_SYSVSEM | CLONE_CHILD_CLEARTID,
                                top, NULL, (int *)word, wait_main, r);
         if (t < 0) {
             atomic_store_explicit(word, 0, memory_order_relaxed);
-            e = t == -ENOMEM ? -EAGAIN : (int)t; /* as pthread_create reports it */
+            if (t == -EPERM || t == -ENOSYS || t == -EINVAL) {
+                atomic_store_explicit(&raw_refused, true, memory_order_relaxed);
+                raw = false; /* a glibc thread, below */
+            } else {
+                e = t == -ENOMEM ? -EAGAIN : (int)t; /* as pthread_create reports it */
+            }
         }
-#else
+#endif
+    }
+    if (e == 0 && !raw) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -412,12 +426,11 @@ static int start_waiter(ca__wreg *r)
         pthread_t t;
         e = -pthread_create(&t, &attr, wait_thread, r);
         pthread_attr_destroy(&attr);
-#endif
-        if (e < 0) {
-            pthread_mutex_lock(&g.lock);
-            g.outstanding--;
-            pthread_mutex_unlock(&g.lock);
-        }
+    }
+    if (e < 0 && counted) {
+        pthread_mutex_lock(&g.lock);
+        g.outstanding--;
+        pthread_mutex_unlock(&g.lock);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return e;
