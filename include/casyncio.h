@@ -255,6 +255,8 @@ ca_loop *ca_get_running_loop(void);
  *   call_soon_threadsafe  any thread, at any time: users, and the library's own threads
  *                         (Threaded's posting thread, MultiLoop's reaping thread, a thread
  *                         that removes a Pidfd handler, closes a watcher or attaches Safe/Fast).
+ *                         Threaded's one posting thread makes the posts of every Threaded exit
+ *                         of the process in turn: an op that blocks delays the others.
  *   call_at               the loop-thread rule (call_at/call_later; Safe/Fast's timers, armed by
  *                         attach_loop's thread or the loop's own callbacks).
  *   add_reader, remove_reader, add_writer, remove_writer
