@@ -142,7 +142,7 @@ static void snapshot_fds(unsigned char *set)
     closedir(d);
 }
 
-static int count_threads(void)
+int t_count_threads(void)
 {
     int n = 0;
     DIR *d = opendir("/proc/self/task");
@@ -175,11 +175,11 @@ static void check_leftovers(int threads_before)
     }
     /* Threads: detached helper threads get a moment to finish. */
     double limit = 2.0 * t_slow();
-    int n = count_threads();
+    int n = t_count_threads();
     for (double waited = 0; n > threads_before && waited < limit; waited += 0.01) {
         struct timespec ts = {0, 10 * 1000 * 1000};
         nanosleep(&ts, NULL);
-        n = count_threads();
+        n = t_count_threads();
     }
     if (n > threads_before) t_fail(__FILE__, __LINE__, "leftover: %d extra thread(s)", n - threads_before);
     /* Fds. */
@@ -204,7 +204,7 @@ static void run_body(const struct t_entry *t, const char *kind, const char *wkin
     t_loop_kind = kind ? kind : "none";
     t_watcher_kind = wkind ? wkind : "none";
     snapshot_fds(fd_snapshot);
-    int threads_before = count_threads();
+    int threads_before = t_count_threads();
     if (kind) {
         ca_loop *loop = NULL;
         int r = t_new_loop(&loop);

@@ -60,6 +60,8 @@ void t_custom_loop_host_close(ca_loop *loop);
 #define T_TSAN 1
 #endif
 
+/* The threads of this process now (/proc/self/task), -1 if unknown. */
+int t_count_threads(void);
 /* A factor for time limits: > 1 under valgrind and the sanitizers (CA_TEST_SLOW). */
 double t_slow(void);
 

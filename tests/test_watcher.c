@@ -1168,6 +1168,17 @@ LOOP_TEST(fast_keeps_early_exits_inside_enter_exit)
     ca_set_log_handler(NULL, NULL);
 }
 
+/* n `cat` children reading the new pipe p[0], each watched by w into r[i] (zeroed first). */
+static void watch_cats(ca_child_watcher *w, int p[2], pid_t *pids, rec *r, int n)
+{
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    memset(r, 0, sizeof *r * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        pids[i] = spawn_cat(p[0]);
+        CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
+    }
+}
+
 /* ----- close ---------------------------------------------------------------------------------- */
 
 LOOP_TEST(close_with_children_running)
@@ -1176,14 +1187,9 @@ LOOP_TEST(close_with_children_running)
         ca_child_watcher *w = wmake(k, loop);
         if (!w) continue;
         int p[2];
-        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
         rec r[3];
-        memset(r, 0, sizeof r);
         pid_t pids[3];
-        for (int i = 0; i < 3; i++) {
-            pids[i] = spawn_cat(p[0]);
-            CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
-        }
+        watch_cats(w, p, pids, r, 3);
         CHECK_OK(ca_child_watcher_close(w));
         CHECK_OK(ca_child_watcher_close(w)); /* idempotent */
         CHECK(!ca_child_watcher_is_active(w));
@@ -1793,17 +1799,6 @@ static long rss_kib(void)
     return res * (sysconf(_SC_PAGESIZE) / 1024);
 }
 
-static int threads_now(void)
-{
-    int n = 0;
-    DIR *d = opendir("/proc/self/task");
-    if (!d) return -1;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) n += e->d_name[0] != '.';
-    closedir(d);
-    return n;
-}
-
 TEST(threaded_waiting_threads_cost_about_a_kib)
 {
 #if defined(T_SANITIZED)
@@ -1824,13 +1819,13 @@ TEST(threaded_waiting_threads_cost_about_a_kib)
     pids[N] = spawn_cat(p[0]);
     CHECK_OK(ca_child_watcher_add_child_handler(w, pids[N], on_exit_rec, &r[N]));
     for (int i = 0; i < N; i++) pids[i] = spawn_cat(p[0]);
-    int t0 = threads_now();
+    int t0 = t_count_threads();
     long base = rss_kib();
     for (int i = 0; i < N; i++)
         CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
     double start = ca_loop_time(loop);
-    while (threads_now() < t0 + N && ca_loop_time(loop) - start < 5 * t_slow()) sleep_s(0.005);
-    CHECK(threads_now() >= t0 + N); /* one waiting thread per child */
+    while (t_count_threads() < t0 + N && ca_loop_time(loop) - start < 5 * t_slow()) sleep_s(0.005);
+    CHECK(t_count_threads() >= t0 + N); /* one waiting thread per child */
     long per = (rss_kib() - base) * 1024 / N;
     close(p[0]);
     close(p[1]);
@@ -1864,14 +1859,9 @@ TEST(threaded_glibc_threads_when_raw_clone_is_refused)
     CHECK_OK(ca_selector_loop_new(&loop));
     ca_child_watcher *w = wmake(W_THREADED, loop);
     int p[2];
-    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
     rec r[3];
-    memset(r, 0, sizeof r);
     pid_t pids[3];
-    for (int i = 0; i < 3; i++) {
-        pids[i] = spawn_cat(p[0]);
-        CHECK_OK(ca_child_watcher_add_child_handler(w, pids[i], on_exit_rec, &r[i]));
-    }
+    watch_cats(w, p, pids, r, 3);
     char name[16];
     snprintf(name, sizeof name, "ca-wait-%d", (int)pids[2]);
     double t0 = ca_loop_time(loop);
